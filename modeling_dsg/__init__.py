@@ -1,0 +1,1 @@
+"""Dynamic SAE Guardrails (DSG) for Hugging Face causal language models."""

@@ -1,0 +1,66 @@
+"""The `dsg` command line.
+
+Each subcommand lives in its own module, which provides `configure_parser(parser)` and
+`run(args) -> int | None`. Command modules import their heavy dependencies (torch, sae-lens, ...)
+inside `run`, so building the parser stays quick.
+A `DSGError` (bad input) ends in one `dsg: error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import DSGError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train-sae": ("modeling_dsg.train_sae", "train an SAE on one layer of a model (sae-lens format out)"),
+    "build": ("modeling_dsg.build", "build an unlearned DSG model from a base model, an SAE and corpora"),
+    "explain": ("modeling_dsg.explain", "show, per guardrail, the score, the decision and the features that fired"),
+    "eval": ("modeling_dsg.evaluation", "evaluate base and DSG side by side"),
+    "publish": ("modeling_dsg.publish", "stage, verify and upload a DSG model to the Hub"),
+    "demo": ("modeling_dsg.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
+}
+
+
+def _available_commands() -> dict:
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsg", description="Dynamic SAE Guardrails for Hugging Face causal LMs.")
+    parser.add_argument("--shared", metavar="DIR", help="the shared models/data folder (default: $DSG_SHARED_DIR or ../shared)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in _available_commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.shared:
+        os.environ["DSG_SHARED_DIR"] = args.shared
+    try:
+        code = importlib.import_module(args._module).run(args)
+    except DSGError as err:
+        print(f"dsg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsg: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

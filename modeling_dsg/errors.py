@@ -1,0 +1,9 @@
+"""The one exception type the tools raise for bad input.
+
+The command line turns a `DSGError` into a single `dsg: error: ...` line and exit code 2. Anything
+else that escapes is a bug and keeps its traceback.
+"""
+
+
+class DSGError(Exception):
+    """A user-facing error: bad input, missing file, wrong schema, offline Hub, ..."""
