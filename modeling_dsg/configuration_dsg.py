@@ -1,0 +1,189 @@
+"""Configuration of a DSG (Dynamic SAE Guardrails) model.
+
+A `DSGConfig` wraps the configuration of any Hugging Face causal LM (`text_config`) and a list of
+*guardrails*. Everything is a plain JSON value, so `config.json` can be read and edited by hand, and
+every field is validated when the config is built (also when it is loaded from disk).
+
+A guardrail (one forget topic) is a dict with these fields:
+
+    name       str    the topic, e.g. "biology"; unique within the model.
+    layer      int    decoder block whose *output* (the residual stream after block `layer`, sae-lens
+                      hook "model.layers.{layer}") the SAE reads and edits. 0 <= layer < num layers.
+    mode       str    "dynamic" (DSG): a per-sequence classifier decides; when the sequence fires, every
+                      token where a selected feature is active gets all selected features set to -clamp.
+                      "static" (Farrell et al. baseline): always on; each active selected feature is set
+                      to -clamp where it is active; `threshold` is ignored.
+    features   [int]  the selected SAE feature indices (distinct, 0 <= i < d_sae, at least one).
+    clamp      float  c > 0: selected features are set to -c.
+    threshold  float  tau in [0, 1]: a sequence fires when its score rho > tau.
+    score      str    how rho is computed over the real tokens (not padding, not BOS) seen so far:
+                      "fraction": the fraction of tokens where any selected feature is > 0 (the paper's).
+    sae        dict   the sparse autoencoder (names and math as in sae-lens):
+        architecture            "standard" | "jumprelu" | "topk" | "gated"
+        d_in, d_sae             int; d_in must equal the base model's hidden size
+        apply_b_dec_to_input    bool (default false): subtract b_dec from the input before encoding
+        normalize_activations   "none" | "constant_norm_rescale" | "layer_norm" (default "none")
+        k                       int, TopK only (1 <= k <= d_sae)
+        rescale_acts_by_decoder_norm  bool, TopK only (default false)
+        slim                    bool (default false): the checkpoint stores only the selected features'
+                                slices of the SAE (for TopK the encoder stays whole: TopK needs every
+                                pre-activation to know which features are in the top k)
+        source                  str, optional: where the SAE came from (a sae-lens release or folder)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from transformers import AutoConfig, PretrainedConfig
+
+SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
+MODES = ("dynamic", "static")
+SCORES = ("fraction",)
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+
+
+def _fail(where: str, message: str):
+    raise ValueError(f"DSG config: {where}: {message}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_sae(sae: dict, where: str, hidden_size: int | None = None) -> dict:
+    """Check an SAE description and return it with defaults filled in."""
+    if not isinstance(sae, dict):
+        _fail(where, f"'sae' must be a dict, got {type(sae).__name__}")
+    sae = dict(sae)
+    arch = sae.get("architecture")
+    if arch not in SAE_ARCHITECTURES:
+        _fail(where, f"unknown SAE architecture {arch!r} (expected one of {', '.join(SAE_ARCHITECTURES)})")
+    for key in ("d_in", "d_sae"):
+        if not _is_int(sae.get(key)) or sae[key] <= 0:
+            _fail(where, f"sae.{key} must be a positive integer, got {sae.get(key)!r}")
+    if hidden_size is not None and sae["d_in"] != hidden_size:
+        _fail(where, f"sae.d_in = {sae['d_in']} does not match the base model's hidden size {hidden_size}")
+    sae.setdefault("apply_b_dec_to_input", False)
+    sae.setdefault("normalize_activations", "none")
+    sae.setdefault("slim", False)
+    for key in ("apply_b_dec_to_input", "slim"):
+        if not isinstance(sae[key], bool):
+            _fail(where, f"sae.{key} must be true or false, got {sae[key]!r}")
+    if sae["normalize_activations"] not in NORMALIZATIONS:
+        _fail(where, f"sae.normalize_activations {sae['normalize_activations']!r} is not supported "
+                     f"(expected one of {', '.join(NORMALIZATIONS)})")
+    if arch == "topk":
+        k = sae.get("k")
+        if not _is_int(k):
+            _fail(where, "a TopK SAE needs an integer sae.k")
+        if not 1 <= k <= sae["d_sae"]:
+            _fail(where, f"sae.k = {k} must be in [1, d_sae = {sae['d_sae']}]")
+        sae.setdefault("rescale_acts_by_decoder_norm", False)
+        if not isinstance(sae["rescale_acts_by_decoder_norm"], bool):
+            _fail(where, "sae.rescale_acts_by_decoder_norm must be true or false")
+    else:
+        for key in ("k", "rescale_acts_by_decoder_norm"):
+            if sae.get(key) not in (None, False):
+                _fail(where, f"sae.{key} is only meaningful for a TopK SAE")
+    if "source" in sae and sae["source"] is not None and not isinstance(sae["source"], str):
+        _fail(where, "sae.source must be a string")
+    return sae
+
+
+def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidden_size: int | None = None) -> dict:
+    """Check one guardrail dict (see the module docstring) and return it with defaults filled in."""
+    where = f"guardrail {index}"
+    if not isinstance(g, dict):
+        _fail(where, f"must be a dict, got {type(g).__name__}")
+    g = dict(g)
+    name = g.get("name")
+    if not isinstance(name, str) or not name.strip():
+        _fail(where, "needs a non-empty 'name' (the topic)")
+    where = f"guardrail {index} ({name!r})"
+    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "sae"}
+    if unknown:
+        _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
+    layer = g.get("layer")
+    if not _is_int(layer) or layer < 0:
+        _fail(where, f"'layer' must be a non-negative integer, got {layer!r}")
+    if num_layers is not None and layer >= num_layers:
+        _fail(where, f"layer {layer} is out of range: the base model has {num_layers} layers (0..{num_layers - 1})")
+    g.setdefault("mode", "dynamic")
+    if g["mode"] not in MODES:
+        _fail(where, f"unknown mode {g['mode']!r} (expected 'dynamic' or 'static')")
+    g.setdefault("score", "fraction")
+    if g["score"] not in SCORES:
+        _fail(where, f"unknown score {g['score']!r} (expected one of {', '.join(SCORES)})")
+    clamp = g.get("clamp", 500.0)
+    if not _is_number(clamp) or clamp <= 0:
+        _fail(where, f"'clamp' must be a finite number > 0, got {clamp!r}")
+    g["clamp"] = float(clamp)
+    tau = g.get("threshold", 0.0)
+    if not _is_number(tau) or not 0.0 <= tau <= 1.0:
+        _fail(where, f"'threshold' must be a number in [0, 1], got {tau!r}")
+    g["threshold"] = float(tau)
+    g["sae"] = validate_sae(g.get("sae"), where, hidden_size)
+    features = g.get("features")
+    if not isinstance(features, (list, tuple)) or not features:
+        _fail(where, "'features' must be a non-empty list of SAE feature indices")
+    if not all(_is_int(i) for i in features):
+        _fail(where, "'features' must hold integers")
+    d_sae = g["sae"]["d_sae"]
+    bad = [i for i in features if not 0 <= i < d_sae]
+    if bad:
+        _fail(where, f"feature index {bad[0]} is out of range [0, d_sae = {d_sae})")
+    if len(set(features)) != len(features):
+        repeated = sorted({i for i in features if features.count(i) > 1})
+        _fail(where, f"feature index {repeated[0]} is repeated")
+    g["features"] = list(features)
+    return g
+
+
+class DSGConfig(PretrainedConfig):
+    r"""Configuration for [`DSGForCausalLM`]: a base causal LM plus SAE guardrails.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`): the base model's configuration (any causal LM).
+        guardrails (`list[dict]`): the guardrails, applied in order; see the module docstring.
+    """
+
+    model_type = "dsg"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, text_config=None, guardrails=None, **kwargs):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            model_type = text_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("DSG config: text_config needs a 'model_type'")
+            text_config = AutoConfig.for_model(model_type, **text_config)
+        elif isinstance(text_config, PretrainedConfig):
+            text_config = copy.deepcopy(text_config)
+        elif text_config is not None:
+            raise ValueError(f"DSG config: text_config must be a dict or a config, got {type(text_config).__name__}")
+        self.text_config = text_config
+        if guardrails is None:
+            guardrails = []
+        if not isinstance(guardrails, (list, tuple)):
+            raise ValueError("DSG config: 'guardrails' must be a list")
+        num_layers = getattr(text_config, "num_hidden_layers", None) if text_config is not None else None
+        hidden = getattr(text_config, "hidden_size", None) if text_config is not None else None
+        self.guardrails = [validate_guardrail(g, i, num_layers, hidden) for i, g in enumerate(guardrails)]
+        names = [g["name"] for g in self.guardrails]
+        if len(set(names)) != len(names):
+            raise ValueError(f"DSG config: guardrail names must be unique, got {names}")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "vocab_size"):
+            if key not in kwargs and text_config is not None and hasattr(text_config, key):
+                kwargs[key] = getattr(text_config, key)
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args, **kwargs):
+        if self.text_config is None:
+            return super().get_text_config(*args, **kwargs)
+        return self.text_config

@@ -1,0 +1,136 @@
+"""One guardrail: its SAE features, its per-sequence classifier and its edit of the residual stream.
+
+A `DSGGuard` is attached with a forward hook to the output of decoder block `layer`. For a hidden
+state h [B, T, d] it computes, in fp32 and only for the N selected features:
+
+    f        = SAE activations of the selected features            [B, T, N]
+    flag_t   = any_i f_t,i > 0, at counted tokens only               [B, T]
+    rho      = (flags so far) / (counted tokens so far)              [B]   per row
+    fired    = fired_before or rho > tau                             [B]   (dynamic mode)
+    edit_t   = fired and flag_t                                      [B, T]
+    f'       = -clamp for all selected features where edit_t, f elsewhere
+    h'       = h + ((f' - f) W_dec[selected]) * out_scale
+
+so the SAE's reconstruction error is kept and an unedited token (or row) is returned exactly.
+Static mode (Farrell et al.) edits every counted token, setting each *active* selected feature to -clamp.
+
+Counted tokens are the real ones: not padding, not BOS. The running counts (flags, counted, fired)
+live in a `GuardCall` that belongs to one forward call (a `contextvars.ContextVar`, so threads never
+share it); across the decoding steps of `generate` they travel on the KV cache object. Nothing
+per-call is stored on a module.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .sae_dsg import make_sae
+
+
+@dataclass
+class GuardCall:
+    """What the hooks of one forward call share: the counted-token mask and the running state."""
+
+    counted: torch.Tensor | None  # [B, T] bool, or None: every token counts
+    state: dict = field(default_factory=dict)  # guard index -> (flagged [B], counted [B], fired [B])
+
+
+_CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
+_DISABLED: contextvars.ContextVar = contextvars.ContextVar("dsg_disabled", default=False)
+_RECORD: contextvars.ContextVar = contextvars.ContextVar("dsg_record", default=None)
+
+
+class DSGGuard(nn.Module):
+    """A guardrail module. Saved tensors: the SAE's (under `sae.`, sae-lens names), `feature_index` [N]
+    (the selected features, in config order), `feature_mask` [d_sae] and `tau` (the threshold)."""
+
+    def __init__(self, guardrail: dict, index: int):
+        super().__init__()
+        self.index = index
+        self.name = guardrail["name"]
+        self.layer = guardrail["layer"]
+        self.mode = guardrail["mode"]
+        self.clamp = guardrail["clamp"]
+        self.threshold = guardrail["threshold"]
+        self.features = list(guardrail["features"])
+        self.sae = make_sae(guardrail["sae"], len(self.features))
+        self.register_buffer("feature_index", torch.zeros(len(self.features), dtype=torch.long))
+        self.register_buffer("feature_mask", torch.zeros(guardrail["sae"]["d_sae"], dtype=torch.bool))
+        self.register_buffer("tau", torch.tensor(self.threshold, dtype=torch.float64))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self):
+        """Fill the buffers that follow from the config: feature_index, feature_mask, tau."""
+        self.feature_index.copy_(torch.tensor(self.features, dtype=torch.long))
+        mask = torch.zeros_like(self.feature_mask, device="cpu")
+        mask[self.features] = True
+        self.feature_mask.copy_(mask)
+        self.tau.fill_(self.threshold)
+
+    def check_loaded(self):
+        """Raise if loaded tensors disagree with the config or hold NaN/inf."""
+        where = f"guardrail {self.index} ({self.name!r})"
+        self.sae.check_finite(where)
+        if self.feature_index.device.type != "meta" and self.feature_index.tolist() != self.features:
+            raise ValueError(f"{where}: the checkpoint's feature_index differs from the config's features")
+        if self.feature_mask.device.type != "meta":
+            stored = self.feature_mask.nonzero().flatten().tolist()
+            if stored != sorted(self.features):
+                raise ValueError(f"{where}: the checkpoint's feature_mask selects {len(stored)} features "
+                                 f"that differ from the config's {len(self.features)} features")
+        if self.tau.device.type != "meta":
+            tolerance = 4 * torch.finfo(self.tau.dtype).eps * max(1.0, abs(self.threshold))
+            if abs(float(self.tau) - self.threshold) > tolerance:
+                raise ValueError(f"{where}: the checkpoint's tau {float(self.tau)} differs from the config's "
+                                 f"threshold {self.threshold}")
+
+    def forward(self, hidden, counted, flagged, seen, fired):
+        """Decide and edit. Returns (delta in hidden's dtype, flagged, seen, fired, rho, acts, flags)."""
+        x = hidden.to(self.sae.W_enc.dtype)
+        x, out_scale = self.sae.preprocess(x)
+        acts = self.sae.encode_selected(x, self.feature_index)  # [B, T, N]
+        active = (acts > 0) & counted.unsqueeze(-1)
+        flags = active.any(-1)  # [B, T]
+        flagged = flagged + flags.sum(-1)
+        seen = seen + counted.sum(-1)
+        rho = flagged.double() / seen.clamp(min=1).double()
+        if self.mode == "dynamic":
+            fired = fired | (rho > self.threshold)
+            edit = (flags & fired.unsqueeze(-1)).unsqueeze(-1)
+        else:
+            fired = fired | flags.any(-1)
+            edit = active
+        coef = (-self.clamp - acts) * edit
+        delta = coef @ self.sae.decoder_rows(self.feature_index)
+        if out_scale is not None:
+            delta = delta * out_scale
+        return delta.to(hidden.dtype), flagged, seen, fired, rho, acts, flags
+
+    def hook(self, module, args, output):
+        """Forward hook on the decoder block: edits the block's output in place of the original."""
+        if _DISABLED.get():
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        batch, length = hidden.shape[:2]
+        call = _CALL.get()
+        counted = call.counted if call is not None else None
+        if counted is None or tuple(counted.shape) != (batch, length):
+            counted = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        state = call.state.get(self.index) if call is not None else None
+        if state is None:
+            zeros = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+            state = (zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=hidden.device))
+        delta, flagged, seen, fired, rho, acts, flags = self(hidden, counted, *state)
+        if call is not None:
+            call.state[self.index] = (flagged, seen, fired)
+        record = _RECORD.get()
+        if record is not None:
+            record.append({"guardrail": self.name, "index": self.index, "rho": rho, "fired": fired,
+                           "flags": flags, "acts": acts, "counted": counted})
+        hidden = hidden + delta.to(hidden.device)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -1,0 +1,210 @@
+"""DSGForCausalLM: any Hugging Face causal LM with Dynamic SAE Guardrails at its residual stream.
+
+The base model is held unchanged (`self.model`, composition). Each guardrail is a `DSGGuard` module
+(`self.guards[i]`) hooked onto the output of its decoder block; see `guard_dsg.py` for the math.
+
+Promises (all tested):
+- a row whose guardrails do not fire gets logits bit-identical to the base model's;
+- a row's decision depends only on that row (padding-aware counts, no BOS), never on the batch;
+- during `generate` with a KV cache the decision taken on the prompt carries through decoding and is
+  updated as tokens arrive (running rho; once fired, a row stays fired);
+- no per-call state on the module: concurrent calls from several threads are safe.
+
+This file, `configuration_dsg.py`, `guard_dsg.py` and `sae_dsg.py` travel to the Hub with the weights;
+they import only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+
+from .configuration_dsg import DSGConfig, validate_guardrail
+from .guard_dsg import _CALL, _DISABLED, _RECORD, DSGGuard, GuardCall
+
+_LAYER_LISTS = ("layers", "h", "blocks", "block", "decoder.layers", "transformer.h", "model.layers", "gpt_neox.layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Hugging Face causal LM (Llama-style `model.layers`, GPT-2's `h`, ...)."""
+    bases = [getattr(model, "base_model", None), model]
+    for base in bases:
+        if base is None:
+            continue
+        for path in _LAYER_LISTS:
+            obj = base
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+                return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class DSGPreTrainedModel(PreTrainedModel):
+    config_class = DSGConfig
+    base_model_prefix = "dsg"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["guards"]
+    _no_split_modules = ["DSGGuard"]
+
+    def _init_weights(self, module):
+        if isinstance(module, DSGGuard):
+            for tensor in module.sae.parameters():
+                init.zeros_(tensor)
+            init.copy_(module.feature_index, torch.tensor(module.features, dtype=torch.long))
+            mask = torch.zeros(module.feature_mask.shape, dtype=torch.bool)
+            mask[module.features] = True
+            init.copy_(module.feature_mask, mask)
+            init.copy_(module.tau, torch.tensor(module.threshold, dtype=module.tau.dtype))
+            if hasattr(module.sae, "dec_norm"):
+                init.ones_(module.sae.dec_norm)
+        elif module is not self:
+            super()._init_weights(module)
+
+
+class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
+    """A causal LM with SAE guardrails. Build it from a config, or wrap a live model with `base_model`."""
+
+    def __init__(self, config: DSGConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("DSG config: text_config is missing")
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            for module in base_model.modules():  # already trained: post_init must not touch it
+                module._is_hf_initialized = True
+        self.model = base_model
+        self.guards = nn.ModuleList(DSGGuard(g, i) for i, g in enumerate(config.guardrails))
+        self.post_init()
+        self._guard_hooks = []
+        for guard in self.guards:
+            self._hook(guard)
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then refuse checkpoints with missing, NaN or inconsistent
+        guardrail tensors (the base class would silently initialise a missing tensor)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", ()) if k.startswith("guards.")]
+        if missing:
+            raise ValueError(f"DSG checkpoint: missing guardrail tensor(s) {', '.join(sorted(missing))}")
+        mismatched = [k for k in info.get("mismatched_keys", ()) if str(k[0] if isinstance(k, tuple) else k).startswith("guards.")]
+        if mismatched:
+            raise ValueError(f"DSG checkpoint: guardrail tensor(s) with the wrong shape: {mismatched}")
+        for guard in model.guards:
+            guard.check_loaded()
+        return (model, info) if want_info else model
+
+    def _hook(self, guard: DSGGuard):
+        layers = decoder_layers(self.model)
+        self._guard_hooks.append(layers[guard.layer].register_forward_hook(guard.hook))
+
+    def add_guardrail(self, guardrail: dict, sae_state_dict: dict | None = None) -> DSGGuard:
+        """Append a guardrail (sequential unlearning): the existing ones are not touched."""
+        text = self.config.get_text_config()
+        g = validate_guardrail(guardrail, len(self.guards), text.num_hidden_layers, text.hidden_size)
+        if g["name"] in {x.name for x in self.guards}:
+            raise ValueError(f"DSG config: a guardrail named {g['name']!r} already exists")
+        guard = DSGGuard(g, len(self.guards))
+        if sae_state_dict is not None:
+            guard.sae.load_state_dict(sae_state_dict, strict=True)
+            guard.check_loaded()
+        device = next(self.model.parameters()).device
+        self.guards.append(guard.to(device))
+        self.config.guardrails = [*self.config.guardrails, g]
+        self._hook(guard)
+        return guard
+
+    # -- the per-call context ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guardrails_disabled(self):
+        """Run the base model through this instance: inside the block no guardrail acts (this thread only)."""
+        token = _DISABLED.set(True)
+        try:
+            yield
+        finally:
+            _DISABLED.reset(token)
+
+    @contextlib.contextmanager
+    def record_guardrails(self):
+        """Collect, for every forward inside the block, each guardrail's rho, decision, token flags and
+        selected-feature activations (a list of dicts, one per guardrail and forward)."""
+        records: list = []
+        token = _RECORD.set(records)
+        try:
+            yield records
+        finally:
+            _RECORD.reset(token)
+
+    def _counted_tokens(self, input_ids, attention_mask, batch, length, device, first_chunk):
+        counted = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            counted = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            if first_chunk:
+                empty = ~counted.any(-1)
+                if empty.any():
+                    raise ValueError(f"DSG: input row {int(empty.nonzero()[0])} is all padding (no real token)")
+        bos = self.config.get_text_config().bos_token_id
+        if input_ids is not None and bos is not None:
+            bos = torch.tensor(bos if isinstance(bos, (list, tuple)) else [bos], device=input_ids.device)
+            counted = counted & ~torch.isin(input_ids, bos).to(device)
+        return counted
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("DSG: pass input_ids or inputs_embeds")
+        batch, length = tokens.shape[:2]
+        if length == 0 or batch == 0:
+            raise ValueError("DSG: empty input (zero-length sequence)")
+        if use_cache is None:
+            use_cache = getattr(self.config.get_text_config(), "use_cache", True)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.get_text_config())
+        state = getattr(past_key_values, "_dsg_guard_state", None) if past_key_values is not None else None
+        if state is None:
+            state = {}
+            if past_key_values is not None:
+                past_key_values._dsg_guard_state = state  # the running scores travel with this call's cache
+        counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, not state)
+        token = _CALL.set(GuardCall(counted, state))
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        finally:
+            _CALL.reset(token)
+
+
+__all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "decoder_layers"]

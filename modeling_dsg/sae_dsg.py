@@ -1,0 +1,188 @@
+"""Sparse autoencoders in plain torch, with sae-lens' tensor names and math.
+
+Tensors (as in sae-lens): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
+JumpReLU adds `threshold` [d_sae]; gated replaces b_enc by b_gate, b_mag and r_mag [d_sae].
+
+Encoding, with x' = norm_in(x) - b_dec * apply_b_dec_to_input:
+    standard  f = relu(x' W_enc + b_enc)
+    jumprelu  p = x' W_enc + b_enc;  f = relu(p) * (p > threshold)
+    gated     f = 1[x' W_enc + b_gate > 0] * relu(x' (W_enc * exp(r_mag)) + b_mag)
+    topk      p = x' W_enc + b_enc (times ||W_dec[i]|| if rescale_acts_by_decoder_norm);
+              f = relu(p) on the k largest entries of p, 0 elsewhere
+Decoding: norm_out(f W_dec + b_dec), with f / ||W_dec[i]|| first when TopK rescales.
+
+A guardrail only ever needs its N selected features. For standard, JumpReLU and gated SAEs each
+feature depends on its own encoder column only, so `encode_selected` costs O(N * d_in) per token and
+a *slim* SAE stores just those N columns and rows. TopK is the exception: whether a feature is in the
+top k depends on every pre-activation, so TopK always keeps (and computes) the whole encoder, O(d_sae *
+d_in) per token; only its decoder is sliced when slim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class. Holds only sae-lens tensors; the guard passes the selected feature indices
+    `index` [N] (into the full d_sae space) to `encode_selected` and `decoder_rows`.
+
+    If `slim`, per-feature tensors hold only the N selected features, in the order of `index`.
+    """
+
+    per_feature_encoder = True  # False for TopK: the encoder cannot be sliced
+
+    def __init__(self, sae: dict, n_features: int):
+        super().__init__()
+        self.d_in, self.d_sae = sae["d_in"], sae["d_sae"]
+        self.apply_b_dec_to_input = sae.get("apply_b_dec_to_input", False)
+        self.normalize_activations = sae.get("normalize_activations", "none")
+        self.slim = sae.get("slim", False)
+        n = n_features
+        self.n_enc = n if (self.slim and self.per_feature_encoder) else self.d_sae
+        self.n_dec = n if self.slim else self.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(self.d_in, self.n_enc))
+        self.W_dec = nn.Parameter(torch.zeros(self.n_dec, self.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        self._add_encoder_parameters(self.n_enc)
+
+    def _add_encoder_parameters(self, n_enc: int):
+        self.b_enc = nn.Parameter(torch.zeros(n_enc))
+
+    # -- input and output normalisation ---------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return x' (the encoder input) and the per-token factor that maps SAE-space deltas back."""
+        scale = None
+        if self.normalize_activations == "constant_norm_rescale":
+            coeff = (self.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
+            x, scale = x * coeff, 1.0 / coeff
+        elif self.normalize_activations == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            x, scale = x / (std + 1e-5), std
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x, scale
+
+    # -- encoding ------------------------------------------------------------------------------------
+    def _activate(self, x: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Activations of the stored encoder columns `cols` (all stored columns when None)."""
+        W, b = self._columns(cols, self.W_enc, self.b_enc)
+        return torch.relu(x @ W + b)
+
+    @staticmethod
+    def _columns(cols, W, *vectors):
+        if cols is None:
+            return (W, *vectors)
+        return (W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors))
+
+    def encode_selected(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Activations [..., N] of the selected features `index` for an already preprocessed input x'."""
+        return self._activate(x, None if self.slim else index)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """All d_sae activations for a raw input x (not available for a slim SAE)."""
+        if self.slim:
+            raise ValueError("a slim SAE stores only its selected features; full encoding is not available")
+        return self._activate(self.preprocess(x.float())[0], None)
+
+    # -- decoding ------------------------------------------------------------------------------------
+    def decoder_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The selected features' decoder rows [N, d_in] (divided by their norm when TopK rescales)."""
+        return self.W_dec if self.slim else self.W_dec.index_select(0, index)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """sae-lens decode of full activations (not available for a slim SAE)."""
+        if self.slim:
+            raise ValueError("a slim SAE stores only its selected features; full decoding is not available")
+        out = f @ self.W_dec + self.b_dec
+        if self.normalize_activations != "none":
+            raise ValueError("decode() of a normalising SAE needs the input's statistics; use the guard")
+        return out
+
+    def check_finite(self, where: str):
+        for name, tensor in self.named_parameters():
+            if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                raise ValueError(f"{where}: SAE tensor {name} contains NaN or infinite values")
+
+
+class StandardSAE(SparseAutoencoder):
+    """ReLU SAE."""
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE: a feature is active only above its learned threshold."""
+
+    def _add_encoder_parameters(self, n_enc: int):
+        super()._add_encoder_parameters(n_enc)
+        self.threshold = nn.Parameter(torch.zeros(n_enc))
+
+    def _activate(self, x, cols):
+        W, b, threshold = self._columns(cols, self.W_enc, self.b_enc, self.threshold)
+        pre = x @ W + b
+        return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+
+class GatedSAE(SparseAutoencoder):
+    """Gated SAE: a gate decides which features are on, a rescaled path gives their magnitude."""
+
+    def _add_encoder_parameters(self, n_enc: int):
+        self.b_gate = nn.Parameter(torch.zeros(n_enc))
+        self.b_mag = nn.Parameter(torch.zeros(n_enc))
+        self.r_mag = nn.Parameter(torch.zeros(n_enc))
+
+    def _activate(self, x, cols):
+        W, b_gate, b_mag, r_mag = self._columns(cols, self.W_enc, self.b_gate, self.b_mag, self.r_mag)
+        gate = (x @ W + b_gate > 0).to(x.dtype)
+        return gate * torch.relu(x @ (W * r_mag.exp()) + b_mag)
+
+
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE: the k largest pre-activations survive. Needs every pre-activation, so the encoder is
+    never sliced: O(d_sae * d_in) per token even when only N features are selected."""
+
+    per_feature_encoder = False
+
+    def __init__(self, sae: dict, n_features: int):
+        self.k = sae["k"]
+        self.rescale = sae.get("rescale_acts_by_decoder_norm", False)
+        super().__init__(sae, n_features)
+        if self.rescale and self.slim:
+            # rescaling multiplies every pre-activation by its decoder row's norm: keep all the norms.
+            self.register_buffer("dec_norm", torch.ones(self.d_sae))
+
+    def _decoder_norms(self) -> torch.Tensor:
+        return self.dec_norm if self.slim else self.W_dec.norm(dim=-1)
+
+    def _pre(self, x):
+        pre = x @ self.W_enc + self.b_enc
+        return pre * self._decoder_norms() if self.rescale else pre
+
+    def _activate(self, x, cols):
+        pre = self._pre(x)
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+        return acts if cols is None else acts.index_select(-1, cols)
+
+    def encode_selected(self, x, index):
+        return self._activate(x, index)
+
+    def decoder_rows(self, index):
+        rows = super().decoder_rows(index)
+        if self.rescale:
+            rows = rows / self._decoder_norms().index_select(0, index)[:, None]
+        return rows
+
+    def decode(self, f):
+        if self.rescale and not self.slim:
+            f = f / self._decoder_norms()
+        return super().decode(f)
+
+
+SAE_CLASSES = {"standard": StandardSAE, "jumprelu": JumpReLUSAE, "gated": GatedSAE, "topk": TopKSAE}
+
+
+def make_sae(sae: dict, n_features: int) -> SparseAutoencoder:
+    return SAE_CLASSES[sae["architecture"]](sae, n_features)
