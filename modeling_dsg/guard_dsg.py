@@ -57,6 +57,7 @@ class DSGGuard(nn.Module):
         self.clamp = guardrail["clamp"]
         self.threshold = guardrail["threshold"]
         self.features = list(guardrail["features"])
+        self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
         self.register_buffer("feature_index", torch.zeros(len(self.features), dtype=torch.long))
         self.register_buffer("feature_mask", torch.zeros(guardrail["sae"]["d_sae"], dtype=torch.bool))
@@ -71,6 +72,18 @@ class DSGGuard(nn.Module):
         mask[self.features] = True
         self.feature_mask.copy_(mask)
         self.tau.fill_(self.threshold)
+
+    def slimmed(self) -> "DSGGuard":
+        """A copy of this guardrail that stores only its selected features' slices of the SAE."""
+        guardrail = self.guardrail_config()
+        guardrail["sae"]["slim"] = True
+        slim = DSGGuard(guardrail, self.index).to(self.feature_mask.device)
+        slim.sae.load_state_dict(self.sae.sliced_state(self.feature_index))
+        return slim
+
+    def guardrail_config(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "mode": self.mode, "features": list(self.features),
+                "clamp": self.clamp, "threshold": self.threshold, "score": "fraction", "sae": dict(self.sae_config)}
 
     def check_loaded(self):
         """Raise if loaded tensors disagree with the config or hold NaN/inf."""

@@ -109,6 +109,36 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             guard.check_loaded()
         return (model, info) if want_info else model
 
+    def save_pretrained(self, save_directory, *args, slim: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with `slim=True` the SAEs are stored as the selected
+        features' slices only (the loaded model then computes exactly the same outputs)."""
+        if not slim or all(guard.sae.slim for guard in self.guards):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        full_guards, full_config = self.guards, self.config.guardrails
+        self.guards = nn.ModuleList(guard.slimmed() for guard in full_guards)
+        self.config.guardrails = [guard.guardrail_config() for guard in self.guards]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.guards, self.config.guardrails = full_guards, full_config
+
+    def guard(self, which: int | str) -> DSGGuard:
+        """A guardrail by index or name."""
+        for i, guard in enumerate(self.guards):
+            if which == i or which == guard.name:
+                return guard
+        raise KeyError(f"no guardrail {which!r} (have {[g.name for g in self.guards]})")
+
+    @torch.no_grad()
+    def set_threshold(self, which: int | str, tau: float):
+        """Change a guardrail's threshold tau (config, module and saved buffer together)."""
+        if not 0.0 <= float(tau) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {tau}")
+        guard = self.guard(which)
+        guard.threshold = float(tau)
+        guard.tau.fill_(float(tau))
+        self.config.guardrails[guard.index] = {**self.config.guardrails[guard.index], "threshold": float(tau)}
+
     def _hook(self, guard: DSGGuard):
         layers = decoder_layers(self.model)
         self._guard_hooks.append(layers[guard.layer].register_forward_hook(guard.hook))

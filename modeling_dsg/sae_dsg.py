@@ -102,6 +102,22 @@ class SparseAutoencoder(nn.Module):
             raise ValueError("decode() of a normalising SAE needs the input's statistics; use the guard")
         return out
 
+    def sliced_state(self, index: torch.Tensor) -> dict:
+        """This SAE's tensors cut down to the features `index`: what a slim SAE stores."""
+        if self.slim:
+            return dict(self.state_dict())
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name == "W_dec":
+                state[name] = tensor.index_select(0, index)
+            elif name == "b_dec" or not self.per_feature_encoder:
+                state[name] = tensor
+            elif name == "W_enc":
+                state[name] = tensor.index_select(1, index)
+            else:  # a per-feature encoder vector: b_enc, threshold, b_gate, b_mag, r_mag
+                state[name] = tensor.index_select(0, index)
+        return state
+
     def check_finite(self, where: str):
         for name, tensor in self.named_parameters():
             if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
@@ -152,6 +168,12 @@ class TopKSAE(SparseAutoencoder):
         if self.rescale and self.slim:
             # rescaling multiplies every pre-activation by its decoder row's norm: keep all the norms.
             self.register_buffer("dec_norm", torch.ones(self.d_sae))
+
+    def sliced_state(self, index):
+        state = super().sliced_state(index)
+        if self.rescale and not self.slim:
+            state["dec_norm"] = self.W_dec.norm(dim=-1)
+        return state
 
     def _decoder_norms(self) -> torch.Tensor:
         return self.dec_norm if self.slim else self.W_dec.norm(dim=-1)

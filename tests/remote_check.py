@@ -1,0 +1,26 @@
+"""Run in a fresh interpreter that has never imported modeling_dsg: load saved DSG folders through
+remote code, and dump logits, cached and uncached generations and a pipeline output for each."""
+
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+folders, out = sys.argv[1:-1], sys.argv[-1]
+results = {}
+for folder in folders:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    tok.padding_side = "left"
+    enc = tok(["the guard must hold", "short"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    cached = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=False)
+    pipe = pipeline("text-generation", model=folder, tokenizer=folder, trust_remote_code=True)
+    text = pipe("hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    results[folder] = {"logits": logits, "cached": cached, "uncached": uncached, "pipeline": text,
+                       "class": type(model).__module__, "imported": "modeling_dsg" in sys.modules}
+torch.save(results, out)
+print(json.dumps({f: r["class"] for f, r in results.items()}))
