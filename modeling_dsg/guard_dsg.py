@@ -88,6 +88,11 @@ class DSGGuard(nn.Module):
     def check_loaded(self):
         """Raise if loaded tensors disagree with the config or hold NaN/inf."""
         where = f"guardrail {self.index} ({self.name!r})"
+        # loading with `dtype=` may cast every buffer of an fp32-kept module to float: restore the kinds
+        if self.feature_index.dtype != torch.long:
+            self.feature_index = self.feature_index.round().long()
+        if self.feature_mask.dtype != torch.bool:
+            self.feature_mask = self.feature_mask != 0
         self.sae.check_finite(where)
         if self.feature_index.device.type != "meta" and self.feature_index.tolist() != self.features:
             raise ValueError(f"{where}: the checkpoint's feature_index differs from the config's features")
@@ -104,9 +109,8 @@ class DSGGuard(nn.Module):
 
     def forward(self, hidden, counted, flagged, seen, fired):
         """Decide and edit. Returns (delta in hidden's dtype, flagged, seen, fired, rho, acts, flags)."""
-        x = hidden.to(self.sae.W_enc.dtype)
-        x, out_scale = self.sae.preprocess(x)
-        acts = self.sae.encode_selected(x, self.feature_index)  # [B, T, N]
+        x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
+        acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
         active = (acts > 0) & counted.unsqueeze(-1)
         flags = active.any(-1)  # [B, T]
         flagged = flagged + flags.sum(-1)
@@ -119,7 +123,7 @@ class DSGGuard(nn.Module):
             fired = fired | flags.any(-1)
             edit = active
         coef = (-self.clamp - acts) * edit
-        delta = coef @ self.sae.decoder_rows(self.feature_index)
+        delta = coef @ rows
         if out_scale is not None:
             delta = delta * out_scale
         return delta.to(hidden.dtype), flagged, seen, fired, rho, acts, flags
@@ -138,7 +142,11 @@ class DSGGuard(nn.Module):
         if state is None:
             zeros = torch.zeros(batch, dtype=torch.long, device=hidden.device)
             state = (zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=hidden.device))
-        delta, flagged, seen, fired, rho, acts, flags = self(hidden, counted, *state)
+        device = self.feature_index.device  # where this guard runs (accelerate may put it on another device)
+        if device.type == "meta":
+            device = hidden.device
+        state = tuple(t.to(device) for t in state)
+        delta, flagged, seen, fired, rho, acts, flags = self(hidden.to(device), counted.to(device), *state)
         if call is not None:
             call.state[self.index] = (flagged, seen, fired)
         record = _RECORD.get()

@@ -26,24 +26,29 @@ from transformers import initialization as init
 from .configuration_dsg import DSGConfig, validate_guardrail
 from .guard_dsg import _CALL, _DISABLED, _RECORD, DSGGuard, GuardCall
 
-_LAYER_LISTS = ("layers", "h", "blocks", "block", "decoder.layers", "transformer.h", "model.layers", "gpt_neox.layers")
+# Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
+# Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...
+_LAYER_PATHS = ("layers", "h", "blocks", "model.layers", "transformer.h", "gpt_neox.layers", "decoder.layers",
+                "model.model.layers", "model.transformer.h")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Hugging Face causal LM (Llama-style `model.layers`, GPT-2's `h`, ...)."""
-    bases = [getattr(model, "base_model", None), model]
-    for base in bases:
-        if base is None:
-            continue
-        for path in _LAYER_LISTS:
-            obj = base
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    break
+    """The decoder blocks of a Hugging Face causal LM, as a ModuleList."""
+    roots = []
+    if hasattr(model, "get_decoder"):
+        try:
+            roots.append(model.get_decoder())
+        except Exception:  # some models raise here; the other roots still apply
+            pass
+    roots += [getattr(model, "base_model", None), model]
+    for root in roots:
+        for path in _LAYER_PATHS:
+            obj = root
+            for name in path.split("."):
+                obj = getattr(obj, name, None)
             if isinstance(obj, nn.ModuleList) and len(obj) > 0:
                 return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(_LAYER_PATHS)})")
 
 
 class DSGPreTrainedModel(PreTrainedModel):
@@ -98,13 +103,17 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         """`PreTrainedModel.from_pretrained`, then refuse checkpoints with missing, NaN or inconsistent
         guardrail tensors (the base class would silently initialise a missing tensor)."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         missing = [k for k in info.get("missing_keys", ()) if k.startswith("guards.")]
         if missing:
             raise ValueError(f"DSG checkpoint: missing guardrail tensor(s) {', '.join(sorted(missing))}")
-        mismatched = [k for k in info.get("mismatched_keys", ()) if str(k[0] if isinstance(k, tuple) else k).startswith("guards.")]
-        if mismatched:
-            raise ValueError(f"DSG checkpoint: guardrail tensor(s) with the wrong shape: {mismatched}")
+        mismatched = [m if isinstance(m, tuple) else (m,) for m in info.get("mismatched_keys", ())]
+        refused = [m for m in mismatched if not ignore_mismatched or str(m[0]).startswith("guards.")]
+        if refused:
+            described = "; ".join(f"{m[0]} has shape {tuple(m[1])}, expected {tuple(m[2])}" if len(m) == 3 else str(m[0])
+                                  for m in refused)
+            raise ValueError(f"DSG checkpoint: tensor(s) with the wrong shape: {described}")
         for guard in model.guards:
             guard.check_loaded()
         return (model, info) if want_info else model

@@ -118,6 +118,13 @@ class SparseAutoencoder(nn.Module):
                 state[name] = tensor.index_select(0, index)
         return state
 
+    def forward(self, x: torch.Tensor, index: torch.Tensor):
+        """All the guard needs from the SAE's weights, in one module call (so that accelerate loads
+        offloaded weights for it): the selected features' activations [..., N], their decoder rows
+        [N, d_in] and the per-token output scale (None without input normalisation)."""
+        x, out_scale = self.preprocess(x)
+        return self.encode_selected(x, index), self.decoder_rows(index), out_scale
+
     def check_finite(self, where: str):
         for name, tensor in self.named_parameters():
             if tensor.device.type != "meta" and not torch.isfinite(tensor).all():

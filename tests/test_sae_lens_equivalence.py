@@ -1,0 +1,102 @@
+"""Our plain-torch SAEs against sae-lens with the same random weights (tolerance 1e-5)."""
+
+import pytest
+import torch
+
+from modeling_dsg.configuration_dsg import validate_sae
+from modeling_dsg.guard_dsg import DSGGuard
+
+sae_lens = pytest.importorskip("sae_lens")  # a declared test dependency: installed by .ci/run
+
+D_IN, D_SAE = 24, 96
+FEATURES = [5, 17, 40, 41, 90]
+CASES = [
+    ("standard", {}),
+    ("standard", {"apply_b_dec_to_input": True}),
+    ("jumprelu", {}),
+    ("jumprelu", {"normalize_activations": "constant_norm_rescale"}),
+    ("gated", {"apply_b_dec_to_input": True}),
+    ("topk", {"k": 12}),
+    ("topk", {"k": 12, "rescale_acts_by_decoder_norm": True}),
+    ("topk", {"k": 12, "normalize_activations": "layer_norm"}),
+]
+
+
+def sae_lens_sae(arch, options):
+    classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+               "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+               "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig)}
+    cls, cfg_cls = classes[arch]
+    opts = {"apply_b_dec_to_input": False, **options}
+    sae = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **opts))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name != "threshold" else 0.05))
+    return sae
+
+
+def our_guard(arch, options, sae, features=FEATURES):
+    cfg = validate_sae({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False, **options}, "test")
+    guard = DSGGuard({"name": "t", "layer": 0, "mode": "dynamic", "features": features, "clamp": 3.0,
+                      "threshold": 0.0, "score": "fraction", "sae": cfg}, 0)
+    guard.sae.load_state_dict(sae.state_dict())  # same tensor names as sae-lens
+    return guard
+
+
+@pytest.mark.parametrize("arch,options", CASES)
+def test_encode_matches_sae_lens(arch, options):
+    sae = sae_lens_sae(arch, options)
+    guard = our_guard(arch, options, sae)
+    x = torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        want = sae.encode(x)
+        got = guard.sae.encode(x)
+        selected = guard.sae.encode_selected(guard.sae.preprocess(x)[0], guard.feature_index)
+    assert (want > 0).any()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(selected, want[..., FEATURES], atol=1e-5)
+    assert torch.equal(got > 0, want > 0)
+
+
+@pytest.mark.parametrize("arch,options", CASES)
+def test_edit_matches_sae_lens_reconstruction_with_error_term(arch, options):
+    """h' = decode(f') + (h - decode(f)): the guard's delta equals sae-lens decode(f') - decode(f)."""
+    sae = sae_lens_sae(arch, options)
+    guard = our_guard(arch, options, sae)
+    x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(2)) * 2
+    counted = torch.ones(2, 5, dtype=torch.bool)
+    zeros = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        delta, *_ , flags = guard(x, counted, zeros, zeros, torch.zeros(2, dtype=torch.bool))
+        f = sae.encode(x)
+        edited = f.clone()
+        sel = torch.tensor(FEATURES)
+        rows = flags[..., None] & torch.ones(len(FEATURES), dtype=torch.bool)
+        edited[..., sel] = torch.where(rows, torch.full_like(f[..., sel], -3.0), f[..., sel])
+        sae.encode(x)  # sae-lens' normalising SAEs keep the input's statistics from encode for decode
+        decoded_edit = sae.decode(edited)
+        sae.encode(x)
+        want = decoded_edit - sae.decode(f)
+    assert flags.any()
+    assert torch.allclose(delta, want, atol=1e-4)
+
+
+def test_topk_needs_the_full_pre_activation():
+    """Documented: TopK membership depends on every feature, so the slim TopK keeps the whole encoder."""
+    sae = sae_lens_sae("topk", {"k": 12})
+    guard = our_guard("topk", {"k": 12}, sae)
+    assert guard.sae.per_feature_encoder is False
+    state = guard.sae.sliced_state(guard.feature_index)
+    assert state["W_enc"].shape == (D_IN, D_SAE) and state["W_dec"].shape == (len(FEATURES), D_IN)
+    # dropping the other features' columns changes which features are in the top k
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(3)) * 2
+    pre = x @ sae.W_enc[:, FEATURES] + sae.b_enc[FEATURES]
+    naive = torch.relu(pre)  # what a sliced encoder would give
+    with torch.no_grad():
+        exact = sae.encode(x)[:, FEATURES]
+    assert not torch.allclose(naive, exact)
+    for arch in ("standard", "jumprelu", "gated"):
+        sliced = our_guard(arch, {}, sae_lens_sae(arch, {})).sae.sliced_state(torch.tensor(FEATURES))
+        assert sliced["W_enc"].shape == (D_IN, len(FEATURES))
