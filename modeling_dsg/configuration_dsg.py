@@ -154,6 +154,7 @@ class DSGConfig(PretrainedConfig):
     """
 
     model_type = "dsg"
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and copies this file
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, guardrails=None, **kwargs):

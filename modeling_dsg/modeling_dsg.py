@@ -81,6 +81,8 @@ class DSGPreTrainedModel(PreTrainedModel):
 class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
     """A causal LM with SAE guardrails. Build it from a config, or wrap a live model with `base_model`."""
 
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained writes auto_map and copies the code files
+
     def __init__(self, config: DSGConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
         if config.text_config is None:

@@ -1,0 +1,386 @@
+"""`dsg build`: from a base model, an SAE and forget/retain corpora to an unlearned DSG model folder.
+
+The path (defaults are the paper's unless said otherwise):
+
+1. Corpora to token rows (`rows.build_rows`): documents longer than 50 characters, up to 1024 per
+   corpus, joined with EOS into rows of `seq_len` tokens with BOS at position 0 (`--no-packing`: one
+   document per row, padded). Forget and retain get equal row counts (seeded), and a seeded
+   `heldout_fraction` of each is set aside, never used for selection or calibration.
+2. The statistics pass (`stats.collect`): a forward that stops after block `layer`, the SAE's
+   activations per token, per-feature mean activation and firing frequency on forget and on retain.
+   Tokens counted are those the guard counts at run time: not padding, not BOS.
+3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula.
+4. Calibration: tau = the `threshold_percentile`-th percentile of rho over the retain rows; the
+   trigger rates on the held-out forget and retain rows are measured with that tau.
+5. The model folder: the base weights, the SAE, the guardrail config, the tokenizer, `features.json`
+   (each selected feature's statistics and top-activating tokens in context) and `dsg_build.json`
+   (sources, options, rho summaries, held-out trigger rates, timings). Written atomically.
+
+`--add-to DIR` stacks a new guardrail on an existing DSG model: the statistics pass then runs through
+that model with its guardrails active (as deployed), and the existing guardrails are not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import DSGError
+
+BUILD_FILE = "dsg_build.json"
+FEATURES_FILE = "features.json"
+
+
+@dataclass
+class BuildOptions:
+    """Every knob of a build, with the paper's defaults."""
+
+    name: str = "forget"              # the topic; unique within a model
+    mode: str = "dynamic"             # "dynamic" (DSG) or "static" (seed baseline)
+    layer: int | None = None          # default: the layer in the SAE's hook name
+    n_features: int = 20              # N
+    clamp: float = 500.0              # c: selected features are set to -c
+    ratio_percentile: float = 95.0    # dynamic: keep features with forget/retain ratio >= this percentile
+    importance_percentile: float = 5.0  # dynamic: and forget importance >= this percentile
+    static_retain_freq: float = 0.01  # static: drop features firing on >= this fraction of retain tokens
+    threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows
+    seq_len: int = 1024
+    min_chars: int = 50
+    max_docs: int | None = 1024
+    packing: bool = True
+    heldout_fraction: float = 0.2
+    batch_size: int = 8
+    seed: int = 0
+    top_tokens: int = 8               # top-activating tokens kept per feature in features.json
+    slim: bool = False
+    device: str = "cpu"
+    measure_speedup: bool = False     # time the truncated forward against a full forward (one batch)
+
+
+@dataclass
+class GuardrailBuild:
+    """What one build produced, before it is written to a folder."""
+
+    guardrail: dict
+    sae_state: dict
+    features: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- SAE
+def guardrail_sae(sae, source: str) -> tuple[dict, dict]:
+    """A sae-lens SAE as our guardrail `sae` dict plus its tensors (same names as sae-lens)."""
+    cfg = sae.cfg
+    arch = cfg.architecture()
+    if arch not in ("standard", "jumprelu", "topk", "gated"):
+        raise DSGError(f"SAE architecture {arch!r} is not supported (standard, jumprelu, topk, gated)")
+    if getattr(cfg, "normalize_activations", "none") not in ("none", "constant_norm_rescale", "layer_norm"):
+        raise DSGError(f"SAE input normalisation {cfg.normalize_activations!r} is not supported; fold it into "
+                       "the weights first (sae-lens: fold_activation_norm_scaling_factor)")
+    spec = {"architecture": arch, "d_in": int(cfg.d_in), "d_sae": int(cfg.d_sae),
+            "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
+            "normalize_activations": getattr(cfg, "normalize_activations", "none"), "source": source}
+    if arch == "topk":
+        spec["k"] = int(cfg.k)
+        spec["rescale_acts_by_decoder_norm"] = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False))
+    names = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"}
+    state = {k: v.detach().float().cpu() for k, v in sae.state_dict().items() if k in names}
+    return spec, state
+
+
+def _check_layer(model, layer: int | None, sae_layer: int | None) -> int:
+    from .modeling_dsg import decoder_layers
+
+    n_layers = len(decoder_layers(model))
+    if layer is None:
+        layer = sae_layer
+    if layer is None:
+        raise DSGError("cannot tell the SAE's layer from its hook name; pass --layer")
+    if not 0 <= layer < n_layers:
+        raise DSGError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return layer
+
+
+# -------------------------------------------------------------------------------- the build
+def _texts(specs, text_field=None) -> tuple[list[str], list[str]]:
+    from .sources import load_texts
+
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    texts = []
+    for spec in specs:
+        texts += load_texts(str(spec), text_field=text_field)
+    return texts, [str(s) for s in specs]
+
+
+def _token_text(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> dict:
+    """features.json entry for one feature: statistics and top-activating tokens with their context."""
+    top = []
+    for row, pos, value in store.top_activations(index, k):
+        ids = rows.input_ids[row]
+        left = _token_text(tokenizer, ids[max(0, pos - context):pos].tolist())
+        token = _token_text(tokenizer, [int(ids[pos])])
+        right = _token_text(tokenizer, ids[pos + 1:pos + 4].tolist())
+        top.append({"token": token, "activation": round(float(value), 4),
+                    "context": f"{left}[[{token}]]{right}".replace("\n", " ")})
+    return {"index": int(index),
+            "forget_mean": float(stats.forget_mean[index]), "retain_mean": float(stats.retain_mean[index]),
+            "forget_freq": float(stats.forget_freq[index]), "retain_freq": float(stats.retain_freq[index]),
+            "importance": float(stats.importance_forget[index]), "ratio": float(stats.ratio[index]),
+            "top_tokens": top}
+
+
+def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
+                    sae_source: str = "", sae_layer: int | None = None) -> GuardrailBuild:
+    """Select features and calibrate tau for one topic. `model` is the base (or a DSG model for --add-to)."""
+    import torch
+
+    from . import rows as rows_mod
+    from . import selection
+    from .guard_dsg import DSGGuard
+    from .stats import collect, full_forward_speedup
+
+    if options.mode not in ("dynamic", "static"):
+        raise DSGError(f"unknown mode {options.mode!r} (dynamic or static)")
+    hidden = model.config.get_text_config().hidden_size
+    spec, state = guardrail_sae(sae, sae_source)
+    if spec["d_in"] != hidden:
+        raise DSGError(f"the SAE's d_in ({spec['d_in']}) does not match the model's hidden size ({hidden})")
+    layer = _check_layer(model, options.layer, sae_layer)
+    timings = {}
+
+    start = time.perf_counter()
+    kw = dict(seq_len=options.seq_len, min_chars=options.min_chars, max_docs=options.max_docs,
+              packing=options.packing, seed=options.seed)
+    forget = rows_mod.build_rows(forget_texts, tokenizer, **kw)
+    retain = rows_mod.build_rows(retain_texts, tokenizer, **kw)
+    forget, retain = rows_mod.balance(forget, retain, seed=options.seed)
+    forget, forget_held = rows_mod.split(forget, options.heldout_fraction, seed=options.seed)
+    retain, retain_held = rows_mod.split(retain, options.heldout_fraction, seed=options.seed + 1)
+    timings["rows_s"] = time.perf_counter() - start
+
+    # The full SAE, in our plain-torch form, encodes for the statistics pass (same math as at run time).
+    probe = DSGGuard({"name": options.name, "layer": layer, "mode": options.mode, "features": [0], "clamp": 1.0,
+                      "threshold": 0.0, "score": "fraction", "sae": {**spec, "slim": False}}, 0)
+    probe.sae.load_state_dict(state)
+    probe.to(options.device)
+    encode = probe.sae.encode
+    ignore = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    kw = dict(batch_size=options.batch_size, ignore_token_ids=ignore, device=options.device)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        stores = {name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw)
+                  for name, rows in (("forget", forget), ("retain", retain),
+                                     ("heldout forget", forget_held), ("heldout retain", retain_held))}
+    timings["statistics_s"] = time.perf_counter() - start
+    tokens = sum(s.n_tokens for s in stores.values())
+    timings["statistics_tokens"] = tokens
+    timings["statistics_tokens_per_s"] = tokens / max(timings["statistics_s"], 1e-9)
+    if options.measure_speedup:
+        timings["truncated_forward"] = full_forward_speedup(model, layer, forget.select(torch.arange(min(len(forget), options.batch_size))),
+                                                            batch_size=options.batch_size, device=options.device)
+
+    start = time.perf_counter()
+    stats = selection.FeatureStats.from_stores(stores["forget"], stores["retain"])
+    if options.mode == "dynamic":
+        features = selection.select_dynamic(stats, options.n_features, options.ratio_percentile,
+                                            options.importance_percentile)
+    else:
+        features = selection.select_static(stats, options.n_features, options.static_retain_freq)
+    timings["selection_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rho = {name: store.row_scores(features) for name, store in stores.items()}
+    tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile) if options.mode == "dynamic" else 0.0
+    timings["calibration_s"] = time.perf_counter() - start
+
+    guardrail = {"name": options.name, "layer": layer, "mode": options.mode, "features": features,
+                 "clamp": float(options.clamp), "threshold": float(tau), "score": "fraction",
+                 "sae": {**spec, "slim": False}}
+    report = [_feature_report(i, stats, stores["forget"], forget, tokenizer, options.top_tokens) for i in features]
+    heldout = {"forget_trigger_rate": selection.trigger_rate(rho["heldout forget"], tau),
+               "retain_trigger_rate": selection.trigger_rate(rho["heldout retain"], tau),
+               "n_forget": len(forget_held), "n_retain": len(retain_held),
+               "auroc": selection.auroc(rho["heldout forget"], rho["heldout retain"])}
+    if options.mode == "static":  # always on: it "fires" wherever a selected feature is active
+        heldout["forget_trigger_rate"] = float((rho["heldout forget"] > 0).double().mean())
+        heldout["retain_trigger_rate"] = float((rho["heldout retain"] > 0).double().mean())
+    info = {"name": options.name, "mode": options.mode, "sae": sae_source, "layer": layer,
+            "n_features": len(features), "clamp": float(options.clamp),
+            "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
+            "threshold_percentile": options.threshold_percentile, "tau": float(tau),
+            "rows": {"forget": len(forget), "retain": len(retain), "seq_len": forget.seq_len, "packing": options.packing},
+            "tokens": {name: store.n_tokens for name, store in stores.items()},
+            "rho": {"forget": selection.summarize(rho["forget"]), "retain": selection.summarize(rho["retain"]),
+                    "heldout_forget": selection.summarize(rho["heldout forget"]),
+                    "heldout_retain": selection.summarize(rho["heldout retain"])},
+            "heldout": heldout, "timings": timings,
+            "options": asdict(options)}
+    return GuardrailBuild(guardrail, state, report, info)
+
+
+def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
+    """A `DSGForCausalLM` holding `base` (or the `existing` DSG model) plus the new guardrails."""
+    import copy
+
+    from . import DSGConfig, DSGForCausalLM
+
+    if existing is None:
+        config = DSGConfig(text_config=base.config.to_dict(), guardrails=[])
+        model = DSGForCausalLM(config, base_model=base)
+        model.generation_config = copy.deepcopy(base.generation_config)
+    else:
+        model = existing
+    for build in builds:
+        try:
+            model.add_guardrail(build.guardrail, build.sae_state)
+        except ValueError as err:
+            raise DSGError(str(err)) from None
+    return model.eval()
+
+
+def write_folder(model, tokenizer, out: Path, builds: list[GuardrailBuild], base_spec: str,
+                 previous: dict | None = None, slim: bool = False):
+    """Save the model, tokenizer, features.json and dsg_build.json into `out` (an empty folder)."""
+    previous = previous or {}
+    model.save_pretrained(out, slim=slim)
+    tokenizer.save_pretrained(out)
+    features = previous.get("features", {"guardrails": []})
+    features["guardrails"] += [{"name": b.guardrail["name"], "layer": b.guardrail["layer"], "mode": b.guardrail["mode"],
+                                "features": b.features} for b in builds]
+    (out / FEATURES_FILE).write_text(json.dumps(features, indent=2))
+    record = previous.get("build", {"base_model": base_spec, "guardrails": []})
+    record["guardrails"] += [{**b.info, "forget_sources": b.info.get("forget_sources", []),
+                              "retain_sources": b.info.get("retain_sources", [])} for b in builds]
+    (out / BUILD_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _read_previous(folder: Path) -> dict:
+    previous = {}
+    for key, name in (("features", FEATURES_FILE), ("build", BUILD_FILE)):
+        path = folder / name
+        if path.is_file():
+            try:
+                previous[key] = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise DSGError(f"{path} is not valid JSON: {err}") from None
+    return previous
+
+
+def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOptions | None = None,
+          add_to: str | None = None, overwrite: bool = False, text_field: str | None = None) -> dict:
+    """The Python API of `dsg build`. Returns the build record of the new guardrail."""
+    from .paths import atomic_output_dir
+    from .sources import load_base_model, load_sae, sae_layer
+
+    options = options or BuildOptions()
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    forget_texts, forget_specs = _texts(forget, text_field)
+    retain_texts, retain_specs = _texts(retain, text_field)
+    existing, previous, tokenizer = None, {}, None
+    if add_to is not None:
+        existing, tokenizer, previous = _load_existing(add_to, options)
+        model = existing
+        base_spec = previous.get("build", {}).get("base_model", str(add_to))
+    else:
+        if base is None:
+            raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
+        model, tokenizer = load_base_model(base, device=options.device)
+        base_spec = base
+    sae_obj = load_sae(sae, device="cpu")
+    result = build_guardrail(model, tokenizer, sae_obj, forget_texts, retain_texts, options,
+                             sae_source=sae, sae_layer=sae_layer(sae_obj))
+    result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
+    model = assemble(model, tokenizer, [result], existing=existing)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_folder(model, tokenizer, tmp, [result], base_spec, previous, slim=options.slim)
+    return result.info
+
+
+def _load_existing(folder, options):
+    from transformers import AutoTokenizer
+
+    from . import DSGForCausalLM
+
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise DSGError(f"--add-to {folder}: not a model folder (no config.json)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise DSGError(f"--add-to {folder}: config.json is not valid JSON: {err}") from None
+    if config.get("model_type") != "dsg":
+        raise DSGError(f"--add-to {folder}: not a DSG model (model_type {config.get('model_type')!r})")
+    names = {g.get("name") for g in config.get("guardrails", [])}
+    if options.name in names:
+        raise DSGError(f"--add-to {folder}: it already has a guardrail named {options.name!r}; pick another --name")
+    try:
+        model = DSGForCausalLM.from_pretrained(folder).to(options.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as err:
+        raise DSGError(f"--add-to {folder}: {err}") from None
+    return model, tokenizer, _read_previous(folder)
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def configure_parser(p):
+    p.add_argument("--base", metavar="MODEL", help="Hub id, local folder or .gguf file (not needed with --add-to)")
+    p.add_argument("--sae", required=True, metavar="SAE", help="sae-lens folder or RELEASE:SAE_ID")
+    p.add_argument("--forget", required=True, nargs="+", metavar="SRC", help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d = BuildOptions()
+    p.add_argument("--name", default=d.name, help="the topic (guardrail name)")
+    p.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
+    p.add_argument("--layer", type=int, help="default: the SAE's hook layer")
+    p.add_argument("--n-features", type=int, default=d.n_features)
+    p.add_argument("--clamp", type=float, default=d.clamp)
+    p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
+    p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
+    p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
+    p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--min-chars", type=int, default=d.min_chars)
+    p.add_argument("--max-docs", type=int, default=d.max_docs)
+    p.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks")
+    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
+    p.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--measure-speedup", action="store_true", help="time the truncated forward against a full one")
+
+
+def options_from_args(args) -> BuildOptions:
+    return BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
+                        clamp=args.clamp, ratio_percentile=args.ratio_percentile,
+                        importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
+                        threshold_percentile=args.threshold_percentile, seq_len=args.seq_len,
+                        min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,
+                        heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, seed=args.seed,
+                        slim=args.slim, device=args.device, measure_speedup=args.measure_speedup)
+
+
+def run(args):
+    info = build(args.base, args.sae, args.forget, args.retain, args.out, options=options_from_args(args),
+                 add_to=args.add_to, overwrite=args.overwrite, text_field=args.text_field)
+    held = info["heldout"]
+    print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}")
+    print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
+          f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}")
+    t = info["timings"]
+    print(f"statistics pass {t['statistics_s']:.1f} s ({t['statistics_tokens_per_s']:.0f} tokens/s), "
+          f"selection {t['selection_s'] * 1000:.1f} ms, calibration {t['calibration_s'] * 1000:.1f} ms")
+    print(f"wrote {Path(args.out).resolve()}")

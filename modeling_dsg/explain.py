@@ -1,0 +1,98 @@
+"""`dsg explain DIR TEXT`: why each guardrail did or did not fire on a text.
+
+For every guardrail it prints rho against tau, the decision, and each token on which a selected
+feature fired, with the features' activations and (from `features.json`) their top tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DSGError
+
+
+def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: dict | None = None) -> list[dict]:
+    """Run `text` through a DSG model and return, per guardrail, its score, decision and firing tokens."""
+    import torch
+
+    if not text.strip():
+        raise DSGError("the text to explain is empty")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DSGError("--chat: this tokenizer has no chat template")
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(text, return_tensors="pt")
+    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.record_guardrails() as records:
+        model(**enc)
+    ids = enc["input_ids"][0].tolist()
+    tokens = [tokenizer.decode([i]) for i in ids]
+    by_name = {g["name"]: g for g in (features_info or {}).get("guardrails", [])}
+    out = []
+    for record, guard in zip(records, model.guards):
+        acts = record["acts"][0].float().cpu()
+        counted = record["counted"][0].cpu()
+        rows = []
+        for pos in torch.nonzero(record["flags"][0].cpu()).flatten().tolist():
+            active = [(guard.features[j], float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]
+            rows.append({"position": pos, "token": tokens[pos],
+                         "features": [{"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])]})
+        known = {f["index"]: f for f in by_name.get(guard.name, {}).get("features", [])}
+        fired = set(f["index"] for r in rows for f in r["features"])
+        out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode,
+                    "rho": float(record["rho"][0]), "tau": guard.threshold, "fired": bool(record["fired"][0]),
+                    "counted_tokens": int(counted.sum()), "flagged_tokens": len(rows), "tokens": rows,
+                    "features": {i: [t["token"] for t in known[i].get("top_tokens", [])[:5]] for i in sorted(fired) if i in known}})
+    return out
+
+
+def format_report(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        verdict = "FIRED" if r["fired"] else "not fired"
+        relation = ">" if r["rho"] > r["tau"] else "<="
+        lines.append(f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}): rho = {r['rho']:.3f} "
+                     f"{relation} tau = {r['tau']:.3f} -> {verdict}  ({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)")
+        for row in r["tokens"]:
+            feats = ", ".join(f"#{f['index']} ({f['activation']:.2f})" for f in row["features"])
+            lines.append(f"  {row['position']:>4}  {row['token']!r:<18} {feats}")
+        for index, top in r["features"].items():
+            lines.append(f"  feature #{index} top tokens: {', '.join(repr(t) for t in top)}")
+    return "\n".join(lines)
+
+
+def load_for_explain(folder):
+    from transformers import AutoTokenizer
+
+    from . import DSGForCausalLM
+
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise DSGError(f"{folder} is not a model folder (no config.json)")
+    try:
+        model = DSGForCausalLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as err:
+        raise DSGError(f"cannot load the DSG model in {folder}: {err}") from None
+    info_path = folder / "features.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    return model, tokenizer, info
+
+
+def configure_parser(p):
+    p.add_argument("dir", metavar="DIR", help="a DSG model folder")
+    p.add_argument("text", metavar="TEXT", help="the text to explain ('-' reads standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the model's chat template as a user turn")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args):
+    import sys
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    model, tokenizer, info = load_for_explain(args.dir)
+    results = explain(model, tokenizer, text, chat=args.chat, features_info=info)
+    print(json.dumps(results, indent=2) if args.json else format_report(results))
