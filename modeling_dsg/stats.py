@@ -86,7 +86,7 @@ class ActivationStore:
     Dense per-feature totals: `feature_sums` [d_sae] float64 (sum of activations), `feature_counts`
     [d_sae] int64 (number of tokens with activation > 0), `n_tokens` counted tokens in all.
     Per row: `row_token_counts` [n_rows] int64, counted tokens of each row.
-    Per counted token t (in row-major order): `token_row`, `token_pos`, `token_id` [n_tokens] int32.
+    Per counted token t (in processing order: rows sorted by length, then row-major): `token_row`, `token_pos`, `token_id` [n_tokens] int32.
     Sparse activations (CSR): token t's active features are `feature_index[indptr[t]:indptr[t+1]]`
     (int32) with values `values[indptr[t]:indptr[t+1]]` (only activations > 0 are stored).
     """
@@ -177,12 +177,18 @@ def collect(
     row_token_counts = torch.zeros(len(rows), dtype=torch.long)
     token_row, token_pos, token_id, per_token, feature_index, values = [], [], [], [], [], []
 
+    # Rows go through in order of length and each batch is cut after its longest row, so padding costs
+    # (almost) nothing; right padding never changes the real tokens' activations in a causal model.
+    lengths = rows.attention_mask.long().cumsum(1).argmax(1) + 1  # last attended position + 1
+    order = torch.argsort(lengths, stable=True)
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-            ids = rows.input_ids[start : start + batch_size].cpu()
-            mask = rows.attention_mask[start : start + batch_size].cpu()
+            index = order[start : start + batch_size]
+            width = int(lengths[index].max())
+            ids = rows.input_ids[index, :width].cpu()
+            mask = rows.attention_mask[index, :width].cpu()
             hidden = run(ids.to(device), mask.to(device))
             acts = encode(hidden.float())
             if acts.dim() != 3 or acts.shape[:2] != ids.shape:
@@ -199,8 +205,8 @@ def collect(
             counts += active.sum(0).cpu()
             tok, feat = active.nonzero(as_tuple=True)
 
-            row_token_counts[start : start + len(ids)] = counted.sum(1)
-            token_row.append((r + start).to(torch.int32))
+            row_token_counts[index] = counted.sum(1)
+            token_row.append(index[r].to(torch.int32))
             token_pos.append(p.to(torch.int32))
             token_id.append(ids[r, p].to(torch.int32))
             per_token.append(torch.bincount(tok, minlength=a.shape[0]).cpu())

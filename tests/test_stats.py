@@ -61,16 +61,27 @@ def test_early_stop_equals_hidden_states(llama, rows, layer):
     encoder = ReluEncoder()
     store = collect(llama, layer, encoder, rows, batch_size=len(rows), ignore_token_ids=[BOS, EOS, PAD])
     hidden, acts, counted = reference(llama, rows, layer, encoder)
-    assert torch.equal(encoder.seen[0], hidden)  # bit-identical
+    # rows run sorted by length, each batch cut after its longest row: every row's real positions are
+    # bit-identical to the full, unsorted forward
+    lengths = rows.attention_mask.cumsum(1).argmax(1) + 1
+    order = torch.argsort(lengths, stable=True)
+    seen = encoder.seen[0]
+    assert seen.shape[1] == int(lengths.max())
+    for i, row in enumerate(order.tolist()):
+        n = int(lengths[row])
+        assert torch.equal(seen[i, :n], hidden[row, :n])
 
     assert store.n_tokens == int(counted.sum()) == 9 + 8 + 5 + 0 + 2  # rows minus BOS, EOS and padding
     assert store.row_token_counts.tolist() == counted.sum(1).tolist()
     assert store.row_token_counts[3] == 0
-    assert torch.equal(store.token_row.long(), counted.nonzero()[:, 0])
-    assert torch.equal(store.token_pos.long(), counted.nonzero()[:, 1])
-    assert torch.equal(store.token_id.long(), rows.input_ids[counted])
+    # the same counted tokens, each once; put them back in row-major order for the checks below
+    key = store.token_row.long() * rows.seq_len + store.token_pos.long()
+    perm = torch.argsort(key)
+    assert torch.equal(store.token_row.long()[perm], counted.nonzero()[:, 0])
+    assert torch.equal(store.token_pos.long()[perm], counted.nonzero()[:, 1])
+    assert torch.equal(store.token_id.long()[perm], rows.input_ids[counted])
 
-    a = acts[counted]
+    a = acts[counted][torch.argsort(perm)]  # reference activations in the store's token order
     assert torch.equal(store.feature_counts, (a > 0).sum(0))
     torch.testing.assert_close(store.mean(), a.double().sum(0) / a.shape[0])
     torch.testing.assert_close(store.freq(), (a > 0).double().mean(0))

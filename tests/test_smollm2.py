@@ -1,0 +1,88 @@
+"""Integration tests on the real SmolLM2-135M-Instruct from the shared folder (GGUF, cached conversion)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modeling_dsg import DSGConfig, DSGForCausalLM, embedded
+from modeling_dsg.sources import load_base_model
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["The cell membrane is made of", "Paris is the capital of", "Viruses replicate by"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_base_model(str(embedded.gguf_path()))
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def wrapped(smollm2):
+    """SmolLM2 with a random (untrained) TopK guard at layer 6 whose threshold splits PROMPTS."""
+    base, tokenizer = smollm2
+    hidden = base.config.hidden_size
+    guardrail = {"name": "random", "layer": 6, "features": list(range(0, 400, 20)), "clamp": 50.0, "threshold": 0.0,
+                 "sae": {"architecture": "topk", "d_in": hidden, "d_sae": 1024, "k": 32}}
+    config = DSGConfig(text_config=base.config.to_dict(), guardrails=[guardrail])
+    model = DSGForCausalLM(config, base_model=base).eval()
+    model.generation_config = base.generation_config
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae = model.guards[0].sae
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / hidden ** 0.5)
+        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=gen) / hidden ** 0.5)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.record_guardrails() as rec:
+        model(**enc)
+    rho = rec[0]["rho"].sort().values
+    model.set_threshold(0, float(rho[0] + rho[1]) / 2)  # the lowest-rho prompt does not fire, the others do
+    return model, tokenizer
+
+
+def test_unfired_rows_identical_to_base(wrapped):
+    model, tokenizer = wrapped
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.record_guardrails() as rec:
+        logits = model(**enc).logits
+    with torch.no_grad(), model.guardrails_disabled():
+        base = model(**enc).logits
+    fired = rec[0]["fired"]
+    assert fired.sum() == len(PROMPTS) - 1
+    for row in range(len(PROMPTS)):
+        assert torch.equal(logits[row], base[row]) == (not fired[row])
+
+
+def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
+    model, tokenizer = wrapped
+    folder = tmp_path / "smollm2-dsg"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
+        f"t = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "t.padding_side = 'left'\n"
+        f"enc = t({PROMPTS!r}, return_tensors='pt', padding=True)\n"
+        "with torch.no_grad(): logits = m(**enc).logits\n"
+        "out = m.generate(**enc, max_new_tokens=8, do_sample=False)\n"
+        f"torch.save({{'logits': logits, 'out': out, 'imported': 'modeling_dsg' in sys.modules}}, {str(tmp_path / 'r.pt')!r})\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "r.pt")
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**enc).logits
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert result["imported"] is False
+    assert torch.equal(result["logits"], logits)
+    assert torch.equal(result["out"], out)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 8
