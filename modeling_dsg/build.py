@@ -5,13 +5,15 @@ The path (defaults are the paper's unless said otherwise):
 1. Corpora to token rows (`rows.build_rows`): documents longer than 50 characters, up to 1024 per
    corpus, joined with EOS into rows of `seq_len` tokens with BOS at position 0 (`--no-packing`: one
    document per row, padded). Forget and retain get equal row counts (seeded), and a seeded
-   `heldout_fraction` of each is set aside, never used for selection or calibration.
+   `heldout_fraction` (default 0.2) of each is set aside, never used for selection or calibration
+   (0: no held-out rows; the held-out trigger rates are then recorded as null).
 2. The statistics pass (`stats.collect`): a forward that stops after block `layer`, the SAE's
    activations per token, per-feature mean activation and firing frequency on forget and on retain.
    Tokens counted are those the guard counts at run time: not padding, not BOS.
 3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula.
 4. Calibration: tau = the `threshold_percentile`-th percentile of rho over the retain rows; the
-   trigger rates on the held-out forget and retain rows are measured with that tau.
+   trigger rates on the held-out forget and retain rows are measured with that tau (static mode is
+   always on: tau = 0, and a row "fires" when any selected feature is active in it, rho > 0).
 5. The model folder: the base weights, the SAE, the guardrail config, the tokenizer, `features.json`
    (each selected feature's statistics and top-activating tokens in context) and `dsg_build.json`
    (sources, options, rho summaries, held-out trigger rates, timings). Written atomically.
@@ -115,6 +117,36 @@ def _texts(specs, text_field=None) -> tuple[list[str], list[str]]:
     return texts, [str(s) for s in specs]
 
 
+def _corpus_step(corpus: str, step, *args, **kwargs):
+    """Run a row-building step; a DSGError from it names the corpus (forget or retain) it is about."""
+    try:
+        return step(*args, **kwargs)
+    except DSGError as err:
+        raise DSGError(f"{corpus} corpus: {err}") from None
+
+
+def _check_options(options: BuildOptions) -> None:
+    """Refuse bad numeric options before anything is loaded (not after a long statistics pass)."""
+    checks = [
+        (isinstance(options.name, str) and options.name.strip() != "", f"--name must be a non-empty topic name, got {options.name!r}"),
+        (options.mode in ("dynamic", "static"), f"unknown mode {options.mode!r} (dynamic or static)"),
+        (options.n_features >= 1, f"--n-features must be at least 1, got {options.n_features}"),
+        (options.clamp > 0 and options.clamp != float("inf"), f"--clamp must be a finite number > 0, got {options.clamp}"),
+        (0 < options.static_retain_freq <= 1, f"--static-retain-freq must be in (0, 1], got {options.static_retain_freq}"),
+        (0 <= options.heldout_fraction < 1, f"--heldout-fraction must be in [0, 1), got {options.heldout_fraction}"),
+        (options.seq_len >= 2, f"--seq-len must be at least 2, got {options.seq_len}"),
+        (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
+        (options.max_docs is None or options.max_docs >= 1, f"--max-docs must be at least 1, got {options.max_docs}"),
+        (options.layer is None or options.layer >= 0, f"--layer must be >= 0, got {options.layer}"),
+    ]
+    for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
+        value = getattr(options, flag)
+        checks.append((0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}"))
+    for ok, message in checks:
+        if not ok:
+            raise DSGError(message)
+
+
 def _token_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -146,8 +178,7 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     from .guard_dsg import DSGGuard
     from .stats import collect, full_forward_speedup
 
-    if options.mode not in ("dynamic", "static"):
-        raise DSGError(f"unknown mode {options.mode!r} (dynamic or static)")
+    _check_options(options)
     hidden = model.config.get_text_config().hidden_size
     spec, state = guardrail_sae(sae, sae_source)
     if spec["d_in"] != hidden:
@@ -158,11 +189,11 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     start = time.perf_counter()
     kw = dict(seq_len=options.seq_len, min_chars=options.min_chars, max_docs=options.max_docs,
               packing=options.packing, seed=options.seed)
-    forget = rows_mod.build_rows(forget_texts, tokenizer, **kw)
-    retain = rows_mod.build_rows(retain_texts, tokenizer, **kw)
+    forget = _corpus_step("forget", rows_mod.build_rows, forget_texts, tokenizer, **kw)
+    retain = _corpus_step("retain", rows_mod.build_rows, retain_texts, tokenizer, **kw)
     forget, retain = rows_mod.balance(forget, retain, seed=options.seed)
-    forget, forget_held = rows_mod.split(forget, options.heldout_fraction, seed=options.seed)
-    retain, retain_held = rows_mod.split(retain, options.heldout_fraction, seed=options.seed + 1)
+    forget, forget_held = _corpus_step("forget", rows_mod.split, forget, options.heldout_fraction, seed=options.seed)
+    retain, retain_held = _corpus_step("retain", rows_mod.split, retain, options.heldout_fraction, seed=options.seed + 1)
     timings["rows_s"] = time.perf_counter() - start
 
     # The full SAE, in our plain-torch form, encodes for the statistics pass (same math as at run time).
@@ -175,10 +206,11 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     kw = dict(batch_size=options.batch_size, ignore_token_ids=ignore, device=options.device)
 
     start = time.perf_counter()
+    corpora = [("forget", forget), ("retain", retain)]
+    if len(forget_held):  # heldout_fraction = 0: no held-out rows, no held-out trigger rates
+        corpora += [("heldout forget", forget_held), ("heldout retain", retain_held)]
     with torch.no_grad():
-        stores = {name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw)
-                  for name, rows in (("forget", forget), ("retain", retain),
-                                     ("heldout forget", forget_held), ("heldout retain", retain_held))}
+        stores = {name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw) for name, rows in corpora}
     timings["statistics_s"] = time.perf_counter() - start
     tokens = sum(s.n_tokens for s in stores.values())
     timings["statistics_tokens"] = tokens
@@ -205,22 +237,20 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
                  "clamp": float(options.clamp), "threshold": float(tau), "score": "fraction",
                  "sae": {**spec, "slim": False}}
     report = [_feature_report(i, stats, stores["forget"], forget, tokenizer, options.top_tokens) for i in features]
-    heldout = {"forget_trigger_rate": selection.trigger_rate(rho["heldout forget"], tau),
-               "retain_trigger_rate": selection.trigger_rate(rho["heldout retain"], tau),
-               "n_forget": len(forget_held), "n_retain": len(retain_held),
-               "auroc": selection.auroc(rho["heldout forget"], rho["heldout retain"])}
-    if options.mode == "static":  # always on: it "fires" wherever a selected feature is active
-        heldout["forget_trigger_rate"] = float((rho["heldout forget"] > 0).double().mean())
-        heldout["retain_trigger_rate"] = float((rho["heldout retain"] > 0).double().mean())
+    heldout = {"forget_trigger_rate": None, "retain_trigger_rate": None,
+               "n_forget": len(forget_held), "n_retain": len(retain_held), "auroc": None}
+    if "heldout forget" in rho:
+        # static mode is always on: it "fires" wherever a selected feature is active (rho > 0)
+        heldout.update(forget_trigger_rate=selection.trigger_rate(rho["heldout forget"], tau),
+                       retain_trigger_rate=selection.trigger_rate(rho["heldout retain"], tau),
+                       auroc=selection.auroc(rho["heldout forget"], rho["heldout retain"]))
     info = {"name": options.name, "mode": options.mode, "sae": sae_source, "layer": layer,
             "n_features": len(features), "clamp": float(options.clamp),
             "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
             "threshold_percentile": options.threshold_percentile, "tau": float(tau),
             "rows": {"forget": len(forget), "retain": len(retain), "seq_len": forget.seq_len, "packing": options.packing},
             "tokens": {name: store.n_tokens for name, store in stores.items()},
-            "rho": {"forget": selection.summarize(rho["forget"]), "retain": selection.summarize(rho["retain"]),
-                    "heldout_forget": selection.summarize(rho["heldout forget"]),
-                    "heldout_retain": selection.summarize(rho["heldout retain"])},
+            "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
             "heldout": heldout, "timings": timings,
             "options": asdict(options)}
     return GuardrailBuild(guardrail, state, report, info)
@@ -281,22 +311,24 @@ def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOpti
     from .sources import load_base_model, load_sae, sae_layer
 
     options = options or BuildOptions()
+    _check_options(options)
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if add_to is None and base is None:
+        raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
+    # The cheap inputs first (texts, SAE), so that a bad one fails before a large model is loaded.
     forget_texts, forget_specs = _texts(forget, text_field)
     retain_texts, retain_specs = _texts(retain, text_field)
+    sae_obj = load_sae(sae, device="cpu")
     existing, previous, tokenizer = None, {}, None
     if add_to is not None:
         existing, tokenizer, previous = _load_existing(add_to, options)
         model = existing
         base_spec = previous.get("build", {}).get("base_model", str(add_to))
     else:
-        if base is None:
-            raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
         model, tokenizer = load_base_model(base, device=options.device)
         base_spec = base
-    sae_obj = load_sae(sae, device="cpu")
     result = build_guardrail(model, tokenizer, sae_obj, forget_texts, retain_texts, options,
                              sae_source=sae, sae_layer=sae_layer(sae_obj))
     result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
@@ -378,8 +410,11 @@ def run(args):
                  add_to=args.add_to, overwrite=args.overwrite, text_field=args.text_field)
     held = info["heldout"]
     print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}")
-    print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
-          f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}")
+    if held["forget_trigger_rate"] is None:
+        print("held-out trigger rate: none measured (--heldout-fraction 0)")
+    else:
+        print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
+              f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}")
     t = info["timings"]
     print(f"statistics pass {t['statistics_s']:.1f} s ({t['statistics_tokens_per_s']:.0f} tokens/s), "
           f"selection {t['selection_s'] * 1000:.1f} ms, calibration {t['calibration_s'] * 1000:.1f} ms")

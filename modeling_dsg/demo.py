@@ -43,13 +43,17 @@ def _sample(texts, n, seed=0):
 
 
 def _generate(model, tokenizer, prompt, max_new_tokens):
+    """Greedy answer to `prompt` as a chat user turn; returns (text, whether the first guardrail fired)."""
     import torch
 
-    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
+    messages = [{"role": "user", "content": prompt}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.record_guardrails() as records:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    fired = bool(records[-1]["fired"][0]) if records else False
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), fired
 
 
 def _show(text, width=100):
@@ -118,14 +122,13 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
         print(f"      {name:<12} {rates[name]['trigger_rate']:6.3f}  ({len(texts)} prompts)")
     info["heldout_prompts"] = rates
 
-    print("[5/5] greedy generations, base next to DSG")
+    print("[5/5] greedy generations (chat template), base next to DSG")
     examples = {"biology": sets["bio"][0], "non-biology": sets["mmlu_nonbio"][0]}
     generations = {}
     for kind, prompt in examples.items():
         with model.guardrails_disabled():
-            plain = _generate(model, tokenizer, prompt, max_new_tokens)
-        guarded = _generate(model, tokenizer, prompt, max_new_tokens)
-        fired = bool(guard_decisions(model, tokenizer, [prompt], desc="decision")[options.name]["fired"][0])
+            plain, _ = _generate(model, tokenizer, prompt, max_new_tokens)
+        guarded, fired = _generate(model, tokenizer, prompt, max_new_tokens)
         generations[kind] = {"prompt": prompt, "base": plain, "dsg": guarded, "fired": fired}
         print(f"      {kind} prompt: {_show(prompt)}")
         print(f"        base: {_show(plain)}")

@@ -45,8 +45,13 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
         out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode,
                     "rho": float(record["rho"][0]), "tau": guard.threshold, "fired": bool(record["fired"][0]),
                     "counted_tokens": int(counted.sum()), "flagged_tokens": len(rows), "tokens": rows,
-                    "features": {i: [t["token"] for t in known[i].get("top_tokens", [])[:5]] for i in sorted(fired) if i in known}})
+                    "features": {i: _distinct_tokens(known[i]) for i in sorted(fired) if i in known}})
     return out
+
+
+def _distinct_tokens(feature: dict, k: int = 5) -> list[str]:
+    """The first k distinct tokens among a feature's top activations (features.json), best first."""
+    return list(dict.fromkeys(t["token"] for t in feature.get("top_tokens", [])))[:k]
 
 
 def format_report(results: list[dict]) -> str:
@@ -73,12 +78,21 @@ def load_for_explain(folder):
     if not (folder / "config.json").is_file():
         raise DSGError(f"{folder} is not a model folder (no config.json)")
     try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DSGError(f"{folder}/config.json is not a valid config: {err}") from None
+    if model_type != "dsg":
+        raise DSGError(f"{folder} is not a DSG model (model_type {model_type!r}); build one with `dsg build`")
+    try:
         model = DSGForCausalLM.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (ValueError, OSError) as err:
         raise DSGError(f"cannot load the DSG model in {folder}: {err}") from None
     info_path = folder / "features.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    try:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    except json.JSONDecodeError as err:
+        raise DSGError(f"{info_path} is not valid JSON: {err}") from None
     return model, tokenizer, info
 
 

@@ -201,8 +201,8 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
                     raise ValueError(f"DSG: input row {int(empty.nonzero()[0])} is all padding (no real token)")
         bos = self.config.get_text_config().bos_token_id
         if input_ids is not None and bos is not None:
-            bos = torch.tensor(bos if isinstance(bos, (list, tuple)) else [bos], device=input_ids.device)
-            counted = counted & ~torch.isin(input_ids, bos).to(device)
+            for token in bos if isinstance(bos, (list, tuple)) else [bos]:
+                counted = counted & (input_ids != token).to(device)
         return counted
 
     # -- forward ---------------------------------------------------------------------------------------

@@ -15,6 +15,14 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["The cell membrane is made of", "Paris is the capital of", "Viruses replicate by"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _all_threads(_one_thread_for_tiny_models):
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer = load_base_model(str(embedded.gguf_path()))

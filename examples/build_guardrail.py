@@ -1,0 +1,56 @@
+"""Build an unlearned DSG model from Python: `modeling_dsg.build.build(base, sae, forget, retain, out, options=...)`.
+
+The same path as `dsg build` (the options mirror its flags): the SAE's activations on the forget and
+retain corpora select the features, the retain rows calibrate tau, and the model folder is written
+atomically. The defaults are the embedded ones (SmolLM2-135M-Instruct from ../shared, the shipped SAE,
+WMDP-bio questions as forget and WikiText as retain), so it runs without arguments; a quicker build:
+
+    python examples/build_guardrail.py --out dsg-bio --seq-len 256 --max-docs 256 --no-packing
+"""
+
+import argparse
+import sys
+
+from modeling_dsg.build import BuildOptions, build
+from modeling_dsg.demo import default_sae
+from modeling_dsg.errors import DSGError
+from modeling_dsg.paths import shared_dir
+
+shared = shared_dir(required=False) or "../shared"
+d = BuildOptions()
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--base", default=f"{shared}/models/SmolLM2-135M-Instruct.Q4_1.gguf", help="folder, .gguf, Hub id")
+parser.add_argument("--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in examples/sae/)")
+parser.add_argument("--forget", nargs="+", default=[f"{shared}/data/wmdp/bio.jsonl"], help=".txt/.jsonl/.parquet/Hub")
+parser.add_argument("--retain", nargs="+", default=[f"{shared}/data/wikitext-2-raw/wiki.test.raw"])
+parser.add_argument("--out", default="dsg-built", help="the model folder to write")
+parser.add_argument("--overwrite", action="store_true")
+parser.add_argument("--name", default=d.name, help="the topic (guardrail name)")
+parser.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
+parser.add_argument("--layer", type=int, help="default: the layer in the SAE's hook name")
+parser.add_argument("--n-features", type=int, default=d.n_features)
+parser.add_argument("--clamp", type=float, default=d.clamp)
+parser.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
+parser.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+parser.add_argument("--seq-len", type=int, default=d.seq_len)
+parser.add_argument("--max-docs", type=int, default=d.max_docs)
+parser.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row (short records)")
+parser.add_argument("--batch-size", type=int, default=d.batch_size)
+parser.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
+parser.add_argument("--device", default=d.device)
+args = parser.parse_args()
+
+options = BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
+                       clamp=args.clamp, ratio_percentile=args.ratio_percentile,
+                       threshold_percentile=args.threshold_percentile, seq_len=args.seq_len, max_docs=args.max_docs,
+                       packing=args.packing, batch_size=args.batch_size, slim=args.slim, device=args.device)
+try:
+    info = build(args.base, args.sae or str(default_sae()), args.forget, args.retain, args.out,
+                 options=options, overwrite=args.overwrite)
+except DSGError as err:  # bad input: one clear line, and no half-written folder
+    sys.exit(f"error: {err}")
+
+held = info["heldout"]
+print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}")
+print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f}, retain {held['retain_trigger_rate']:.3f}")
+print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")
