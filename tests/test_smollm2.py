@@ -1,5 +1,6 @@
 """Integration tests on the real SmolLM2-135M-Instruct from the shared folder (GGUF, cached conversion)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,52 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
     assert torch.equal(result["logits"], logits)
     assert torch.equal(result["out"], out)
     assert out.shape[1] == enc["input_ids"].shape[1] + 8
+
+
+def test_build_with_shipped_sae_reload_and_fire_on_biology(smollm2, tmp_path):
+    """Build a biology guardrail on real SmolLM2 with the shipped SAE (small corpora for speed), reload it
+    through remote code in a fresh process, and check held-out biology prompts fire more than WikiText."""
+    from modeling_dsg.build import BuildOptions, assemble, build_guardrail, write_folder
+    from modeling_dsg.demo import default_sae
+    from modeling_dsg.sources import load_sae, sae_layer
+
+    base, tokenizer = smollm2
+    sae = load_sae(str(default_sae()))
+    forget = embedded.forget_texts("build")[::4]
+    retain = embedded.retain_texts("build")[::12]
+    options = BuildOptions(name="biology", seq_len=128, packing=False, max_docs=200, heldout_fraction=0.1, batch_size=16)
+    result = build_guardrail(base, tokenizer, sae, forget, retain, options, sae_source=str(default_sae()),
+                             sae_layer=sae_layer(sae))
+    model = assemble(base, tokenizer, [result])
+    folder = tmp_path / "smollm2-bio"
+    try:
+        write_folder(model, tokenizer, folder, [result], "HuggingFaceTB/SmolLM2-135M-Instruct")
+    finally:  # the module-scoped base is shared: take the guard off it again
+        for handle in model._guard_hooks:
+            handle.remove()
+    held = embedded.heldout_prompts()
+    bio, wiki = held["bio"][:40], held["wikitext"][:40]
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
+        f"t = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "rates = {}\n"
+        f"for name, texts in json.loads({json.dumps(json.dumps({'bio': bio, 'wiki': wiki}))}).items():\n"
+        "    fired = []\n"
+        "    for text in texts:\n"
+        "        enc = t(text, return_tensors='pt', truncation=True, max_length=256)\n"
+        "        with torch.no_grad(), m.record_guardrails() as rec:\n"
+        "            m(**enc)\n"
+        "        fired.append(bool(rec[0]['fired'][0]))\n"
+        "    rates[name] = sum(fired) / len(fired)\n"
+        "print(json.dumps({'rates': rates, 'imported': 'modeling_dsg' in sys.modules}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_json = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result_json["imported"] is False
+    rates = result_json["rates"]
+    assert rates["bio"] > rates["wiki"], rates
+    assert rates["bio"] >= 0.5, rates

@@ -1,0 +1,29 @@
+"""The benchmark script runs (on a tiny model, in seconds) and writes the JSON it promises."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "examples" / "benchmark.py"
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--lengths", "16", "--batches", "1", "2",
+                           "--new-tokens", "4", "--rounds", "2", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["forward"]) == {"B1xT16", "B2xT16"}
+    rounds = [(e, 2) for e in report["forward"].values()] + [(e, 3) for e in report["generate"].values()]  # generate: >= 3
+    for entry, n in rounds:
+        for variant in ("dsg_unfired", "dsg_fired"):
+            ratio = entry[variant]["ratio_to_base"]
+            assert ratio["n"] == n and ratio["p25"] <= ratio["median"] <= ratio["p75"]
+    assert report["generate"]["B1"]["base"]["tokens_per_s"] > 0
+    assert report["storage"]["dsg_slim_bytes"] < report["storage"]["dsg_full_bytes"]
+    assert report["load"]["dsg"]["ratio_to_base"]["median"] > 0
+    assert report["machine"]["device"] == "cpu"
