@@ -143,11 +143,11 @@ def load_base_model(spec: str, *, dtype=None, device: str = "cpu"):
 
     `dtype` defaults to `torch.float32`. The model is returned in eval mode on `device`.
     """
+    where = resolve_model_dir(spec)  # before the heavy imports: a bad spec fails at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float32 if dtype is None else dtype
-    where = resolve_model_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)

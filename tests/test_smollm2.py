@@ -97,14 +97,14 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
     assert out.shape[1] == enc["input_ids"].shape[1] + 8
 
 
-def test_build_with_shipped_sae_reload_and_fire_on_biology(smollm2, tmp_path):
+def test_build_with_shipped_sae_reload_and_fire_on_biology(tmp_path):
     """Build a biology guardrail on real SmolLM2 with the shipped SAE (small corpora for speed), reload it
     through remote code in a fresh process, and check held-out biology prompts fire more than WikiText."""
     from modeling_dsg.build import BuildOptions, assemble, build_guardrail, write_folder
     from modeling_dsg.demo import default_sae
     from modeling_dsg.sources import load_sae, sae_layer
 
-    base, tokenizer = smollm2
+    base, tokenizer = load_base_model(str(embedded.gguf_path()))  # a fresh copy: no other test's guard on it
     sae = load_sae(str(default_sae()))
     forget = embedded.forget_texts("build")[::4]
     retain = embedded.retain_texts("build")[::12]
@@ -113,11 +113,7 @@ def test_build_with_shipped_sae_reload_and_fire_on_biology(smollm2, tmp_path):
                              sae_layer=sae_layer(sae))
     model = assemble(base, tokenizer, [result])
     folder = tmp_path / "smollm2-bio"
-    try:
-        write_folder(model, tokenizer, folder, [result], "HuggingFaceTB/SmolLM2-135M-Instruct")
-    finally:  # the module-scoped base is shared: take the guard off it again
-        for handle in model._guard_hooks:
-            handle.remove()
+    write_folder(model, tokenizer, folder, [result], "HuggingFaceTB/SmolLM2-135M-Instruct")
     held = embedded.heldout_prompts()
     bio, wiki = held["bio"][:40], held["wikitext"][:40]
     script = (

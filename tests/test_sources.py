@@ -70,7 +70,7 @@ def test_offline_hub_model_fails_fast_from_a_fresh_process():
     )
     assert "DSGError" in out and "cannot reach the Hugging Face Hub" in out, out
     inner = float(out.split("DSGError", 1)[1].split()[0])
-    assert inner < 1.0, out  # the check itself; the rest is interpreter + torch import
+    assert inner < 2.0, out  # no network wait: the check runs before torch/transformers are imported
 
 
 def _write_tiny_gguf(path: Path) -> dict:

@@ -125,5 +125,6 @@ def test_checkpoints_and_bf16_autocast(tmp_path):
                         autocast=True, checkpoint_dir=tmp_path / "ck", n_checkpoints=2)
     assert metrics["bf16_autocast"] is True
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "sae_weights.safetensors")).values())
-    saved = sorted(p.parent.parent.name for p in (tmp_path / "ck").rglob("layer1/sae_weights.safetensors"))
-    assert saved == ["1024", "1536"]  # two evenly spaced checkpoints, named by tokens seen
+    saved = sorted(int(p.parent.parent.name) for p in (tmp_path / "ck").rglob("layer1/sae_weights.safetensors"))
+    # sae-lens checkpoints after the first step past each of 2048 * (1/3, 2/3), named by tokens seen
+    assert saved == [768, 1536]
