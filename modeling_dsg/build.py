@@ -48,6 +48,8 @@ class BuildOptions:
     importance_percentile: float = 5.0  # dynamic: and forget importance >= this percentile
     static_retain_freq: float = 0.01  # static: drop features firing on >= this fraction of retain tokens
     threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows
+    score: str = "fraction"           # "fraction" (the paper's rho) or "window" (dilution-robust)
+    window: int = 32                  # window size for score "window"
     seq_len: int = 1024
     min_chars: int = 50
     max_docs: int | None = 1024
@@ -138,6 +140,8 @@ def _check_options(options: BuildOptions) -> None:
         (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
         (options.max_docs is None or options.max_docs >= 1, f"--max-docs must be at least 1, got {options.max_docs}"),
         (options.layer is None or options.layer >= 0, f"--layer must be >= 0, got {options.layer}"),
+        (options.score in ("fraction", "window"), f"unknown --score {options.score!r} (fraction or window)"),
+        (options.window >= 2, f"--window must be at least 2, got {options.window}"),
     ]
     for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
         value = getattr(options, flag)
@@ -229,13 +233,15 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     timings["selection_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    rho = {name: store.row_scores(features) for name, store in stores.items()}
+    rho = {name: store.row_scores(features, options.score, options.window) for name, store in stores.items()}
     tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile) if options.mode == "dynamic" else 0.0
     timings["calibration_s"] = time.perf_counter() - start
 
     guardrail = {"name": options.name, "layer": layer, "mode": options.mode, "features": features,
-                 "clamp": float(options.clamp), "threshold": float(tau), "score": "fraction",
+                 "clamp": float(options.clamp), "threshold": float(tau), "score": options.score,
                  "sae": {**spec, "slim": False}}
+    if options.score == "window":
+        guardrail["window"] = options.window
     report = [_feature_report(i, stats, stores["forget"], forget, tokenizer, options.top_tokens) for i in features]
     heldout = {"forget_trigger_rate": None, "retain_trigger_rate": None,
                "n_forget": len(forget_held), "n_retain": len(retain_held), "auroc": None}
@@ -382,6 +388,9 @@ def configure_parser(p):
     p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
     p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
     p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+    p.add_argument("--score", choices=["fraction", "window"], default=d.score,
+                   help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens")
+    p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--min-chars", type=int, default=d.min_chars)
     p.add_argument("--max-docs", type=int, default=d.max_docs)
@@ -399,7 +408,8 @@ def options_from_args(args) -> BuildOptions:
     return BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
                         clamp=args.clamp, ratio_percentile=args.ratio_percentile,
                         importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
-                        threshold_percentile=args.threshold_percentile, seq_len=args.seq_len,
+                        threshold_percentile=args.threshold_percentile, score=args.score, window=args.window,
+                        seq_len=args.seq_len,
                         min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,
                         heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, seed=args.seed,
                         slim=args.slim, device=args.device, measure_speedup=args.measure_speedup)

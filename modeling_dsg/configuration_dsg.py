@@ -17,7 +17,11 @@ A guardrail (one forget topic) is a dict with these fields:
     clamp      float  c > 0: selected features are set to -c.
     threshold  float  tau in [0, 1]: a sequence fires when its score rho > tau.
     score      str    how rho is computed over the real tokens (not padding, not BOS) seen so far:
-                      "fraction": the fraction of tokens where any selected feature is > 0 (the paper's).
+                      "fraction": the fraction of tokens where any selected feature is > 0 (the paper's);
+                      "window": the largest such fraction over any `window` consecutive real tokens
+                      (the fraction itself while fewer than `window` tokens were seen). Padding a
+                      prompt with harmless filler dilutes "fraction" but not "window".
+    window     int    window size for score "window" (>= 2; default 32). Absent for "fraction".
     sae        dict   the sparse autoencoder (names and math as in sae-lens):
         architecture            "standard" | "jumprelu" | "topk" | "gated"
         d_in, d_sae             int; d_in must equal the base model's hidden size
@@ -40,7 +44,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 MODES = ("dynamic", "static")
-SCORES = ("fraction",)
+SCORES = ("fraction", "window")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 
 
@@ -106,7 +110,7 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
     if not isinstance(name, str) or not name.strip():
         _fail(where, "needs a non-empty 'name' (the topic)")
     where = f"guardrail {index} ({name!r})"
-    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "sae"}
+    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "window", "sae"}
     if unknown:
         _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
     layer = g.get("layer")
@@ -120,6 +124,14 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
     g.setdefault("score", "fraction")
     if g["score"] not in SCORES:
         _fail(where, f"unknown score {g['score']!r} (expected one of {', '.join(SCORES)})")
+    if g["score"] == "window":
+        g.setdefault("window", 32)
+        if not _is_int(g["window"]) or g["window"] < 2:
+            _fail(where, f"'window' must be an integer >= 2, got {g['window']!r}")
+    elif g.get("window") is not None:
+        _fail(where, "'window' is only meaningful with score 'window'")
+    else:
+        g.pop("window", None)
     clamp = g.get("clamp", 500.0)
     if not _is_number(clamp) or clamp <= 0:
         _fail(where, f"'clamp' must be a finite number > 0, got {clamp!r}")

@@ -5,7 +5,9 @@ state h [B, T, d] it computes, in fp32 and only for the N selected features:
 
     f        = SAE activations of the selected features            [B, T, N]
     flag_t   = any_i f_t,i > 0, at counted tokens only               [B, T]
-    rho      = (flags so far) / (counted tokens so far)              [B]   per row
+    rho      = (flags so far) / (counted tokens so far)              [B]   per row, score "fraction"
+             or the largest flagged fraction over `window` consecutive counted tokens so far
+               (the fraction while fewer than `window` were seen)           score "window"
     fired    = fired_before or rho > tau                             [B]   (dynamic mode)
     edit_t   = fired and flag_t                                      [B, T]
     f'       = -clamp for all selected features where edit_t, f elsewhere
@@ -14,8 +16,8 @@ state h [B, T, d] it computes, in fp32 and only for the N selected features:
 so the SAE's reconstruction error is kept and an unedited token (or row) is returned exactly.
 Static mode (Farrell et al.) edits every counted token, setting each *active* selected feature to -clamp.
 
-Counted tokens are the real ones: not padding, not BOS. The running counts (flags, counted, fired)
-live in a `GuardCall` that belongs to one forward call (a `contextvars.ContextVar`, so threads never
+Counted tokens are the real ones: not padding, not BOS. The running state of each row (flags,
+counted tokens, fired, best window so far, the last window-1 flags) lives in a `GuardCall` that belongs to one forward call (a `contextvars.ContextVar`, so threads never
 share it); across the decoding steps of `generate` they travel on the KV cache object. Nothing
 per-call is stored on a module.
 """
@@ -36,7 +38,29 @@ class GuardCall:
     """What the hooks of one forward call share: the counted-token mask and the running state."""
 
     counted: torch.Tensor | None  # [B, T] bool, or None: every token counts
-    state: dict = field(default_factory=dict)  # guard index -> (flagged [B], counted [B], fired [B])
+    state: dict = field(default_factory=dict)  # guard index -> GuardState tuple (see DSGGuard.initial_state)
+
+
+def window_scores(flags, counted, window: int, seen, best, tail):
+    """Running maximum, per row, of the flagged fraction over `window` consecutive counted tokens.
+
+    flags, counted [B, T] bool (only counted tokens matter); seen [B] counted tokens before this chunk;
+    best [B] float64 (-1: no full window yet); tail [B, window-1] the last flags before this chunk,
+    right-aligned. Returns the new (best, tail). Vectorised: no Python loop over rows or tokens.
+    """
+    batch, length = flags.shape
+    order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)  # counted tokens first, in order
+    compact = (flags & counted).gather(1, order)
+    n_new = counted.sum(-1)
+    seq = torch.cat([tail.to(torch.int32), compact.to(torch.int32)], dim=1)  # [B, window - 1 + T]
+    csum = torch.nn.functional.pad(seq.cumsum(1), (1, 0))
+    sums = csum[:, window:window + length] - csum[:, :length]  # the window ending at compact position i
+    pos = torch.arange(length, device=flags.device)
+    full = (pos < n_new.unsqueeze(1)) & (seen.unsqueeze(1) + pos + 1 >= window)
+    fractions = torch.where(full, sums.double() / window, torch.full_like(sums, -1, dtype=torch.float64))
+    best = torch.maximum(best, fractions.amax(-1)) if length else best
+    index = n_new.unsqueeze(1) + torch.arange(window - 1, device=flags.device)
+    return best, seq.gather(1, index).bool()
 
 
 _CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
@@ -56,6 +80,8 @@ class DSGGuard(nn.Module):
         self.mode = guardrail["mode"]
         self.clamp = guardrail["clamp"]
         self.threshold = guardrail["threshold"]
+        self.score = guardrail.get("score", "fraction")
+        self.window = guardrail.get("window", 1) if self.score == "window" else 1
         self.features = list(guardrail["features"])
         self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
@@ -82,8 +108,18 @@ class DSGGuard(nn.Module):
         return slim
 
     def guardrail_config(self) -> dict:
-        return {"name": self.name, "layer": self.layer, "mode": self.mode, "features": list(self.features),
-                "clamp": self.clamp, "threshold": self.threshold, "score": "fraction", "sae": dict(self.sae_config)}
+        config = {"name": self.name, "layer": self.layer, "mode": self.mode, "features": list(self.features),
+                  "clamp": self.clamp, "threshold": self.threshold, "score": self.score, "sae": dict(self.sae_config)}
+        if self.score == "window":
+            config["window"] = self.window
+        return config
+
+    def initial_state(self, batch: int, device) -> tuple:
+        """A row's running state before its first token: (flagged, seen, fired, best window, last flags)."""
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return (zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device),
+                torch.full((batch,), -1.0, dtype=torch.float64, device=device),
+                torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device))
 
     def check_loaded(self):
         """Raise if loaded tensors disagree with the config or hold NaN/inf."""
@@ -107,15 +143,20 @@ class DSGGuard(nn.Module):
                 raise ValueError(f"{where}: the checkpoint's tau {float(self.tau)} differs from the config's "
                                  f"threshold {self.threshold}")
 
-    def forward(self, hidden, counted, flagged, seen, fired):
-        """Decide and edit. Returns (delta in hidden's dtype, flagged, seen, fired, rho, acts, flags)."""
+    def forward(self, hidden, counted, state):
+        """Decide and edit. Returns (delta in hidden's dtype, new state, rho, acts, flags)."""
+        flagged, seen, fired, best, tail = state
         x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
         active = (acts > 0) & counted.unsqueeze(-1)
         flags = active.any(-1)  # [B, T]
+        if self.score == "window":
+            best, tail = window_scores(flags, counted, self.window, seen, best, tail)
         flagged = flagged + flags.sum(-1)
         seen = seen + counted.sum(-1)
         rho = flagged.double() / seen.clamp(min=1).double()
+        if self.score == "window":
+            rho = torch.where(seen >= self.window, best, rho)
         if self.mode == "dynamic":
             fired = fired | (rho > self.threshold)
             edit = (flags & fired.unsqueeze(-1)).unsqueeze(-1)
@@ -126,7 +167,7 @@ class DSGGuard(nn.Module):
         delta = coef @ rows
         if out_scale is not None:
             delta = delta * out_scale
-        return delta.to(hidden.dtype), flagged, seen, fired, rho, acts, flags
+        return delta.to(hidden.dtype), (flagged, seen, fired, best, tail), rho, acts, flags
 
     def hook(self, module, args, output):
         """Forward hook on the decoder block: edits the block's output in place of the original."""
@@ -138,17 +179,15 @@ class DSGGuard(nn.Module):
         counted = call.counted if call is not None else None
         if counted is None or tuple(counted.shape) != (batch, length):
             counted = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        state = call.state.get(self.index) if call is not None else None
-        if state is None:
-            zeros = torch.zeros(batch, dtype=torch.long, device=hidden.device)
-            state = (zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=hidden.device))
         device = self.feature_index.device  # where this guard runs (accelerate may put it on another device)
         if device.type == "meta":
             device = hidden.device
-        state = tuple(t.to(device) for t in state)
-        delta, flagged, seen, fired, rho, acts, flags = self(hidden.to(device), counted.to(device), *state)
+        state = call.state.get(self.index) if call is not None else None
+        state = self.initial_state(batch, device) if state is None else tuple(t.to(device) for t in state)
+        delta, state, rho, acts, flags = self(hidden.to(device), counted.to(device), state)
+        fired = state[2]
         if call is not None:
-            call.state[self.index] = (flagged, seen, fired)
+            call.state[self.index] = state
         record = _RECORD.get()
         if record is not None:
             record.append({"guardrail": self.name, "index": self.index, "rho": rho, "fired": fired,

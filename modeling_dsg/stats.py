@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import DSGError
+from .guard_dsg import window_scores
 from .modeling_dsg import decoder_layers as _decoder_layers
 from .rows import Rows
 
@@ -124,16 +125,41 @@ class ActivationStore:
         cumulative = torch.cat([hit.new_zeros(1), hit.cumsum(0)])
         return (cumulative[self.indptr[1:]] - cumulative[self.indptr[:-1]]) > 0
 
-    def row_scores(self, features: Iterable[int]) -> Tensor:
-        """rho per row = flagged counted tokens / counted tokens of the row (0 where a row has none).
+    def row_scores(self, features: Iterable[int], score: str = "fraction", window: int = 32) -> Tensor:
+        """rho per row, as the guard computes it at run time. Returns [n_rows] float64.
 
-        Only counted tokens enter numerator and denominator, so a row's score does not depend on its
-        padding or on the batch it came in. Returns [n_rows] float64.
+        "fraction": flagged counted tokens / counted tokens of the row (0 where a row has none).
+        "window": the largest flagged fraction over `window` consecutive counted tokens (the fraction
+        while the row has fewer than `window`), through the guard's own `window_scores`.
+        Only counted tokens enter, so a row's score does not depend on its padding or its batch.
         """
         flags = self.token_flags(features)
         flagged = torch.bincount(self.token_row[flags].long(), minlength=self.n_rows).double()
         counts = self.row_token_counts.double()
-        return torch.where(counts > 0, flagged / counts.clamp(min=1), torch.zeros_like(counts))
+        fraction = torch.where(counts > 0, flagged / counts.clamp(min=1), torch.zeros_like(counts))
+        if score == "fraction":
+            return fraction
+        if score != "window":
+            raise DSGError(f"unknown score {score!r} (fraction or window)")
+        dense, counted = self.dense_rows(flags)
+        zeros = torch.zeros(self.n_rows, dtype=torch.long)
+        best, _ = window_scores(dense, counted, window, zeros, torch.full((self.n_rows,), -1.0, dtype=torch.float64),
+                                torch.zeros(self.n_rows, window - 1, dtype=torch.bool))
+        return torch.where(self.row_token_counts >= window, best, fraction)
+
+    def dense_rows(self, token_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token values as [n_rows, longest row] in position order, and the mask of real entries."""
+        order = torch.argsort(self.token_row.long() * (int(self.token_pos.max()) + 1 if self.n_tokens else 1)
+                              + self.token_pos.long())
+        rows = self.token_row.long()[order]
+        starts = torch.cumsum(self.row_token_counts, 0) - self.row_token_counts
+        rank = torch.arange(self.n_tokens) - starts[rows]
+        width = int(self.row_token_counts.max()) if self.n_rows else 0
+        dense = torch.zeros(self.n_rows, width, dtype=token_values.dtype)
+        mask = torch.zeros(self.n_rows, width, dtype=torch.bool)
+        dense[rows, rank] = token_values[order]
+        mask[rows, rank] = True
+        return dense, mask
 
     def top_activations(self, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
         """The k largest activations of `feature` over counted tokens, as (row, position, value),

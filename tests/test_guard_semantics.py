@@ -125,17 +125,18 @@ def test_decision_taken_on_the_prompt_sticks_during_decoding():
     guard = model.guards[0]
     hidden = torch.zeros(2, 1, tiny.HIDDEN)  # a new token on which no selected feature is active
     counted = torch.ones(2, 1, dtype=torch.bool)
-    flagged, seen = torch.tensor([6, 6]), torch.tensor([10, 10])  # rho so far 0.6 > tau
-    fired = torch.tensor([True, False])
-    with torch.no_grad():
-        delta, flagged, seen, fired, rho, acts, flags = guard(hidden, counted, flagged, seen, fired)
+    def state(flagged, seen, fired):
+        _, _, _, best, tail = guard.initial_state(2, "cpu")
+        return (torch.tensor(flagged), torch.tensor(seen), torch.tensor(fired), best, tail)
+
+    with torch.no_grad():  # rho so far 0.6 > tau
+        delta, new, rho, acts, flags = guard(hidden, counted, state([6, 6], [10, 10], [True, False]))
     assert not flags.any() and torch.equal(delta, torch.zeros_like(delta))
     assert torch.allclose(rho, torch.tensor([6 / 11, 6 / 11], dtype=torch.double))
-    assert fired.tolist() == [True, True]  # 6/11 > 0.5: the second row fires now
+    assert new[2].tolist() == [True, True]  # 6/11 > 0.5: the second row fires now
     with torch.no_grad():
-        _, _, _, fired, rho, _, _ = guard(hidden, counted, torch.tensor([6, 5]), torch.tensor([12, 11]),
-                                          torch.tensor([True, False]))
-    assert (rho <= 0.5).all() and fired.tolist() == [True, False]  # sticky when fired, not otherwise
+        _, new, rho, _, _ = guard(hidden, counted, state([6, 5], [12, 11], [True, False]))
+    assert (rho <= 0.5).all() and new[2].tolist() == [True, False]  # sticky when fired, not otherwise
 
 
 def test_static_mode_always_on_and_edits_only_active_features():

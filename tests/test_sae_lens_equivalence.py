@@ -67,9 +67,8 @@ def test_edit_matches_sae_lens_reconstruction_with_error_term(arch, options):
     guard = our_guard(arch, options, sae)
     x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(2)) * 2
     counted = torch.ones(2, 5, dtype=torch.bool)
-    zeros = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
-        delta, *_ , flags = guard(x, counted, zeros, zeros, torch.zeros(2, dtype=torch.bool))
+        delta, *_, flags = guard(x, counted, guard.initial_state(2, "cpu"))
         f = sae.encode(x)
         edited = f.clone()
         sel = torch.tensor(FEATURES)

@@ -1,0 +1,488 @@
+"""RMU, the gradient-unlearning baseline: Representation Misdirection for Unlearning.
+
+Li et al. 2024, "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning", section 5.
+The project's own implementation, written from the paper's description, on the same models, corpora
+and token rows as `dsg build`, so the two can be compared for efficacy and for wall time.
+
+The method
+    Pick a decoder layer l and let h(x) be the residual stream after block l (the output of
+    `decoder_layers(model)[l]`, the point a DSG guardrail at layer l reads). Only a few weights are
+    trained: by default the MLP output projection (`mlp.down_proj` in Llama-style blocks) of blocks
+    l-2, l-1 and l. The reference h_frozen comes from the same model with those weights at their
+    original values. With a fixed random unit vector u and a steering coefficient c, each step takes
+    one forget batch and one retain batch and minimises
+
+        L = mean_{t in forget} ||h_upd(t) - c u||^2 / d
+            + alpha * mean_{t in retain} ||h_upd(t) - h_frozen(t)||^2 / d
+
+    (means over real tokens; d the hidden size: the squared error is averaged over the hidden
+    dimensions as well, like torch's `mse_loss`, which keeps alpha on the paper's scale). The forget
+    term scrambles the representation of forget text at layer l (later layers receive noise of large
+    norm along u); the retain term keeps everything else where it was.
+
+Tokens
+    Padding never counts (attention_mask == 0). In the forget term BOS does not count either: BOS
+    at position 0 has the same representation for every input (an attention sink with an outlier
+    norm), so steering it would steer every input. In the retain term it counts (it must stay put).
+
+Only layers 0..l run
+    Neither term needs anything after block l: a forward hook on block l captures its output and
+    stops the forward by raising (as `stats.collect` does), so the later blocks and the LM head never
+    run, and the backward pass only reaches blocks l-2..l. At a quarter of the depth this makes a step
+    several times cheaper than with full forwards.
+
+Defaults and why
+    layer          round(7 * n_layers / 32): the paper's layer 7 of 32 (zephyr-7b), 7 of SmolLM2's 30.
+    update_layers  l-2, l-1, l (the paper's choice).
+    update_params  the MLP output projection of each block (`mlp.down_proj`; `mlp.c_proj` for GPT-2,
+                   `mlp.fc2`, `mlp.dense_4h_to_h`), the paper's choice; add `mlp.up_proj` etc. at will.
+    steering_coeff None: c = multiplier * mean ||h_frozen(t)|| over the forget tokens of the first
+                   `norm_rows` forget rows. The paper's absolute c = 6.5 suits zephyr's activation
+                   scale only; a multiple of the model's own norm transfers across models (SmolLM2-135M
+                   has mean norm about 115 at layer 7, with an outlier-norm BOS of about 770).
+    multiplier     3.0: see the module's measurement below; pass steering_coeff for an absolute c.
+    alpha          1200 (the paper's value for zephyr). With c tied to the activation norm, both terms
+                   scale with the norm squared, so alpha is dimensionless here.
+    u              entries uniform in [0, 1) (the paper's sampling), normalised to unit length, from
+                   `seed`.
+    optimiser      AdamW (torch defaults besides lr), lr 5e-5, 150 steps, batch 4 rows of 512 tokens
+                   (the paper's 150 batches of 4 at length 512).
+    rows           `rows.build_rows` with `dsg build`'s defaults (documents > 50 characters, up to 1024,
+                   packed with EOS into rows that start with BOS). Each step draws the next forget and
+                   the next retain batch; a set that runs out is reshuffled (seeded) and reused.
+
+Output of `run_rmu`: a plain Hugging Face model folder (config, weights, generation config, tokenizer)
+plus `rmu.json` (the returned info, sources and options), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import DSGError
+
+RMU_FILE = "rmu.json"
+# The MLP output projection of a decoder block, by family (tried in this order).
+MLP_OUTPUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "feed_forward.w2")
+
+
+@dataclass
+class RMUOptions:
+    """Every knob of an RMU run (see the module docstring for the reasons behind the defaults)."""
+
+    layer: int | None = None                    # default: round(7 * n_layers / 32)
+    update_layers: tuple[int, ...] | None = None  # default: (layer - 2, layer - 1, layer), those >= 0
+    update_params: tuple[str, ...] | None = None  # module names inside a block; default: the MLP output projection
+    steering_coeff: float | None = None         # c; default: multiplier * mean forget activation norm
+    multiplier: float = 3.0
+    norm_rows: int = 32                         # forget rows used to measure the mean activation norm
+    alpha: float = 1200.0
+    lr: float = 5e-5
+    steps: int = 150
+    batch_size: int = 4
+    seq_len: int = 512
+    min_chars: int = 50
+    max_docs: int | None = 1024
+    packing: bool = True
+    seed: int = 0
+    device: str | None = None                   # default: the model's device (run_rmu: "cpu")
+
+
+def default_layer(n_layers: int) -> int:
+    """round(7 * n_layers / 32): the paper's depth ratio (layer 7 of zephyr-7b's 32)."""
+    return min(n_layers - 1, int(7 * n_layers / 32 + 0.5))
+
+
+def _check_options(options: RMUOptions) -> None:
+    checks = [
+        (options.steps >= 1, f"steps must be at least 1, got {options.steps}"),
+        (options.batch_size >= 1, f"batch_size must be at least 1, got {options.batch_size}"),
+        (options.seq_len >= 2, f"seq_len must be at least 2, got {options.seq_len}"),
+        (options.lr > 0, f"lr must be > 0, got {options.lr}"),
+        (options.alpha >= 0, f"alpha must be >= 0, got {options.alpha}"),
+        (options.multiplier > 0, f"multiplier must be > 0, got {options.multiplier}"),
+        (options.steering_coeff is None or options.steering_coeff > 0,
+         f"steering_coeff must be > 0, got {options.steering_coeff}"),
+        (options.norm_rows >= 1, f"norm_rows must be at least 1, got {options.norm_rows}"),
+        (options.max_docs is None or options.max_docs >= 1, f"max_docs must be at least 1, got {options.max_docs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DSGError(message)
+
+
+# ------------------------------------------------------------------------------------ forward to l
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass after block l."""
+
+
+def layer_hidden(model, layer: int, input_ids, attention_mask, params: dict | None = None):
+    """The output of decoder block `layer` (the residual stream after it), [B, T, d].
+
+    The forward stops right after that block. `params` (name -> tensor) replaces those parameters for
+    this call only (`torch.func.functional_call`); gradients flow as in a normal forward.
+    """
+    from torch.func import functional_call
+
+    from .modeling_dsg import decoder_layers
+
+    captured = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    try:
+        if params:
+            functional_call(model, params, args=(), kwargs=kwargs)
+        else:
+            model(**kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise DSGError(f"decoder layer {layer} never ran during the forward pass")
+    return captured[0]
+
+
+# ------------------------------------------------------------------------------------- parameters
+def resolve_update_params(model, options: RMUOptions) -> tuple[int, list[int], dict]:
+    """(layer, update_layers, {full parameter name: parameter}) for `options`; DSGError if out of range."""
+    from .modeling_dsg import decoder_layers
+
+    try:
+        blocks = decoder_layers(model)
+    except ValueError as err:
+        raise DSGError(str(err)) from None
+    n = len(blocks)
+    layer = default_layer(n) if options.layer is None else options.layer
+    if not 0 <= layer < n:
+        raise DSGError(f"layer {layer} is out of range: the model has {n} decoder layers (0..{n - 1})")
+    if options.update_layers is None:
+        update = [i for i in (layer - 2, layer - 1, layer) if i >= 0]
+    else:
+        update = sorted(set(int(i) for i in options.update_layers))
+        if not update:
+            raise DSGError("update_layers is empty: name at least one layer to update")
+        bad = [i for i in update if not 0 <= i <= layer]
+        if bad:
+            raise DSGError(f"update layers {bad} are out of range: they must be in 0..{layer} (the layer "
+                           f"whose output RMU steers; later layers cannot change it)")
+
+    names = options.update_params
+    if names is None:
+        names = _default_params(blocks[layer])
+        if names is None:
+            raise DSGError(f"cannot find the MLP output projection in {type(blocks[layer]).__name__} "
+                           f"(tried {', '.join(MLP_OUTPUT_NAMES)}); pass update_params")
+    if not names:
+        raise DSGError("update_params is empty: name at least one module inside a block, e.g. mlp.down_proj")
+
+    block_prefix = {id(b): None for b in blocks}
+    for full_name, module in model.named_modules():
+        if id(module) in block_prefix and block_prefix[id(module)] is None:
+            block_prefix[id(module)] = full_name
+    selected = {}
+    for i in update:
+        prefix = block_prefix[id(blocks[i])]
+        for name in names:
+            try:
+                sub = blocks[i].get_submodule(name)
+            except AttributeError:
+                raise DSGError(f"block {i} ({type(blocks[i]).__name__}) has no module {name!r}") from None
+            weight = getattr(sub, "weight", None)
+            if weight is None:
+                raise DSGError(f"module {name!r} of block {i} has no weight to update")
+            selected[f"{prefix}.{name}.weight"] = weight
+    return layer, update, selected
+
+
+def _default_params(block):
+    for m in MLP_OUTPUT_NAMES:
+        try:
+            block.get_submodule(m)
+            return (m,)
+        except AttributeError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------ rows
+def _rows(texts, tokenizer, options: RMUOptions, corpus: str):
+    from .rows import Rows, build_rows
+
+    if isinstance(texts, Rows):
+        rows = texts
+    else:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise DSGError(f"{corpus} corpus is empty")
+        try:
+            rows = build_rows(texts, tokenizer, seq_len=options.seq_len, min_chars=options.min_chars,
+                              max_docs=options.max_docs, packing=options.packing, seed=options.seed)
+        except DSGError as err:
+            raise DSGError(f"{corpus} corpus: {err}") from None
+    if len(rows) == 0 or int(rows.attention_mask.sum()) == 0:
+        raise DSGError(f"{corpus} corpus has no tokens")
+    return rows
+
+
+class _Batches:
+    """Endless batches of rows: a seeded permutation per pass, the next pass when one runs out."""
+
+    def __init__(self, rows, batch_size: int, seed: int):
+        import torch
+
+        self.rows, self.batch_size = rows, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.at, self.passes = None, 0, 0
+
+    def __next__(self):
+        import torch
+
+        index = []
+        while len(index) < self.batch_size:
+            if self.order is None or self.at >= len(self.order):
+                self.order, self.at = torch.randperm(len(self.rows), generator=self.gen), 0
+                self.passes += 1
+            take = self.order[self.at : self.at + self.batch_size - len(index)]
+            index += take.tolist()  # with fewer rows than a batch, a batch holds some rows twice
+            self.at += len(take)
+        batch = self.rows.select(torch.tensor(index))
+        width = int(batch.attention_mask.long().cumsum(1).argmax(1).max()) + 1  # cut trailing padding
+        return batch.input_ids[:, :width], batch.attention_mask[:, :width]
+
+
+def _masked_mse(diff, mask):
+    """mean over tokens with mask of ||diff||^2 / d."""
+    m = mask.to(diff.dtype).unsqueeze(-1)
+    return (diff.pow(2) * m).sum() / (m.sum().clamp(min=1) * diff.shape[-1])
+
+
+def _forget_mask(ids, mask, tokenizer):
+    keep = mask.bool()
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        keep = keep & (ids != bos)
+    return keep
+
+
+def steering_vector(d: int, seed: int):
+    """u: entries uniform in [0, 1), normalised to unit length (the paper's sampling), float32 [d]."""
+    import torch
+
+    u = torch.rand(d, generator=torch.Generator().manual_seed(seed))
+    return u / u.norm()
+
+
+# ----------------------------------------------------------------------------------------- train
+def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOptions | None = None) -> dict:
+    """Unlearn the forget corpus with RMU; `model` is modified in place (only its selected MLP weights).
+
+    `forget_texts` / `retain_texts`: lists of documents (made into rows with `rows.build_rows`) or
+    ready `rows.Rows`. Returns the run's record: layer, updated parameters, c, the per-step forget and
+    retain terms (`losses`, the retain term before the alpha weight), tokens, wall time, options.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .modeling_dsg import decoder_layers
+
+    options = options or RMUOptions()
+    _check_options(options)
+    start = time.perf_counter()
+    layer, update_layers, params = resolve_update_params(model, options)
+    n_layers = len(decoder_layers(model))
+    forget = _rows(forget_texts, tokenizer, options, "forget")
+    retain = _rows(retain_texts, tokenizer, options, "retain")
+    device = torch.device(options.device) if options.device else next(iter(params.values())).device
+
+    frozen = {name: p.detach().clone() for name, p in params.items()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()  # no dropout: h_upd and h_frozen differ only by the weights
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def hidden(ids, mask, weights=None):
+        return layer_hidden(model, layer, ids.to(device), mask.to(device), weights)
+
+    try:
+        # c from the frozen model's activation norm on forget rows (first norm_rows of a seeded order)
+        d = model.config.get_text_config().hidden_size
+        u = steering_vector(d, options.seed).to(device)
+        norm = None
+        if options.steering_coeff is None:
+            order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(options.seed))[: options.norm_rows]
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for i in range(0, len(order), options.batch_size):
+                    batch = forget.select(order[i : i + options.batch_size])
+                    h = hidden(batch.input_ids, batch.attention_mask).float()
+                    keep = _forget_mask(batch.input_ids, batch.attention_mask, tokenizer).to(device)
+                    total += float(h.norm(dim=-1)[keep].sum())
+                    count += int(keep.sum())
+            if count == 0:
+                raise DSGError("forget corpus has no tokens besides BOS and padding")
+            norm = total / count
+            coeff = options.multiplier * norm
+        else:
+            coeff = float(options.steering_coeff)
+        target = coeff * u
+
+        optimizer = torch.optim.AdamW(list(params.values()), lr=options.lr)
+        forget_batches = _Batches(forget, options.batch_size, options.seed)
+        retain_batches = _Batches(retain, options.batch_size, options.seed + 1)
+        losses = {"forget": [], "retain": []}
+        tokens = {"forget": 0, "retain": 0}
+        train_start = time.perf_counter()
+        bar = tqdm(range(options.steps), desc="rmu", unit="step")
+        for _ in bar:
+            f_ids, f_mask = next(forget_batches)
+            r_ids, r_mask = next(retain_batches)
+            f_keep = _forget_mask(f_ids, f_mask, tokenizer).to(device)
+            r_keep = r_mask.bool().to(device)
+            h_f = hidden(f_ids, f_mask)
+            forget_loss = _masked_mse(h_f.float() - target, f_keep)
+            h_r = hidden(r_ids, r_mask)
+            with torch.no_grad():
+                h_r_frozen = hidden(r_ids, r_mask, frozen)
+            retain_loss = _masked_mse(h_r.float() - h_r_frozen.float(), r_keep)
+            loss = forget_loss + options.alpha * retain_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses["forget"].append(forget_loss.item())
+            losses["retain"].append(retain_loss.item())
+            tokens["forget"] += int(f_mask.sum())
+            tokens["retain"] += int(r_mask.sum())
+            bar.set_postfix(forget=f"{losses['forget'][-1]:.4g}", retain=f"{losses['retain'][-1]:.3g}")
+        train_s = time.perf_counter() - train_start
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+    n_tokens = tokens["forget"] + tokens["retain"]
+    return {
+        "method": "rmu",
+        "layer": layer,
+        "n_layers": n_layers,
+        "update_layers": update_layers,
+        "updated_parameters": sorted(params),
+        "n_updated_parameters": int(sum(p.numel() for p in params.values())),
+        "steering_coeff": float(coeff),
+        "forget_activation_norm": norm,
+        "alpha": options.alpha,
+        "steps": options.steps,
+        "rows": {"forget": len(forget), "retain": len(retain), "seq_len": forget.seq_len,
+                 "forget_passes": forget_batches.passes, "retain_passes": retain_batches.passes},
+        "tokens": {**tokens, "total": n_tokens},
+        "losses": losses,
+        "wall_s": time.perf_counter() - start,
+        "train_s": train_s,
+        "tokens_per_s": n_tokens / max(train_s, 1e-9),
+        "options": asdict(options),
+    }
+
+
+# ------------------------------------------------------------------------------------ the folder
+def _load_sources(specs, text_field=None) -> tuple[list[str], list[str]]:
+    from .sources import load_texts
+
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    specs = [str(s) for s in specs]
+    if not specs:
+        raise DSGError("no text source given")
+    texts = []
+    for spec in specs:
+        texts += load_texts(spec, text_field=text_field)
+    return texts, specs
+
+
+def run_rmu(base: str, forget, retain, out, options: RMUOptions | None = None, overwrite: bool = False,
+            text_field: str | None = None) -> dict:
+    """Load `base` (folder, .gguf or Hub id) and the texts, run RMU, save a plain HF model folder.
+
+    `forget` / `retain`: one text source or a list (`sources.load_texts`). The folder holds the
+    unlearned model, its tokenizer and `rmu.json` (the `rmu_unlearn` record plus the sources and the
+    total wall time including loading); it is written atomically. Returns that record.
+    """
+    from .paths import atomic_output_dir
+    from .sources import load_base_model
+
+    options = options or RMUOptions()
+    _check_options(options)
+    out_path = Path(out).expanduser().resolve()
+    if out_path.exists() and not overwrite:
+        raise DSGError(f"output folder {out_path} already exists (pass --overwrite to replace it)")
+    start = time.perf_counter()
+    forget_texts, forget_specs = _load_sources(forget, text_field)  # cheap inputs first
+    retain_texts, retain_specs = _load_sources(retain, text_field)
+    model, tokenizer = load_base_model(base, device=options.device or "cpu")
+    load_s = time.perf_counter() - start
+    info = rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options)
+    info.update(base_model=str(base), forget_sources=forget_specs, retain_sources=retain_specs,
+                load_s=load_s, total_s=time.perf_counter() - start)
+    with atomic_output_dir(out_path, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RMU_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def configure_parser(p) -> None:
+    d = RMUOptions()
+    p.add_argument("--base", required=True, metavar="MODEL", help="Hub id, local folder or .gguf file")
+    p.add_argument("--forget", required=True, nargs="+", metavar="SRC", help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
+    p.add_argument("--out", required=True, metavar="DIR", help="the unlearned model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--layer", type=int, help="the layer whose output is steered (default: round(7 * n_layers / 32))")
+    p.add_argument("--update-layers", type=int, nargs="+", metavar="L", help="blocks whose weights train (default: layer-2..layer)")
+    p.add_argument("--update-params", nargs="+", metavar="NAME",
+                   help="modules inside a block whose weight trains (default: the MLP output projection, e.g. mlp.down_proj)")
+    p.add_argument("--steering-coeff", type=float, help="absolute c (default: --multiplier x mean forget activation norm)")
+    p.add_argument("--multiplier", type=float, default=d.multiplier, help=f"c / mean forget activation norm (default {d.multiplier})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"retain weight (default {d.alpha:g})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--min-chars", type=int, default=d.min_chars)
+    p.add_argument("--max-docs", type=int, default=d.max_docs)
+    p.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
+    p.add_argument("--device", default="cpu")
+
+
+def options_from_args(args) -> RMUOptions:
+    return RMUOptions(layer=args.layer, update_layers=tuple(args.update_layers) if args.update_layers else None,
+                      update_params=tuple(args.update_params) if args.update_params else None,
+                      steering_coeff=args.steering_coeff, multiplier=args.multiplier, alpha=args.alpha, lr=args.lr,
+                      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, min_chars=args.min_chars,
+                      max_docs=args.max_docs, packing=args.packing, seed=args.seed, device=args.device)
+
+
+def run(args):
+    info = run_rmu(args.base, args.forget, args.retain, args.out, options_from_args(args),
+                   overwrite=args.overwrite, text_field=args.text_field)
+    f, r = info["losses"]["forget"], info["losses"]["retain"]
+    print(f"RMU at layer {info['layer']}, updating {len(info['updated_parameters'])} weights "
+          f"({info['n_updated_parameters']:,} parameters), c = {info['steering_coeff']:.4g}, alpha = {info['alpha']:g}")
+    print(f"forget term {f[0]:.4g} -> {f[-1]:.4g}, retain term {r[0]:.3g} -> {r[-1]:.3g} over {info['steps']} steps")
+    print(f"training {info['train_s']:.1f} s ({info['tokens_per_s']:.0f} tokens/s), total {info['total_s']:.1f} s")
+    print(f"wrote {Path(args.out).resolve()}")
