@@ -127,7 +127,8 @@ class McqSet:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.role})"
+        """How the set is named in the report: "NAME (ROLE)", or just the role when NAME is the role."""
+        return self.role if self.name == self.role else f"{self.name} ({self.role})"
 
     @property
     def answers(self):
@@ -551,12 +552,14 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
     check_options(options)
     if options.chat:
         check_chat(tokenizer)
+    timings: dict = {}
+    start = time.perf_counter()
     if scorer is None:
         scorer, scorer_name = load_scorer()
     else:
         scorer_name = getattr(scorer, "name", type(scorer).__name__)
+    timings["scorer_load_s"] = time.perf_counter() - start
     model.eval()
-    timings: dict = {}
     report = {"results": [], "trigger_rates": {}, "trigger_rates_by_subject": {}, "accuracy_by_subject": {},
               "known_filter": {}, "rho": {}, "metrics": {}, "datasets": {}}
     arrays = {"rho": {}, "fired": {}, "subjects": {}, "labels": {}}
@@ -609,7 +612,7 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
             start = time.perf_counter()
             kf = known_questions(model, tokenizer, mcq, options, base_letters=base["letter"])
             timings[f"{label}: known_filter_s"] = time.perf_counter() - start
-            known_label = f"{mcq.name} ({mcq.role}, known)"
+            known_label = f"{label}, known" if label == mcq.role else f"{mcq.name} ({mcq.role}, known)"
             report["known_filter"][label] = {"permutations": len(kf.permutations), "n": len(mcq.records),
                                              "kept": kf.n_kept, "survivors": kf.survivors,
                                              "scored_prompts": kf.scored, "dataset": known_label}

@@ -64,7 +64,7 @@ def plot_trigger_rates(rates: Mapping[str, Mapping[str, tuple]], path, *, title:
     """Horizontal bars: for each data set (colour) and subject (row), the trigger rate; `rates` is
     {dataset: {subject: (rate, n)}}. Each bar is labelled with its percentage and n."""
     rows = [(dataset, subject, rate, n) for dataset, per in rates.items() for subject, (rate, n) in per.items()]
-    fig = _figure(7.0, max(2.2, 0.28 * len(rows) + 1.2))
+    fig = _figure(8.0, max(2.2, 0.28 * len(rows) + 1.2))
     ax = fig.add_subplot()
     colors = {d: COLORS[i % len(COLORS)] for i, d in enumerate(rates)}
     y = list(range(len(rows)))[::-1]
@@ -75,11 +75,11 @@ def plot_trigger_rates(rates: Mapping[str, Mapping[str, tuple]], path, *, title:
                 va="center", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels([subject.replace("_", " ") for _, subject, _, _ in rows], fontsize=7)
-    ax.set_xlim(0, 1.15)
+    ax.set_xlim(0, 1.2)
     ax.set_xlabel("trigger rate (fraction of questions on which the guardrail fired)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     return _save(fig, path)

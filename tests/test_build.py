@@ -212,15 +212,6 @@ class World:
         return (hits.sum(1).double() / counted.sum(1).double()).numpy()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _WORLD: dict = {}
 
 

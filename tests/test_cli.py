@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_build import SEQ_LEN, cli, get_world, one_thread  # noqa: F401
+from test_build import SEQ_LEN, cli, get_world
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from test_build import DETECT_Q, DETECT_Z, ONE_Z_TEXT, PLAIN_TEXT, Q_TEXT, Z_TEXT, cli, get_world, one_thread  # noqa: F401
+from test_build import DETECT_Q, DETECT_Z, ONE_Z_TEXT, PLAIN_TEXT, Q_TEXT, Z_TEXT, cli, get_world
 
 
 @pytest.fixture(scope="module")
