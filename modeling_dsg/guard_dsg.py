@@ -144,7 +144,8 @@ class DSGGuard(nn.Module):
                                  f"threshold {self.threshold}")
 
     def forward(self, hidden, counted, state):
-        """Decide and edit. Returns (delta in hidden's dtype, new state, rho, acts, flags)."""
+        """Decide and edit. Returns (delta in hidden's dtype or None when no token is edited, new state,
+        rho, acts, flags)."""
         flagged, seen, fired, best, tail = state
         x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
@@ -163,11 +164,15 @@ class DSGGuard(nn.Module):
         else:
             fired = fired | flags.any(-1)
             edit = active
+        state = (flagged, seen, fired, best, tail)
+        if hidden.device.type == "cpu" and not bool(edit.any()):
+            # nothing to edit: skip the decoder product (on CPU this check costs no device sync)
+            return None, state, rho, acts, flags
         coef = (-self.clamp - acts) * edit
         delta = coef @ rows
         if out_scale is not None:
             delta = delta * out_scale
-        return delta.to(hidden.dtype), (flagged, seen, fired, best, tail), rho, acts, flags
+        return delta.to(hidden.dtype), state, rho, acts, flags
 
     def hook(self, module, args, output):
         """Forward hook on the decoder block: edits the block's output in place of the original."""
@@ -192,5 +197,7 @@ class DSGGuard(nn.Module):
         if record is not None:
             record.append({"guardrail": self.name, "index": self.index, "rho": rho, "fired": fired,
                            "flags": flags, "acts": acts, "counted": counted})
+        if delta is None:
+            return None  # the block's output stands as it is
         hidden = hidden + delta.to(hidden.device)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
