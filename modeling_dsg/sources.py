@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def resolve_model_dir(spec: str) -> str:
         return str(path.resolve())
     if path.exists() or not _looks_like_hub_id(spec) or spec.startswith((".", "/", "~")):
         raise DSGError(f"model {spec} is not a model folder, a .gguf file or a Hub id")
-    _require_hub(spec, "model", "pass a local folder or .gguf file")
+    _require_hub(spec, "model", "pass a local folder or .gguf file (no local folder of that name exists)")
     return spec
 
 

@@ -24,6 +24,13 @@ seq_len 128. Other architectures: `jumprelu`, `standard`, `gated` (sae-lens defa
 sparsity coefficients). A feature counts as dead for sae-lens' TopK auxiliary loss after
 `max(25, steps // 10)` steps without firing.
 
+Speed options: `--bf16` runs the model forward and the SAE matmuls under bfloat16 autocast (weights,
+Adam state and the saved SAE stay float32); on the project's AVX512-BF16 CPU the truncated forward was
+about 2.8x faster, with a 0.56% relative error in the layer-6 activations. On a shared, oversubscribed
+CPU, `OMP_NUM_THREADS=1` was about 8x faster than two threads spinning at OpenMP barriers (measured on
+the 2-core box at load average 5 to 9). `--checkpoints N --checkpoint-dir DIR` keeps sae-lens training
+checkpoints of a long run.
+
 Output: a sae-lens folder (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`,
 `runner_cfg.json`, plus `training_metrics.json`), written atomically; `SAE.load_from_disk(out)`
 loads it.

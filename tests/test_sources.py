@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg import embedded, sources
+from modeling_dsg import embedded
 from modeling_dsg.errors import DSGError
 from modeling_dsg.sources import load_base_model, load_sae, load_texts, mcq_prompt, resolve_model_dir, sae_layer
 
