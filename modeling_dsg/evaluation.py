@@ -28,8 +28,10 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
                     accuracy = [argmax_j s_j == answer]; correct-letter probability = softmax_j(s)[answer];
                     correct-letter raw probability = exp(s_answer).
     cloze           L_j = sum of log P over the tokens of choice j's text after the cloze context;
-                    cloze log-likelihood = L_answer (and L_answer / its token count), cloze accuracy =
-                    [argmax_j L_j == answer].
+                    cloze log-likelihood = L_answer (and L_answer / its token count). `--cloze correct`
+                    (default) scores the correct choice only (1 forward per question), `--cloze all`
+                    every choice (4 forwards), which adds cloze accuracy = [argmax_j L_j == answer];
+                    `--cloze none` skips cloze scoring.
     text            NLL per token = sum of token NLLs / number of predicted tokens (first
                     `--text-max-tokens` tokens of each text); loss added = DSG - base.
     trigger rates   per guardrail, the fraction of letter prompts (and texts) on which it fired, per data
@@ -40,7 +42,8 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
                     are reported on the kept questions as well. A question leaves at its first wrong
                     answer, so the cost is about (1 + accuracy + ...) forwards per question, not 24.
     The multiple-choice numbers are computed by the `evaluate` module `metrics/dsg_unlearning`
-    (`evaluate.load(path)`), which wraps `metrics.choice_metrics`.
+    (`evaluate.load(path)`, offline), which wraps `metrics.choice_metrics`; where that folder is not
+    installed the same functions are called directly (report.json `settings.scorer` says which).
 
     The DSG pass decides per sequence on the whole scored input (the prompt, plus for cloze the choice
     text), in one forward: the guard's decision on a prompt is the one it takes in deployment.
@@ -78,6 +81,7 @@ METRIC_DIR = REPO_ROOT / "metrics" / "dsg_unlearning"
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.md"
 DTYPES = ("float32", "bfloat16", "float16")
+CLOZE_MODES = ("correct", "all", "none")
 NO_SUBJECT = "(no subject)"
 
 
@@ -91,7 +95,8 @@ class EvalOptions:
     batch_size: int = 8
     known_filter: bool = True
     permutations: int = 24           # permutations of the choices for the known filter (1..24)
-    cloze: bool = True               # also score each choice's text (4 more forwards per question)
+    cloze: str = "correct"           # cloze scoring: "correct" (the correct choice's text, 1 more forward per
+                                     # question), "all" (every choice: + cloze accuracy, 4 more), or "none"
     text_max_tokens: int = 512       # texts are cut to this many tokens
     device: str = "cpu"
     dtype: str = "float32"
@@ -108,6 +113,7 @@ def check_options(o: EvalOptions) -> None:
         (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
         (o.text_max_tokens >= 2, f"--text-max-tokens must be at least 2, got {o.text_max_tokens}"),
         (o.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}"),
+        (o.cloze in CLOZE_MODES, f"--cloze must be one of {', '.join(CLOZE_MODES)}, got {o.cloze!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -271,11 +277,12 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _encode_pairs(tokenizer, contexts: list[str], continuations: list[str], add_special: bool):
+def _encode_pairs(tokenizer, contexts: list[str], continuations: list[str], add_special: bool, ctx=None):
     """lm-eval-harness pair encoding: tokenize context + continuation together and cut after the
     context's tokens; if that cut does not fall on a token boundary, the continuation is tokenized
-    on its own instead. Returns (context ids, continuation ids) lists."""
-    ctx = tokenizer(contexts, add_special_tokens=add_special)["input_ids"]
+    on its own instead. Returns (context ids, continuation ids) lists (`ctx`: the contexts' ids, if known)."""
+    if ctx is None:
+        ctx = tokenizer(contexts, add_special_tokens=add_special)["input_ids"]
     whole = tokenizer([c + x for c, x in zip(contexts, continuations)], add_special_tokens=add_special)["input_ids"]
     conts = []
     for c, w, x in zip(ctx, whole, continuations):
@@ -351,7 +358,8 @@ def letter_logprobs(model, tokenizer, prompts: list[str], *, chat: bool = False,
     prefix = answer_prefix(chat)
     add_special = not chat
     shared, letter_ids, sequences = [], np.zeros((n, len(letters)), dtype=np.int64), []
-    per_letter = [_encode_pairs(tokenizer, prompts, [prefix + L] * n, add_special) for L in letters]
+    ctx_ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+    per_letter = [_encode_pairs(tokenizer, prompts, [prefix + L] * n, add_special, ctx_ids) for L in letters]
     for i in range(n):
         ctx = per_letter[0][0][i]
         conts = [per_letter[j][1][i] for j in range(len(letters))]
@@ -427,25 +435,33 @@ def text_nll(model, tokenizer, texts: list[str], *, max_tokens: int = 512, batch
 
 
 def score_mcq(model, tokenizer, mcq: McqSet, options: EvalOptions, *, record: bool = False, tag: str = "") -> dict:
-    """Letter scores [n, 4] (+ decisions with `record`) and, with `options.cloze`, cloze sums and token
-    counts [n, 4] of one model variant on one question set."""
+    """One model variant on one question set: {"letter": [n, 4] letter scores, "decisions": per guardrail
+    rho/fired (with `record`)}, plus with `options.cloze` "all": "cloze" and "cloze_tokens" [n, 4] (each
+    choice's summed log-likelihood and token count), with "correct": "cloze_correct" and
+    "cloze_correct_tokens" [n] (the correct choice's only)."""
     recs = mcq.records
     wrap = (lambda text: chat_wrap(tokenizer, text)) if options.chat else (lambda text: text)
     prompts = [wrap(letter_prompt(r, preamble=options.preamble, topic=mcq.name)) for r in recs]
     letters, decisions = letter_logprobs(model, tokenizer, prompts, chat=options.chat, batch_size=options.batch_size,
                                          record=record, desc=f"{mcq.label} {tag} letters", progress=options.progress)
     out = {"letter": letters, "decisions": decisions}
-    if options.cloze:
+    if options.cloze != "none":
         import numpy as np
 
         prefix = answer_prefix(options.chat)
-        contexts = [wrap(cloze_context(r, preamble=options.preamble, topic=mcq.name)) for r in recs for _ in range(4)]
-        continuations = [prefix + c for r in recs for c in r["choices"]]
+        every = options.cloze == "all"
+        contexts = [wrap(cloze_context(r, preamble=options.preamble, topic=mcq.name)) for r in recs]
+        if every:
+            contexts = [c for c in contexts for _ in range(4)]
+        continuations = [prefix + c for r in recs for c in (r["choices"] if every else [r["choices"][r["answer"]]])]
         sums, counts, _ = continuation_logprobs(model, tokenizer, contexts, continuations, chat=options.chat,
                                                 batch_size=options.batch_size, desc=f"{mcq.label} {tag} cloze",
                                                 progress=options.progress)
-        out["cloze"] = sums.reshape(len(recs), 4)
-        out["cloze_tokens"] = counts.reshape(len(recs), 4).astype(np.float64)
+        if every:
+            out["cloze"] = sums.reshape(len(recs), 4)
+            out["cloze_tokens"] = counts.reshape(len(recs), 4).astype(np.float64)
+        else:
+            out["cloze_correct"], out["cloze_correct_tokens"] = sums, counts.astype(np.float64)
     return out
 
 
@@ -512,12 +528,17 @@ def load_scorer(path=None):
 
 
 def _mcq_metrics(scorer, scores: dict, answers, groups) -> dict:
-    """{"letter": metrics, "cloze": metrics} through the scorer (per group too when `groups`)."""
-    out = {"letter": scorer.compute(predictions=scores["letter"].tolist(), references=answers.tolist(),
-                                    **({"groups": list(groups)} if groups else {}))}
+    """{"letter": metrics, "cloze": metrics}: the letter scores (and every choice's cloze scores) through the
+    scorer, per group too when `groups`; the correct choice's cloze log-likelihood alone directly."""
+    from .metrics import correct_loglikelihood
+
+    by_group = {"groups": list(groups)} if groups else {}
+    out = {"letter": scorer.compute(predictions=scores["letter"].tolist(), references=answers.tolist(), **by_group)}
     if "cloze" in scores:
         out["cloze"] = scorer.compute(predictions=scores["cloze"].tolist(), references=answers.tolist(),
-                                      lengths=scores["cloze_tokens"].tolist(), **({"groups": list(groups)} if groups else {}))
+                                      lengths=scores["cloze_tokens"].tolist(), **by_group)
+    elif "cloze_correct" in scores:
+        out["cloze"] = correct_loglikelihood(scores["cloze_correct"], scores["cloze_correct_tokens"])
     return out
 
 
@@ -537,8 +558,12 @@ MCQ_ROWS = [  # (kind, key, metric name, shown on the known subset too)
 
 
 def _guardrails(model) -> list[dict]:
-    return [{"name": g.name, "layer": g.layer, "mode": g.mode, "tau": float(g.threshold),
-             "n_features": len(g.features)} for g in getattr(model, "guards", [])]
+    out = []
+    for g in getattr(model, "guards", []):
+        score = getattr(g, "score", "fraction")
+        out.append({"name": g.name, "layer": g.layer, "mode": g.mode, "score": score, "tau": float(g.threshold),
+                    "n_features": len(g.features), **({"window": g.window} if score == "window" else {})})
+    return out
 
 
 def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | None = None,
@@ -567,7 +592,7 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
 
     def add_rows(label, metrics_base, metrics_dsg, hub, known=False):
         for kind, key, metric, on_known in MCQ_ROWS:
-            if kind not in metrics_base or (known and not on_known):
+            if key not in metrics_base.get(kind, {}) or (known and not on_known):
                 continue
             n = metrics_base[kind]["n"]
             if n == 0:
@@ -672,6 +697,10 @@ def _clean(obj):
     return obj
 
 
+def _cell(text) -> str:
+    return str(text).replace("\n", " ").replace("|", "\\|")
+
+
 def _num(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -689,7 +718,7 @@ def summary_markdown(report: dict) -> str:
         arrow = " ↑" if r.get("higher_is_better") else " ↓"
         b, d = r.get("base"), r.get("dsg")
         delta = f"{d - b:+.3f}" if b is not None and d is not None else "n/a"
-        lines.append(f"| {r['dataset']} | {r['metric']}{arrow} | {_num(r.get('n'))} | {_num(b)} | {_num(d)} | {delta} |")
+        lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} | {_num(b)} | {_num(d)} | {delta} |")
     names = [g["name"] for g in report.get("guardrails", [])]
     if report["trigger_rates"] and names:
         lines += ["", "## Guardrail trigger rates", "", "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -697,12 +726,12 @@ def summary_markdown(report: dict) -> str:
         for label, per in report["trigger_rates"].items():
             cells = [f"{100 * per[n]['rate']:.1f}% of {per[n]['n']}" if per.get(n, {}).get("rate") is not None else "n/a"
                      for n in names]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
     if report["known_filter"]:
         lines += ["", "## Known questions (base correct under every permutation)", "",
                   "| dataset | permutations | kept | of |", "|---|---:|---:|---:|"]
         for label, kf in report["known_filter"].items():
-            lines.append(f"| {label} | {kf['permutations']} | {kf['kept']} | {kf['n']} |")
+            lines.append(f"| {_cell(label)} | {kf['permutations']} | {kf['kept']} | {kf['n']} |")
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
@@ -736,7 +765,7 @@ def write_plots(report: dict, arrays: dict, folder: Path) -> list[str]:
                 bars[label] = {s: (v[name]["rate"], v[name]["n"]) for s, v in per_subject.items() if name in v}
             elif name in report["trigger_rates"].get(label, {}):
                 v = report["trigger_rates"][label][name]
-                bars[label] = {"(all)": (v["rate"], v["n"])}
+                bars[label] = {"all questions": (v["rate"], v["n"])}
         if bars:
             file = f"trigger_rates_{_slug(name)}.png"
             plots.plot_trigger_rates(bars, folder / file, title=f"guardrail '{name}': trigger rate per subject")
@@ -843,8 +872,9 @@ def configure_parser(p):
     p.add_argument("--known-filter", action=argparse.BooleanOptionalAction, default=d.known_filter,
                    help="also report on the questions the base model answers correctly under every permutation (default: on)")
     p.add_argument("--permutations", type=int, default=d.permutations, help="permutations for the known filter (1-24)")
-    p.add_argument("--cloze", action=argparse.BooleanOptionalAction, default=d.cloze,
-                   help="also score each choice's text, cloze style (default: on)")
+    p.add_argument("--cloze", choices=CLOZE_MODES, default=d.cloze,
+                   help="cloze scoring: the correct choice's text only (default), every choice (adds cloze accuracy; "
+                        "4 forwards per question), or none")
     p.add_argument("--text-max-tokens", type=int, default=d.text_max_tokens, help="cut each text to this many tokens")
     p.add_argument("--forget-name", help="name of the forget set in the report (default: the file stem)")
     p.add_argument("--retain-name", help="name of the retain set in the report")

@@ -21,6 +21,7 @@ Multiple-choice scores
         correct_logprob_per_length  mean_q s_q,r_q / len_q,r_q            (per-token log-likelihood)
 
     With `groups` [n] (e.g. MMLU subjects) the same metrics are also returned per group (`by_group`).
+    `correct_loglikelihood(sums, lengths)` gives the two cloze numbers from the correct choice's scores alone.
 
 Text
     `token_nll(nll_sums, token_counts)`: the token-weighted mean negative log-likelihood
@@ -112,6 +113,19 @@ def choice_metrics_by_group(scores, references, groups: Sequence, lengths=None) 
         raise ValueError(f"groups must have {len(r)} entries, got {len(g)}")
     return {name: choice_metrics(s[g == name], r[g == name], None if ln is None else ln[g == name])
             for name in sorted(set(g.tolist()))}
+
+
+def correct_loglikelihood(sums, lengths) -> dict:
+    """The correct choice's summed log-likelihood alone (cloze scoring of the correct choice only):
+    {"correct_logprob": mean(sums), "correct_logprob_per_length": mean(sums / lengths), "n"}, the same
+    numbers `choice_metrics` gives from every choice's scores."""
+    s = np.asarray(sums, dtype=np.float64)
+    ln = np.asarray(lengths, dtype=np.float64)
+    if s.ndim != 1 or ln.shape != s.shape:
+        raise ValueError("sums and lengths must be 1-d arrays of the same length")
+    if ln.size and ln.min() <= 0:
+        raise ValueError("lengths must be > 0")
+    return {"correct_logprob": _nan_mean(s), "correct_logprob_per_length": _nan_mean(s / ln), "n": int(s.size)}
 
 
 # ----------------------------------------------------------------------------------------- text

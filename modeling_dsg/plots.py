@@ -9,6 +9,7 @@ safe in threads and without a display). Each function writes one PNG and returns
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -75,6 +76,8 @@ def plot_trigger_rates(rates: Mapping[str, Mapping[str, tuple]], path, *, title:
                 va="center", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels([subject.replace("_", " ") for _, subject, _, _ in rows], fontsize=7)
+    for label, (dataset, *_) in zip(ax.get_yticklabels(), rows):
+        label.set_color(colors[dataset])  # zero-rate bars are invisible: the label says whose subject it is
     ax.set_xlim(0, 1.2)
     ax.set_xlabel("trigger rate (fraction of questions on which the guardrail fired)")
     handles, labels = ax.get_legend_handles_labels()
@@ -96,7 +99,7 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
     """
     import numpy as np
 
-    fig = _figure(5.6, 4.4)
+    fig = _figure(6.0, 4.8)
     ax = fig.add_subplot()
     for i, s in enumerate(series):
         x = np.atleast_1d(np.asarray(s["x"], dtype=float))
@@ -107,6 +110,9 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
         marker = s.get("marker", "o")
         if x.size == 1:
             ax.scatter(x, y, s=60, color=color, marker=marker, label=s.get("label"), zorder=3)
+            if not s.get("annotations"):  # a lone point shows its values
+                ax.annotate(f"({x[0]:.3g}, {y[0]:.3g})", (x[0], y[0]), textcoords="offset points", xytext=(6, -10),
+                            fontsize=7, color=color)
         else:
             ax.plot(x, y, color=color, marker=marker, markersize=4, label=s.get("label"))
         for xi, yi, text in zip(x, y, s.get("annotations") or []):
@@ -115,8 +121,9 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
         ax.axvline(value, color="gray", linestyle=":", linewidth=1, label=label)
     for value, label in hlines:
         ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
-    ax.set_xlabel(f"{xlabel} (higher: utility kept)")
-    ax.set_ylabel(f"{ylabel} (lower: more forgotten)")
+    ax.set_xlabel(textwrap.fill(f"{xlabel} (higher: utility kept)", 60), fontsize=9)
+    ax.set_ylabel(textwrap.fill(f"{ylabel} (lower: more forgotten)", 45), fontsize=9)
+    ax.margins(0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
