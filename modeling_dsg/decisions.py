@@ -27,7 +27,7 @@ def guard_decisions(model, tokenizer, texts: list[str], *, batch_size: int = 16,
     if not texts:
         return {guard.name: {"rho": torch.zeros(0, dtype=torch.float64), "fired": torch.zeros(0, dtype=torch.bool)}
                 for guard in model.guards}
-    side = tokenizer.padding_side
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -52,8 +52,10 @@ def guard_decisions(model, tokenizer, texts: list[str], *, batch_size: int = 16,
             for record in records:
                 results[record["guardrail"]]["rho"][index] = record["rho"].cpu()
                 results[record["guardrail"]]["fired"][index] = record["fired"].cpu()
-    finally:
+    finally:  # leave the caller's tokenizer as it was
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
         if handle is not None:
             handle.remove()
     return results
