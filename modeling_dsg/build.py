@@ -172,14 +172,27 @@ def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> dict
             "top_tokens": top}
 
 
-def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
-                    sae_source: str = "", sae_layer: int | None = None) -> GuardrailBuild:
-    """Select features and calibrate tau for one topic. `model` is the base (or a DSG model for --add-to)."""
+@dataclass
+class Statistics:
+    """What one statistics pass produced: everything selection and calibration need, for any options
+    that share its rows (so `dsg sweep` runs the pass once for a whole grid)."""
+
+    layer: int
+    sae_spec: dict
+    sae_state: dict
+    forget_rows: object                 # rows.Rows of the forget build split (for features.json)
+    stores: dict                        # "forget", "retain" (+ "heldout forget", "heldout retain")
+    stats: object                       # selection.FeatureStats of forget vs retain
+    timings: dict = field(default_factory=dict)
+
+
+def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
+                      sae_source: str = "", sae_layer: int | None = None) -> Statistics:
+    """Rows, then one forward through block `layer` that stores every counted token's SAE activations."""
     import torch
 
     from . import rows as rows_mod
     from . import selection
-    from .guard_dsg import DSGGuard
     from .stats import collect, full_forward_speedup
 
     _check_options(options)
@@ -201,13 +214,8 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     timings["rows_s"] = time.perf_counter() - start
 
     # The full SAE, in our plain-torch form, encodes for the statistics pass (same math as at run time).
-    probe = DSGGuard({"name": options.name, "layer": layer, "mode": options.mode, "features": [0], "clamp": 1.0,
-                      "threshold": 0.0, "score": "fraction", "sae": {**spec, "slim": False}}, 0)
-    probe.sae.load_state_dict(state)
-    probe.to(options.device)
-    encode = probe.sae.encode
-    ignore = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    kw = dict(batch_size=options.batch_size, ignore_token_ids=ignore, device=options.device)
+    encode = sae_encoder(spec, state, layer, options.device)
+    kw = dict(batch_size=options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer), device=options.device)
 
     start = time.perf_counter()
     corpora = [("forget", forget), ("retain", retain)]
@@ -222,44 +230,103 @@ def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: 
     if options.measure_speedup:
         timings["truncated_forward"] = full_forward_speedup(model, layer, forget.select(torch.arange(min(len(forget), options.batch_size))),
                                                             batch_size=options.batch_size, device=options.device)
-
     start = time.perf_counter()
     stats = selection.FeatureStats.from_stores(stores["forget"], stores["retain"])
+    timings["feature_stats_s"] = time.perf_counter() - start
+    return Statistics(layer, spec, state, forget, stores, stats, timings)
+
+
+def sae_encoder(spec: dict, state: dict, layer: int, device):
+    """The full SAE's encode, in our plain-torch form (the same math as the guard at run time)."""
+    from .guard_dsg import DSGGuard
+
+    probe = DSGGuard({"name": "probe", "layer": layer, "mode": "dynamic", "features": [0], "clamp": 1.0,
+                      "threshold": 0.0, "score": "fraction", "sae": {**spec, "slim": False}}, 0)
+    probe.sae.load_state_dict(state)
+    return probe.to(device).sae.encode
+
+
+def counted_exclusions(model, tokenizer) -> list[int]:
+    """Token ids the guard does not count (BOS), so statistics count exactly what the guard counts."""
+    bos = getattr(model.config.get_text_config(), "bos_token_id", None)
+    if bos is None:
+        bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return list(bos) if isinstance(bos, (list, tuple)) else [int(bos)]
+
+
+def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple[list[int], float, dict, dict]:
+    """Features and tau for `options` from a statistics pass: (features, tau, rho per store, timings)."""
+    from . import selection
+
+    _check_options(options)
+    stats, stores = statistics.stats, statistics.stores
+    start = time.perf_counter()
     if options.mode == "dynamic":
         features = selection.select_dynamic(stats, options.n_features, options.ratio_percentile,
                                             options.importance_percentile)
     else:
         features = selection.select_static(stats, options.n_features, options.static_retain_freq)
-    timings["selection_s"] = time.perf_counter() - start
-
+    timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
     rho = {name: store.row_scores(features, options.score, options.window) for name, store in stores.items()}
     tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile) if options.mode == "dynamic" else 0.0
     timings["calibration_s"] = time.perf_counter() - start
+    return features, float(tau), rho, timings
 
-    guardrail = {"name": options.name, "layer": layer, "mode": options.mode, "features": features,
-                 "clamp": float(options.clamp), "threshold": float(tau), "score": options.score,
-                 "sae": {**spec, "slim": False}}
-    if options.score == "window":
-        guardrail["window"] = options.window
-    report = [_feature_report(i, stats, stores["forget"], forget, tokenizer, options.top_tokens) for i in features]
+
+def heldout_summary(rho: dict, tau: float, statistics: Statistics) -> dict:
+    """Held-out trigger rates and AUROC (static mode is always on: it "fires" wherever rho > 0)."""
+    from . import selection
+
+    stores = statistics.stores
     heldout = {"forget_trigger_rate": None, "retain_trigger_rate": None,
-               "n_forget": len(forget_held), "n_retain": len(retain_held), "auroc": None}
+               "n_forget": stores["heldout forget"].n_rows if "heldout forget" in stores else 0,
+               "n_retain": stores["heldout retain"].n_rows if "heldout retain" in stores else 0, "auroc": None}
     if "heldout forget" in rho:
-        # static mode is always on: it "fires" wherever a selected feature is active (rho > 0)
         heldout.update(forget_trigger_rate=selection.trigger_rate(rho["heldout forget"], tau),
                        retain_trigger_rate=selection.trigger_rate(rho["heldout retain"], tau),
                        auroc=selection.auroc(rho["heldout forget"], rho["heldout retain"]))
-    info = {"name": options.name, "mode": options.mode, "sae": sae_source, "layer": layer,
+    return heldout
+
+
+def guardrail_from(statistics: Statistics, features: list[int], tau: float, options: BuildOptions) -> dict:
+    guardrail = {"name": options.name, "layer": statistics.layer, "mode": options.mode, "features": list(features),
+                 "clamp": float(options.clamp), "threshold": float(tau), "score": options.score,
+                 "sae": {**statistics.sae_spec, "slim": False}}
+    if options.score == "window":
+        guardrail["window"] = options.window
+    return guardrail
+
+
+def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
+                    sae_source: str = "", sae_layer: int | None = None) -> GuardrailBuild:
+    """Select features and calibrate tau for one topic. `model` is the base (or a DSG model for --add-to)."""
+    statistics = gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options, sae_source, sae_layer)
+    return guardrail_build(statistics, options, tokenizer, sae_source)
+
+
+def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sae_source: str = "") -> GuardrailBuild:
+    """The GuardrailBuild (guardrail, SAE tensors, features.json entries, dsg_build.json record) for `options`."""
+    from . import selection
+
+    features, tau, rho, timings = select_and_calibrate(statistics, options)
+    timings = {**statistics.timings, **timings}
+    stores = statistics.stores
+    report = [_feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
+              for i in features]
+    info = {"name": options.name, "mode": options.mode, "sae": sae_source, "layer": statistics.layer,
             "n_features": len(features), "clamp": float(options.clamp),
             "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
             "threshold_percentile": options.threshold_percentile, "tau": float(tau),
-            "rows": {"forget": len(forget), "retain": len(retain), "seq_len": forget.seq_len, "packing": options.packing},
+            "rows": {"forget": stores["forget"].n_rows, "retain": stores["retain"].n_rows,
+                     "seq_len": statistics.forget_rows.seq_len, "packing": options.packing},
             "tokens": {name: store.n_tokens for name, store in stores.items()},
             "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
-            "heldout": heldout, "timings": timings,
+            "heldout": heldout_summary(rho, tau, statistics), "timings": timings,
             "options": asdict(options)}
-    return GuardrailBuild(guardrail, state, report, info)
+    return GuardrailBuild(guardrail_from(statistics, features, tau, options), statistics.sae_state, report, info)
 
 
 def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
@@ -370,21 +437,26 @@ def _load_existing(folder, options):
 
 
 # ------------------------------------------------------------------------------------- the CLI
-def configure_parser(p):
-    p.add_argument("--base", metavar="MODEL", help="Hub id, local folder or .gguf file (not needed with --add-to)")
+def configure_parser(p, sweep: bool = False):
+    """`dsg build`'s options; with `sweep`, those `dsg sweep` shares (the grid replaces mode, N, c, ratio)."""
+    p.add_argument("--base", required=sweep, metavar="MODEL",
+                   help="Hub id, local folder or .gguf file" + ("" if sweep else " (not needed with --add-to)"))
     p.add_argument("--sae", required=True, metavar="SAE", help="sae-lens folder or RELEASE:SAE_ID")
     p.add_argument("--forget", required=True, nargs="+", metavar="SRC", help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]")
     p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
-    p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
-    p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the sweep's report folder to write" if sweep else "the model folder to write")
+    if not sweep:
+        p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d = BuildOptions()
     p.add_argument("--name", default=d.name, help="the topic (guardrail name)")
-    p.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
     p.add_argument("--layer", type=int, help="default: the SAE's hook layer")
-    p.add_argument("--n-features", type=int, default=d.n_features)
-    p.add_argument("--clamp", type=float, default=d.clamp)
-    p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
+    if not sweep:
+        p.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
+        p.add_argument("--n-features", type=int, default=d.n_features)
+        p.add_argument("--clamp", type=float, default=d.clamp)
+        p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
     p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
     p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
     p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
@@ -399,20 +471,25 @@ def configure_parser(p):
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
-    p.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
+    if not sweep:
+        p.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
     p.add_argument("--device", default=d.device)
-    p.add_argument("--measure-speedup", action="store_true", help="time the truncated forward against a full one")
+    if not sweep:
+        p.add_argument("--measure-speedup", action="store_true", help="time the truncated forward against a full one")
 
 
 def options_from_args(args) -> BuildOptions:
-    return BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
-                        clamp=args.clamp, ratio_percentile=args.ratio_percentile,
+    d = BuildOptions()
+    return BuildOptions(name=args.name, mode=getattr(args, "mode", d.mode), layer=args.layer,
+                        n_features=getattr(args, "n_features", d.n_features), clamp=getattr(args, "clamp", d.clamp),
+                        ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
                         importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
                         threshold_percentile=args.threshold_percentile, score=args.score, window=args.window,
                         seq_len=args.seq_len,
                         min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,
                         heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, seed=args.seed,
-                        slim=args.slim, device=args.device, measure_speedup=args.measure_speedup)
+                        slim=getattr(args, "slim", False), device=args.device,
+                        measure_speedup=getattr(args, "measure_speedup", False))
 
 
 def run(args):

@@ -21,6 +21,7 @@ COMMANDS = {
     "build": ("modeling_dsg.build", "build an unlearned DSG model from a base model, an SAE and corpora"),
     "explain": ("modeling_dsg.explain", "show, per guardrail, the score, the decision and the features that fired"),
     "eval": ("modeling_dsg.evaluation", "evaluate base and DSG side by side"),
+    "sweep": ("modeling_dsg.sweep", "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule"),
     "publish": ("modeling_dsg.publish", "stage, verify and upload a DSG model to the Hub"),
     "rmu": ("modeling_dsg.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
     "demo": ("modeling_dsg.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),

@@ -345,14 +345,10 @@ class _Decisions:
         return {name: {"rho": self.rho[name], "fired": self.fired[name]} for name in self.rho}
 
 
-def letter_logprobs(model, tokenizer, prompts: list[str], *, chat: bool = False, batch_size: int = 8,
-                    record: bool = False, desc: str = "letters", progress: bool = True, letters: str = LETTERS):
-    """Letter scores [n, 4]: log P(prefix + letter | prompt) over the full vocabulary (prefix " ", or ""
-    with `chat`; `prompts` are already chat-wrapped when `chat`), and, with `record`, each guardrail's
-    {"rho", "fired"} per prompt. One forward per batch of prompts; only the last positions' logits are kept.
-    """
+def letter_sequences(tokenizer, prompts: list[str], *, chat: bool = False, letters: str = LETTERS):
+    """The token sequences that letter scoring feeds the model: (sequences, shared prefix ids, letter ids [n, 4]).
+    Each sequence is the prompt plus the tokens the four answers share; the next token is the letter."""
     import numpy as np
-    import torch
 
     n = len(prompts)
     prefix = answer_prefix(chat)
@@ -372,6 +368,20 @@ def letter_logprobs(model, tokenizer, prompts: list[str], *, chat: bool = False,
         shared.append(conts[0][:-1])
         letter_ids[i] = [c[-1] for c in conts]
         sequences.append(ctx + conts[0][:-1])
+    return sequences, shared, letter_ids
+
+
+def letter_logprobs(model, tokenizer, prompts: list[str], *, chat: bool = False, batch_size: int = 8,
+                    record: bool = False, desc: str = "letters", progress: bool = True, letters: str = LETTERS):
+    """Letter scores [n, 4]: log P(prefix + letter | prompt) over the full vocabulary (prefix " ", or ""
+    with `chat`; `prompts` are already chat-wrapped when `chat`), and, with `record`, each guardrail's
+    {"rho", "fired"} per prompt. One forward per batch of prompts; only the last positions' logits are kept.
+    """
+    import numpy as np
+    import torch
+
+    n = len(prompts)
+    sequences, shared, letter_ids = letter_sequences(tokenizer, prompts, chat=chat, letters=letters)
     n_keep = [len(s) + 1 for s in shared]
     scores = np.zeros((n, len(letters)))
     decisions = _Decisions(n)
@@ -414,12 +424,17 @@ def target_logprobs(model, tokenizer, sequences: list, targets: list, *, batch_s
     return sums, counts, decisions.as_dict()
 
 
+def cloze_sequences(tokenizer, contexts: list[str], continuations: list[str], *, chat: bool = False):
+    """(model inputs (context + continuation)[:-1], continuation ids), as lm-eval-harness forms them."""
+    ctx, conts = _encode_pairs(tokenizer, contexts, continuations, not chat)
+    return [(c + x)[:-1] for c, x in zip(ctx, conts)], conts
+
+
 def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: list[str], *, chat: bool = False,
                           batch_size: int = 8, record: bool = False, desc: str = "cloze", progress: bool = True):
     """Summed log P(continuation | context) and the continuation's token count, per pair (the input is
     (context + continuation)[:-1], as in lm-eval-harness)."""
-    ctx, conts = _encode_pairs(tokenizer, contexts, continuations, not chat)
-    sequences = [(c + x)[:-1] for c, x in zip(ctx, conts)]
+    sequences, conts = cloze_sequences(tokenizer, contexts, continuations, chat=chat)
     return target_logprobs(model, tokenizer, sequences, conts, batch_size=batch_size, record=record, desc=desc,
                            progress=progress)
 
@@ -434,32 +449,44 @@ def text_nll(model, tokenizer, texts: list[str], *, max_tokens: int = 512, batch
     return -sums, counts, decisions
 
 
-def score_mcq(model, tokenizer, mcq: McqSet, options: EvalOptions, *, record: bool = False, tag: str = "") -> dict:
-    """One model variant on one question set: {"letter": [n, 4] letter scores, "decisions": per guardrail
-    rho/fired (with `record`)}, plus with `options.cloze` "all": "cloze" and "cloze_tokens" [n, 4] (each
-    choice's summed log-likelihood and token count), with "correct": "cloze_correct" and
-    "cloze_correct_tokens" [n] (the correct choice's only)."""
+def mcq_texts(tokenizer, mcq: McqSet, options: EvalOptions) -> dict:
+    """The texts scored for a question set: {"letter": prompts [n]} plus, unless `options.cloze` is
+    "none", {"cloze": (contexts, continuations)}, 4 pairs per question with "all", 1 with "correct"."""
     recs = mcq.records
     wrap = (lambda text: chat_wrap(tokenizer, text)) if options.chat else (lambda text: text)
-    prompts = [wrap(letter_prompt(r, preamble=options.preamble, topic=mcq.name)) for r in recs]
-    letters, decisions = letter_logprobs(model, tokenizer, prompts, chat=options.chat, batch_size=options.batch_size,
-                                         record=record, desc=f"{mcq.label} {tag} letters", progress=options.progress)
-    out = {"letter": letters, "decisions": decisions}
+    out = {"letter": [wrap(letter_prompt(r, preamble=options.preamble, topic=mcq.name)) for r in recs]}
     if options.cloze != "none":
-        import numpy as np
-
         prefix = answer_prefix(options.chat)
         every = options.cloze == "all"
         contexts = [wrap(cloze_context(r, preamble=options.preamble, topic=mcq.name)) for r in recs]
         if every:
             contexts = [c for c in contexts for _ in range(4)]
         continuations = [prefix + c for r in recs for c in (r["choices"] if every else [r["choices"][r["answer"]]])]
+        out["cloze"] = (contexts, continuations)
+    return out
+
+
+def score_mcq(model, tokenizer, mcq: McqSet, options: EvalOptions, *, record: bool = False, tag: str = "") -> dict:
+    """One model variant on one question set: {"letter": [n, 4] letter scores, "decisions": per guardrail
+    rho/fired (with `record`)}, plus with `options.cloze` "all": "cloze" and "cloze_tokens" [n, 4] (each
+    choice's summed log-likelihood and token count), with "correct": "cloze_correct" and
+    "cloze_correct_tokens" [n] (the correct choice's only)."""
+    import numpy as np
+
+    texts = mcq_texts(tokenizer, mcq, options)
+    letters, decisions = letter_logprobs(model, tokenizer, texts["letter"], chat=options.chat,
+                                         batch_size=options.batch_size, record=record,
+                                         desc=f"{mcq.label} {tag} letters", progress=options.progress)
+    out = {"letter": letters, "decisions": decisions}
+    if "cloze" in texts:
+        n = len(mcq.records)
+        contexts, continuations = texts["cloze"]
         sums, counts, _ = continuation_logprobs(model, tokenizer, contexts, continuations, chat=options.chat,
                                                 batch_size=options.batch_size, desc=f"{mcq.label} {tag} cloze",
                                                 progress=options.progress)
-        if every:
-            out["cloze"] = sums.reshape(len(recs), 4)
-            out["cloze_tokens"] = counts.reshape(len(recs), 4).astype(np.float64)
+        if options.cloze == "all":
+            out["cloze"] = sums.reshape(n, 4)
+            out["cloze_tokens"] = counts.reshape(n, 4).astype(np.float64)
         else:
             out["cloze_correct"], out["cloze_correct_tokens"] = sums, counts.astype(np.float64)
     return out

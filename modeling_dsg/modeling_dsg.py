@@ -170,6 +170,21 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         self._hook(guard)
         return guard
 
+    def remove_guardrail(self, which: int | str) -> DSGGuard:
+        """Detach a guardrail (by name or index) and return it; the others keep their settings.
+        A KV cache made before the removal must not be continued after it."""
+        guard = self.guard(which)
+        position = guard.index
+        for handle in self._guard_hooks:
+            handle.remove()
+        del self.guards[position]
+        self.config.guardrails = [g for i, g in enumerate(self.config.guardrails) if i != position]
+        self._guard_hooks = []
+        for i, kept in enumerate(self.guards):
+            kept.index = i
+            self._hook(kept)
+        return guard
+
     # -- the per-call context ------------------------------------------------------------------------
     @contextlib.contextmanager
     def guardrails_disabled(self):

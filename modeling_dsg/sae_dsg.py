@@ -186,8 +186,9 @@ class TopKSAE(SparseAutoencoder):
         return self.dec_norm if self.slim else self.W_dec.norm(dim=-1)
 
     def _pre(self, x):
-        pre = x @ self.W_enc + self.b_enc
-        return pre * self._decoder_norms() if self.rescale else pre
+        flat = x.reshape(-1, x.shape[-1])
+        pre = torch.addmm(self.b_enc, flat, self.W_enc).view(*x.shape[:-1], self.d_sae)  # bias fused, no copy
+        return pre.mul_(self._decoder_norms()) if self.rescale else pre
 
     def _activate(self, x, cols):
         pre = self._pre(x)
@@ -196,7 +197,13 @@ class TopKSAE(SparseAutoencoder):
         return acts if cols is None else acts.index_select(-1, cols)
 
     def encode_selected(self, x, index):
-        return self._activate(x, index)
+        # The selected features only: a feature survives when its pre-activation reaches the k-th largest
+        # of its token (the same set as topk's, barring exact ties at the k-th value), so no dense
+        # [B, T, d_sae] activation tensor is built on the hot path.
+        pre = self._pre(x)
+        kth = pre.topk(self.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        selected = pre.index_select(-1, index)
+        return torch.where(selected >= kth, selected.relu(), torch.zeros((), dtype=selected.dtype, device=selected.device))
 
     def decoder_rows(self, index):
         rows = super().decoder_rows(index)

@@ -1,0 +1,197 @@
+"""`dsg sweep` on the marker world of test_build (a tiny Llama whose SAE has exact "z" detectors).
+
+What must hold: one statistics pass for the whole grid; every grid point's scores equal a plain
+evaluation of the model that `dsg build` would make with those settings (the sweep only re-scores the
+questions the guardrail fires on, and must lose nothing by it); the paper's rule picks the lowest
+forget score among the points that keep retain >= 99% of base; --save-best writes that model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+
+from modeling_dsg import sweep
+from modeling_dsg.errors import DSGError
+from test_build import CLAMP, SEQ_LEN, get_world, words
+
+GRID = dict(modes=("dynamic", "static"), n_features=(1, 2, 4), clamps=(CLAMP, 8.0), ratio_percentiles=(90.0, 97.0))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return get_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def questions(world):
+    rng = random.Random(5)
+    forget = [{"question": words(rng, 8, "z"), "choices": [words(rng, 2, "z") for _ in range(4)], "answer": i % 4}
+              for i in range(6)]
+    forget += [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": 1}]  # never fires
+    retain = [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i % 4} for i in range(6)]
+    retain[0]["question"] = words(rng, 30) + " zinc"  # one marker in a long question: fires only at a low tau
+    paths = {}
+    for name, records in (("forget", forget), ("retain", retain)):
+        paths[name] = world.root / f"sweep_{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def swept(world, questions, tmp_path_factory, monkeypatch_module):
+    from modeling_dsg import stats
+    from modeling_dsg.build import BuildOptions
+
+    calls = []
+    original = stats.collect
+    monkeypatch_module.setattr(stats, "collect", lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    out = tmp_path_factory.mktemp("sweep") / "report"
+    best = out.parent / "best"
+    options = sweep.SweepOptions(**GRID, metric="choice_prob", limit=None, batch_size=4, progress=False,
+                                 build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64))
+    result = sweep.run_sweep(str(world.base), str(world.sae_z), world.forget_sources, world.retain_sources,
+                             str(questions["forget"]), str(questions["retain"]), out, options=options, save_best=best)
+    return {"result": result, "out": out, "best": best, "calls": calls, "options": options}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_one_statistics_pass_serves_the_grid(swept):
+    result = swept["result"]
+    n_points = len(GRID["ratio_percentiles"]) * 3 * 2 + 3 * 2
+    assert len(result["points"]) == n_points
+    # 4 corpora for selection and calibration (forget, retain and their held-out splits) + the letter
+    # inputs of each question set: nothing per grid point
+    assert len(swept["calls"]) == 4 + 2, swept["calls"]
+    assert all("error" not in p for p in result["points"])
+    assert sum(p["decision_mismatches"] for p in result["points"] for p in (p["forget"], p["retain"])) == 0
+
+
+def _full_score(world, questions, point, options):
+    """The plain path: build the guardrail with the point's settings, evaluate every question."""
+    from modeling_dsg import evaluation as ev
+    from modeling_dsg.build import assemble, build_guardrail
+    from modeling_dsg.sources import load_base_model, load_sae, load_texts
+
+    bo = dataclasses.replace(options.build, mode=point["mode"], n_features=point["n_features"], clamp=point["clamp"],
+                             ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile)
+    base, tok = load_base_model(str(world.base))
+    def texts(sources):
+        return [t for source in sources for t in load_texts(source)]
+
+    built = build_guardrail(base, tok, load_sae(str(world.sae_z)), texts(world.forget_sources),
+                            texts(world.retain_sources), bo, sae_layer=1)
+    assert built.guardrail["features"] == point["features"] and built.guardrail["threshold"] == point["tau"]
+    model = assemble(base, tok, [built])
+    eo = ev.EvalOptions(cloze="none", known_filter=False, batch_size=1, progress=False)
+    scores = {}
+    for role in ("forget", "retain"):
+        mcq = ev.load_mcq(str(questions[role]), role)
+        scored = ev.score_mcq(model, tok, mcq, eo, record=True)
+        scores[role] = (sweep.set_score("choice_prob", scored, mcq.answers),
+                        float(next(iter(scored["decisions"].values()))["fired"].mean()))
+    return scores
+
+
+@pytest.mark.parametrize("which", [0, 5, -1])
+def test_grid_points_equal_a_plain_evaluation(world, questions, swept, which):
+    point = swept["result"]["points"][which]
+    full = _full_score(world, questions, point, swept["options"])
+    for role in ("forget", "retain"):
+        assert point[role]["score"] == pytest.approx(full[role][0], abs=1e-7)  # the edit moves it by ~1e-4
+        assert point[role]["trigger_rate"] == full[role][1]
+
+
+def test_the_grid_changes_what_is_forgotten(swept):
+    result = swept["result"]
+    base = result["base"]
+    dynamic = [p for p in result["points"] if p["mode"] == "dynamic"]
+    # the marker questions fire, so the forget score moves (a random tiny model's letter distribution is
+    # nearly uniform, so it moves by 1e-5 to 1e-4); the marker-free forget question and the retain set stay the base's
+    assert all(p["forget"]["trigger_rate"] == pytest.approx(6 / 7) for p in dynamic)
+    assert all(abs(p["forget"]["score"] - base["forget"]) > 1e-6 for p in dynamic)
+    by_setting = {}
+    for p in dynamic:  # the clamp matters at every (ratio, N)
+        by_setting.setdefault((p["ratio_percentile"], p["n_features"]), set()).add(round(p["forget"]["score"], 8))
+    assert all(len(scores) == len(GRID["clamps"]) for scores in by_setting.values())
+    assert all(p["retain"]["score"] == base["retain"] for p in dynamic if p["retain"]["trigger_rate"] == 0)
+
+
+def test_the_paper_rule_picks_the_chosen_points(swept):
+    result = swept["result"]
+    floor = 0.99 * result["base"]["retain"]
+    for mode in ("dynamic", "static"):
+        pts = [p for p in result["points"] if p["mode"] == mode and p["retain"]["score"] >= floor - 1e-12]
+        chosen = result["chosen"][mode]
+        assert chosen is not None and chosen["forget"]["score"] == min(p["forget"]["score"] for p in pts)
+    overall = result["chosen"]["overall"]
+    assert overall["forget"]["score"] == min(result["chosen"][m]["forget"]["score"] for m in ("dynamic", "static"))
+
+
+def test_choose_and_frontier_by_hand():
+    def pt(forget, retain, n=1, c=1.0, rate=0.0):
+        return {"forget": {"score": forget}, "retain": {"score": retain, "trigger_rate": rate}, "n_features": n, "clamp": c}
+
+    a, b, c, d = pt(0.30, 1.00), pt(0.10, 0.985), pt(0.20, 0.995, n=2), pt(0.20, 0.995, n=1)
+    assert sweep.choose([a, b, c, d], base_retain=1.0, floor=0.99) is d  # b breaks the floor; c and d tie, fewer N wins
+    assert sweep.choose([b], base_retain=1.0, floor=0.99) is None
+    assert sweep.frontier([a, b, c, d]) == [b, c, d, a]  # c and d tie: neither beats the other
+    assert sweep.frontier([a, pt(0.4, 0.9)]) == [a]
+
+
+def test_outputs_and_save_best(world, swept):
+    out, best = swept["out"], swept["best"]
+    written = json.loads((out / "sweep.json").read_text())
+    assert written["chosen"]["overall"]["features"] == swept["result"]["chosen"]["overall"]["features"]
+    assert (out / "tradeoff.png").stat().st_size > 5000
+    summary = (out / "summary.md").read_text()
+    assert "| overall |" in summary and "tradeoff.png" in summary
+    chosen = swept["result"]["chosen"]["overall"]
+    config = json.loads((best / "config.json").read_text())
+    (g,) = config["guardrails"]
+    assert (g["mode"], g["features"], g["clamp"], g["threshold"]) == (chosen["mode"], chosen["features"],
+                                                                      chosen["clamp"], chosen["tau"])
+    model = world.load(best)
+    assert model.guards[0].features == chosen["features"]
+
+
+def test_sweep_cli_and_bad_inputs(world, questions, tmp_path, capsys):
+    from test_build import cli
+
+    common = ["sweep", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
+              "--retain", *world.retain_sources, "--forget-mcq", questions["forget"], "--retain-mcq", questions["retain"],
+              "--seq-len", SEQ_LEN, "--batch-size", 64]
+    out = tmp_path / "cli"
+    assert cli(*common, "--out", out, "--modes", "dynamic", "--n-features-grid", 2, "--clamps", 4,
+               "--ratio-percentiles", 95, "--metric", "accuracy") == 0
+    printed = capsys.readouterr().out
+    assert "| dynamic | dynamic | 2 | 4 |" in printed and json.loads((out / "sweep.json").read_text())["metric"] == "accuracy"
+    for extra, message in [(["--clamps", "-1"], "--clamps"), (["--retain-floor", "0"], "--retain-floor"),
+                           (["--limit", "0"], "--limit"), (["--n-features-grid", "0"], "--n-features")]:
+        target = tmp_path / f"bad{len(message)}{extra[1]}"
+        assert cli(*common, "--out", target, *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not target.exists()
+    assert cli(*common, "--out", out) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_options_are_checked_before_anything_loads():
+    with pytest.raises(DSGError, match="--metric"):
+        sweep.check_options(sweep.SweepOptions(metric="f1"))
+    with pytest.raises(DSGError, match="--modes"):
+        sweep.check_options(sweep.SweepOptions(modes=("gradient",)))
+    assert len(sweep.SweepOptions(modes=("static",), n_features=(1, 2), clamps=(1.0,)).grid()) == 2
+    assert np.isclose(sweep.set_score("cloze_prob", {"cloze_correct": np.log([0.25, 0.5]) * 2,
+                                                     "cloze_correct_tokens": np.array([2.0, 2.0])}, None), 0.375)
