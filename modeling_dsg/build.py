@@ -184,6 +184,7 @@ class Statistics:
     stores: dict                        # "forget", "retain" (+ "heldout forget", "heldout retain")
     stats: object                       # selection.FeatureStats of forget vs retain
     timings: dict = field(default_factory=dict)
+    options: object = None              # the BuildOptions of the pass
 
 
 def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
@@ -233,7 +234,7 @@ def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options
     start = time.perf_counter()
     stats = selection.FeatureStats.from_stores(stores["forget"], stores["retain"])
     timings["feature_stats_s"] = time.perf_counter() - start
-    return Statistics(layer, spec, state, forget, stores, stats, timings)
+    return Statistics(layer, spec, state, forget, stores, stats, timings, options)
 
 
 def sae_encoder(spec: dict, state: dict, layer: int, device):

@@ -24,6 +24,7 @@ COMMANDS = {
     "sweep": ("modeling_dsg.sweep", "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule"),
     "publish": ("modeling_dsg.publish", "stage, verify and upload a DSG model to the Hub"),
     "rmu": ("modeling_dsg.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
+    "results": ("modeling_dsg.results", "the evaluation suite on the embedded default: table, attacks, sweep, plots"),
     "demo": ("modeling_dsg.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
 }
 

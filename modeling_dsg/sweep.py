@@ -123,7 +123,21 @@ def _rows(sequences, pad_id: int):
     return Rows(ids, mask)
 
 
-def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options) -> EvalSet:
+def score_set(model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = "") -> dict:
+    """`evaluation.score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
+    "decisions" are then those on the cloze inputs."""
+    from . import evaluation as ev
+
+    if letters:
+        return ev.score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
+    contexts, continuations = ev.mcq_texts(tokenizer, mcq, eval_options)["cloze"]
+    sums, counts, decisions = ev.continuation_logprobs(model, tokenizer, contexts, continuations, chat=eval_options.chat,
+                                                       batch_size=eval_options.batch_size, record=record,
+                                                       desc=f"{mcq.label} {tag} cloze", progress=eval_options.progress)
+    return {"cloze_correct": sums, "cloze_correct_tokens": counts.astype(float), "decisions": decisions}
+
+
+def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, *, letters: bool = True) -> EvalSet:
     """Base scores of `mcq` (model = the DSG model, guardrails off) and its inputs' SAE activations."""
     import torch
 
@@ -134,19 +148,21 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options) 
     timings = {}
     start = time.perf_counter()
     with model.guardrails_disabled():
-        base = ev.score_mcq(model, tokenizer, mcq, eval_options, tag="base")
+        base = score_set(model, tokenizer, mcq, eval_options, letters=letters, tag="base")
+    base.pop("decisions", None)
     timings["base_scoring_s"] = time.perf_counter() - start
     start = time.perf_counter()
     texts = ev.mcq_texts(tokenizer, mcq, eval_options)
-    letter_seqs = ev.letter_sequences(tokenizer, texts["letter"], chat=eval_options.chat)[0]
     encode = sae_encoder(statistics.sae_spec, statistics.sae_state, statistics.layer, build_options.device)
     kw = dict(batch_size=build_options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer),
               device=build_options.device)
     pad = ev._pad_id(tokenizer)
+    letter_store = cloze_store = None
     with torch.no_grad(), model.guardrails_disabled():
-        letter_store = collect(model.model, statistics.layer, encode, _rows(letter_seqs, pad),
-                               desc=f"{mcq.label}: activations", **kw)
-        cloze_store = None
+        if letters:
+            letter_seqs = ev.letter_sequences(tokenizer, texts["letter"], chat=eval_options.chat)[0]
+            letter_store = collect(model.model, statistics.layer, encode, _rows(letter_seqs, pad),
+                                   desc=f"{mcq.label}: activations", **kw)
         if "cloze" in texts:
             cloze_seqs = ev.cloze_sequences(tokenizer, *texts["cloze"], chat=eval_options.chat)[0]
             cloze_store = collect(model.model, statistics.layer, encode, _rows(cloze_seqs, pad),
@@ -156,38 +172,38 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options) 
 
 
 def predicted_fired(eval_set: EvalSet, features, tau: float, options) -> tuple:
-    """Per question: does the guardrail fire on its letter input, on its cloze input (rho > tau)?"""
-    import numpy as np
+    """Per question: does the guardrail fire on its letter input, on its cloze input (rho > tau)?
+    (None for an input kind the set does not score.)"""
+    def fired(store):
+        return None if store is None else (store.row_scores(features, options.score, options.window) > tau).numpy()
 
-    letter = (eval_set.letter_store.row_scores(features, options.score, options.window) > tau).numpy()
-    cloze = (eval_set.cloze_store.row_scores(features, options.score, options.window) > tau).numpy() \
-        if eval_set.cloze_store is not None else np.zeros_like(letter)
-    return letter, cloze
+    return fired(eval_set.letter_store), fired(eval_set.cloze_store)
 
 
-def score_point(model, tokenizer, eval_set: EvalSet, features, tau, build_options, eval_options, metric) -> dict:
-    """Score one grid point on one set: the DSG model on the questions it fires on, the base elsewhere."""
+def score_point(model, tokenizer, eval_set: EvalSet, features, tau, build_options, eval_options) -> dict:
+    """Scores of `model` (base + one guardrail with `features`, `tau`) on one set: the DSG model on the
+    questions it fires on, the base scores elsewhere. Returns {"scores", "trigger_rate", "rescored",
+    "decision_mismatches"}; the trigger rate is over the letter inputs (the cloze inputs without letters)."""
     import copy
 
     import numpy as np
 
-    from . import evaluation as ev
-
     letter_fired, cloze_fired = predicted_fired(eval_set, features, tau, build_options)
-    rescore = np.flatnonzero(letter_fired | cloze_fired)
+    primary = letter_fired if letter_fired is not None else cloze_fired
+    any_fired = primary | (cloze_fired if cloze_fired is not None else False)
+    rescore = np.flatnonzero(any_fired)
     scores = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in eval_set.base.items()}
     mismatches = 0
     if len(rescore):
         subset = copy.copy(eval_set.mcq)
         subset.records = [eval_set.mcq.records[i] for i in rescore]
-        dsg = ev.score_mcq(model, tokenizer, subset, eval_options, record=True, tag="DSG")
+        dsg = score_set(model, tokenizer, subset, eval_options, letters=letter_fired is not None, record=True, tag="DSG")
         for key in ("letter", "cloze_correct", "cloze_correct_tokens"):
             if key in dsg:
                 scores[key][rescore] = dsg[key]
         recorded = next(iter(dsg["decisions"].values()))["fired"]
-        mismatches = int((recorded != letter_fired[rescore]).sum())
-    return {"score": set_score(metric, scores, eval_set.mcq.answers),
-            "trigger_rate": float(letter_fired.mean()), "rescored": int(len(rescore)),
+        mismatches = int((recorded != primary[rescore]).sum())
+    return {"scores": scores, "trigger_rate": float(primary.mean()), "rescored": int(len(rescore)),
             "decision_mismatches": mismatches}
 
 
@@ -226,8 +242,9 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     eval_options = EvalOptions(chat=options.chat, preamble=options.preamble, batch_size=options.batch_size,
                                cloze="correct" if options.metric == "cloze_prob" else "none",
                                known_filter=False, progress=False)
-    sets = {"forget": prepare_set(model, tokenizer, forget_mcq, statistics, eval_options, build_options),
-            "retain": prepare_set(model, tokenizer, retain_mcq, statistics, eval_options, build_options)}
+    letters = options.metric != "cloze_prob"  # cloze_prob needs the cloze inputs only
+    sets = {role: prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, letters=letters)
+            for role, mcq in (("forget", forget_mcq), ("retain", retain_mcq))}
     base = {role: set_score(options.metric, s.base, s.mcq.answers) for role, s in sets.items()}
     name = build_options.name
     for guard in list(model.guards):
@@ -249,8 +266,10 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         features, tau, rho, _ = selections[key]
         model.add_guardrail(guardrail_from(statistics, features, tau, bo), statistics.sae_state)
         try:
-            result = {role: score_point(model, tokenizer, s, features, tau, bo, eval_options, options.metric)
-                      for role, s in sets.items()}
+            result = {}
+            for role, s in sets.items():
+                scored = score_point(model, tokenizer, s, features, tau, bo, eval_options)
+                result[role] = {"score": set_score(options.metric, scored.pop("scores"), s.mcq.answers), **scored}
         finally:
             model.remove_guardrail(name)
         points.append({**point, "features": features, "tau": tau, "heldout": heldout_summary(rho, tau, statistics),
