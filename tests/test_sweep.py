@@ -176,6 +176,14 @@ def test_sweep_cli_and_bad_inputs(world, questions, tmp_path, capsys):
                "--ratio-percentiles", 95, "--metric", "accuracy") == 0
     printed = capsys.readouterr().out
     assert "| dynamic | dynamic | 2 | 4 |" in printed and json.loads((out / "sweep.json").read_text())["metric"] == "accuracy"
+    cloze = tmp_path / "cloze"
+    assert cli(*common, "--out", cloze, "--modes", "dynamic", "static", "--n-features-grid", 2, "--clamps", 4,
+               "--ratio-percentiles", 95, "--metric", "cloze_prob") == 0
+    capsys.readouterr()
+    result = json.loads((cloze / "sweep.json").read_text())
+    assert 0 < result["base"]["forget"] < 1 and len(result["points"]) == 2
+    for p in result["points"]:  # the cloze inputs alone are scored, and the guard agrees with the prediction
+        assert p["forget"]["decision_mismatches"] == 0 and p["forget"]["rescored"] >= 6
     for extra, message in [(["--clamps", "-1"], "--clamps"), (["--retain-floor", "0"], "--retain-floor"),
                            (["--limit", "0"], "--limit"), (["--n-features-grid", "0"], "--n-features")]:
         target = tmp_path / f"bad{len(message)}{extra[1]}"
