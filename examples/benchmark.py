@@ -5,7 +5,9 @@ everything but never edits) and fired (tau = 0: every row with a flagged token e
 - forward latency at --lengths tokens and --batches rows;
 - greedy generation throughput for --new-tokens tokens;
 - load time of the saved folders (base folder vs DSG folder) and their sizes (full and slim);
-- peak memory (CUDA: max allocated per variant; CPU: the guard's extra bytes).
+- peak memory (CUDA: max allocated per variant; CPU: the guard's extra bytes);
+- build cost: the statistics pass's truncated forward (blocks 0..L) against a full forward, alternated
+  like the rest, plus the statistics, selection and calibration times recorded in dsg_build.json.
 Every variant runs once per round, in a rotating order, so drift and background load hit all of them
 alike; each DSG/base ratio is taken within a round, and the median and spread (p25-p75) of those
 ratios are reported. Writes JSON with the machine description.
@@ -66,6 +68,38 @@ def alternate(variants: dict, rounds: int, device, warmup: int = 1):
     return result
 
 
+def markdown(report: dict) -> str:
+    """The report as Markdown tables (medians; ratios with their p25-p75 spread)."""
+    def ratio(r):
+        q = r["ratio_to_base"]
+        return f"x{q['median']:.3f} [{q['p25']:.3f}, {q['p75']:.3f}]"
+
+    m = report["machine"]
+    lines = [f"Machine: {m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, {m['dtype']}.", "",
+             "| forward | base (ms) | DSG unfired / base | DSG fired / base |", "|---|---:|---:|---:|"]
+    for key, r in report["forward"].items():
+        lines.append(f"| {key} | {r['base']['median'] * 1000:.1f} | {ratio(r['dsg_unfired'])} | {ratio(r['dsg_fired'])} |")
+    lines += ["", "| greedy generation | base (tokens/s) | DSG unfired / base (time) | DSG fired / base (time) |",
+              "|---|---:|---:|---:|"]
+    for key, r in report["generate"].items():
+        lines.append(f"| {key}, {report['new_tokens']} new tokens | {r['base']['tokens_per_s']:.1f} | "
+                     f"{ratio(r['dsg_unfired'])} | {ratio(r['dsg_fired'])} |")
+    st, ld = report["storage"], report["load"]
+    lines += ["", "| storage and load | value |", "|---|---:|",
+              f"| base folder | {st['base_bytes'] / 1e6:.1f} MB |", f"| DSG folder | {st['dsg_full_bytes'] / 1e6:.1f} MB |",
+              f"| DSG folder, slim | {st['dsg_slim_bytes'] / 1e6:.1f} MB |",
+              f"| load time, base folder | {ld['base']['median']:.3f} s |",
+              f"| load time DSG / base | {ratio(ld['dsg'])} |", f"| load time slim / base | {ratio(ld['dsg_slim'])} |"]
+    if "build_cost" in report:
+        b = report["build_cost"]
+        lines.append(f"| truncated forward (blocks 0..{b['layer']} of {b['n_layers']}) speed-up over a full forward | "
+                     f"x{b['truncated_speedup']:.2f} |")
+    if "torch_compile" in report:
+        lines.append(f"| torch.compile of the base with the guard installed | "
+                     f"{'works' if report['torch_compile']['works'] else 'fails'} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_pair(model_dir, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true", help="also check torch.compile on the base with the guard installed")
     ap.add_argument("--out", default="benchmark.json")
+    ap.add_argument("--markdown", help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -108,7 +143,7 @@ def main(argv=None):
         report = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
                               "dtype": args.dtype},
-                  "model": str(model_dir), "guardrails": [g["name"] for g in dsg.config.guardrails], "forward": {}, "generate": {}}
+                  "model": str(model_dir), "new_tokens": args.new_tokens, "guardrails": [g["name"] for g in dsg.config.guardrails], "forward": {}, "generate": {}}
         gen = torch.Generator().manual_seed(0)
 
         def with_tau(tau, fn):
@@ -192,6 +227,28 @@ def main(argv=None):
             report["peak_memory_bytes"] = {"note": "CPU: the guard adds its tensors (guard_bytes_in_memory) and one "
                                                    "hidden-state-sized delta per guarded layer while it runs"}
 
+        # -- build cost ---------------------------------------------------------------------------------
+        from modeling_dsg.rows import Rows
+        from modeling_dsg.stats import _LayerOutput
+
+        layer = min(g.layer for g in dsg.guards)
+        ids = torch.randint(3, vocab, (max(args.batches), min(args.lengths)), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        truncated = _LayerOutput(base, layer)
+        with torch.no_grad():
+            cost = alternate({"base": lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
+                              "truncated": lambda: truncated(ids, mask)}, max(3, args.rounds // 2), device)
+        record_file = model_dir / "dsg_build.json"
+        recorded = json.loads(record_file.read_text())["guardrails"][0]["timings"] if record_file.is_file() else {}
+        report["build_cost"] = {"layer": layer, "n_layers": dsg.config.text_config.num_hidden_layers,
+                                "rows": list(ids.shape), "full_forward_s": cost["base"]["median"],
+                                "truncated_forward_s": cost["truncated"]["median"],
+                                "truncated_speedup": 1.0 / cost["truncated"]["ratio_to_base"]["median"],
+                                "recorded_build": {k: recorded.get(k) for k in ("rows_s", "statistics_s", "statistics_tokens",
+                                                                                "statistics_tokens_per_s", "selection_s", "calibration_s")}}
+        print(f"build cost: truncated forward (blocks 0..{layer}) x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
+              f"recorded: {report['build_cost']['recorded_build']}")
+
         if args.compile:
             try:
                 compiled = torch.compile(dsg.model)
@@ -206,6 +263,9 @@ def main(argv=None):
 
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(report))
+            print(f"wrote {args.markdown}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

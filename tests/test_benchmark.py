@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tiny
+
 SCRIPT = Path(__file__).parent.parent / "examples" / "benchmark.py"
 
 
@@ -13,7 +15,7 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--lengths", "16", "--batches", "1", "2",
-                           "--new-tokens", "4", "--rounds", "2", "--out", str(out)],
+                           "--new-tokens", "4", "--rounds", "2", "--out", str(out), "--markdown", str(tmp_path / "b.md")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -27,3 +29,7 @@ def test_benchmark_smoke(tmp_path):
     assert report["storage"]["dsg_slim_bytes"] < report["storage"]["dsg_full_bytes"]
     assert report["load"]["dsg"]["ratio_to_base"]["median"] > 0
     assert report["machine"]["device"] == "cpu"
+    cost = report["build_cost"]  # the truncated statistics forward stops after the guarded block 1
+    assert cost["layer"] == 1 and cost["n_layers"] == tiny.LAYERS and cost["truncated_speedup"] > 0
+    table = (tmp_path / "b.md").read_text()
+    assert "| B2xT16 |" in table and "| load time DSG / base |" in table and "speed-up over a full forward" in table
