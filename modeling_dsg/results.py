@@ -53,7 +53,8 @@ class ResultsOptions:
     sweep_n: int = 32                    # questions per set in the sweep
     sweep_grid: dict = field(default_factory=lambda: dict(modes=("dynamic", "static"), n_features=(5, 10, 20, 40),
                                                           clamps=(20.0, 100.0, 500.0), ratio_percentiles=(90.0, 95.0)))
-    window: int = 32
+    window: int = 32                     # the window of the "DSG (window)" variant
+    window_ablation: tuple = (8, 16, 32, 64)  # window sizes compared on trigger rates and dilution
     text_max_tokens: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -308,6 +309,9 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     timings["dsg_build_s"] = time.perf_counter() - start  # rows + statistics + selection + calibration, all three
     timings["dsg_build_breakdown"] = builds["DSG"].info["timings"]
     variants = {name: (b.guardrail, b.sae_state) for name, b in builds.items()}
+    ablation = {f"window {w}": guardrail_build(statistics, dataclasses.replace(build_opts, score="window", window=w),
+                                               tokenizer, str(sae_path)).guardrail for w in options.window_ablation}
+    ablation["fraction"] = variants["DSG"][0]
     record["guardrails"] = {name: {k: b.info[k] for k in ("mode", "n_features", "tau", "heldout")} | {"score": b.guardrail["score"]}
                             for name, b in builds.items()}
 
@@ -334,11 +338,12 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
 
     # -- held-out trigger rates (stored activations) ------------------------------------------------------
     start = time.perf_counter()
-    rates, rho = {}, {}
+    rates, rho, ablation_rates = {}, {}, {}
     for set_name, prompts in held.items():
         prompts = _sample(prompts, options.heldout_n, options.seed)
         store = _store(base, tokenizer, statistics, _token_rows(tokenizer, prompts), f"held-out {set_name}", options)
         rates[set_name] = {"n": len(prompts), **{name: float(fired(store, g).mean()) for name, (g, _) in variants.items()}}
+        ablation_rates[set_name] = {name: float(fired(store, g).mean()) for name, g in ablation.items()}
         rho[set_name] = store.row_scores(variants["DSG"][0]["features"]).numpy().tolist()
     record["trigger_rates"] = rates
     timings["trigger_rates_s"] = time.perf_counter() - start
@@ -346,8 +351,11 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     # -- dilution -------------------------------------------------------------------------------------------
     start = time.perf_counter()
     guarded = {name: g for name, (g, _) in variants.items() if g["mode"] == "dynamic"}
-    record["dilution"] = dilution_attack(base, tokenizer, statistics, _sample(held["bio"], options.dilution_n, options.seed + 1),
-                                         held["wikitext"], guarded, options)
+    dilution = dilution_attack(base, tokenizer, statistics, _sample(held["bio"], options.dilution_n, options.seed + 1),
+                               held["wikitext"], {**guarded, **ablation}, options)
+    record["window_ablation"] = {name: {"tau": g["threshold"], "trigger_rates": {k: v[name] for k, v in ablation_rates.items()},
+                                        "dilution": dilution["by_guardrail"].pop(name)} for name, g in ablation.items()}
+    record["dilution"] = dilution
     timings["dilution_s"] = time.perf_counter() - start
 
     # -- relearning ------------------------------------------------------------------------------------------
@@ -534,8 +542,16 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
     for name, by in record["dilution"]["by_guardrail"].items():
         lines.append(f"| {name} | {_f(by['undiluted_trigger_rate'])} | "
                      + " | ".join(_f(by[f'{k}x']['attack_success']) for k in record["dilution"]["factors"]) + " |")
+    lines += ["", "![dilution](dilution.png)", "", "### Window size", "",
+              "The window score's τ is calibrated per window size like ρ's (95th percentile of retain rows); its held-out "
+              "trigger rates and dilution attack success:", "",
+              "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext | 1x | 2x | 5x |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, a in record["window_ablation"].items():
+        r, d = a["trigger_rates"], a["dilution"]
+        lines.append(f"| {name} | {a['tau']:.3f} | " + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext"))
+                     + " | " + " | ".join(_f(d[f"{k}x"]["attack_success"]) for k in record["dilution"]["factors"]) + " |")
     rel = record["relearning"]
-    lines += ["", "![dilution](dilution.png)", "", "## Relearning attack", "",
+    lines += ["", "## Relearning attack", "",
               f"The base weights (and RMU's) fine-tuned on forget text (AdamW, lr {rel['lr']:g}, batch {rel['batch']} x "
               f"{rel['seq_len']} tokens); the guardrails applied at test time. Forget score: cloze p on {rel['n']} held-out "
               "WMDP-bio questions.", "", "| model | " + " | ".join(f"k={k}" for k in rel["steps"]) + " |",
