@@ -703,6 +703,35 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
     return report, arrays
 
 
+def add_baselines(report: dict, baselines: dict, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | None,
+                  options: EvalOptions, *, text_name: str = "text", scorer=None) -> dict:
+    """Score other models (`baselines`: name -> model, e.g. an RMU folder or a static-clamping build) on the
+    same sets and prompts; each results row gets `baselines: {name: value}` (null on known-subset rows)."""
+    from .metrics import token_nll
+
+    if scorer is None:
+        scorer = load_scorer()[0]
+    values: dict = {}
+    for name, model in baselines.items():
+        model.eval()
+        start = time.perf_counter()
+        for mcq in (forget, retain):
+            scored = score_mcq(model, tokenizer, mcq, options, tag=name)
+            metrics = _mcq_metrics(scorer, scored, mcq.answers, mcq.subjects)
+            for kind, key, metric, _ in MCQ_ROWS:
+                if key in metrics.get(kind, {}):
+                    values[(mcq.label, metric, name)] = metrics[kind][key]
+        if text:
+            sums, counts, _ = text_nll(model, tokenizer, text, max_tokens=options.text_max_tokens,
+                                       batch_size=options.batch_size, desc=f"{text_name} {name}", progress=options.progress)
+            values[(f"{text_name} (text)", "NLL per token", name)] = token_nll(sums, counts)["nll_per_token"]
+        report.setdefault("timings", {})[f"baseline {name}: s"] = time.perf_counter() - start
+    for row in report["results"]:
+        row["baselines"] = {name: values.get((row["dataset"], row["metric"], name)) for name in baselines}
+    report["baselines"] = list(baselines)
+    return report
+
+
 # ----------------------------------------------------------------------------------------- output
 def _clean(obj):
     """JSON-safe: numpy scalars to Python, NaN/inf to null, tuples to lists."""
@@ -740,12 +769,15 @@ def summary_markdown(report: dict) -> str:
     """The results, trigger-rate and known-filter tables of a report, in Markdown."""
     lines = [f"# DSG evaluation: {report.get('model', '')}", "",
              "Base model and DSG model side by side (same instance, guardrails off / on).", "",
-             "| dataset | metric | n | base | DSG | DSG − base |", "|---|---|---:|---:|---:|---:|"]
+             "| dataset | metric | n | base | DSG | DSG − base |" + "".join(f" {_cell(b)} |" for b in report.get("baselines", [])),
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(report.get("baselines", []))]
     for r in report["results"]:
         arrow = " ↑" if r.get("higher_is_better") else " ↓"
         b, d = r.get("base"), r.get("dsg")
         delta = f"{d - b:+.3f}" if b is not None and d is not None else "n/a"
-        lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} | {_num(b)} | {_num(d)} | {delta} |")
+        extra = "".join(f" {_num(r.get('baselines', {}).get(name))} |" for name in report.get("baselines", []))
+        lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} | {_num(b)} | {_num(d)} | {delta} |"
+                     + extra)
     names = [g["name"] for g in report.get("guardrails", [])]
     if report["trigger_rates"] and names:
         lines += ["", "## Guardrail trigger rates", "", "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -848,8 +880,33 @@ def load_dsg(folder, *, device: str = "cpu", dtype: str = "float32"):
     return model, tokenizer
 
 
+def parse_baselines(specs) -> dict:
+    """["NAME=DIR", ...] -> {NAME: DIR}; each DIR must be a model folder."""
+    out = {}
+    for spec in specs or []:
+        name, sep, folder = str(spec).partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise DSGError(f"--baseline takes NAME=DIR (e.g. RMU=out/rmu), got {spec!r}")
+        if name in out or name in ("base", "DSG"):
+            raise DSGError(f"--baseline name {name!r} is used twice or is reserved (base, DSG)")
+        if not (Path(folder).expanduser() / "config.json").is_file():
+            raise DSGError(f"--baseline {name}: {folder} is not a model folder (no config.json)")
+        out[name.strip()] = str(Path(folder).expanduser())
+    return out
+
+
+def load_baseline(folder, *, device: str = "cpu", dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=True).to(device).eval()
+    except (ValueError, OSError) as err:
+        raise DSGError(f"cannot load the baseline model in {folder}: {err}") from None
+
+
 def evaluate_folder(model_dir, forget: str, retain: str, out, *, text: str | None = None,
-                    options: EvalOptions | None = None, overwrite: bool = False) -> dict:
+                    options: EvalOptions | None = None, overwrite: bool = False, baselines=None) -> dict:
     """The Python API of `dsg eval`: evaluate a DSG model folder and write REPORT_DIR. Returns the report."""
     from .cards import check_dsg_folder
     from .paths import atomic_output_dir
@@ -860,6 +917,7 @@ def evaluate_folder(model_dir, forget: str, retain: str, out, *, text: str | Non
     if out.exists() and not overwrite:
         raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
     check_dsg_folder(model_dir)
+    baseline_dirs = parse_baselines(baselines)
     # the cheap inputs first, so that a bad one fails before the model is loaded
     forget_set = load_mcq(forget, "forget", name=options.forget_name, limit=options.limit)
     retain_set = load_mcq(retain, "retain", name=options.retain_name, limit=options.limit)
@@ -872,6 +930,15 @@ def evaluate_folder(model_dir, forget: str, retain: str, out, *, text: str | Non
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     report, arrays = compare(model, tokenizer, forget_set, retain_set, texts, options, text_name=text_name)
+    if baseline_dirs:
+        others = {name: load_baseline(folder, device=options.device, dtype=options.dtype) for name, folder in baseline_dirs.items()}
+        vocab = model.config.get_text_config().vocab_size
+        for name, other in others.items():
+            if other.config.get_text_config().vocab_size != vocab:
+                raise DSGError(f"--baseline {name}: its vocabulary ({other.config.get_text_config().vocab_size}) is not "
+                               f"the DSG model's ({vocab}); baselines are scored with the DSG model's tokenizer")
+        add_baselines(report, others, tokenizer, forget_set, retain_set, texts, options, text_name=text_name)
+        report["baseline_models"] = baseline_dirs
     report["timings"] = {"load_s": load_s, **report["timings"], "total_scoring_s": time.perf_counter() - start}
     report = {"model": str(Path(model_dir).expanduser().resolve()), **report, "versions": _versions()}
     if text:
@@ -890,6 +957,8 @@ def configure_parser(p):
     p.add_argument("--text", metavar="SRC", help="text for the per-token loss (.txt/.jsonl/.parquet or a Hub data set)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="the folder to write (report.json, PNGs, summary.md)")
     p.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it exists")
+    p.add_argument("--baseline", action="append", metavar="NAME=DIR",
+                   help="also score another model on the same sets (e.g. RMU=out/rmu from `dsg rmu`, or a static build); repeatable")
     d = EvalOptions()
     p.add_argument("--chat", action="store_true", help="prompts as a user turn of the tokenizer's chat template")
     p.add_argument("--preamble", action="store_true",
@@ -921,6 +990,6 @@ def options_from_args(args) -> EvalOptions:
 
 def run(args):
     report = evaluate_folder(args.dir, args.forget_mcq, args.retain_mcq, args.out, text=args.text,
-                             options=options_from_args(args), overwrite=args.overwrite)
+                             options=options_from_args(args), overwrite=args.overwrite, baselines=args.baseline)
     print(summary_markdown(report), end="")
     print(f"wrote {Path(args.out).expanduser().resolve()}")

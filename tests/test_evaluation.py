@@ -571,3 +571,23 @@ def test_bad_inputs(world, tmp_path, case, message):
         assert not out.exists()
     after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else None
     assert after == before  # no temporary folder left behind
+
+
+def test_baselines_are_scored_on_the_same_sets(world, tmp_path):
+    """A baseline that is the base model itself reproduces the base column exactly; bad specs are refused."""
+    plain = tmp_path / "plain"
+    world.base.save_pretrained(plain)
+    out = tmp_path / "with_baseline"
+    run = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
+                  "--text", world.text_file, "--out", out, "--no-known-filter", "--batch-size", 4, "--no-progress",
+                  "--baseline", f"plain={plain}")
+    assert run.code == 0, run.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["baselines"] == ["plain"]
+    for row in report["results"]:
+        assert row["baselines"]["plain"] == pytest.approx(row["base"], abs=1e-9), row
+    assert "| plain |" in (out / "summary.md").read_text().splitlines()[4]
+    for spec, message in [("plain", "NAME=DIR"), (f"DSG={plain}", "reserved"), (f"x={tmp_path}", "not a model folder")]:
+        bad = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
+                      "--out", tmp_path / "bad", "--baseline", spec)
+        assert bad.code == 2 and message in bad.err and not (tmp_path / "bad").exists()
