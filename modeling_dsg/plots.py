@@ -93,8 +93,8 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
     """Forget metric (y) against retain metric (x).
 
     `series` is a list of {"label": str, "x": number or list, "y": number or list, optional "annotations":
-    [str per point] (e.g. the sweep's N or c), "marker", "color"}. A series with one point is drawn as a
-    marker, a longer one as a line through its points (in the given order). `vlines` / `hlines` are
+    [str per point] (e.g. the sweep's N or c), "marker", "color", "scatter": bool}. A series with one point
+    (or "scatter": True) is drawn as markers, a longer one as a line through its points (in the given order). `vlines` / `hlines` are
     (value, label) reference lines, e.g. (0.99 * base retain accuracy, "99% of base").
     """
     import numpy as np
@@ -108,7 +108,9 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
             raise ValueError(f"series {s.get('label')!r}: x and y have different lengths")
         color = s.get("color", COLORS[i % len(COLORS)])
         marker = s.get("marker", "o")
-        if x.size == 1:
+        if s.get("scatter") and x.size > 1:
+            ax.scatter(x, y, s=14, color=color, marker=marker, label=s.get("label"), alpha=0.45, zorder=2)
+        elif x.size == 1:
             ax.scatter(x, y, s=60, color=color, marker=marker, label=s.get("label"), zorder=3)
             if not s.get("annotations"):  # a lone point shows its values
                 ax.annotate(f"({x[0]:.3g}, {y[0]:.3g})", (x[0], y[0]), textcoords="offset points", xytext=(6, -10),

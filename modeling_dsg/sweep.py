@@ -301,11 +301,13 @@ def write_plot(result: dict, path) -> Path:
             continue
         series.append({"label": f"{'DSG (dynamic)' if mode == 'dynamic' else 'static clamping'}: all points",
                        "x": [p["retain"]["score"] for p in pts], "y": [p["forget"]["score"] for p in pts],
-                       "marker": markers[mode], "scatter": True})
+                       "marker": markers[mode], "scatter": True, "color": "#1f77b4" if mode == "dynamic" else "#7f7f7f"})
         front = frontier(pts)
-        series.append({"label": f"{mode}: frontier", "x": [p["retain"]["score"] for p in front],
+        chosen = result["chosen"].get(mode)
+        series.append({"color": "#d62728" if mode == "dynamic" else "#2ca02c", "label": f"{mode}: frontier", "x": [p["retain"]["score"] for p in front],
                        "y": [p["forget"]["score"] for p in front], "marker": markers[mode],
-                       "annotations": [f"N{p['n_features']} c{p['clamp']:g}" for p in front]})
+                       "annotations": [f"N{p['n_features']} c{p['clamp']:g}" if p is chosen or p == chosen else ""
+                                       for p in front]})
     series.append({"label": "base model", "x": [result["base"]["retain"]], "y": [result["base"]["forget"]],
                    "marker": "*", "color": "black"})
     floor = result["retain_floor"] * result["base"]["retain"]
