@@ -29,12 +29,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .demo import _sample
 from .errors import DSGError
+from .sweep import mcq_numbers as _mcq_numbers
 
 COMMAND = "dsg results --out results"
 DILUTIONS = (1, 2, 5)
@@ -62,11 +63,6 @@ class ResultsOptions:
     sweep: bool = True
     rmu_steps: int = 60                  # RMUOptions' default
     max_docs: int | None = None          # documents per corpus for the build (None: the demo's 1024)
-
-
-def _sample(items, n, seed):
-    items = list(items)
-    return items if len(items) <= n else random.Random(seed).sample(items, n)
 
 
 def _mcq(records, name, role):
@@ -199,21 +195,6 @@ def relearning_curve(models: dict, tokenizer, rows, steps, score_fn, *, lr, batc
 
 
 # ----------------------------------------------------------------------------------- the table
-def _mcq_numbers(scores: dict, answers) -> dict:
-    import numpy as np
-
-    from .metrics import choice_metrics
-
-    out = {}
-    if "letter" in scores:
-        letter = choice_metrics(scores["letter"], answers)
-        out.update(accuracy=float(letter["accuracy"]), choice_prob=float(letter["choice_prob"]))
-    if "cloze_correct" in scores:
-        per_token = scores["cloze_correct"] / np.maximum(scores["cloze_correct_tokens"], 1)
-        out.update(cloze_prob=float(np.mean(np.exp(per_token))), cloze_ll_per_token=float(np.mean(per_token)))
-    return out
-
-
 def _text_nll(model, tokenizer, texts, options, record=False):
     from .evaluation import text_nll
     from .metrics import token_nll

@@ -85,17 +85,26 @@ def check_options(o: SweepOptions) -> None:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def set_score(metric: str, scores: dict, answers) -> float:
-    """One number per question set from `evaluation.score_mcq`-shaped scores (see the module docstring)."""
+def mcq_numbers(scores: dict, answers) -> dict:
+    """Per-set means from `evaluation.score_mcq`-shaped scores: accuracy and choice_prob (letter scores),
+    cloze_prob = mean exp(L_answer / tokens) and cloze_ll_per_token (cloze scores), whichever are present."""
     import numpy as np
 
     from .metrics import choice_metrics
 
-    if metric == "cloze_prob":
+    out = {}
+    if "letter" in scores:
+        letter = choice_metrics(scores["letter"], answers)
+        out.update(accuracy=float(letter["accuracy"]), choice_prob=float(letter["choice_prob"]))
+    if "cloze_correct" in scores:
         per_token = scores["cloze_correct"] / np.maximum(scores["cloze_correct_tokens"], 1)
-        return float(np.mean(np.exp(per_token)))
-    letter = choice_metrics(scores["letter"], answers)
-    return float(letter["accuracy"] if metric == "accuracy" else letter["choice_prob"])
+        out.update(cloze_prob=float(np.mean(np.exp(per_token))), cloze_ll_per_token=float(np.mean(per_token)))
+    return out
+
+
+def set_score(metric: str, scores: dict, answers) -> float:
+    """One number per question set (see the module docstring)."""
+    return mcq_numbers(scores, answers)[metric]
 
 
 @dataclass
