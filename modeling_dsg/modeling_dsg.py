@@ -7,7 +7,11 @@ Promises (all tested):
 - a row whose guardrails do not fire gets logits bit-identical to the base model's;
 - a row's decision depends only on that row (padding-aware counts, no BOS), never on the batch;
 - during `generate` with a KV cache the decision taken on the prompt carries through decoding and is
-  updated as tokens arrive (running rho; once fired, a row stays fired);
+  updated as tokens arrive (running rho; once fired, a row stays fired); the running state lives on the
+  cache object itself and follows its rows through beam search, batch selection and roll-backs;
+- the same code runs on every transformers 5 release: the cache argument is accepted as `cache`
+  (transformers >= 5.24) or `past_key_values` (earlier), and the base model gets the name its own
+  `forward` takes;
 - no per-call state on the module: concurrent calls from several threads are safe.
 
 This file, `configuration_dsg.py`, `guard_dsg.py` and `sae_dsg.py` travel to the Hub with the weights;
@@ -17,6 +21,7 @@ they import only torch and transformers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
@@ -49,6 +54,86 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if isinstance(obj, nn.ModuleList) and len(obj) > 0:
                 return obj
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(_LAYER_PATHS)})")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` since transformers 5.24,
+    `past_key_values` before. Read from the signature, so it holds for any release and any model."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class GuardedCache:
+    """Mixed into the class of a KV cache that a DSG model uses, so the guardrails' running state (one
+    tuple of per-row tensors per guardrail, see `DSGGuard.initial_state`) lives on the cache and follows
+    whatever `generate` does to the cache's rows:
+
+    - `reorder_cache` (beam search) and `batch_select_indices` pick the same rows of the state;
+    - `batch_repeat_interleave` repeats them;
+    - `crop` that undoes the last forward call restores the state from before that call; a crop that
+      cuts into a call the guardrails already judged (assisted or speculative decoding) raises, since
+      the decisions taken on the removed tokens cannot be taken back;
+    - `reset` clears it.
+    """
+
+    def _dsg_start(self):
+        self._dsg_state, self._dsg_tokens, self._dsg_previous = {}, 0, None
+
+    def _dsg_advance(self, state: dict, tokens: int):
+        """Record the state after a forward call over `tokens` more positions."""
+        self._dsg_previous = (dict(self._dsg_state), self._dsg_tokens)
+        self._dsg_state, self._dsg_tokens = state, self._dsg_tokens + tokens
+
+    def _dsg_rows(self, pick):
+        self._dsg_state = {i: tuple(pick(t) for t in s) for i, s in self._dsg_state.items()}
+        self._dsg_previous = None  # a row change ends what can be rolled back
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._dsg_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._dsg_rows(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._dsg_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int):
+        # negative: remove that many; positive (older releases): the length to keep
+        removed = -tokens_to_remove if tokens_to_remove <= 0 else self._dsg_tokens - tokens_to_remove
+        if removed > 0:
+            previous = self._dsg_previous
+            if previous is None or self._dsg_tokens - removed != previous[1]:
+                raise ValueError(
+                    f"DSG: the KV cache is being cut back by {removed} token(s) inside a forward call the "
+                    "guardrails already judged (assisted or speculative decoding, prompt lookup). Their "
+                    "decisions cannot be taken back there; generate without an assistant model or "
+                    "prompt_lookup_num_tokens.")
+            (self._dsg_state, self._dsg_tokens), self._dsg_previous = previous, None
+        super().crop(tokens_to_remove)
+
+    def reset(self):
+        super().reset()
+        self._dsg_start()
+
+
+_GUARDED_CLASSES: dict = {}
+
+
+def guarded_cache(cache):
+    """Give `cache` (any transformers `Cache`) the guardrails' running state, once; returns it."""
+    if not isinstance(cache, GuardedCache):
+        base = type(cache)
+        if base not in _GUARDED_CLASSES:  # same name, so reprs and name-based checks see the cache's own
+            _GUARDED_CLASSES[base] = type(base.__name__, (GuardedCache, base), {"__module__": base.__module__})
+        try:
+            cache.__class__ = _GUARDED_CLASSES[base]
+        except TypeError as error:
+            raise ValueError(f"DSG: cannot carry the guardrails' state on a {base.__name__}: {error}") from None
+        cache._dsg_start()
+    return cache
 
 
 class DSGPreTrainedModel(PreTrainedModel):
@@ -93,6 +178,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             for module in base_model.modules():  # already trained: post_init must not touch it
                 module._is_hf_initialized = True
         self.model = base_model
+        self._cache_argument = cache_argument(base_model)
         self.guards = nn.ModuleList(DSGGuard(g, i) for i, g in enumerate(config.guardrails))
         self.post_init()
         self._guard_hooks = []
@@ -237,7 +323,12 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         return self.model.get_decoder()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+        """The base model's forward with the guardrails acting at their layers. The KV cache may be passed
+        as `cache` or `past_key_values` (both names work on every transformers release)."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("DSG: pass the KV cache once, as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None:
             raise ValueError("DSG: pass input_ids or inputs_embeds")
@@ -246,21 +337,32 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             raise ValueError("DSG: empty input (zero-length sequence)")
         if use_cache is None:
             use_cache = getattr(self.config.get_text_config(), "use_cache", True)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.get_text_config())
-        state = getattr(past_key_values, "_dsg_guard_state", None) if past_key_values is not None else None
-        if state is None:
-            state = {}
-            if past_key_values is not None:
-                past_key_values._dsg_guard_state = state  # the running scores travel with this call's cache
-        counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, not state)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.get_text_config())
+        if cache is not None:
+            cache = guarded_cache(cache)  # the running state travels with the cache generate actually uses
+        first = cache is None or cache._dsg_tokens == 0
+        state = {} if first else dict(cache._dsg_state)
+        counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, first)
         token = _CALL.set(GuardCall(counted, state))
         try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                             logits_to_keep=logits_to_keep, **{self._cache_argument: cache}, **kwargs)
         finally:
             _CALL.reset(token)
+        if cache is not None:
+            cache._dsg_advance(state, length)
+        return out
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, refusing the modes whose roll-backs the guardrails cannot follow."""
+        config = kwargs.get("generation_config") or self.generation_config
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+                raise ValueError(f"DSG: `{name}` (assisted or speculative decoding) is not supported: the "
+                                 "guardrails' decisions on rejected draft tokens cannot be taken back. "
+                                 "Generate without it.")
+        return super().generate(*args, **kwargs)
 
-__all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "decoder_layers"]
+__all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "GuardedCache", "cache_argument", "decoder_layers", "guarded_cache"]

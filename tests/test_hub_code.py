@@ -9,7 +9,8 @@ import tiny
 
 PACKAGE = Path(__file__).parent.parent / "modeling_dsg"
 HUB_FILES = ["configuration_dsg.py", "modeling_dsg.py", "guard_dsg.py", "sae_dsg.py"]
-ALLOWED_MODULES = {"torch", "transformers", "__future__", "contextlib", "contextvars", "copy", "math", "dataclasses", "typing"}
+ALLOWED_MODULES = {"torch", "transformers", "__future__", "contextlib", "contextvars", "copy", "math", "dataclasses", "typing",
+                   "inspect"}  # inspect: reading the base forward signature
 FORBIDDEN_MODULES = {"socket", "urllib", "http", "requests", "httpx", "aiohttp", "subprocess", "pickle", "dill",
                      "cloudpickle", "marshal", "shelve", "huggingface_hub", "os", "sys", "importlib", "ctypes"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "open", "getattr_static"}
