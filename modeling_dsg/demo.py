@@ -43,7 +43,9 @@ def _sample(texts, n, seed=0):
 
 
 def _generate(model, tokenizer, prompt, max_new_tokens):
-    """Greedy answer to `prompt` as a chat user turn; returns (text, whether the first guardrail fired)."""
+    """Greedy answer to `prompt` as a chat user turn; returns (text, where a guardrail first fired or None).
+
+    "Fired" means at any point of the generation: on the prompt, or at a later new token."""
     import torch
 
     messages = [{"role": "user", "content": prompt}]
@@ -52,8 +54,23 @@ def _generate(model, tokenizer, prompt, max_new_tokens):
     with torch.no_grad(), model.record_guardrails() as records:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    fired = bool(records[-1]["fired"][0]) if records else False
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), fired
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), _first_firing(records)
+
+
+def _first_firing(records):
+    """'NAME on the prompt' or 'NAME at new token K' for the first guardrail decision that fired, or None."""
+    calls: dict = {}
+    for record in records:
+        step = calls[record["guardrail"]] = calls.get(record["guardrail"], -1) + 1
+        if bool(record["fired"][0]):
+            return f"{record['guardrail']} {'on the prompt' if step == 0 else f'at new token {step}'}"
+    return None
+
+
+def _label(fired, guarded, plain):
+    """What happened to a generation, said only from what was measured."""
+    same = "identical to base" if guarded == plain else "differs from base"
+    return f"guardrail fired ({fired}); {same}" if fired else f"not fired; {same}"
 
 
 def _show(text, width=100):
@@ -129,10 +146,11 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
         with model.guardrails_disabled():
             plain, _ = _generate(model, tokenizer, prompt, max_new_tokens)
         guarded, fired = _generate(model, tokenizer, prompt, max_new_tokens)
-        generations[kind] = {"prompt": prompt, "base": plain, "dsg": guarded, "fired": fired}
+        generations[kind] = {"prompt": prompt, "base": plain, "dsg": guarded, "fired": fired is not None,
+                             "fired_at": fired, "identical_to_base": guarded == plain}
         print(f"      {kind} prompt: {_show(prompt)}")
         print(f"        base: {_show(plain)}")
-        print(f"        DSG : {_show(guarded)}   [{'guardrail fired' if fired else 'not fired: identical to base'}]")
+        print(f"        DSG : {_show(guarded)}   [{_label(fired, guarded, plain)}]")
     info["generations"] = generations
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
