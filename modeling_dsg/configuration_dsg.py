@@ -14,17 +14,17 @@ A guardrail (one forget topic) is a dict with these fields:
                       "static" (Farrell et al. baseline): always on; each active selected feature is set
                       to -clamp where it is active; `threshold` is ignored.
     features   [int]  the selected SAE feature indices (distinct, 0 <= i < d_sae, at least one).
-    clamp      float  c > 0: selected features are set to -c.
+    clamp      float  0 < c <= 1e6: selected features are set to -c.
     threshold  float  tau in [0, 1]: a sequence fires when its score rho > tau.
     score      str    how rho is computed over the real tokens (not padding, not BOS) seen so far:
                       "fraction": the fraction of tokens where any selected feature is > 0 (the paper's);
                       "window": the largest such fraction over any `window` consecutive real tokens
                       (the fraction itself while fewer than `window` tokens were seen). Padding a
                       prompt with harmless filler dilutes "fraction" but not "window".
-    window     int    window size for score "window" (>= 2; default 32). Absent for "fraction".
+    window     int    window size for score "window" (2 ..= 2**20; default 32). Absent for "fraction".
     sae        dict   the sparse autoencoder (names and math as in sae-lens):
         architecture            "standard" | "jumprelu" | "topk" | "gated"
-        d_in, d_sae             int; d_in must equal the base model's hidden size
+        d_in, d_sae             int (at most 2**25); d_in must equal the base model's hidden size
         apply_b_dec_to_input    bool (default false): subtract b_dec from the input before encoding
         normalize_activations   "none" | "constant_norm_rescale" | "layer_norm" (default "none")
         k                       int, TopK only (1 <= k <= d_sae)
@@ -46,6 +46,10 @@ SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 MODES = ("dynamic", "static")
 SCORES = ("fraction", "window")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+# Bounds that no real guardrail comes near, so a config cannot ask for a terabyte or overflow to inf:
+MAX_D_SAE = 2**25  # 33.5M features (the largest published SAEs have 16M)
+MAX_WINDOW = 2**20  # tokens
+MAX_CLAMP = 1e6  # the paper uses 500; a fp16 hidden state overflows near 6.5e4 x the decoder row norm
 
 
 def _fail(where: str, message: str):
@@ -69,8 +73,8 @@ def validate_sae(sae: dict, where: str, hidden_size: int | None = None) -> dict:
     if arch not in SAE_ARCHITECTURES:
         _fail(where, f"unknown SAE architecture {arch!r} (expected one of {', '.join(SAE_ARCHITECTURES)})")
     for key in ("d_in", "d_sae"):
-        if not _is_int(sae.get(key)) or sae[key] <= 0:
-            _fail(where, f"sae.{key} must be a positive integer, got {sae.get(key)!r}")
+        if not _is_int(sae.get(key)) or not 0 < sae[key] <= MAX_D_SAE:
+            _fail(where, f"sae.{key} must be an integer in [1, {MAX_D_SAE}], got {sae.get(key)!r}")
     if hidden_size is not None and sae["d_in"] != hidden_size:
         _fail(where, f"sae.d_in = {sae['d_in']} does not match the base model's hidden size {hidden_size}")
     sae.setdefault("apply_b_dec_to_input", False)
@@ -126,15 +130,15 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
         _fail(where, f"unknown score {g['score']!r} (expected one of {', '.join(SCORES)})")
     if g["score"] == "window":
         g.setdefault("window", 32)
-        if not _is_int(g["window"]) or g["window"] < 2:
-            _fail(where, f"'window' must be an integer >= 2, got {g['window']!r}")
+        if not _is_int(g["window"]) or not 2 <= g["window"] <= MAX_WINDOW:
+            _fail(where, f"'window' must be an integer in [2, {MAX_WINDOW}], got {g['window']!r}")
     elif g.get("window") is not None:
         _fail(where, "'window' is only meaningful with score 'window'")
     else:
         g.pop("window", None)
     clamp = g.get("clamp", 500.0)
-    if not _is_number(clamp) or clamp <= 0:
-        _fail(where, f"'clamp' must be a finite number > 0, got {clamp!r}")
+    if not _is_number(clamp) or not 0 < clamp <= MAX_CLAMP:
+        _fail(where, f"'clamp' must be a number in (0, {MAX_CLAMP:g}], got {clamp!r}")
     g["clamp"] = float(clamp)
     tau = g.get("threshold", 0.0)
     if not _is_number(tau) or not 0.0 <= tau <= 1.0:

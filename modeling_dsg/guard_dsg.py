@@ -139,7 +139,7 @@ class DSGGuard(nn.Module):
                                  f"that differ from the config's {len(self.features)} features")
         if self.tau.device.type != "meta":
             tolerance = 4 * torch.finfo(self.tau.dtype).eps * max(1.0, abs(self.threshold))
-            if abs(float(self.tau) - self.threshold) > tolerance:
+            if not abs(float(self.tau) - self.threshold) <= tolerance:  # NaN fails this too
                 raise ValueError(f"{where}: the checkpoint's tau {float(self.tau)} differs from the config's "
                                  f"threshold {self.threshold}")
 
@@ -149,6 +149,9 @@ class DSGGuard(nn.Module):
         flagged, seen, fired, best, tail = state
         x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
+        if not bool(torch.isfinite(acts).all()):  # [B, T, N]: a small check, and NaN would read as "not fired"
+            raise ValueError(f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
+                             f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them")
         active = (acts > 0) & counted.unsqueeze(-1)
         flags = active.any(-1)  # [B, T]
         if self.score == "window":
@@ -172,7 +175,11 @@ class DSGGuard(nn.Module):
         delta = coef @ rows
         if out_scale is not None:
             delta = delta * out_scale
-        return delta.to(hidden.dtype), state, rho, acts, flags
+        delta = delta.to(hidden.dtype)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"DSG: guardrail {self.index} ({self.name!r}): the edit overflows {hidden.dtype} "
+                             f"(clamp {self.clamp:g}); lower the clamp or run the base in a wider dtype")
+        return delta, state, rho, acts, flags
 
     def hook(self, module, args, output):
         """Forward hook on the decoder block: edits the block's output in place of the original."""

@@ -193,9 +193,13 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         want_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", ()) if k.startswith("guards.")]
-        if missing:
-            raise ValueError(f"DSG checkpoint: missing guardrail tensor(s) {', '.join(sorted(missing))}")
+        for kind in ("missing", "unexpected"):  # a DSG folder is complete: nothing initialised at random,
+            keys = sorted(info.get(f"{kind}_keys", ()))  # nothing stored that the config does not describe
+            if keys:
+                what = "guardrail" if all(k.startswith("guards.") for k in keys) else "model"
+                shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+                raise ValueError(f"DSG checkpoint: {kind} {what} tensor(s) {shown} (the weights do not match "
+                                 "config.json)")
         mismatched = [m if isinstance(m, tuple) else (m,) for m in info.get("mismatched_keys", ())]
         refused = [m for m in mismatched if not ignore_mismatched or str(m[0]).startswith("guards.")]
         if refused:
