@@ -129,11 +129,15 @@ def _corpus_step(corpus: str, step, *args, **kwargs):
 
 def _check_options(options: BuildOptions) -> None:
     """Refuse bad numeric options before anything is loaded (not after a long statistics pass)."""
+    from .configuration_dsg import MAX_CLAMP, MAX_WINDOW
+
     checks = [
         (isinstance(options.name, str) and options.name.strip() != "", f"--name must be a non-empty topic name, got {options.name!r}"),
         (options.mode in ("dynamic", "static"), f"unknown mode {options.mode!r} (dynamic or static)"),
         (options.n_features >= 1, f"--n-features must be at least 1, got {options.n_features}"),
         (options.clamp > 0 and options.clamp != float("inf"), f"--clamp must be a finite number > 0, got {options.clamp}"),
+        (options.clamp <= MAX_CLAMP, f"--clamp must be at most {MAX_CLAMP:g} (the model config's bound; the paper uses "
+                                     f"500), got {options.clamp:g}"),
         (0 < options.static_retain_freq <= 1, f"--static-retain-freq must be in (0, 1], got {options.static_retain_freq}"),
         (0 <= options.heldout_fraction < 1, f"--heldout-fraction must be in [0, 1), got {options.heldout_fraction}"),
         (options.seq_len >= 2, f"--seq-len must be at least 2, got {options.seq_len}"),
@@ -141,7 +145,7 @@ def _check_options(options: BuildOptions) -> None:
         (options.max_docs is None or options.max_docs >= 1, f"--max-docs must be at least 1, got {options.max_docs}"),
         (options.layer is None or options.layer >= 0, f"--layer must be >= 0, got {options.layer}"),
         (options.score in ("fraction", "window"), f"unknown --score {options.score!r} (fraction or window)"),
-        (options.window >= 2, f"--window must be at least 2, got {options.window}"),
+        (2 <= options.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {options.window}"),
     ]
     for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
         value = getattr(options, flag)
@@ -149,6 +153,13 @@ def _check_options(options: BuildOptions) -> None:
     for ok, message in checks:
         if not ok:
             raise DSGError(message)
+
+
+def check_sae_options(options: BuildOptions, d_sae: int, flag: str = "--n-features") -> None:
+    """Options that depend on the SAE: N cannot exceed its number of features."""
+    if options.n_features > d_sae:
+        raise DSGError(f"{flag} {options.n_features} is more than the SAE has features (d_sae = {d_sae}); "
+                       f"pass at most {d_sae}")
 
 
 def _token_text(tokenizer, ids) -> str:
@@ -262,6 +273,7 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
     from . import selection
 
     _check_options(options)
+    check_sae_options(options, statistics.sae_spec["d_sae"])
     stats, stores = statistics.stats, statistics.stores
     start = time.perf_counter()
     if options.mode == "dynamic":
@@ -350,51 +362,175 @@ def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
     return model.eval()
 
 
+# Keys that describe how a tokenizer was *loaded*, not the tokenizer: transformers 5 stores `is_local` and
+# `local_files_only` in every tokenizer it loads from disk and writes them back on save (and `from_pretrained`
+# keyword arguments end up there too). A Hub user must never inherit them: `local_files_only: true` would
+# stop their tokenizer from fetching files.
+TOKENIZER_LOAD_KEYS = ("is_local", "local_files_only", "_commit_hash", "_from_auto", "cache_dir", "force_download",
+                       "proxies", "token", "revision", "subfolder", "trust_remote_code", "code_revision", "gguf_file")
+
+
+def context_length(config) -> int | None:
+    """The base model's real context (`max_position_embeddings` of its text config), or None if it has none."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def save_tokenizer(tokenizer, out, config=None) -> dict:
+    """`tokenizer.save_pretrained(out)`, with an ordinary tokenizer_config.json. Returns what it holds.
+
+    The file names a concrete `tokenizer_class` (the base tokenizer's own class), carries none of the
+    `TOKENIZER_LOAD_KEYS`, and its `model_max_length` is the model's real context (`context_length(config)`)
+    where the tokenizer claims more (a tokenizer without a limit says 1e30). The tokenizer object is unchanged.
+    """
+    tokenizer.save_pretrained(out)
+    path = Path(out) / "tokenizer_config.json"
+    if not path.is_file():  # a tokenizer type that writes no tokenizer_config.json: nothing to clean
+        return {}
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in TOKENIZER_LOAD_KEYS:
+        cfg.pop(key, None)
+    if not cfg.get("tokenizer_class"):
+        cfg["tokenizer_class"] = type(tokenizer).__name__
+    n = context_length(config)
+    current = cfg.get("model_max_length")
+    if n is not None and (not isinstance(current, (int, float)) or current > n):
+        cfg["model_max_length"] = n
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return cfg
+
+
 def write_folder(model, tokenizer, out: Path, builds: list[GuardrailBuild], base_spec: str,
                  previous: dict | None = None, slim: bool = False):
     """Save the model, tokenizer, features.json and dsg_build.json into `out` (an empty folder)."""
     previous = previous or {}
     model.save_pretrained(out, slim=slim)
-    tokenizer.save_pretrained(out)
-    features = previous.get("features", {"guardrails": []})
-    features["guardrails"] += [{"name": b.guardrail["name"], "layer": b.guardrail["layer"], "mode": b.guardrail["mode"],
-                                "features": b.features} for b in builds]
+    save_tokenizer(tokenizer, out, model.config)
+    features = previous.get("features") or {}
+    features["guardrails"] = list(features.get("guardrails") or []) + [
+        {"name": b.guardrail["name"], "layer": b.guardrail["layer"], "mode": b.guardrail["mode"], "features": b.features}
+        for b in builds]
     (out / FEATURES_FILE).write_text(json.dumps(features, indent=2))
-    record = previous.get("build", {"base_model": base_spec, "guardrails": []})
-    record["guardrails"] += [{**b.info, "forget_sources": b.info.get("forget_sources", []),
-                              "retain_sources": b.info.get("retain_sources", [])} for b in builds]
+    record = previous.get("build") or {"base_model": base_spec}
+    record["guardrails"] = list(record.get("guardrails") or []) + [
+        {**b.info, "forget_sources": b.info.get("forget_sources", []), "retain_sources": b.info.get("retain_sources", [])}
+        for b in builds]
     (out / BUILD_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _read_previous(folder: Path) -> dict:
     previous = {}
     for key, name in (("features", FEATURES_FILE), ("build", BUILD_FILE)):
-        path = folder / name
-        if path.is_file():
-            try:
-                previous[key] = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise DSGError(f"{path} is not valid JSON: {err}") from None
+        data = read_record(Path(folder) / name)
+        if data is not None:
+            previous[key] = data
     return previous
+
+
+# ------------------------------------------------------------------------------ features.json / dsg_build.json
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else _kind(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _objects(value, where: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        bad = value if not isinstance(value, list) else next(v for v in value if not isinstance(v, dict))
+        raise DSGError(f"{where} must be a list of objects, got {_shown(bad)}")
+    return value
+
+
+def _typed(record: dict, key: str, types, what: str, where: str) -> None:
+    """`record[key]`, when present and not null, is one of `types` (never a boolean)."""
+    value = record.get(key)
+    types = types if isinstance(types, tuple) else (types,)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        raise DSGError(f"{where}: {key!r} must be {what}, got {_shown(value)}")
+
+
+def check_features_record(data, path) -> dict:
+    """features.json in the shape `write_folder` writes (see cards.py); anything else is a `DSGError` naming it:
+    {"guardrails": [{"name": str, "features": [{"index": int, ..., "top_tokens": [{"token": str, "activation":
+    number, "context": str}]}]}]}. Returns `data`."""
+    if not isinstance(data, dict):
+        raise DSGError(f"{path} must hold a JSON object, got {_kind(data)}")
+    for i, g in enumerate(_objects(data.get("guardrails", []), f"{path}: 'guardrails'")):
+        where = f"{path}: guardrails[{i}]"
+        if not isinstance(g.get("name"), str):
+            raise DSGError(f"{where} needs a string 'name', got {_shown(g.get('name'))}")
+        for j, f in enumerate(_objects(g.get("features", []), f"{where}: 'features'")):
+            at = f"{where}: features[{j}]"
+            index = f.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise DSGError(f"{at}: 'index' must be an integer, got {_shown(index)}")
+            for k, t in enumerate(_objects(f.get("top_tokens", []), f"{at} (#{index}): 'top_tokens'")):
+                _typed(t, "token", str, "a string", f"{at}: top_tokens[{k}]")
+                _typed(t, "context", str, "a string", f"{at}: top_tokens[{k}]")
+                _typed(t, "activation", (int, float), "a number", f"{at}: top_tokens[{k}]")
+    return data
+
+
+def check_build_record(data, path) -> dict:
+    """dsg_build.json in the shape `write_folder` writes (see cards.py); anything else is a `DSGError` naming
+    it. Returns `data`."""
+    if not isinstance(data, dict):
+        raise DSGError(f"{path} must hold a JSON object, got {_kind(data)}")
+    _typed(data, "base_model", str, "a string", str(path))
+    for i, g in enumerate(_objects(data.get("guardrails", []), f"{path}: 'guardrails'")):
+        where = f"{path}: guardrails[{i}]"
+        _typed(g, "name", str, "a string", where)
+        _typed(g, "sae", (str, dict), "a string or an object", where)
+        for key in ("forget_sources", "retain_sources"):
+            value = g.get(key)
+            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                raise DSGError(f"{where}: {key!r} must be a list of strings, got {_shown(value)}")
+        for key in ("heldout", "rho", "rows", "tokens", "timings", "options"):
+            _typed(g, key, dict, "an object", where)
+    return data
+
+
+RECORD_CHECKS = {FEATURES_FILE: check_features_record, BUILD_FILE: check_build_record}
+
+
+def read_record(path) -> dict | None:
+    """features.json or dsg_build.json of a model folder, checked (None when the file is absent)."""
+    from .sources import read_json_file
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    what = "feature file" if path.name == FEATURES_FILE else "build record"
+    return RECORD_CHECKS[path.name](read_json_file(path, what), path)
 
 
 def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOptions | None = None,
           add_to: str | None = None, overwrite: bool = False, text_field: str | None = None) -> dict:
     """The Python API of `dsg build`. Returns the build record of the new guardrail."""
+    from .outputs import prepare_output
     from .paths import atomic_output_dir
     from .sources import load_base_model, load_sae, sae_layer
 
     options = options or BuildOptions()
     _check_options(options)
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    out = prepare_output(out, overwrite, inputs={"the --base model": base, "the --sae folder": sae,
+                                                 "the --forget source": forget, "the --retain source": retain,
+                                                 "the --add-to folder": add_to})
     if add_to is None and base is None:
         raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
     # The cheap inputs first (texts, SAE), so that a bad one fails before a large model is loaded.
     forget_texts, forget_specs = _texts(forget, text_field)
     retain_texts, retain_specs = _texts(retain, text_field)
     sae_obj = load_sae(sae, device="cpu")
+    guardrail_sae(sae_obj, sae)  # an architecture the guard cannot run fails before the model is loaded
+    check_sae_options(options, int(sae_obj.cfg.d_sae))
     existing, previous, tokenizer = None, {}, None
     if add_to is not None:
         existing, tokenizer, previous = _load_existing(add_to, options)
@@ -407,34 +543,48 @@ def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOpti
                              sae_source=sae, sae_layer=sae_layer(sae_obj))
     result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
     model = assemble(model, tokenizer, [result], existing=existing)
+    check_build_finite(model, [result])
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_folder(model, tokenizer, tmp, [result], base_spec, previous, slim=options.slim)
     return result.info
 
 
-def _load_existing(folder, options):
-    from transformers import AutoTokenizer
+def check_build_finite(model, builds: list[GuardrailBuild]) -> None:
+    """Nothing non-finite is written: the model's tensors, tau and every number of features.json."""
+    import math
 
-    from . import DSGForCausalLM
+    from .sources import check_finite
+
+    check_finite(model.state_dict().items(), "the built model (nothing was written)")
+    for b in builds:
+        numbers = [("tau", b.guardrail.get("threshold"))] + [
+            (f"feature #{f['index']} {key}", f.get(key)) for f in b.features
+            for key in ("forget_mean", "retain_mean", "forget_freq", "retain_freq", "importance", "ratio")]
+        for name, value in numbers:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DSGError(f"guardrail {b.guardrail['name']!r}: {name} is {value} (the statistics are not "
+                               "finite; nothing was written)")
+
+
+def _load_existing(folder, options):
+    from .sources import load_dsg_model, read_json_file
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise DSGError(f"--add-to {folder}: not a model folder (no config.json)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise DSGError(f"--add-to {folder}: config.json is not valid JSON: {err}") from None
+    config = read_json_file(folder / "config.json", f"--add-to {folder}: model config")
+    if not isinstance(config, dict):
+        raise DSGError(f"--add-to {folder}: config.json must hold a JSON object, got {_kind(config)}")
     if config.get("model_type") != "dsg":
         raise DSGError(f"--add-to {folder}: not a DSG model (model_type {config.get('model_type')!r})")
-    names = {g.get("name") for g in config.get("guardrails", [])}
+    guardrails = config.get("guardrails", [])
+    _objects(guardrails, f"--add-to {folder}: config.json's 'guardrails'")
+    names = {g.get("name") for g in guardrails}
     if options.name in names:
         raise DSGError(f"--add-to {folder}: it already has a guardrail named {options.name!r}; pick another --name")
-    try:
-        model = DSGForCausalLM.from_pretrained(folder).to(options.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (ValueError, OSError) as err:
-        raise DSGError(f"--add-to {folder}: {err}") from None
-    return model, tokenizer, _read_previous(folder)
+    previous = _read_previous(folder)  # a broken features.json or dsg_build.json fails before the model loads
+    model, tokenizer, _ = load_dsg_model(folder, device=options.device, what=f"--add-to {folder}")
+    return model, tokenizer, previous
 
 
 # ------------------------------------------------------------------------------------- the CLI
@@ -503,6 +653,13 @@ def run(args):
     else:
         print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
               f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}")
+    if info["n_features"] < args.n_features:
+        import sys
+
+        filters = ("the ratio and importance percentile filters" if info["mode"] == "dynamic"
+                   else "the retain-frequency filter")
+        print(f"dsg: warning: only {info['n_features']} of the {args.n_features} features asked for (--n-features) pass "
+              f"{filters}; the guardrail uses {info['n_features']}", file=sys.stderr)
     t = info["timings"]
     print(f"statistics pass {t['statistics_s']:.1f} s ({t['statistics_tokens_per_s']:.0f} tokens/s), "
           f"selection {t['selection_s'] * 1000:.1f} ms, calibration {t['calibration_s'] * 1000:.1f} ms")

@@ -19,24 +19,12 @@ then says "not measured" or "not recorded" instead of guessing):
                       rho: {forget: SUMMARY, retain: SUMMARY}, heldout: {forget_trigger_rate,
                       retain_trigger_rate, n_forget, n_retain}}]}
                       SUMMARY = {mean, std, min, p5, p25, p50, p75, p95, max, n}
-    EVAL/report.json  the `dsg eval` report, EVAL = `eval_dir` (default `<model_dir>/eval`); schema below
+    EVAL/report.json  the `dsg eval` report, EVAL = `eval_dir` (default `<model_dir>/eval`), in the schema
+                      of `report_schema` (checked with `report_schema.check_report`; a report that does not
+                      follow it is a `DSGError`). The card shows its results rows (base, DSG, DSG − base and
+                      one column per --baseline NAME), the baseline folders, the trigger rates, and the
+                      dilution block in the Evaluation section and in Limitations.
     EVAL/*.png        plots, embedded in the card as eval/<name>.png
-
-The evaluation report schema this module reads (extra keys are ignored):
-
-    {
-      "results": [                       # one row per (dataset, metric); a number per model
-        {"dataset": "WMDP-bio (held out)", "metric": "accuracy",
-         "base": 0.29, "dsg": 0.25,      # "static" and "rmu" columns are shown when present
-         "n": 497,                       # optional: examples scored
-         "dataset_id": "cais/wmdp",      # optional: Hub id for the model-index (default: "dataset")
-         "dataset_config": "wmdp-bio", "dataset_split": "test",   # optional
-         "higher_is_better": true}       # optional, shown as an arrow next to the metric
-      ],
-      "trigger_rates": {DATASET: {GUARDRAIL: RATE | {"rate": RATE, "n": N}}},
-      "dilution": {"attack_success": {SCORE: RATE | {MULTIPLIER: RATE}},   # SCORE e.g. "fraction"
-                   "filler": "WikiText", "n": N}                            # optional
-    }
 
 The `model-index` holds one `EvalResult` per results row that has a "dsg" value (task
 text-generation, metric_type = "metric", metric_value = the DSG model's number).
@@ -56,13 +44,13 @@ from pathlib import Path
 
 from .errors import DSGError
 from .paths import REPO_ROOT
+from .report_schema import MODELS, check_report, dilution_rows, factor_key, model_columns, row_value
 
 TEMPLATE_NAME = "dsg_model_card.md"
 TEMPLATE_PATH = REPO_ROOT / "hub_cards" / TEMPLATE_NAME
 TAGS = ["unlearning", "sparse-autoencoder", "dsg"]
 NOT_MEASURED = "not measured"
 NOT_RECORDED = "not recorded"
-MODEL_COLUMNS = {"base": "base", "static": "static clamp", "dsg": "DSG", "rmu": "RMU"}
 PAPER = "https://arxiv.org/abs/2504.08192"
 CONTEXT_CHARS = 80
 
@@ -117,6 +105,14 @@ def _optional_json(path: Path, what: str) -> dict:
     return data
 
 
+def _checked_record(path: Path) -> dict:
+    """features.json / dsg_build.json in the shape `dsg build` writes (`build.read_record`), or {} when absent."""
+    from .build import read_record
+
+    data = read_record(path) if path.is_file() else None
+    return data or {}
+
+
 def load_folder(model_dir, eval_dir=None) -> dict:
     """Everything the card is made from: config, features, build, report and plot file names."""
     model_dir = Path(model_dir)
@@ -127,9 +123,9 @@ def load_folder(model_dir, eval_dir=None) -> dict:
     report_path = eval_dir / "report.json"
     return {
         "config": config,
-        "features": _optional_json(model_dir / "features.json", "feature file"),
-        "build": _optional_json(model_dir / "dsg_build.json", "build record"),
-        "report": _optional_json(report_path, "evaluation report"),
+        "features": _checked_record(model_dir / "features.json"),
+        "build": _checked_record(model_dir / "dsg_build.json"),
+        "report": check_report(_optional_json(report_path, "evaluation report"), f"evaluation report {report_path}"),
         "plots": sorted(p.name for p in eval_dir.glob("*.png")) if eval_dir.is_dir() else [],
         "has_chat_template": (model_dir / "chat_template.jinja").is_file()
         or "chat_template" in _optional_json(model_dir / "tokenizer_config.json", "tokenizer config"),
@@ -420,62 +416,67 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
 
 
 # ----------------------------------------------------------------------------------- evaluation
-def _rate_and_n(value):
-    if isinstance(value, dict):
-        return _num(value.get("rate")), value.get("n")
-    return _num(value), None
-
-
-def eval_view(report: dict, guardrail_names: list[str], scores_in_use: set[str]) -> dict:
-    """The evaluation section: results table, trigger-rate table, dilution lines (all formatted)."""
-    rows = [r for r in (report.get("results") or []) if isinstance(r, dict) and "dataset" in r and "metric" in r]
-    columns = [k for k in MODEL_COLUMNS if any(_num(r.get(k)) is not None for r in rows)]
-    delta = "base" in columns and "dsg" in columns
+def _results_view(report: dict) -> dict:
+    """The results table: base, DSG, DSG − base, then one column per baseline; a model column only where
+    some row has a number for it."""
+    rows = report.get("results") or []
+    columns = [(k, h) for k, h in model_columns(report) if any(_num(row_value(r, k)) is not None for r in rows)]
+    keys = [k for k, _ in columns]
+    delta = "base" in keys and "dsg" in keys
+    split = sum(k in MODELS for k in keys)  # base and DSG come first, the baselines after "DSG − base"
+    header = [h for _, h in columns[:split]] + (["DSG − base"] if delta else []) + [md_cell(h) for _, h in columns[split:]]
     results = []
     for r in rows:
         arrow = {True: " ↑", False: " ↓"}.get(r.get("higher_is_better"), "")
-        cells = [fmt(r.get(k)) for k in columns]
+        cells = [fmt(row_value(r, k)) for k in keys]
         if delta:
             b, d = _num(r.get("base")), _num(r.get("dsg"))
-            cells.append(f"{d - b:+.3f}" if b is not None and d is not None else NOT_MEASURED)
+            cells.insert(split, f"{d - b:+.3f}" if b is not None and d is not None else NOT_MEASURED)
         results.append({"dataset": md_cell(r["dataset"]), "metric": md_cell(f"{r['metric']}{arrow}"),
                         "n": fmt(r.get("n"), missing=""), "cells": cells})
-    header = [MODEL_COLUMNS[k] for k in columns] + (["DSG − base"] if delta else [])
+    sources = report.get("baseline_models") or {}
+    baselines = [{"name": md_cell(name), "source": short_source(sources[name]) if name in sources else None}
+                 for name in report.get("baselines") or []]
+    return {"results_header": header, "results": results, "show_n": any(r["n"] for r in results), "baselines": baselines}
 
-    rates = report.get("trigger_rates") if isinstance(report.get("trigger_rates"), dict) else {}
-    rate_names = list(guardrail_names) or sorted({g for v in rates.values() if isinstance(v, dict) for g in v})
-    trigger_rows = []
+
+def _trigger_view(report: dict, guardrail_names: list[str]) -> dict:
+    rates = report.get("trigger_rates") or {}
+    names = list(guardrail_names) or sorted({g for per_guard in rates.values() for g in per_guard})
+    rows = []
     for dataset, per_guard in rates.items():
-        if not isinstance(per_guard, dict):
-            continue
         cells = []
-        for g in rate_names:
-            rate, n = _rate_and_n(per_guard.get(g))
-            cells.append(pct(rate) + (f" of {n}" if isinstance(n, int) and rate is not None else ""))
-        trigger_rows.append({"dataset": md_cell(dataset), "cells": cells})
+        for g in names:
+            value = per_guard.get(g) or {}
+            rate = _num(value.get("rate"))
+            cells.append(pct(rate) + (f" of {value['n']}" if rate is not None else ""))
+        rows.append({"dataset": md_cell(dataset), "cells": cells})
+    return {"trigger_header": names, "trigger_rows": rows}
 
-    dilution = report.get("dilution") if isinstance(report.get("dilution"), dict) else {}
-    success = dilution.get("attack_success") if isinstance(dilution.get("attack_success"), dict) else {}
-    dilution_lines = []
-    for score, value in success.items():
-        used = " (the score this model uses)" if score in scores_in_use else ""
-        if isinstance(value, dict):
-            parts = [f"{m}: {pct(v)}" for m, v in value.items() if _num(v) is not None]
-            text = ", ".join(parts)
-        else:
-            text = pct(value)
-        if text and text != NOT_MEASURED:
-            dilution_lines.append(f"score `{score}`{used}: {text}")
-    return {
-        "results_header": header,
-        "results": results,
-        "show_n": any(r["n"] for r in results),
-        "trigger_header": rate_names,
-        "trigger_rows": trigger_rows,
-        "dilution_lines": dilution_lines,
-        "dilution_filler": md_cell(dilution.get("filler")) if dilution.get("filler") else None,
-        "dilution_n": dilution.get("n") if isinstance(dilution.get("n"), int) else None,
-    }
+
+def _dilution_view(report: dict) -> dict | None:
+    """The dilution table and the Limitations sentence's parts; None without a dilution block."""
+    block = report.get("dilution")
+    if not block:
+        return None
+    rows, lines = [], []
+    for row in dilution_rows(block):
+        name, score = md_cell(row["guardrail"]), md_cell(row["score"])
+        none_fired = row["fired_before"] == 0  # attack success is null: nothing to evade
+        cells = ["none fired" if none_fired else pct(v) for _, v in row["attack_success"]]
+        rows.append({"guardrail": name, "score": score, "cells": cells,
+                     "fired": f"{pct(row['undiluted_trigger_rate'])} ({row['fired_before']} of {row['n']})"})
+        if not none_fired:
+            steps = ", ".join(f"{key}: {cell}" for (key, _), cell in zip(row["attack_success"], cells))
+            lines.append(f"guardrail `{name}` (score `{score}`): {steps}")
+    return {"dataset": md_cell(block["dataset"]), "filler": md_cell(block["filler"]), "n": block["n"],
+            "factors": [factor_key(f) for f in block["factors"]], "rows": rows, "lines": lines}
+
+
+def eval_view(report: dict, guardrail_names: list[str]) -> dict:
+    """The evaluation section (a report checked by `report_schema.check_report`): the results table with
+    the baselines, the trigger-rate table, the dilution table and sentence; all numbers formatted."""
+    return {**_results_view(report), **_trigger_view(report, guardrail_names), "dilution": _dilution_view(report)}
 
 
 def eval_results(report: dict, model_name: str) -> list:
@@ -519,8 +520,7 @@ def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_m
     model_name = repo_id.split("/")[-1] if repo_id else Path(model_dir).resolve().name
     base = resolve_base(config, build, base_model, license)
     views = guardrail_views(config, folder["features"], build)
-    scores = {v["score"] for v in views}
-    ev = eval_view(report, [v["name"] for v in views], scores) if report else None
+    ev = eval_view(report, [v["name"] for v in views]) if report else None
     results = eval_results(report, model_name) if report else []
     metadata = {
         "base_model": base["hub_id"],
@@ -549,9 +549,25 @@ def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_m
         "not_measured": NOT_MEASURED,
         "has_build": bool(build),
         "has_features": bool(folder["features"]),
+        "transformers_range": supported_transformers(),
         "max_retain_trigger": pct(max((v["retain_trigger_rate"] for v in views if v["retain_trigger_rate"] is not None), default=None)),
     }
     return metadata, variables
+
+
+def supported_transformers() -> str:
+    """The transformers range the model code is tested on: this package's own requirement (pyproject.toml,
+    checked at both ends by .ci/compat.py), read from the installed metadata."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        found = [Requirement(r) for r in requires("modeling_dsg") or []]
+    except PackageNotFoundError:
+        found = []
+    spec = next((r.specifier for r in found if r.name == "transformers"), None)
+    return ", ".join(sorted((str(s) for s in spec), key=lambda s: not s.startswith(">"))) if spec else NOT_RECORDED
 
 
 def default_template() -> Path:

@@ -3,13 +3,15 @@
 Each subcommand lives in its own module, which provides `configure_parser(parser)` and
 `run(args) -> int | None`. Command modules import their heavy dependencies (torch, sae-lens, ...)
 inside `run`, so building the parser stays quick.
-A `DSGError` (bad input) ends in one `dsg: error: ...` line and exit code 2.
+A `DSGError` (bad input) ends in one `dsg: error: ...` line and exit code 2 (a message that spans lines is
+joined into one). A command's `--device` is checked before the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # not implied by `import importlib` (an editable install's finder imports it)
 import os
 import sys
 
@@ -55,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.shared:
         os.environ["DSG_SHARED_DIR"] = args.shared
     try:
+        if getattr(args, "device", None) is not None:  # an unknown or absent device fails before any work
+            from .sources import check_device
+
+            check_device(args.device)
         code = importlib.import_module(args._module).run(args)
     except DSGError as err:
-        print(f"dsg: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"dsg: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dsg: interrupted", file=sys.stderr)

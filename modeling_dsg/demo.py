@@ -83,13 +83,13 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
     from . import embedded
     from .build import assemble, build_guardrail, write_folder
     from .decisions import guard_decisions
-    from .paths import atomic_output_dir
+    from .outputs import prepare_output
+    from .paths import atomic_output_dir, shared_dir
     from .sources import load_base_model, load_sae, sae_layer
 
     t0 = time.perf_counter()
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    out = prepare_output(out, overwrite, inputs={"the --sae folder": sae, "the shipped SAE folder": SAE_DIR,
+                                                 "the shared models/data folder": shared_dir(required=False)})
     gguf = embedded.gguf_path()
     if not gguf.is_file():
         raise DSGError(f"the embedded model is missing: {gguf}")

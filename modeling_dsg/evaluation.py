@@ -48,16 +48,23 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
     The DSG pass decides per sequence on the whole scored input (the prompt, plus for cloze the choice
     text), in one forward: the guard's decision on a prompt is the one it takes in deployment.
 
+Baselines and dilution
+    `--baseline NAME=DIR` (repeatable) scores another model (an RMU folder, a static build, ...) on the
+    same sets with the DSG model's tokenizer; each results row gets `baselines: {NAME: value}`.
+    `--dilution` runs the dilution attack on the forget prompts (`eval_dilution`): 1x/2x/5x their length
+    of filler in front, and per dynamic guardrail the fraction of the prompts that fired that no longer fire.
+
 Outputs (REPORT_DIR, written atomically)
-    report.json  the schema `cards.py` reads (results rows {dataset, metric, base, dsg, n,
-                 higher_is_better, dataset_id?, dataset_config?, dataset_split?}, trigger_rates
-                 {dataset: {guardrail: {rate, fired, n}}}), plus trigger_rates_by_subject,
+    report.json  the schema of `report_schema` (checked before writing; `cards.py` reads it): schema_version,
+                 model, results rows {dataset, metric, base, dsg, n, higher_is_better, baselines,
+                 dataset_id?, dataset_config?, dataset_split?}, baselines, baseline_models?, trigger_rates
+                 {dataset: {guardrail: {rate, fired, n}}}, dilution?, plus trigger_rates_by_subject,
                  accuracy_by_subject, known_filter, rho summaries, metrics (every number), datasets,
-                 guardrails, settings, timings and versions. Numbers that cannot be computed are null.
+                 guardrails, settings, timings, plots and versions. Numbers that cannot be computed are null.
     *.png        rho_<guardrail>.png (forget and retain rho histograms with the tau line),
                  trigger_rates_<guardrail>.png (per subject), tradeoff_accuracy.png and
                  tradeoff_cloze.png (forget metric against retain metric, base and DSG).
-    summary.md   the results and trigger-rate tables in Markdown.
+    summary.md   the results, trigger-rate, dilution and known-filter tables in Markdown.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ from pathlib import Path
 
 from .errors import DSGError
 from .paths import REPO_ROOT
+from .report_schema import (MODELS, SCHEMA_VERSION, check_report, dilution_rows, factor_key, model_columns,
+                            result_row, row_value)
 
 LETTERS = "ABCD"
 PREAMBLE = "The following are multiple choice questions (with answers) about {topic}.\n\n"
@@ -104,6 +113,7 @@ class EvalOptions:
     retain_name: str | None = None
     text_name: str | None = None
     progress: bool = True            # tqdm bars on the long steps
+    dilution: bool = False           # also run the dilution attack on the forget prompts (`eval_dilution`)
 
 
 def check_options(o: EvalOptions) -> None:
@@ -191,17 +201,16 @@ def load_mcq(spec: str, role: str, *, name: str | None = None, limit: int | None
     path = Path(spec).expanduser()
     hub = {}
     if path.suffix.lower() in (".jsonl", ".parquet", ".json", ".txt", ".csv") or path.exists() or spec.startswith((".", "/", "~")):
+        if path.is_dir():
+            raise DSGError(f"--{role}-mcq {spec} is a folder, not a file")
         if not path.is_file():
             raise DSGError(f"--{role}-mcq {spec} does not exist")
         if path.suffix.lower() == ".jsonl":
             records = read_jsonl(path)
         elif path.suffix.lower() == ".parquet":
-            import datasets
+            from .sources import read_parquet
 
-            try:
-                records = datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
-            except Exception as err:
-                raise DSGError(f"cannot read {spec}: {err}") from None
+            records = read_parquet(path, spec)
         else:
             raise DSGError(f"--{role}-mcq {spec}: expected a .jsonl or .parquet file (or a Hub data set id)")
         default_name = path.stem
@@ -624,8 +633,8 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
             n = metrics_base[kind]["n"]
             if n == 0:
                 continue
-            report["results"].append({"dataset": label, "metric": metric, "base": metrics_base[kind][key],
-                                      "dsg": metrics_dsg[kind][key], "n": n, "higher_is_better": True, **hub})
+            report["results"].append(result_row(label, metric, metrics_base[kind][key], metrics_dsg[kind][key],
+                                                n=n, higher_is_better=True, hub=hub))
 
     def add_rates(label, decisions, mask=None, groups=None):
         fired = {g: d["fired"] if mask is None else d["fired"][mask] for g, d in decisions.items()}
@@ -689,8 +698,8 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
         nb, nd = token_nll(b_sum, b_count), token_nll(d_sum, d_count)
         report["datasets"][label] = {"role": "text", "n": len(text), "tokens": nb["n_tokens"]}
         report["metrics"][label] = {"base": nb, "dsg": nd, "loss_added": nd["nll_per_token"] - nb["nll_per_token"]}
-        report["results"].append({"dataset": label, "metric": "NLL per token", "base": nb["nll_per_token"],
-                                  "dsg": nd["nll_per_token"], "n": len(text), "higher_is_better": False})
+        report["results"].append(result_row(label, "NLL per token", nb["nll_per_token"], nd["nll_per_token"],
+                                            n=len(text), higher_is_better=False))
         add_rates(label, decisions)
         report["rho"][label] = {g: summarize(d["rho"]) for g, d in decisions.items()}
         arrays["rho"]["text"] = {g: d["rho"] for g, d in decisions.items()}
@@ -766,18 +775,21 @@ def _num(x, digits=3) -> str:
 
 
 def summary_markdown(report: dict) -> str:
-    """The results, trigger-rate and known-filter tables of a report, in Markdown."""
+    """The results, trigger-rate, dilution and known-filter tables of a report, in Markdown."""
+    columns = model_columns(report)
+    models, others = columns[:len(MODELS)], columns[len(MODELS):]  # base and DSG; the baselines
     lines = [f"# DSG evaluation: {report.get('model', '')}", "",
              "Base model and DSG model side by side (same instance, guardrails off / on).", "",
-             "| dataset | metric | n | base | DSG | DSG − base |" + "".join(f" {_cell(b)} |" for b in report.get("baselines", [])),
-             "|---|---|---:|---:|---:|---:|" + "---:|" * len(report.get("baselines", []))]
+             "| dataset | metric | n |" + "".join(f" {_cell(h)} |" for _, h in models) + " DSG − base |"
+             + "".join(f" {_cell(h)} |" for _, h in others),
+             "|---|---|---:|" + "---:|" * (len(models) + 1 + len(others))]
     for r in report["results"]:
         arrow = " ↑" if r.get("higher_is_better") else " ↓"
         b, d = r.get("base"), r.get("dsg")
         delta = f"{d - b:+.3f}" if b is not None and d is not None else "n/a"
-        extra = "".join(f" {_num(r.get('baselines', {}).get(name))} |" for name in report.get("baselines", []))
-        lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} | {_num(b)} | {_num(d)} | {delta} |"
-                     + extra)
+        lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} |"
+                     + "".join(f" {_num(row_value(r, key))} |" for key, _ in models) + f" {delta} |"
+                     + "".join(f" {_num(row_value(r, key))} |" for key, _ in others))
     names = [g["name"] for g in report.get("guardrails", [])]
     if report["trigger_rates"] and names:
         lines += ["", "## Guardrail trigger rates", "", "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -786,6 +798,17 @@ def summary_markdown(report: dict) -> str:
             cells = [f"{100 * per[n]['rate']:.1f}% of {per[n]['n']}" if per.get(n, {}).get("rate") is not None else "n/a"
                      for n in names]
             lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
+    if report.get("dilution"):
+        block = report["dilution"]
+        keys = [factor_key(f) for f in block["factors"]]
+        lines += ["", "## Dilution attack", "",
+                  f"{block['n']} prompts of {_cell(block['dataset'])} with filler from {_cell(block['filler'])} in front, "
+                  "k times their length. Attack success: of the prompts that fired undiluted, the fraction that no "
+                  "longer fire.", "", "| guardrail | score | fired undiluted |" + "".join(f" {k} |" for k in keys),
+                  "|---|---|---:|" + "---:|" * len(keys)]
+        for row in dilution_rows(block):
+            lines.append(f"| `{_cell(row['guardrail'])}` | `{_cell(row['score'])}` | {_num(row['fired_before'])} of "
+                         f"{_num(row['n'])} |" + "".join(f" {_num(v)} |" for _, v in row["attack_success"]))
     if report["known_filter"]:
         lines += ["", "## Known questions (base correct under every permutation)", "",
                   "| dataset | permutations | kept | of |", "|---|---:|---:|---:|"]
@@ -850,8 +873,9 @@ def write_report(report: dict, arrays: dict, folder: Path) -> None:
     start = time.perf_counter()
     report["plots"] = write_plots(report, arrays, folder)
     report["timings"]["plots_s"] = time.perf_counter() - start
-    (folder / REPORT_FILE).write_text(json.dumps(_clean(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (folder / SUMMARY_FILE).write_text(summary_markdown(_clean(report)), encoding="utf-8")
+    clean = check_report(_clean(report), REPORT_FILE)  # what is written follows `report_schema`
+    (folder / REPORT_FILE).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (folder / SUMMARY_FILE).write_text(summary_markdown(clean), encoding="utf-8")
 
 
 def _versions() -> dict:
@@ -866,17 +890,10 @@ def _versions() -> dict:
 def load_dsg(folder, *, device: str = "cpu", dtype: str = "float32"):
     """A DSG model folder as (DSGForCausalLM in eval mode, tokenizer); a bad folder is a DSGError."""
     import torch
-    from transformers import AutoTokenizer
 
-    from . import DSGForCausalLM
-    from .cards import check_dsg_folder
+    from .sources import load_dsg_model
 
-    check_dsg_folder(folder)
-    try:
-        model = DSGForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype)).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (ValueError, OSError) as err:
-        raise DSGError(f"cannot load the DSG model in {folder}: {err}") from None
+    model, tokenizer, _ = load_dsg_model(folder, device=device, dtype=getattr(torch, dtype))
     return model, tokenizer
 
 
@@ -891,6 +908,9 @@ def parse_baselines(specs) -> dict:
             raise DSGError(f"--baseline name {name!r} is used twice or is reserved (base, DSG)")
         if not (Path(folder).expanduser() / "config.json").is_file():
             raise DSGError(f"--baseline {name}: {folder} is not a model folder (no config.json)")
+        from .sources import check_weight_files
+
+        check_weight_files(Path(folder).expanduser(), f"--baseline {name}")  # before the long scoring, not after
         out[name.strip()] = str(Path(folder).expanduser())
     return out
 
@@ -899,24 +919,34 @@ def load_baseline(folder, *, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=True).to(device).eval()
-    except (ValueError, OSError) as err:
-        raise DSGError(f"cannot load the baseline model in {folder}: {err}") from None
+    from .sources import LOAD_ERRORS, check_weight_files, one_line, quiet_transformers, to_device
+
+    what = f"the baseline model in {folder}"
+    check_weight_files(Path(folder), what)
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=True)
+        except LOAD_ERRORS as err:
+            raise DSGError(f"cannot load {what}: {one_line(err)}") from None
+    return to_device(model, device, what).eval()
 
 
 def evaluate_folder(model_dir, forget: str, retain: str, out, *, text: str | None = None,
                     options: EvalOptions | None = None, overwrite: bool = False, baselines=None) -> dict:
     """The Python API of `dsg eval`: evaluate a DSG model folder and write REPORT_DIR. Returns the report."""
     from .cards import check_dsg_folder
+    from .eval_dilution import check_dilution, filler_texts, measure_dilution
+    from .outputs import prepare_output
     from .paths import atomic_output_dir
 
     options = options or EvalOptions()
     check_options(options)
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    check_dsg_folder(model_dir)
+    out = prepare_output(out, overwrite, flag="--out", nested_ok=[Path(model_dir).expanduser() / "eval"], inputs={
+        "the model folder DIR": model_dir, "the --forget-mcq source": forget, "the --retain-mcq source": retain,
+        "the --text source": text, "the --baseline folder": list(parse_baselines(baselines).values())})
+    config = check_dsg_folder(model_dir)
+    if options.dilution:
+        check_dilution(config.get("guardrails") or [])
     baseline_dirs = parse_baselines(baselines)
     # the cheap inputs first, so that a bad one fails before the model is loaded
     forget_set = load_mcq(forget, "forget", name=options.forget_name, limit=options.limit)
@@ -939,8 +969,14 @@ def evaluate_folder(model_dir, forget: str, retain: str, out, *, text: str | Non
                                f"the DSG model's ({vocab}); baselines are scored with the DSG model's tokenizer")
         add_baselines(report, others, tokenizer, forget_set, retain_set, texts, options, text_name=text_name)
         report["baseline_models"] = baseline_dirs
+    if options.dilution:
+        dilution_start = time.perf_counter()
+        filler, filler_name = filler_texts(retain_set, texts, text_name)
+        report["dilution"] = measure_dilution(model, tokenizer, forget_set, filler, filler_name, options, report["guardrails"])
+        report["timings"]["dilution_s"] = time.perf_counter() - dilution_start
     report["timings"] = {"load_s": load_s, **report["timings"], "total_scoring_s": time.perf_counter() - start}
-    report = {"model": str(Path(model_dir).expanduser().resolve()), **report, "versions": _versions()}
+    report = {"schema_version": SCHEMA_VERSION, "model": str(Path(model_dir).expanduser().resolve()), "baselines": [],
+              **report, "versions": _versions()}
     if text:
         report["datasets"][f"{text_name} (text)"]["source"] = str(text)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -972,6 +1008,9 @@ def configure_parser(p):
                    help="cloze scoring: the correct choice's text only (default), every choice (adds cloze accuracy; "
                         "4 forwards per question), or none")
     p.add_argument("--text-max-tokens", type=int, default=d.text_max_tokens, help="cut each text to this many tokens")
+    p.add_argument("--dilution", action="store_true",
+                   help="also run the dilution attack: forget prompts with 1x/2x/5x their length of filler (the --text "
+                        "source, else the retain questions) in front; how many that fired no longer fire")
     p.add_argument("--forget-name", help="name of the forget set in the report (default: the file stem)")
     p.add_argument("--retain-name", help="name of the retain set in the report")
     p.add_argument("--text-name", help="name of the text set in the report")
@@ -985,7 +1024,7 @@ def options_from_args(args) -> EvalOptions:
                        known_filter=args.known_filter, permutations=args.permutations, cloze=args.cloze,
                        text_max_tokens=args.text_max_tokens, device=args.device, dtype=args.dtype,
                        forget_name=args.forget_name, retain_name=args.retain_name, text_name=args.text_name,
-                       progress=args.progress)
+                       progress=args.progress, dilution=args.dilution)
 
 
 def run(args):

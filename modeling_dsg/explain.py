@@ -30,7 +30,7 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
         model(**enc)
     ids = enc["input_ids"][0].tolist()
     tokens = [tokenizer.decode([i]) for i in ids]
-    by_name = {g["name"]: g for g in (features_info or {}).get("guardrails", [])}
+    by_name = {g.get("name"): g for g in (features_info or {}).get("guardrails", []) if isinstance(g, dict)}
     out = []
     for record, guard in zip(records, model.guards):
         acts = record["acts"][0].float().cpu()
@@ -40,7 +40,7 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
             active = [(guard.features[j], float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]
             rows.append({"position": pos, "token": tokens[pos],
                          "features": [{"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])]})
-        known = {f["index"]: f for f in by_name.get(guard.name, {}).get("features", [])}
+        known = {f.get("index"): f for f in by_name.get(guard.name, {}).get("features", []) if isinstance(f, dict)}
         fired = set(f["index"] for r in rows for f in r["features"])
         out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode,
                     "rho": float(record["rho"][0]), "tau": guard.threshold, "fired": bool(record["fired"][0]),
@@ -51,7 +51,8 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
 
 def _distinct_tokens(feature: dict, k: int = 5) -> list[str]:
     """The first k distinct tokens among a feature's top activations (features.json), best first."""
-    return list(dict.fromkeys(t["token"] for t in feature.get("top_tokens", [])))[:k]
+    top = feature.get("top_tokens") or []
+    return list(dict.fromkeys(t["token"] for t in top if isinstance(t, dict) and isinstance(t.get("token"), str)))[:k]
 
 
 def format_report(results: list[dict]) -> str:
@@ -70,30 +71,35 @@ def format_report(results: list[dict]) -> str:
 
 
 def load_for_explain(folder):
-    from transformers import AutoTokenizer
-
-    from . import DSGForCausalLM
+    from .build import FEATURES_FILE, read_record
+    from .sources import load_dsg_model, read_json_file
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise DSGError(f"{folder} is not a model folder (no config.json)")
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise DSGError(f"{folder}/config.json is not a valid config: {err}") from None
+    config = read_json_file(folder / "config.json", "model config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise DSGError(f"{folder}/config.json is not a valid config: it holds a JSON {type(config).__name__}, not an object")
     if model_type != "dsg":
         raise DSGError(f"{folder} is not a DSG model (model_type {model_type!r}); build one with `dsg build`")
-    try:
-        model = DSGForCausalLM.from_pretrained(folder).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (ValueError, OSError) as err:
-        raise DSGError(f"cannot load the DSG model in {folder}: {err}") from None
-    info_path = folder / "features.json"
-    try:
-        info = json.loads(info_path.read_text()) if info_path.is_file() else None
-    except json.JSONDecodeError as err:
-        raise DSGError(f"{info_path} is not valid JSON: {err}") from None
+    info = read_record(folder / FEATURES_FILE)  # a misshapen features.json fails before the model loads
+    model, tokenizer, _ = load_dsg_model(folder, device=None)
     return model, tokenizer, info
+
+
+def read_text_arg(text: str) -> str:
+    """The TEXT argument; '-' reads standard input, which must be UTF-8."""
+    import sys
+
+    if text != "-":
+        return text
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (tests, embedding)
+        return sys.stdin.read()
+    from .sources import decode_text
+
+    return decode_text(buffer.read(), "standard input")
 
 
 def configure_parser(p):
@@ -104,9 +110,10 @@ def configure_parser(p):
 
 
 def run(args):
-    import sys
-
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_text_arg(args.text)
     model, tokenizer, info = load_for_explain(args.dir)
     results = explain(model, tokenizer, text, chat=args.chat, features_info=info)
+    if not results and not args.json:
+        print(f"{args.dir} has no guardrails: nothing to explain")
+        return
     print(json.dumps(results, indent=2) if args.json else format_report(results))

@@ -1,9 +1,17 @@
-"""Where things live: the shared data folder, the cache, and safe output folders.
+"""Where things live: the files the package ships, the shared data folder, the cache, safe output folders.
+
+Shipped files (the trained SAE, the model-card template, the `evaluate` metric module) live in the
+repository as `examples/sae/`, `hub_cards/` and `metrics/dsg_unlearning/`. A wheel (`pip install .`)
+carries copies of them inside the package, under `modeling_dsg/_bundled/` with the same layout
+(mapped in pyproject.toml's `[tool.setuptools.package-dir]`). `RESOURCE_ROOT` is the folder that holds
+that layout: the bundle when the package has one (an ordinary install), else the checkout (a source
+tree or an editable install). `REPO_ROOT` is the same folder under its older name; use `resource()`
+for a path that must exist.
 
 The shared folder (models and data sets that are not part of the repository) is found in this order:
 1. the `DSG_SHARED_DIR` environment variable (or a `--shared` flag that sets it);
 2. `../shared` next to the current directory;
-3. `../shared` next to the repository that holds this package.
+3. `../shared` next to the repository that holds this package (a checkout or an editable install).
 """
 
 from __future__ import annotations
@@ -16,7 +24,31 @@ from pathlib import Path
 
 from .errors import DSGError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DIR = PACKAGE_DIR / "_bundled"  # only in an installed wheel; never in the repository
+# The checkout that holds this package (source tree or editable install); None in an ordinary install.
+CHECKOUT_DIR: Path | None = None if BUNDLED_DIR.is_dir() else PACKAGE_DIR.parent
+RESOURCE_ROOT = BUNDLED_DIR if CHECKOUT_DIR is None else CHECKOUT_DIR
+REPO_ROOT = RESOURCE_ROOT  # older name, still used by demo.py, cards.py and evaluation.py
+
+# What the package ships, relative to RESOURCE_ROOT (pyproject.toml maps each into the wheel).
+SHIPPED = {
+    "sae": Path("examples", "sae"),                          # the SAE `dsg demo` uses
+    "card_template": Path("hub_cards", "dsg_model_card.md"),  # model cards (cards.py)
+    "metric": Path("metrics", "dsg_unlearning"),             # the `evaluate` module of `dsg eval`
+}
+
+
+def resource(name: str) -> Path:
+    """The path of a shipped file or folder (a key of `SHIPPED`); `DSGError` with what to do if it is missing."""
+    path = RESOURCE_ROOT / SHIPPED[name]
+    if not path.exists():
+        where = "this installation" if CHECKOUT_DIR is None else f"the checkout {CHECKOUT_DIR}"
+        raise DSGError(
+            f"{SHIPPED[name].as_posix()} is missing from {where} (looked for {path}); reinstall modeling_dsg "
+            "from a complete checkout (`pip install .` in it) or run from the checkout"
+        )
+    return path
 
 
 def shared_dir(required: bool = True) -> Path | None:
@@ -29,7 +61,8 @@ def shared_dir(required: bool = True) -> Path | None:
         if required:
             raise DSGError(f"DSG_SHARED_DIR={env} is not a folder")
         return None
-    for candidate in (Path.cwd().parent / "shared", REPO_ROOT.parent / "shared"):
+    candidates = [Path.cwd().parent / "shared"] + ([CHECKOUT_DIR.parent / "shared"] if CHECKOUT_DIR else [])
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
     if required:

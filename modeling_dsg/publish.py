@@ -7,7 +7,10 @@ Steps, in order (the first failure ends the run with one `DSGError`; nothing is 
 
 1. **Inputs.** DIR must be a DSG model folder (config.json with model_type "dsg", the code modules its
    `auto_map` names and their single-dot relative imports, safetensors weights, tokenizer files);
-   the repo id must be OWNER/NAME.
+   the repo id must be OWNER/NAME; `--verify-timeout` a finite number of seconds > 0. The code files must
+   be byte-identical to the ones this package ships (configuration_dsg.py, modeling_dsg.py, guard_dsg.py,
+   sae_dsg.py): step 4 runs them, and the Hub serves them to every user. Code that differs, or modules
+   the package does not ship, are refused unless `--allow-custom-code` is given.
 2. **Hub access** (skipped by `--dry-run`). The token is `--token`, else `HF_TOKEN`, else the saved login
    (`huggingface_hub.get_token()`); none is an error at once. Then the Hub must answer within seconds:
    a TCP connection to the endpoint (`HF_ENDPOINT`, default https://huggingface.co) with a
@@ -48,6 +51,7 @@ from urllib.parse import urlparse
 
 from .cards import check_dsg_folder, read_json, render_card
 from .errors import DSGError
+from .outputs import prepare_output
 from .paths import atomic_output_dir
 
 HUB_TIMEOUT_S = 3.0
@@ -122,6 +126,45 @@ def code_files(model_dir: Path, config: dict) -> list[str]:
             if p.name not in files:
                 files.append(p.name)
     return sorted(files)
+
+
+SHIPPED_CODE = ("configuration_dsg.py", "modeling_dsg.py", "guard_dsg.py", "sae_dsg.py")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def custom_code(model_dir: Path, config: dict) -> list[str]:
+    """The folder's code files (`code_files`) that are not byte-identical to this package's own."""
+    differ = []
+    for name in code_files(model_dir, config):
+        shipped = PACKAGE_DIR / name
+        if name not in SHIPPED_CODE or not shipped.is_file() or (model_dir / name).read_bytes() != shipped.read_bytes():
+            differ.append(name)
+    return differ
+
+
+def check_code(model_dir: Path, config: dict, allow_custom_code: bool = False) -> list[str]:
+    """Refuse a folder whose code differs from the package's before anything runs it; returns what differs."""
+    differ = custom_code(model_dir, config)
+    if differ and not allow_custom_code:
+        names = ", ".join(differ)
+        raise DSGError(f"{model_dir}: its code ({names}) is not byte-identical to the code modeling_dsg "
+                       f"{_version()} ships; verifying would run it and the Hub would serve it to every user. "
+                       "Rebuild the folder with this version, or pass --allow-custom-code to publish it as it is")
+    return differ
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def check_verify_timeout(seconds) -> float:
+    import math
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        raise DSGError(f"--verify-timeout must be a finite number of seconds > 0, got {seconds}")
+    return float(seconds)
 
 
 def _tokenizer_config(model_dir: Path) -> dict:
@@ -361,7 +404,7 @@ def upload(api, staged: Path, files: list[str], repo_id: str, *, token: str, pri
 def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run=None,
             token: str | None = None, api=None, overwrite: bool = False, eval_dir=None,
             base_model: str | None = None, license: str | None = None, commit_message: str | None = None,
-            verify_timeout: float = VERIFY_TIMEOUT_S) -> dict:
+            verify_timeout: float = VERIFY_TIMEOUT_S, allow_custom_code: bool = False) -> dict:
     """Stage, verify and (unless `dry_run`) upload a DSG model folder. See the module docstring.
 
     Args:
@@ -375,6 +418,7 @@ def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | N
         api: an `HfApi` to use (default one for HF_ENDPOINT).
         eval_dir: the `dsg eval` output folder (default `<model_dir>/eval`).
         base_model, license: the base model's Hub id and license, when the folder cannot tell.
+        allow_custom_code: publish code files that differ from this package's (else a `DSGError`).
 
     Returns a dict: repo_id, private, revision, dry_run, staging (the STAGING path for a dry run, else
     None), files ({path: bytes}), total_bytes, verified (the subprocess's report), and for an upload
@@ -383,24 +427,22 @@ def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | N
     from huggingface_hub import HfApi
 
     model_dir = Path(model_dir).expanduser()
-    check_dsg_folder(model_dir)
+    config = check_dsg_folder(model_dir)
     repo_id = check_repo_id(repo_id)
+    verify_timeout = check_verify_timeout(verify_timeout)
+    custom = check_code(model_dir, config, allow_custom_code)
     if revision is not None and (not isinstance(revision, str) or not revision.strip() or " " in revision):
         raise DSGError(f"bad revision {revision!r}: expected a branch name")
     result = {"repo_id": repo_id, "private": bool(private), "revision": revision, "dry_run": dry_run is not None}
 
     if dry_run is not None:
-        staging = Path(dry_run).expanduser().resolve()
-        if staging == model_dir.resolve() or model_dir.resolve() in staging.parents:
-            raise DSGError(f"the staging folder {staging} must be outside the model folder {model_dir}")
-        empty = staging.is_dir() and not any(staging.iterdir())
-        if staging.exists() and not empty and not overwrite:
-            raise DSGError(f"staging folder {staging} already exists and is not empty (pass --overwrite to replace it)")
+        staging = prepare_output(dry_run, overwrite, flag="--dry-run", kind="staging folder", empty_ok=True,
+                                 inputs={"the model folder": model_dir, "the --eval folder": eval_dir})
         with atomic_output_dir(staging, overwrite=True) as tmp:
             files = stage(model_dir, tmp, repo_id, eval_dir=eval_dir, base_model=base_model, license=license)
             verified = verify(tmp, verify_timeout)
         return {**result, "staging": str(staging), "files": files, "total_bytes": sum(files.values()),
-                "verified": verified}
+                "verified": verified, "custom_code": custom}
 
     token = find_token(token)
     api = api if api is not None else HfApi(endpoint=_endpoint())
@@ -421,7 +463,7 @@ def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | N
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {**result, "staging": None, "files": files, "total_bytes": sum(files.values()), "verified": verified,
-            **uploaded}
+            "custom_code": custom, **uploaded}
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -457,13 +499,18 @@ def configure_parser(parser) -> None:
     parser.add_argument("--commit-message", metavar="MSG", help="the commit message")
     parser.add_argument("--verify-timeout", type=float, default=VERIFY_TIMEOUT_S, metavar="S",
                         help=f"seconds allowed for the load check (default {VERIFY_TIMEOUT_S:g})")
+    parser.add_argument("--allow-custom-code", action="store_true",
+                        help="publish (and run, to verify) code files that differ from the ones this package ships")
 
 
 def run(args) -> int:
     result = publish(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
                      dry_run=args.dry_run, token=args.token, overwrite=args.overwrite, eval_dir=args.eval_dir,
                      base_model=args.base_model, license=args.license, commit_message=args.commit_message,
-                     verify_timeout=args.verify_timeout)
+                     verify_timeout=args.verify_timeout, allow_custom_code=args.allow_custom_code)
+    if result["custom_code"]:
+        print(f"note: published code that differs from modeling_dsg's own: {', '.join(result['custom_code'])} "
+              "(--allow-custom-code)")
     v = result["verified"]
     print(f"verified: {v.get('class')} loads with trust_remote_code in a clean process "
           f"({v.get('seconds')} s, logits {v.get('logits_shape')})")

@@ -253,17 +253,17 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
 
     from . import embedded
     from .build import BuildOptions, assemble, gather_statistics, guardrail_build
-    from .demo import DEMO_OPTIONS, default_sae
-    from .paths import atomic_output_dir
+    from .demo import DEMO_OPTIONS, SAE_DIR, default_sae
+    from .outputs import prepare_output
+    from .paths import atomic_output_dir, shared_dir
     from .rmu import RMUOptions, rmu_unlearn
     from .sources import load_base_model, load_sae, sae_layer
     from .sweep import SweepOptions, score_set, sweep_model, write_outputs
     from .evaluation import EvalOptions
 
     options = options or ResultsOptions()
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    out = prepare_output(out, overwrite, inputs={"the shared models/data folder": shared_dir(required=False),
+                                                 "the shipped SAE folder": SAE_DIR})
     if not embedded.gguf_path().is_file():
         raise DSGError(f"the embedded model is missing: {embedded.gguf_path()}")
     t_all = time.perf_counter()

@@ -115,6 +115,12 @@ def default_layer(n_layers: int) -> int:
 
 
 def _check_options(options: RMUOptions) -> None:
+    import math
+
+    for flag in ("lr", "alpha", "multiplier", "steering_coeff"):
+        value = getattr(options, flag)
+        if value is not None and not math.isfinite(value):
+            raise DSGError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
     checks = [
         (options.steps >= 1, f"steps must be at least 1, got {options.steps}"),
         (options.batch_size >= 1, f"batch_size must be at least 1, got {options.batch_size}"),
@@ -385,6 +391,10 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
                 h_r_frozen = hidden(r_ids, r_mask, frozen)
             retain_loss = _masked_mse(h_r.float() - h_r_frozen.float(), r_keep)
             loss = forget_loss + options.alpha * retain_loss
+            if not torch.isfinite(loss):  # diverged: stop at once (run_rmu then writes nothing)
+                raise DSGError(f"RMU diverged at step {len(losses['forget']) + 1}: the loss is {loss.item():g} "
+                               f"(lr {options.lr:g}, c = {coeff:.4g}, alpha {options.alpha:g}); lower --lr or "
+                               "--steering-coeff")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -449,14 +459,14 @@ def run_rmu(base: str, forget, retain, out, options: RMUOptions | None = None, o
     unlearned model, its tokenizer and `rmu.json` (the `rmu_unlearn` record plus the sources and the
     total wall time including loading); it is written atomically. Returns that record.
     """
+    from .outputs import prepare_output
     from .paths import atomic_output_dir
     from .sources import load_base_model
 
     options = options or RMUOptions()
     _check_options(options)
-    out_path = Path(out).expanduser().resolve()
-    if out_path.exists() and not overwrite:
-        raise DSGError(f"output folder {out_path} already exists (pass --overwrite to replace it)")
+    out_path = prepare_output(out, overwrite, inputs={"the --base model": base, "the --forget source": forget,
+                                                      "the --retain source": retain})
     start = time.perf_counter()
     forget_texts, forget_specs = _load_sources(forget, text_field)  # cheap inputs first
     retain_texts, retain_specs = _load_sources(retain, text_field)
@@ -465,11 +475,30 @@ def run_rmu(base: str, forget, retain, out, options: RMUOptions | None = None, o
     info = rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options)
     info.update(base_model=str(base), forget_sources=forget_specs, retain_sources=retain_specs,
                 load_s=load_s, total_s=time.perf_counter() - start)
+    check_rmu_finite(model, info)
     with atomic_output_dir(out_path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RMU_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def check_rmu_finite(model, info: dict) -> None:
+    """The unlearned weights (and the run's losses) are finite: a diverged run writes nothing."""
+    import math
+
+    from .sources import check_finite
+
+    hint = (f"RMU diverged (lr {info['options']['lr']:g}, c = {info['steering_coeff']:.4g}, alpha {info['alpha']:g}); "
+            "lower --lr or --steering-coeff. Nothing was written")
+    try:
+        check_finite(model.state_dict().items(), "the unlearned model")
+    except DSGError as err:
+        raise DSGError(f"{err}: {hint}") from None
+    for term in ("forget", "retain"):
+        bad = [i for i, v in enumerate(info["losses"][term]) if not math.isfinite(v)]
+        if bad:
+            raise DSGError(f"the {term} term is not finite from step {bad[0] + 1}: {hint}")
 
 
 # ------------------------------------------------------------------------------------- the CLI

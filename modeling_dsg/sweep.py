@@ -68,10 +68,14 @@ class SweepOptions:
 
 
 def check_options(o: SweepOptions) -> None:
+    from .configuration_dsg import MAX_CLAMP
+
     checks = [
         (len(o.modes) > 0 and set(o.modes) <= {"dynamic", "static"}, f"--modes must be dynamic and/or static, got {list(o.modes)}"),
         (len(o.n_features) > 0 and all(int(n) >= 1 for n in o.n_features), f"--n-features must be integers >= 1, got {list(o.n_features)}"),
         (len(o.clamps) > 0 and all(0 < float(c) < float("inf") for c in o.clamps), f"--clamps must be finite numbers > 0, got {list(o.clamps)}"),
+        (all(float(c) <= MAX_CLAMP for c in o.clamps), f"--clamps must be at most {MAX_CLAMP:g} (the model config's bound), "
+                                                        f"got {list(o.clamps)}"),
         (len(o.ratio_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.ratio_percentiles),
          f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}"),
         (o.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {o.metric!r}"),
@@ -359,8 +363,10 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
     """The Python API of `dsg sweep`."""
     import torch
 
-    from .build import BuildOptions, _check_options, _texts, assemble, gather_statistics, guardrail_build, write_folder
+    from .build import (BuildOptions, _check_options, _texts, assemble, check_build_finite, check_sae_options,
+                        gather_statistics, guardrail_build, guardrail_sae, write_folder)
     from .evaluation import load_mcq
+    from .outputs import prepare_output
     from .paths import atomic_output_dir
     from .sources import load_base_model, load_sae, sae_layer
 
@@ -368,16 +374,21 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
     options.build = options.build or BuildOptions()
     check_options(options)
     _check_options(options.build)
-    out = Path(out).expanduser().resolve()
-    targets = [out] + ([Path(save_best).expanduser().resolve()] if save_best else [])
-    for target in targets:
-        if target.exists() and not overwrite:
-            raise DSGError(f"output folder {target} already exists (pass --overwrite to replace it)")
+    inputs = {"the --base model": base, "the --sae folder": sae, "the --forget source": forget,
+              "the --retain source": retain, "the --forget-mcq source": forget_mcq, "the --retain-mcq source": retain_mcq}
+    out = prepare_output(out, overwrite, inputs={**inputs, "the --save-best folder": save_best})
+    if save_best:
+        save_best = prepare_output(save_best, overwrite, inputs={**inputs, "the sweep's --out folder": out},
+                                   flag="--save-best")
     forget_set = load_mcq(forget_mcq, "forget", limit=options.limit)
     retain_set = load_mcq(retain_mcq, "retain", limit=options.limit)
     forget_texts, forget_sources = _texts(forget, text_field)
     retain_texts, retain_sources = _texts(retain, text_field)
     sae_model = load_sae(sae, device="cpu")
+    guardrail_sae(sae_model, sae)  # an architecture the guard cannot run fails before the model is loaded
+    for n in options.n_features:
+        check_sae_options(dataclasses.replace(options.build, n_features=int(n)), int(sae_model.cfg.d_sae),
+                          "--n-features-grid")
     model, tokenizer = load_base_model(base, device=options.build.device)
     with torch.no_grad():
         statistics = gather_statistics(model, tokenizer, sae_model, forget_texts, retain_texts, options.build,
@@ -393,8 +404,10 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
                                  ratio_percentile=best["ratio_percentile"] or options.build.ratio_percentile)
         build = guardrail_build(statistics, bo, tokenizer, sae)
         build.info.update(forget_sources=forget_sources, retain_sources=retain_sources, sweep=str(out))
-        with atomic_output_dir(Path(save_best).expanduser().resolve(), overwrite=overwrite) as tmp:
-            write_folder(assemble(model, tokenizer, [build]), tokenizer, tmp, [build], base)
+        best_model = assemble(model, tokenizer, [build])
+        check_build_finite(best_model, [build])
+        with atomic_output_dir(save_best, overwrite=overwrite) as tmp:
+            write_folder(best_model, tokenizer, tmp, [build], base)
     elif save_best:
         raise DSGError(f"no grid point keeps the retain score at {options.retain_floor:.0%} of the base model's; "
                        f"nothing saved to {save_best} (the sweep itself is in {out})")

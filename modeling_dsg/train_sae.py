@@ -104,6 +104,30 @@ def truncate_model(model, last_layer: int):
     return small.to(next(model.parameters()).device).eval()
 
 
+def check_train_options(*, width: int, k: int, architecture: str = "topk", lr: float = 4e-4, seq_len: int = 128,
+                        batch_tokens: int = 4096, tokens: int | None = None, n_checkpoints: int = 0) -> None:
+    """Refuse bad training options before anything is loaded (each a `DSGError` naming the flag)."""
+    import math
+
+    from .configuration_dsg import MAX_D_SAE
+
+    checks = [
+        (architecture in ARCHITECTURES, f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})"),
+        (1 <= width <= MAX_D_SAE, f"--width must be between 1 and {MAX_D_SAE}, got {width}"),
+        (k >= 1, f"--k must be at least 1, got {k}"),
+        (architecture != "topk" or k <= width,
+         f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most --width features active"),
+        (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"--lr must be a finite number > 0, got {lr}"),
+        (seq_len >= 2, f"--seq-len must be at least 2, got {seq_len}"),
+        (batch_tokens >= 1, f"--batch-tokens must be at least 1, got {batch_tokens}"),
+        (tokens is None or tokens >= 1, f"--tokens must be at least 1, got {tokens}"),
+        (n_checkpoints >= 0, f"--checkpoints must be 0 or more, got {n_checkpoints}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DSGError(message)
+
+
 # ------------------------------------------------------------------------------------------ data
 def pack_rows(texts, tokenizer, seq_len: int, seed: int = 0) -> list[list[int]]:
     """Training rows: `rows.build_rows(packing=True)` over all texts (shuffled with `seed`, joined with
@@ -196,8 +220,8 @@ def train_saes(
             raise DSGError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
     if width <= 0 or k <= 0 or seq_len < 2 or batch_tokens <= 0:
         raise DSGError("width, k and batch-tokens must be positive and seq-len at least 2")
-    if architecture not in ARCHITECTURES:
-        raise DSGError(f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})")
+    check_train_options(width=width, k=k, architecture=architecture, lr=lr, seq_len=seq_len,
+                        batch_tokens=batch_tokens, tokens=tokens, n_checkpoints=n_checkpoints)
     rows = pack_rows(texts, tokenizer, seq_len, seed=seed)
     per_row = seq_len - 1  # position 0 is skipped
     available = len(rows) * per_row
@@ -356,13 +380,13 @@ def train_sae(
     """
     from sae_lens import SAE
 
+    from .outputs import prepare_output
     from .paths import atomic_output_dir
 
     n = num_layers(model)
     if not 0 <= layer < n:
         raise DSGError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
-    if Path(out).exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    out = prepare_output(out, overwrite, inputs={"the --checkpoint-dir folder": checkpoint_dir})
     start = time.time()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         work = Path(tmp) / "_work"
@@ -380,6 +404,12 @@ def train_sae(
             leftover.rmdir() if leftover.is_dir() else leftover.unlink()
         work.rmdir()
         sae = SAE.load_from_disk(str(tmp))
+        from .sources import check_finite
+
+        try:  # a diverged run (e.g. too high --lr) writes nothing
+            check_finite(sae.state_dict().items(), "the trained SAE")
+        except DSGError as err:
+            raise DSGError(f"{err}: training diverged (lr {lr:g}); lower --lr. Nothing was written") from None
         meta = sae.cfg.metadata
         metrics = {
             "layer": layer,
@@ -453,8 +483,13 @@ def _texts(sources) -> list[str]:
 def run(args) -> int:
     if args.checkpoints and not args.checkpoint_dir:
         raise DSGError("--checkpoints needs --checkpoint-dir")
-    if Path(args.out).exists() and not args.overwrite:
-        raise DSGError(f"output folder {args.out} already exists (pass --overwrite to replace it)")
+    from .outputs import prepare_output
+
+    prepare_output(args.out, args.overwrite, inputs={
+        "the --base model": args.base, "the --text source": args.text, "the --eval-text source": args.eval_text,
+        "the --checkpoint-dir folder": args.checkpoint_dir})
+    check_train_options(width=args.width, k=args.k, architecture=args.architecture, lr=args.lr, seq_len=args.seq_len,
+                        batch_tokens=args.batch_tokens, tokens=args.tokens, n_checkpoints=args.checkpoints)
     texts = _texts(args.text)
     eval_texts = _texts(args.eval_text) if args.eval_text else None
     from .sources import load_base_model

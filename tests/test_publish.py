@@ -53,17 +53,24 @@ def add_build_records(folder: Path) -> Path:
     return folder
 
 
-REPORT = {
+REPORT = {  # in the schema of modeling_dsg/report_schema.py (tests/test_report_card.py renders a real one)
+    "schema_version": 2,
     "results": [
-        {"dataset": "WMDP-bio (held out)", "metric": "accuracy", "base": 0.3125, "dsg": 0.25, "static": 0.26,
+        {"dataset": "WMDP-bio (held out)", "metric": "accuracy", "base": 0.3125, "dsg": 0.25, "baselines": {"static": 0.26},
          "n": 64, "dataset_id": "cais/wmdp", "dataset_config": "wmdp-bio", "dataset_split": "test",
          "higher_is_better": False},
-        {"dataset": "MMLU (non-biology)", "metric": "accuracy", "base": 0.28, "dsg": 0.275, "n": 80,
-         "dataset_id": "cais/mmlu", "higher_is_better": True},
-        {"dataset": "WikiText", "metric": "nll", "base": 3.5},  # no DSG value: table only, not model-index
+        {"dataset": "MMLU (non-biology)", "metric": "accuracy", "base": 0.28, "dsg": 0.275, "baselines": {"static": None},
+         "n": 80, "dataset_id": "cais/mmlu", "higher_is_better": True},
+        {"dataset": "WikiText", "metric": "nll", "base": 3.5, "dsg": None},  # no DSG value: table only, not model-index
     ],
-    "trigger_rates": {"WMDP-bio (held out)": {"topic": 0.90625}, "MMLU (non-biology)": {"topic": {"rate": 0.025, "n": 80}}},
-    "dilution": {"attack_success": {"fraction": {"1x": 0.5, "5x": 0.875}, "window": 0.03125}, "filler": "WikiText", "n": 32},
+    "baselines": ["static"],
+    "trigger_rates": {"WMDP-bio (held out)": {"topic": {"rate": 0.90625, "fired": 29, "n": 32}},
+                      "MMLU (non-biology)": {"topic": {"rate": 0.025, "fired": 2, "n": 80}}},
+    "dilution": {"dataset": "WMDP-bio (held out)", "filler": "WikiText (text)", "n": 32, "factors": [1, 5], "seed": 0,
+                 "by_guardrail": {"topic": {
+                     "score": "fraction", "undiluted_trigger_rate": 0.5,
+                     "1x": {"fired_before": 16, "evaded": 8, "attack_success": 0.5, "trigger_rate": 0.25},
+                     "5x": {"fired_before": 16, "evaded": 14, "attack_success": 0.875, "trigger_rate": 0.0625}}}},
 }
 
 
@@ -151,14 +158,15 @@ def test_card_with_eval_report(tiny_folder, tmp_path):
     assert all(r.task_type == "text-generation" for r in results)
     text = loaded.text
     evaluation = text.split("## Evaluation")[1].split("## Limitations")[0]
-    assert "| dataset | metric | n | base | static clamp | DSG | DSG − base |" in evaluation
-    assert "| WMDP-bio (held out) | accuracy ↓ | 64 | 0.312 | 0.260 | 0.250 | -0.062 |" in evaluation
-    assert "| MMLU (non-biology) | accuracy ↑ | 80 | 0.280 | not measured | 0.275 | -0.005 |" in evaluation
+    assert "| dataset | metric | n | base | DSG | DSG − base | static |" in evaluation
+    assert "| WMDP-bio (held out) | accuracy ↓ | 64 | 0.312 | 0.250 | -0.062 | 0.260 |" in evaluation
+    assert "| MMLU (non-biology) | accuracy ↑ | 80 | 0.280 | 0.275 | -0.005 | not measured |" in evaluation
     assert "| WikiText | nll |  | 3.500 | not measured | not measured | not measured |" in evaluation
-    assert "| MMLU (non-biology) | 2.5% of 80 |" in evaluation and "| WMDP-bio (held out) | 90.6% |" in evaluation
+    assert "| MMLU (non-biology) | 2.5% of 80 |" in evaluation and "| WMDP-bio (held out) | 90.6% of 32 |" in evaluation
+    assert "| `topic` | `fraction` | 50.0% (16 of 32) | 50.0% | 87.5% |" in evaluation
     assert "![eval/rho_hist.png](eval/rho_hist.png)" in evaluation
     limitations = text.split("## Limitations")[1]
-    assert ("score `fraction` (the score this model uses): 1x: 50.0%, 5x: 87.5%; score `window`: 3.1%" in limitations)
+    assert "guardrail `topic` (score `fraction`): 1x: 50.0%, 5x: 87.5%." in limitations
     assert "Dilution attacks were not measured" not in limitations
 
 
@@ -267,7 +275,7 @@ def test_verify_reports_the_subprocess_error(folder_copy, tmp_path):
     staging = tmp_path / "staging"
     t0 = time.perf_counter()
     with pytest.raises(DSGError, match="does not load with trust_remote_code: ImportError: sae code broken on purpose"):
-        pub.publish(folder_copy, REPO, dry_run=staging)
+        pub.publish(folder_copy, REPO, dry_run=staging, allow_custom_code=True)  # changed code is refused otherwise
     assert not staging.exists()  # never a half-written staging folder
     assert time.perf_counter() - t0 < 120
 

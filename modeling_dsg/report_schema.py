@@ -1,0 +1,226 @@
+"""The `dsg eval` report, `report.json`: its contract, defined once.
+
+`evaluation.py` builds the results rows and the dilution block with the constructors here and checks
+the whole report with `check_report` before writing it; `cards.py` checks a report it reads the same
+way and gets the model columns with `model_columns` / `row_value`. `docs/publishing.md` shows the same
+keys. A report without "schema_version" is version 1: the same keys, written before the version and
+the dilution block existed.
+
+    {
+      "schema_version": 2,
+      "model": "/abs/path/of/the/DSG/folder",
+      "results": [ResultRow, ...],                 # one row per (dataset, metric)
+      "baselines": ["RMU", ...],                   # the --baseline names, in order ([] when none)
+      "baseline_models": {"RMU": "/abs/dir"},      # only with --baseline
+      "trigger_rates": {DATASET: {GUARDRAIL: TriggerRate}},
+      "dilution": Dilution,                        # only with --dilution
+      ...                                          # the rest: see EvalReport
+    }
+
+    ResultRow   {"dataset", "metric", "base", "dsg", "n", "higher_is_better",
+                 "baselines": {NAME: value},        # every --baseline name; null where not scored
+                 "dataset_id"?, "dataset_config"?, "dataset_split"?}   # for Hub data sets
+    TriggerRate {"rate", "fired", "n"}               # fired of n prompts (texts); rate = fired / n
+    Dilution    {"dataset": forget label, "filler": filler label, "n": prompts, "factors": [1, 2, 5],
+                 "seed": filler offsets' seed,
+                 "by_guardrail": {GUARDRAIL: {"score", "undiluted_trigger_rate",
+                                              "1x": DilutionStep, "2x": ..., "5x": ...}}}
+    DilutionStep {"fired_before", "evaded", "attack_success", "trigger_rate"}   # `results.attack_success`
+
+The dilution block has the shape of the one `dsg results` writes (results.json "dilution"), plus
+"dataset", "filler", "seed" and each guardrail's "score". Numbers that could not be computed are null.
+"""
+
+from __future__ import annotations
+
+from typing import NotRequired, TypedDict
+
+from .errors import DSGError
+
+SCHEMA_VERSION = 2
+MODELS = {"base": "base", "dsg": "DSG"}  # the models every row has a number for: key -> column header
+
+
+class ResultRow(TypedDict):
+    dataset: str
+    metric: str
+    base: float | None
+    dsg: float | None
+    n: int
+    higher_is_better: bool
+    baselines: dict[str, float | None]
+    dataset_id: NotRequired[str]
+    dataset_config: NotRequired[str]
+    dataset_split: NotRequired[str]
+
+
+class TriggerRate(TypedDict):
+    rate: float | None
+    fired: int
+    n: int
+
+
+class DilutionStep(TypedDict):
+    fired_before: int            # prompts that fired undiluted
+    evaded: int                  # of those, the ones that no longer fire with the filler
+    attack_success: float | None  # evaded / fired_before (null when none fired)
+    trigger_rate: float          # fired / n with the filler
+
+
+class Dilution(TypedDict):
+    dataset: str
+    filler: str
+    n: int
+    factors: list[int]
+    seed: int
+    by_guardrail: dict[str, dict]  # GUARDRAIL -> {"score", "undiluted_trigger_rate", "<k>x": DilutionStep}
+
+
+class EvalReport(TypedDict, total=False):
+    schema_version: int
+    model: str
+    results: list[ResultRow]
+    baselines: list[str]
+    baseline_models: dict[str, str]
+    trigger_rates: dict[str, dict[str, TriggerRate]]
+    dilution: Dilution
+    # written by `dsg eval`, not read by the card (their shapes are described in evaluation.py):
+    trigger_rates_by_subject: dict
+    accuracy_by_subject: dict
+    known_filter: dict
+    rho: dict
+    metrics: dict
+    datasets: dict
+    guardrails: list
+    settings: dict
+    timings: dict
+    plots: list
+    versions: dict
+
+
+# ------------------------------------------------------------------------------------ writing
+def result_row(dataset: str, metric: str, base, dsg, *, n: int, higher_is_better: bool,
+               hub: dict | None = None) -> ResultRow:
+    """A results row without baselines yet (`add_baselines` fills "baselines")."""
+    return {"dataset": dataset, "metric": metric, "base": base, "dsg": dsg, "n": n,
+            "higher_is_better": higher_is_better, "baselines": {}, **(hub or {})}
+
+
+def factor_key(factor: int) -> str:
+    """The key of one dilution factor in a guardrail's dilution entry: 1 -> "1x"."""
+    return f"{factor}x"
+
+
+# ------------------------------------------------------------------------------------ reading
+def model_columns(report: dict) -> list[tuple[str, str]]:
+    """(key, header) of every model the results rows have numbers for: base, DSG, then each baseline."""
+    return [*MODELS.items(), *((name, name) for name in report.get("baselines") or [])]
+
+
+def row_value(row: dict, key: str):
+    """A results row's number for one model column (`model_columns` keys); None if it has none."""
+    if key in MODELS:
+        return row.get(key)
+    return (row.get("baselines") or {}).get(key)
+
+
+def dilution_rows(block: dict) -> list[dict]:
+    """One dict per guardrail of a dilution block: guardrail, score, undiluted_trigger_rate, fired_before
+    (prompts that fired undiluted), n, and attack_success: [(factor key, rate or None), ...] in factor order."""
+    rows = []
+    for name, entry in block["by_guardrail"].items():
+        steps = [(factor_key(f), entry[factor_key(f)]) for f in block["factors"]]
+        rows.append({"guardrail": name, "score": entry["score"], "undiluted_trigger_rate": entry["undiluted_trigger_rate"],
+                     "fired_before": steps[0][1]["fired_before"] if steps else None, "n": block["n"],
+                     "attack_success": [(key, step["attack_success"]) for key, step in steps]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------- checking
+def _is_number(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise DSGError(f"{where}: {what}")
+
+
+def _check_row(row, where: str, baselines: list) -> None:
+    _need(isinstance(row, dict), where, "must be an object")
+    for key in ("dataset", "metric"):
+        _need(isinstance(row.get(key), str), where, f"needs a string {key!r}")
+    for key in MODELS:
+        _need(_is_number(row.get(key)), where, f"{key!r} must be a number or null")
+    _need("n" not in row or _is_count(row["n"]), where, "'n' must be a count")
+    _need("higher_is_better" not in row or isinstance(row["higher_is_better"], bool), where,
+          "'higher_is_better' must be true or false")
+    values = row.get("baselines", {})
+    _need(isinstance(values, dict), where, "'baselines' must be an object")
+    for name, value in values.items():
+        _need(name in baselines, where, f"baseline {name!r} is not in the report's 'baselines'")
+        _need(_is_number(value), where, f"baseline {name!r} must be a number or null")
+
+
+def _check_rates(rates, where: str) -> None:
+    _need(isinstance(rates, dict), where, "must be an object {dataset: {guardrail: {rate, fired, n}}}")
+    for dataset, per_guard in rates.items():
+        _need(isinstance(per_guard, dict), f"{where}[{dataset!r}]", "must be an object {guardrail: {rate, fired, n}}")
+        for guard, value in per_guard.items():
+            here = f"{where}[{dataset!r}][{guard!r}]"
+            _need(isinstance(value, dict) and _is_number(value.get("rate")) and _is_count(value.get("n"))
+                  and _is_count(value.get("fired")), here, "must be {rate: number or null, fired: count, n: count}")
+
+
+def _check_dilution(block, where: str) -> None:
+    _need(isinstance(block, dict), where, "must be an object")
+    for key in ("dataset", "filler"):
+        _need(isinstance(block.get(key), str), where, f"needs a string {key!r}")
+    _need(_is_count(block.get("n")), where, "'n' must be a count")
+    factors = block.get("factors")
+    _need(isinstance(factors, list) and all(_is_count(f) and f > 0 for f in factors), where,
+          "'factors' must be a list of positive integers")
+    by_guardrail = block.get("by_guardrail")
+    _need(isinstance(by_guardrail, dict), where, "'by_guardrail' must be an object")
+    for guard, entry in by_guardrail.items():
+        here = f"{where}.by_guardrail[{guard!r}]"
+        _need(isinstance(entry, dict) and isinstance(entry.get("score"), str), here, "needs a string 'score'")
+        _need(_is_number(entry.get("undiluted_trigger_rate")), here, "'undiluted_trigger_rate' must be a number or null")
+        for factor in factors:
+            step = entry.get(factor_key(factor))
+            _need(isinstance(step, dict) and _is_count(step.get("fired_before")) and _is_count(step.get("evaded"))
+                  and _is_number(step.get("attack_success")) and _is_number(step.get("trigger_rate")),
+                  f"{here}[{factor_key(factor)!r}]",
+                  "must be {fired_before: count, evaded: count, attack_success: number or null, trigger_rate: number}")
+
+
+def check_report(report, where: str = "report.json") -> dict:
+    """Return `report` if it follows this schema; else a `DSGError` naming the first wrong key.
+
+    Checked: schema_version, results, baselines, baseline_models, trigger_rates and dilution (what the card reads);
+    the other keys are the writer's business and are not checked.
+    """
+    _need(isinstance(report, dict), where, "must hold a JSON object")
+    version = report.get("schema_version", 1)
+    _need(isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= SCHEMA_VERSION, where,
+          f"schema_version {version!r} is not one this version of modeling_dsg reads (1 to {SCHEMA_VERSION}); "
+          "re-run `dsg eval` or update modeling_dsg")
+    baselines = report.get("baselines", [])
+    _need(isinstance(baselines, list) and all(isinstance(b, str) for b in baselines), where,
+          "'baselines' must be a list of names")
+    models = report.get("baseline_models", {})
+    _need(isinstance(models, dict) and all(isinstance(v, str) for v in models.values()), where,
+          "'baseline_models' must be an object {name: folder}")
+    results = report.get("results", [])
+    _need(isinstance(results, list), where, "'results' must be a list of rows")
+    for i, row in enumerate(results):
+        _check_row(row, f"{where}: results[{i}]", baselines)
+    if "trigger_rates" in report:
+        _check_rates(report["trigger_rates"], f"{where}: trigger_rates")
+    if "dilution" in report:
+        _check_dilution(report["dilution"], f"{where}: dilution")
+    return report
