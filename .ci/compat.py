@@ -34,6 +34,7 @@ CHECKS = {
     "cache == no-cache": ["tests/test_architectures.py::test_generate_with_and_without_cache_agree"],
     "pipeline": ["tests/test_architectures.py::test_pipeline_with_model_object"],
     "device map": ["tests/test_device_map.py"],
+    "actions (refuse, monitor)": ["tests/test_actions.py"],
     "Hub code audit": ["tests/test_hub_code.py"],
 }
 

@@ -21,6 +21,15 @@ A guardrail (one forget topic) is a dict with these fields:
                       "window": the largest such fraction over any `window` consecutive real tokens
                       (the fraction itself while fewer than `window` tokens were seen). Padding a
                       prompt with harmless filler dilutes "fraction" but not "window".
+    action     str    what a fired guardrail does (default "clamp"):
+                      "clamp": the edit above (the paper's);
+                      "refuse": no edit; a fired row's continuation is `refusal_ids`, then end of
+                      sequence (its logits put all weight on the next refusal token, at every position
+                      of the call in which it fires and after); needs a KV cache to generate;
+                      "monitor": decide and report (the model output's `guardrail_decisions`), edit
+                      nothing: every row's outputs are bit-identical to the base model's.
+    refusal    str    "refuse" only: the refusal text (for display; default "I can't help with that.").
+    refusal_ids [int] "refuse" only: the refusal's token ids in the model's tokenizer (non-empty).
     window     int    window size for score "window" (2 ..= 2**20; default 32). Absent for "fraction".
     sae        dict   the sparse autoencoder (names and math as in sae-lens):
         architecture            "standard" | "jumprelu" | "topk" | "gated"
@@ -45,6 +54,8 @@ from transformers import AutoConfig, PretrainedConfig
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 MODES = ("dynamic", "static")
 SCORES = ("fraction", "window")
+ACTIONS = ("clamp", "refuse", "monitor")
+DEFAULT_REFUSAL = "I can't help with that."
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # Bounds that no real guardrail comes near, so a config cannot ask for a terabyte or overflow to inf:
 MAX_D_SAE = 2**25  # 33.5M features (the largest published SAEs have 16M)
@@ -114,7 +125,8 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
     if not isinstance(name, str) or not name.strip():
         _fail(where, "needs a non-empty 'name' (the topic)")
     where = f"guardrail {index} ({name!r})"
-    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "window", "sae"}
+    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "window", "sae",
+                        "action", "refusal", "refusal_ids"}
     if unknown:
         _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
     layer = g.get("layer")
@@ -136,6 +148,23 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
         _fail(where, "'window' is only meaningful with score 'window'")
     else:
         g.pop("window", None)
+    g.setdefault("action", "clamp")
+    if g["action"] not in ACTIONS:
+        _fail(where, f"unknown action {g['action']!r} (expected one of {', '.join(ACTIONS)})")
+    if g["action"] == "refuse":
+        g.setdefault("refusal", DEFAULT_REFUSAL)
+        if not isinstance(g["refusal"], str) or not g["refusal"].strip():
+            _fail(where, "'refusal' must be a non-empty string")
+        ids = g.get("refusal_ids")
+        if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+            _fail(where, "action 'refuse' needs 'refusal_ids': the refusal's token ids, a non-empty list of "
+                         "non-negative integers")
+        g["refusal_ids"] = list(ids)
+    else:
+        for key in ("refusal", "refusal_ids"):
+            if g.get(key) is not None:
+                _fail(where, f"'{key}' is only meaningful with action 'refuse'")
+            g.pop(key, None)
     clamp = g.get("clamp", 500.0)
     if not _is_number(clamp) or not 0 < clamp <= MAX_CLAMP:
         _fail(where, f"'clamp' must be a number in (0, {MAX_CLAMP:g}], got {clamp!r}")

@@ -13,7 +13,9 @@ state h [B, T, d] it computes, in fp32 and only for the N selected features:
     f'       = -clamp for all selected features where edit_t, f elsewhere
     h'       = h + ((f' - f) W_dec[selected]) * out_scale
 
-so the SAE's reconstruction error is kept and an unedited token (or row) is returned exactly.
+so the SAE's reconstruction error is kept and an unedited token (or row) is returned exactly. That is the
+"clamp" action; with "refuse" or "monitor" the guard decides the same way and edits nothing (a refusing
+row's logits are set by `DSGForCausalLM.forward`).
 Static mode (Farrell et al.) edits every counted token, setting each *active* selected feature to -clamp.
 
 Counted tokens are the real ones: not padding, not BOS. The running state of each row (flags,
@@ -39,6 +41,7 @@ class GuardCall:
 
     counted: torch.Tensor | None  # [B, T] bool, or None: every token counts
     state: dict = field(default_factory=dict)  # guard index -> GuardState tuple (see DSGGuard.initial_state)
+    rho: dict = field(default_factory=dict)  # guard index -> rho [B] after this call
 
 
 def window_scores(flags, counted, window: int, seen, best, tail):
@@ -78,6 +81,9 @@ class DSGGuard(nn.Module):
         self.name = guardrail["name"]
         self.layer = guardrail["layer"]
         self.mode = guardrail["mode"]
+        self.action = guardrail.get("action", "clamp")
+        self.refusal = guardrail.get("refusal")
+        self.refusal_ids = list(guardrail.get("refusal_ids") or [])
         self.clamp = guardrail["clamp"]
         self.threshold = guardrail["threshold"]
         self.score = guardrail.get("score", "fraction")
@@ -112,6 +118,9 @@ class DSGGuard(nn.Module):
                   "clamp": self.clamp, "threshold": self.threshold, "score": self.score, "sae": dict(self.sae_config)}
         if self.score == "window":
             config["window"] = self.window
+        config["action"] = self.action
+        if self.action == "refuse":
+            config.update(refusal=self.refusal, refusal_ids=list(self.refusal_ids))
         return config
 
     def initial_state(self, batch: int, device) -> tuple:
@@ -168,6 +177,8 @@ class DSGGuard(nn.Module):
             fired = fired | flags.any(-1)
             edit = active
         state = (flagged, seen, fired, best, tail)
+        if self.action != "clamp":  # refuse acts on the logits (DSGForCausalLM.forward), monitor never acts
+            return None, state, rho, acts, flags
         if hidden.device.type == "cpu" and not bool(edit.any()):
             # nothing to edit: skip the decoder product (on CPU this check costs no device sync)
             return None, state, rho, acts, flags
@@ -200,6 +211,7 @@ class DSGGuard(nn.Module):
         fired = state[2]
         if call is not None:
             call.state[self.index] = state
+            call.rho[self.index] = rho
         record = _RECORD.get()
         if record is not None:
             record.append({"guardrail": self.name, "index": self.index, "rho": rho, "fired": fired,

@@ -21,6 +21,7 @@ they import only torch and transformers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 
 import torch
@@ -30,6 +31,9 @@ from transformers import initialization as init
 
 from .configuration_dsg import DSGConfig, validate_guardrail
 from .guard_dsg import _CALL, _DISABLED, _RECORD, DSGGuard, GuardCall
+
+# Inside `generate`: where each forward leaves its decisions, for the output of `generate` to carry.
+_GENERATE: contextvars.ContextVar = contextvars.ContextVar("dsg_generate", default=None)
 
 # Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
 # Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...
@@ -348,25 +352,85 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         first = cache is None or cache._dsg_tokens == 0
         state = {} if first else dict(cache._dsg_state)
         counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, first)
-        token = _CALL.set(GuardCall(counted, state))
+        call = GuardCall(counted, state)
+        token = _CALL.set(call)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                              logits_to_keep=logits_to_keep, **{self._cache_argument: cache}, **kwargs)
         finally:
             _CALL.reset(token)
+        refusing = [g for g in self.guards if g.action == "refuse" and g.index in state]
+        if refusing and getattr(out, "logits", None) is not None:
+            out.logits = self._refuse(out.logits, state, refusing)
         if cache is not None:
             cache._dsg_advance(state, length)
+        # every guardrail's decision per row, after this call (running rho; fired is sticky)
+        out.guardrail_decisions = {g.name: {"fired": state[g.index][2], "rho": call.rho[g.index], "action": g.action}
+                                   for g in self.guards if g.index in state}
+        trace = _GENERATE.get()
+        if trace is not None:
+            trace["decisions"] = out.guardrail_decisions
         return out
 
+    def _eos_token_id(self) -> int:
+        eos = getattr(self.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.config.get_text_config().eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        if not isinstance(eos, int):
+            raise ValueError("DSG: the 'refuse' action needs the model's eos_token_id to end the refusal")
+        return eos
+
+    def _refuse(self, logits, state, guards):
+        """Set the logits of rows that a refusing guardrail fired on so that the next token is the next one
+        of the refusal (the first refusing guardrail's), then end of sequence. How much of the refusal a
+        row has written is part of the running state (`state["refusal"]`, tokens written after this call;
+        -1 before the row refused), so it follows the cache's rows."""
+        batch = logits.shape[0]
+        fired = torch.stack([state[g.index][2].to(logits.device) for g in guards])  # [G, B]
+        previous = state.get("refusal", (torch.full((batch,), -1, dtype=torch.long),))[0].to(logits.device)
+        rows = fired.any(0)
+        if not bool(rows.any()):
+            state["refusal"] = (previous,)
+            return logits
+        eos = self._eos_token_id()
+        longest = max(len(g.refusal_ids) for g in guards)
+        table = torch.tensor([g.refusal_ids + [eos] * (longest + 1 - len(g.refusal_ids)) for g in guards],
+                             device=logits.device)  # [G, longest + 1]: the refusal, then end of sequence
+        which = fired.int().argmax(0)  # the first refusing guardrail that fired, per row
+        written = previous.clamp(min=0)
+        next_token = table[which, written.clamp(max=longest)]
+        forced = torch.full_like(logits[rows], torch.finfo(logits.dtype).min)
+        forced.scatter_(-1, next_token[rows].view(-1, 1, 1).expand(-1, logits.shape[1], 1), 0.0)
+        logits = logits.clone() if logits.requires_grad else logits
+        logits[rows] = forced
+        state["refusal"] = (torch.where(rows, written + 1, previous),)
+        return logits
+
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, refusing the modes whose roll-backs the guardrails cannot follow."""
+        """`GenerationMixin.generate`, refusing the modes whose roll-backs the guardrails cannot follow. With
+        `return_dict_in_generate=True` the output carries `guardrail_decisions`: each guardrail's `fired`
+        (at any point of the generation) and running `rho` per row of the last forward call (for beam
+        search: the running beams)."""
         config = kwargs.get("generation_config") or self.generation_config
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if use_cache is False and any(g.action == "refuse" for g in self.guards):
+            raise ValueError("DSG: the 'refuse' action needs the KV cache (it keeps how much of the refusal "
+                             "each row has written); generate with use_cache=True")
         for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
             if kwargs.get(name) is not None or getattr(config, name, None) is not None:
                 raise ValueError(f"DSG: `{name}` (assisted or speculative decoding) is not supported: the "
                                  "guardrails' decisions on rejected draft tokens cannot be taken back. "
                                  "Generate without it.")
-        return super().generate(*args, **kwargs)
+        trace: dict = {}
+        token = _GENERATE.set(trace)
+        try:
+            result = super().generate(*args, **kwargs)
+        finally:
+            _GENERATE.reset(token)
+        if hasattr(result, "sequences") and "decisions" in trace:
+            result.guardrail_decisions = trace["decisions"]
+        return result
 
 __all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "GuardedCache", "cache_argument", "decoder_layers", "guarded_cache"]
