@@ -28,9 +28,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .configuration_dsg import DSGConfig, validate_guardrail
 from .guard_dsg import _CALL, _DISABLED, _RECORD, DSGGuard, GuardCall
+
+# Every decision, for operators: `TRANSFORMERS_VERBOSITY=info` (or `transformers.logging.set_verbosity_info()`)
+# logs each row's decision on its prompt and the token at which a row fires later. Silent by default.
+logger = logging.get_logger("transformers.dsg")
 
 # Inside `generate`: where each forward leaves its decisions, for the output of `generate` to carry.
 _GENERATE: contextvars.ContextVar = contextvars.ContextVar("dsg_generate", default=None)
@@ -350,7 +355,8 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if cache is not None:
             cache = guarded_cache(cache)  # the running state travels with the cache generate actually uses
         first = cache is None or cache._dsg_tokens == 0
-        state = {} if first else dict(cache._dsg_state)
+        previous = {} if first else cache._dsg_state
+        state = dict(previous)
         counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, first)
         call = GuardCall(counted, state)
         token = _CALL.set(call)
@@ -365,6 +371,8 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             out.logits = self._refuse(out.logits, state, refusing)
         if cache is not None:
             cache._dsg_advance(state, length)
+        if logger.isEnabledFor(logging.INFO):
+            self._log_decisions(call, previous, length if cache is None else cache._dsg_tokens)
         # every guardrail's decision per row, after this call (running rho; fired is sticky)
         out.guardrail_decisions = {g.name: {"fired": state[g.index][2], "rho": call.rho[g.index], "action": g.action}
                                    for g in self.guards if g.index in state}
@@ -372,6 +380,19 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if trace is not None:
             trace["decisions"] = out.guardrail_decisions
         return out
+
+    def _log_decisions(self, call, previous, position):
+        """Log each row's decision when first taken, and the token at which a row fires after that."""
+        for guard in self.guards:
+            if guard.index not in call.state:
+                continue
+            fired = call.state[guard.index][2].tolist()
+            before = previous[guard.index][2].tolist() if guard.index in previous else None
+            for row, (now, rho) in enumerate(zip(fired, call.rho[guard.index].tolist())):
+                if before is None or (now and not before[row]):
+                    logger.info("DSG guardrail %r (%s) row %d: rho %.4f, tau %.4f -> %s after %d tokens",
+                                guard.name, guard.action, row, rho, guard.threshold,
+                                "FIRED" if now else "not fired", position)
 
     def _eos_token_id(self) -> int:
         eos = getattr(self.generation_config, "eos_token_id", None)
