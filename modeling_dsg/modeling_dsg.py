@@ -40,6 +40,11 @@ logger = logging.get_logger("transformers.dsg")
 # Inside `generate`: where each forward leaves its decisions, for the output of `generate` to carry.
 _GENERATE: contextvars.ContextVar = contextvars.ContextVar("dsg_generate", default=None)
 
+_PACKED = ("DSG: packed inputs (continuous batching, `generate_batch`, or several sequences packed into one row) "
+           "are not supported: the guardrails decide per row, so one request's text would switch the guard on or "
+           "off for another. Use `generate` or a pipeline (one row per request), e.g. `transformers serve` "
+           "without `--continuous-batching`.")
+
 # Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
 # Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...
 _LAYER_PATHS = ("layers", "h", "blocks", "model.layers", "transformer.h", "gpt_neox.layers", "decoder.layers",
@@ -342,6 +347,8 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("DSG: pass the KV cache once, as `cache` or as `past_key_values`, not both")
         cache = cache if cache is not None else past_key_values
+        if "cu_seq_lens_q" in kwargs or "logits_indices" in kwargs or type(cache).__name__ == "PagedAttentionCache":
+            raise ValueError(_PACKED)
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None:
             raise ValueError("DSG: pass input_ids or inputs_embeds")
@@ -380,6 +387,14 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if trace is not None:
             trace["decisions"] = out.guardrail_decisions
         return out
+
+    def generate_batch(self, *args, **kwargs):
+        """Continuous batching packs requests into one row: refused (see `_PACKED`)."""
+        raise ValueError(_PACKED)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Continuous batching packs requests into one row: refused (see `_PACKED`)."""
+        raise ValueError(_PACKED)
 
     def _log_decisions(self, call, previous, position):
         """Log each row's decision when first taken, and the token at which a row fires after that."""

@@ -156,3 +156,17 @@ def test_assisted_decoding_is_refused(option):
     value = reference if option == "assistant_model" else 3
     with pytest.raises(ValueError, match="not supported"):
         model.generate(**encode(UNFIRED[:1]), max_new_tokens=4, **{option: value})
+
+
+def test_continuous_batching_and_packed_rows_are_refused():
+    """One packed row would hold several requests, whose decisions would mix: refused, never silent."""
+    from transformers import GenerationConfig
+
+    model, _ = busy_model(threshold=0.9)
+    with pytest.raises(ValueError, match="continuous batching"):
+        model.generate_batch([[1, 40, 41], [1, 50]], generation_config=GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="continuous batching"):
+        model.init_continuous_batching()
+    ids = torch.tensor([[1, 40, 41, 1, 50, 51]])
+    with pytest.raises(ValueError, match="packed inputs"):
+        model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 3, 6]))
