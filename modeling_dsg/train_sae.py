@@ -20,8 +20,9 @@ If the texts hold fewer tokens than `tokens`, the rows are repeated (epochs).
 Defaults: TopK, k = 32, inputs rescaled to mean norm sqrt(d_in) during training
 (`normalize_activations="expected_average_only_in"`, folded into the weights at the end), Adam,
 lr 4e-4 constant with linear decay to lr/10 over the last 20% of steps, 4096 tokens per batch,
-seq_len 128. Other architectures: `jumprelu`, `standard`, `gated` (sae-lens defaults for their
-sparsity coefficients). A feature counts as dead for sae-lens' TopK auxiliary loss after
+seq_len 128. Other architectures: `batchtopk` (k active features per token on average over a batch;
+saved for inference as JumpReLU with learned thresholds, so a guard computes only its selected
+features), `jumprelu`, `standard`, `gated` (sae-lens defaults for their sparsity coefficients). A feature counts as dead for sae-lens' TopK auxiliary loss after
 `max(25, steps // 10)` steps without firing.
 
 Speed options: `--bf16` runs the model forward and the SAE matmuls under bfloat16 autocast (weights,
@@ -47,7 +48,8 @@ from pathlib import Path
 
 from .errors import DSGError
 
-ARCHITECTURES = ("topk", "jumprelu", "standard", "gated")
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard", "gated")
+TOPK_FAMILY = ("topk", "batchtopk")  # k active features per token (batchtopk: on average over the batch)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -115,7 +117,7 @@ def check_train_options(*, width: int, k: int, architecture: str = "topk", lr: f
         (architecture in ARCHITECTURES, f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})"),
         (1 <= width <= MAX_D_SAE, f"--width must be between 1 and {MAX_D_SAE}, got {width}"),
         (k >= 1, f"--k must be at least 1, got {k}"),
-        (architecture != "topk" or k <= width,
+        (architecture not in TOPK_FAMILY or k <= width,
          f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most --width features active"),
         (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"--lr must be a finite number > 0, got {lr}"),
         (seq_len >= 2, f"--seq-len must be at least 2, got {seq_len}"),
@@ -145,6 +147,7 @@ def pack_rows(texts, tokenizer, seq_len: int, seed: int = 0) -> list[list[int]]:
 def _sae_config(architecture: str, d_in: int, width: int, k: int):
     from sae_lens import (
         GatedTrainingSAEConfig,
+        BatchTopKTrainingSAEConfig,
         JumpReLUTrainingSAEConfig,
         StandardTrainingSAEConfig,
         TopKTrainingSAEConfig,
@@ -153,6 +156,8 @@ def _sae_config(architecture: str, d_in: int, width: int, k: int):
     common = dict(d_in=d_in, d_sae=width, normalize_activations="expected_average_only_in")
     if architecture == "topk":
         return TopKTrainingSAEConfig(k=k, **common)
+    if architecture == "batchtopk":  # saved for inference as JumpReLU with the learned thresholds
+        return BatchTopKTrainingSAEConfig(k=k, **common)
     if architecture == "jumprelu":
         return JumpReLUTrainingSAEConfig(**common)
     if architecture == "standard":
@@ -417,7 +422,7 @@ def train_sae(
             "architecture": sae.cfg.architecture(),
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
-            "k": k if architecture == "topk" else None,
+            "k": k if architecture in TOPK_FAMILY else None,
             "training_tokens": tokens if tokens is not None else len(pack_rows(texts, tokenizer, seq_len, seed)) * (seq_len - 1),
             "seq_len": seq_len,
             "lr": lr,

@@ -128,3 +128,26 @@ def test_checkpoints_and_bf16_autocast(tmp_path):
     saved = sorted(int(p.parent.parent.name) for p in (tmp_path / "ck").rglob("layer1/sae_weights.safetensors"))
     # sae-lens checkpoints after the first step past each of 2048 * (1/3, 2/3), named by tokens seen
     assert saved == [768, 1536]
+
+
+def test_batchtopk_trains_and_loads_as_jumprelu_into_a_guard(tmp_path):
+    """BatchTopK is saved for inference as JumpReLU (learned thresholds), which the guard reads exactly:
+    the guard's selected-feature activations equal sae-lens' encode on the same hidden states."""
+    from sae_lens import SAE
+
+    from modeling_dsg.build import guardrail_sae, sae_encoder
+    from modeling_dsg.sources import load_sae
+
+    model, tok = tiny.tiny_base("llama"), tiny.tiny_tokenizer()
+    out = tmp_path / "btk"
+    train_sae(model, tok, _texts(), 1, 48, out=out, architecture="batchtopk", k=4, tokens=2048, seq_len=16,
+              batch_tokens=256)
+    reference = SAE.load_from_disk(str(out))
+    assert reference.cfg.architecture() == "jumprelu"
+    spec, state = guardrail_sae(load_sae(str(out)), str(out))
+    encode = sae_encoder(spec, state, 1, "cpu")
+    hidden = tiny.sample_hidden(model, 1, n_rows=4, length=16)
+    with torch.no_grad():
+        expected, ours = reference.encode(hidden), encode(hidden)
+    assert float((expected > 0).float().sum(-1).mean()) > 0  # features do fire
+    assert torch.allclose(ours, expected, atol=1e-5)
