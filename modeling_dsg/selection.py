@@ -14,11 +14,14 @@ Dynamic selection (the paper): candidates are features with I^F >= P_5(I^F), R >
 the top N by I^F (N = 20). Static selection (Farrell et al., the seed baseline): drop features that fire
 on >= 1% of retain tokens; the top N by forget firing frequency.
 
-Calibration: tau = P_95 of rho over retain rows; a row fires iff rho > tau (strictly).
+Calibration: tau = P_95 of rho over retain rows (the paper's rule); a row fires iff rho > tau (strictly).
+Or, with a false-positive guarantee: the smallest tau such that the one-sided Clopper-Pearson upper
+confidence bound on the retain firing rate (k of n retain rows with rho > tau) is at most a target FPR.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +157,49 @@ def calibrate_threshold(retain_rho: Tensor, percentile: float = 95.0) -> float:
     With the default, at most about 5% of retain rows have rho > tau and fire."""
     _check_percentile("percentile", percentile)
     return _percentile(_scores("retain_rho", retain_rho), percentile)
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a binomial rate after k events in n trials: the p at which
+    P(X <= k) = 1 - confidence (bisection on the binomial CDF, exact to 1e-12); 1.0 when k == n."""
+    if not 0 <= k <= n or n < 1:
+        raise DSGError(f"clopper_pearson_upper: need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if k == n:
+        return 1.0
+    alpha = 1.0 - confidence
+
+    def cdf(p: float) -> float:  # P(X <= k), X ~ Binomial(n, p), summed in log space
+        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+                 + (n - i) * math.log1p(-p) for i in range(k + 1)]
+        top = max(terms)
+        return math.exp(top) * sum(math.exp(t - top) for t in terms)
+
+    low, high = 0.0, 1.0
+    while high - low > 1e-12:
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > alpha else (low, mid)
+    return high
+
+
+def calibrate_fpr(retain_rho: Tensor, target_fpr: float = 0.02, confidence: float = 0.95) -> tuple[float, dict]:
+    """The smallest tau whose retain firing rate has a one-sided `confidence` Clopper-Pearson upper bound
+    <= `target_fpr`. Returns (tau, {"target_fpr", "confidence", "n", "fired", "fpr", "fpr_upper"})."""
+    if not 0.0 < target_fpr < 1.0 or not 0.0 < confidence < 1.0:
+        raise DSGError(f"target FPR and confidence must be in (0, 1), got {target_fpr} and {confidence}")
+    x = _scores("retain_rho", retain_rho).sort().values
+    n = int(x.numel())
+    allowed = -1  # the most retain rows that may fire
+    while allowed + 1 <= n and clopper_pearson_upper(allowed + 1, n, confidence) <= target_fpr:
+        allowed += 1
+    if allowed < 0:
+        needed = math.ceil(math.log(1.0 - confidence) / math.log(1.0 - target_fpr))  # rows that bound a 0 rate
+        raise DSGError(f"{n} retain rows cannot show a firing rate <= {target_fpr:g} with {confidence:.0%} "
+                       f"confidence even if none fires; give at least {needed} retain rows")
+    tau = float(x[n - allowed - 1]) if allowed < n else float(x[0])
+    fired = int((x > tau).sum())
+    info = {"target_fpr": target_fpr, "confidence": confidence, "n": n, "fired": fired, "fpr": fired / n,
+            "fpr_upper": clopper_pearson_upper(fired, n, confidence)}
+    return tau, info
 
 
 def trigger_rate(rho: Tensor, tau: float) -> float:
