@@ -4,7 +4,8 @@ A published DSG model's code runs on whatever transformers its user has, so pinn
 pyproject.toml protects nobody. This script reads the supported range from pyproject.toml
 (`transformers>=OLDEST,<BOUND`), asks the package index for the newest release inside it (and for
 the newest of all, which it reports without failing when it lies beyond the range), makes one virtual
-environment per version (torch as installed here, that transformers, accelerate, safetensors, pytest;
+environment per version (torch as installed here, that transformers with its serving extras,
+accelerate, safetensors, pytest;
 the project itself is used from the checkout, not installed), runs each Hub-facing check there and
 prints a table, version x check. Exit status 1 when any check fails.
 
@@ -35,6 +36,7 @@ CHECKS = {
     "pipeline": ["tests/test_architectures.py::test_pipeline_with_model_object"],
     "device map": ["tests/test_device_map.py"],
     "actions (refuse, monitor)": ["tests/test_actions.py"],
+    "dsg serve": ["tests/test_serve.py"],
     "Hub code audit": ["tests/test_hub_code.py"],
 }
 
@@ -75,7 +77,7 @@ def environment(version: str, root: Path) -> Path:
     venv.create(folder, with_pip=True, clear=True)
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run([*pip, f"transformers=={version}", "accelerate>=1.0", "safetensors>=0.4", "pytest>=8"],
+    subprocess.run([*pip, f"transformers[serving]=={version}", "accelerate>=1.0", "safetensors>=0.4", "pytest>=8"],
                    check=True)
     stamp.write_text(version)
     return python

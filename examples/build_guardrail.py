@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from modeling_dsg.build import BuildOptions, build
+from modeling_dsg.configuration_dsg import ACTIONS
 from modeling_dsg.demo import default_sae
 from modeling_dsg.errors import DSGError
 from modeling_dsg.paths import shared_dir
@@ -30,6 +31,8 @@ parser.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
 parser.add_argument("--layer", type=int, help="default: the layer in the SAE's hook name")
 parser.add_argument("--n-features", type=int, default=d.n_features)
 parser.add_argument("--clamp", type=float, default=d.clamp)
+parser.add_argument("--action", choices=ACTIONS, default=d.action, help="what the guardrail does when it fires")
+parser.add_argument("--refusal", help="with --action refuse: the refusal text (default: the package's)")
 parser.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
 parser.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
 parser.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -41,7 +44,7 @@ parser.add_argument("--device", default=d.device)
 args = parser.parse_args()
 
 options = BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
-                       clamp=args.clamp, ratio_percentile=args.ratio_percentile,
+                       clamp=args.clamp, action=args.action, refusal=args.refusal, ratio_percentile=args.ratio_percentile,
                        threshold_percentile=args.threshold_percentile, seq_len=args.seq_len, max_docs=args.max_docs,
                        packing=args.packing, batch_size=args.batch_size, slim=args.slim, device=args.device)
 try:
@@ -51,6 +54,7 @@ except DSGError as err:  # bad input: one clear line, and no half-written folder
     sys.exit(f"error: {err}")
 
 held = info["heldout"]
-print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}")
+print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
+      f"action {info['action']}")
 print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f}, retain {held['retain_trigger_rate']:.3f}")
 print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")

@@ -20,6 +20,12 @@ The path (defaults are the paper's unless said otherwise):
 
 `--add-to DIR` stacks a new guardrail on an existing DSG model: the statistics pass then runs through
 that model with its guardrails active (as deployed), and the existing guardrails are not touched.
+
+`--action clamp|refuse|monitor` (configuration_dsg.ACTIONS) is what the new guardrail does when it fires
+(stacked guardrails may differ): clamp (the paper's edit, the default), refuse (the continuation is
+`--refusal TEXT`, default configuration_dsg.DEFAULT_REFUSAL, then end of sequence; the text is tokenized
+with the model's tokenizer, add_special_tokens=False, into the config's `refusal_ids`) or monitor (decide,
+edit nothing). Selection and calibration do not depend on the action; dsg_build.json records it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class BuildOptions:
     threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows
     score: str = "fraction"           # "fraction" (the paper's rho) or "window" (dilution-robust)
     window: int = 32                  # window size for score "window"
+    action: str = "clamp"             # what a fired guardrail does: configuration_dsg.ACTIONS
+    refusal: str | None = None        # action "refuse": the refusal text (None: configuration_dsg.DEFAULT_REFUSAL)
     seq_len: int = 1024
     min_chars: int = 50
     max_docs: int | None = 1024
@@ -89,6 +97,12 @@ def guardrail_sae(sae, source: str) -> tuple[dict, dict]:
     if arch == "topk":
         spec["k"] = int(cfg.k)
         spec["rescale_acts_by_decoder_norm"] = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False))
+    from .configuration_dsg import validate_sae
+
+    try:  # the bounds a guardrail config will check (sizes, k), before any work
+        validate_sae({**spec, "slim": False, "source": None}, f"SAE {source}")
+    except ValueError as err:
+        raise DSGError(str(err).removeprefix("DSG config: ")) from None
     names = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"}
     state = {k: v.detach().float().cpu() for k, v in sae.state_dict().items() if k in names}
     return spec, state
@@ -129,7 +143,7 @@ def _corpus_step(corpus: str, step, *args, **kwargs):
 
 def _check_options(options: BuildOptions) -> None:
     """Refuse bad numeric options before anything is loaded (not after a long statistics pass)."""
-    from .configuration_dsg import MAX_CLAMP, MAX_WINDOW
+    from .configuration_dsg import ACTIONS, MAX_CLAMP, MAX_WINDOW
 
     checks = [
         (isinstance(options.name, str) and options.name.strip() != "", f"--name must be a non-empty topic name, got {options.name!r}"),
@@ -146,6 +160,11 @@ def _check_options(options: BuildOptions) -> None:
         (options.layer is None or options.layer >= 0, f"--layer must be >= 0, got {options.layer}"),
         (options.score in ("fraction", "window"), f"unknown --score {options.score!r} (fraction or window)"),
         (2 <= options.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {options.window}"),
+        (options.action in ACTIONS, f"unknown --action {options.action!r} (one of {', '.join(ACTIONS)})"),
+        (options.refusal is None or options.action == "refuse",
+         f"--refusal is only valid with --action refuse (the action is {options.action!r})"),
+        (options.refusal is None or (isinstance(options.refusal, str) and options.refusal.strip() != ""),
+         f"--refusal must be a non-empty text, got {options.refusal!r}"),
     ]
     for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
         value = getattr(options, flag)
@@ -160,6 +179,48 @@ def check_sae_options(options: BuildOptions, d_sae: int, flag: str = "--n-featur
     if options.n_features > d_sae:
         raise DSGError(f"{flag} {options.n_features} is more than the SAE has features (d_sae = {d_sae}); "
                        f"pass at most {d_sae}")
+
+
+def refusal_token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]:
+    """The refusal's token ids in the model's tokenizer (add_special_tokens=False); a `DSGError` when it
+    tokenizes to nothing or to an id the model's vocabulary (`vocab_size`) does not have."""
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise DSGError(f"--refusal {text!r} tokenizes to no tokens")
+    bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+    if bad:
+        raise DSGError(f"--refusal {text!r}: token id {bad[0]} is outside the model's vocabulary (size {vocab_size}); "
+                       "the tokenizer does not match the model")
+    return ids
+
+
+def refusal_for(options: BuildOptions, tokenizer, vocab_size: int | None) -> tuple[str, list[int]] | None:
+    """(refusal text, its token ids) for action "refuse" (`options.refusal`, default DEFAULT_REFUSAL); else None."""
+    if options.action != "refuse":
+        return None
+    from .configuration_dsg import DEFAULT_REFUSAL
+
+    text = options.refusal if options.refusal is not None else DEFAULT_REFUSAL
+    return text, refusal_token_ids(tokenizer, text, vocab_size)
+
+
+def model_vocab_size(model) -> int | None:
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def check_refusal(model, tokenizer, options: BuildOptions) -> None:
+    """--action refuse: the refusal tokenizes into the model's vocabulary and the model has an end-of-sequence
+    token to end it with; checked before the statistics pass."""
+    if options.action != "refuse":
+        return
+    refusal_for(options, tokenizer, model_vocab_size(model))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos is None or eos == []:
+        raise DSGError("--action refuse needs the model's eos_token_id (a refusal ends with end of sequence); "
+                       "its config and generation config have none")
 
 
 def _token_text(tokenizer, ids) -> str:
@@ -196,6 +257,7 @@ class Statistics:
     stats: object                       # selection.FeatureStats of forget vs retain
     timings: dict = field(default_factory=dict)
     options: object = None              # the BuildOptions of the pass
+    vocab_size: int | None = None       # the model's vocabulary size (bounds a refusal's token ids)
 
 
 def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
@@ -245,7 +307,7 @@ def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options
     start = time.perf_counter()
     stats = selection.FeatureStats.from_stores(stores["forget"], stores["retain"])
     timings["feature_stats_s"] = time.perf_counter() - start
-    return Statistics(layer, spec, state, forget, stores, stats, timings, options)
+    return Statistics(layer, spec, state, forget, stores, stats, timings, options, vocab_size=model_vocab_size(model))
 
 
 def sae_encoder(spec: dict, state: dict, layer: int, device):
@@ -304,12 +366,18 @@ def heldout_summary(rho: dict, tau: float, statistics: Statistics) -> dict:
     return heldout
 
 
-def guardrail_from(statistics: Statistics, features: list[int], tau: float, options: BuildOptions) -> dict:
+def guardrail_from(statistics: Statistics, features: list[int], tau: float, options: BuildOptions,
+                   refusal: tuple[str, list[int]] | None = None) -> dict:
+    """The guardrail config; `refusal` (text, token ids: `refusal_for`) is needed for action "refuse"."""
     guardrail = {"name": options.name, "layer": statistics.layer, "mode": options.mode, "features": list(features),
                  "clamp": float(options.clamp), "threshold": float(tau), "score": options.score,
-                 "sae": {**statistics.sae_spec, "slim": False}}
+                 "action": options.action, "sae": {**statistics.sae_spec, "slim": False}}
     if options.score == "window":
         guardrail["window"] = options.window
+    if options.action == "refuse":
+        if refusal is None:
+            raise DSGError("action 'refuse' needs the refusal's text and token ids (build.refusal_for)")
+        guardrail["refusal"], guardrail["refusal_ids"] = refusal[0], list(refusal[1])
     return guardrail
 
 
@@ -324,13 +392,15 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
     """The GuardrailBuild (guardrail, SAE tensors, features.json entries, dsg_build.json record) for `options`."""
     from . import selection
 
+    refusal = refusal_for(options, tokenizer, statistics.vocab_size)
     features, tau, rho, timings = select_and_calibrate(statistics, options)
     timings = {**statistics.timings, **timings}
     stores = statistics.stores
     report = [_feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
               for i in features]
-    info = {"name": options.name, "mode": options.mode, "sae": sae_source, "layer": statistics.layer,
-            "n_features": len(features), "clamp": float(options.clamp),
+    info = {"name": options.name, "mode": options.mode, "action": options.action,
+            **({"refusal": refusal[0], "refusal_ids": refusal[1]} if refusal else {}),
+            "sae": sae_source, "layer": statistics.layer, "n_features": len(features), "clamp": float(options.clamp),
             "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
             "threshold_percentile": options.threshold_percentile, "tau": float(tau),
             "rows": {"forget": stores["forget"].n_rows, "retain": stores["retain"].n_rows,
@@ -339,7 +409,7 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
             "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
             "heldout": heldout_summary(rho, tau, statistics), "timings": timings,
             "options": asdict(options)}
-    return GuardrailBuild(guardrail_from(statistics, features, tau, options), statistics.sae_state, report, info)
+    return GuardrailBuild(guardrail_from(statistics, features, tau, options, refusal), statistics.sae_state, report, info)
 
 
 def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
@@ -488,6 +558,8 @@ def check_build_record(data, path) -> dict:
         where = f"{path}: guardrails[{i}]"
         _typed(g, "name", str, "a string", where)
         _typed(g, "sae", (str, dict), "a string or an object", where)
+        _typed(g, "action", str, "a string", where)
+        _typed(g, "refusal", str, "a string", where)
         for key in ("forget_sources", "retain_sources"):
             value = g.get(key)
             if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
@@ -539,6 +611,7 @@ def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOpti
     else:
         model, tokenizer = load_base_model(base, device=options.device)
         base_spec = base
+    check_refusal(model, tokenizer, options)  # a refusal the model cannot write fails before the statistics pass
     result = build_guardrail(model, tokenizer, sae_obj, forget_texts, retain_texts, options,
                              sae_source=sae, sae_layer=sae_layer(sae_obj))
     result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
@@ -611,6 +684,14 @@ def configure_parser(p, sweep: bool = False):
     p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
     p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
     p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+    if not sweep:
+        from .configuration_dsg import ACTIONS, DEFAULT_REFUSAL
+
+        p.add_argument("--action", choices=ACTIONS, default=d.action,
+                       help="what the guardrail does when it fires: clamp (the paper's edit), refuse (answer with "
+                            "--refusal, then end of sequence) or monitor (decide and report, edit nothing)")
+        p.add_argument("--refusal", metavar="TEXT",
+                       help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})")
     p.add_argument("--score", choices=["fraction", "window"], default=d.score,
                    help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens")
     p.add_argument("--window", type=int, default=d.window)
@@ -636,6 +717,7 @@ def options_from_args(args) -> BuildOptions:
                         ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
                         importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
                         threshold_percentile=args.threshold_percentile, score=args.score, window=args.window,
+                        action=getattr(args, "action", d.action), refusal=getattr(args, "refusal", d.refusal),
                         seq_len=args.seq_len,
                         min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,
                         heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, seed=args.seed,
@@ -647,7 +729,8 @@ def run(args):
     info = build(args.base, args.sae, args.forget, args.retain, args.out, options=options_from_args(args),
                  add_to=args.add_to, overwrite=args.overwrite, text_field=args.text_field)
     held = info["heldout"]
-    print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}")
+    print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
+          f"action {info['action']}" + (f" (refusal {info['refusal']!r})" if info.get("refusal") is not None else ""))
     if held["forget_trigger_rate"] is None:
         print("held-out trigger rate: none measured (--heldout-fraction 0)")
     else:

@@ -9,8 +9,8 @@ What is read (only `config.json` is required; every other file and field may be 
 then says "not measured" or "not recorded" instead of guessing):
 
     config.json       model_type "dsg", text_config, guardrails [{name, layer, mode, features, clamp,
-                      threshold, score, sae: {architecture, d_in, d_sae, k, source, ...}}], optional
-                      base_model / license
+                      threshold, score, action, refusal, sae: {architecture, d_in, d_sae, k, source, ...}}],
+                      optional base_model / license (a guardrail without "action" is "clamp")
     features.json     {"guardrails": [{name, layer, features: [{index, forget_mean, retain_mean,
                       forget_freq, retain_freq, importance, ratio, top_tokens: [{token, activation,
                       context}]}]}]}
@@ -59,6 +59,29 @@ SCORE_TEXT = {
     "fraction": "the fraction of its real tokens (not padding, not BOS) at which any selected feature is active "
                 "(score `fraction`, the paper's)",
 }
+
+# What each action (config "action") is called in the card; an unknown action is named only.
+ACTION_TEXT = {
+    "clamp": "`clamp` (the paper's edit: the selected features are clamped)",
+    "refuse": "`refuse` (the model answers with a fixed refusal)",
+    "monitor": "`monitor` (decide and report only; nothing is edited)",
+}
+
+
+def when_fired(action: str, *, clamp=None, refusal: str | None = None, minus: str = "−") -> str:
+    """What a user sees when a guardrail with this action fires, as one sentence without a final period (the
+    card and `dsg explain` both say it). `clamp` is the clamp value as shown, `refusal` the refusal text as
+    shown (quoted by the caller)."""
+    if action == "clamp":
+        return (f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
+                "model's from the first flagged token on, and may read as degraded or off-topic text")
+    if action == "refuse":
+        return f"the answer is exactly the refusal {refusal}, then end of sequence; nothing else is generated"
+    if action == "monitor":
+        return ("nothing changes: the answer is the base model's, token for token; the decision is only reported, "
+                "on the model outputs (`guardrail_decisions`)")
+    return f"action `{action}` (not one this version of modeling_dsg describes)"
+
 
 # Bases whose Hub id and license are known when the base was given as a local file (e.g. the GGUF of the
 # embedded default). Keys are lower-case prefixes of the file or folder name.
@@ -138,13 +161,13 @@ def _num(x) -> float | None:
 
 
 def fmt(x, digits: int = 3, missing: str = NOT_MEASURED) -> str:
-    """A number for a table: integers as is, floats with `digits` decimals (scientific when tiny)."""
+    """A number for a table: integers as is, floats with `digits` decimals (scientific when tiny or huge)."""
     if isinstance(x, int) and not isinstance(x, bool):
         return f"{x:,}"
     v = _num(x)
     if v is None:
         return missing
-    if v != 0 and abs(v) < 10 ** -digits:
+    if v != 0 and abs(v) < 10 ** -digits or abs(v) >= 1e6:  # huge: e.g. a refusing row's log-likelihood
         return f"{v:.2e}"
     return f"{v:.{digits}f}"
 
@@ -384,9 +407,16 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
         arch = sae.get("architecture")
         arch_text = f"{arch} (k = {sae['k']})" if arch == "topk" and sae.get("k") else arch
         layer = g.get("layer", b.get("layer"))
+        action = g.get("action") or "clamp"
+        refusal = g.get("refusal") if isinstance(g.get("refusal"), str) else None
+        clamp = fmt(g.get("clamp", b.get("clamp")), 1, missing=NOT_RECORDED)
         views.append({
             "name": name,
             "mode": mode,
+            "action": md_cell(action),
+            "action_text": ACTION_TEXT.get(action, f"`{md_cell(action)}`"),
+            "refusal": md_cell(refusal) if refusal is not None else None,
+            "when_fired": md_cell(when_fired(action, clamp=clamp, refusal=f'"{md_cell(refusal)}"' if refusal else None)),
             "dynamic": mode != "static",
             "layer": layer if layer is not None else NOT_RECORDED,
             "sae_source": short_source(sae_source) if sae_source else NOT_RECORDED,
@@ -396,7 +426,7 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
             "forget_sources": [short_source(s) for s in (b.get("forget_sources") or [])],
             "retain_sources": [short_source(s) for s in (b.get("retain_sources") or [])],
             "n_features": len(g.get("features") or []) or b.get("n_features") or NOT_RECORDED,
-            "clamp": fmt(g.get("clamp", b.get("clamp")), 1, missing=NOT_RECORDED),
+            "clamp": clamp,
             "score": g.get("score") or "fraction",
             "score_text": SCORE_TEXT.get(g.get("score") or "fraction", f"the `{g.get('score')}` score"),
             "tau": fmt(tau, 4, missing=NOT_RECORDED),
@@ -431,7 +461,8 @@ def _results_view(report: dict) -> dict:
         cells = [fmt(row_value(r, k)) for k in keys]
         if delta:
             b, d = _num(r.get("base")), _num(r.get("dsg"))
-            cells.insert(split, f"{d - b:+.3f}" if b is not None and d is not None else NOT_MEASURED)
+            cells.insert(split, NOT_MEASURED if b is None or d is None else f"{d - b:+.2e}" if abs(d - b) >= 1e6
+                         else f"{d - b:+.3f}")
         results.append({"dataset": md_cell(r["dataset"]), "metric": md_cell(f"{r['metric']}{arrow}"),
                         "n": fmt(r.get("n"), missing=""), "cells": cells})
     sources = report.get("baseline_models") or {}
@@ -534,6 +565,7 @@ def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_m
     }
     topics = [v["name"] for v in views]
     variables = {
+        **action_variables(views),
         "model_id": model_name,
         "repo_id": repo_id or "OWNER/NAME",
         "base": base,
@@ -553,6 +585,28 @@ def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_m
         "max_retain_trigger": pct(max((v["retain_trigger_rate"] for v in views if v["retain_trigger_rate"] is not None), default=None)),
     }
     return metadata, variables
+
+
+def action_variables(views: list[dict]) -> dict:
+    """The template's action-dependent sentences: which actions the guardrails take (`any_clamp`, `any_refuse`,
+    `any_monitor`), the intro's `goal` and `intro_action`, and `false_positive_text` for Limitations."""
+    actions = {v["action"] for v in views} or {"clamp"}
+    effects = {"clamp": "the topic's SAE features are clamped to a large negative value",
+               "refuse": "the model answers with a fixed refusal instead",
+               "monitor": "the decision is reported and nothing is edited (monitor)"}
+    intro = [effects.get(a, f"action `{a}` acts") for a in ("clamp", "refuse", "monitor") if a in actions]
+    intro += [f"action `{a}` acts" for a in sorted(actions - set(effects))]
+    harms = {frozenset(): None, frozenset({"clamp"}): "that answer is degraded",
+             frozenset({"refuse"}): "that prompt is refused",
+             frozenset({"clamp", "refuse"}): "that answer is degraded (`clamp`) or refused (`refuse`)"}
+    harm = harms[frozenset(actions & {"clamp", "refuse"})]
+    return {
+        "any_clamp": "clamp" in actions, "any_refuse": "refuse" in actions, "any_monitor": "monitor" in actions,
+        "goal": "detect, without editing anything, prompts about" if actions == {"monitor"} else "suppress its knowledge of",
+        "intro_action": intro[0] if len(intro) == 1 else "it acts as each guardrail's action says: " + ", or ".join(intro),
+        "false_positive_text": harm or ("nothing changes for the user (monitor), but the reported decision counts a "
+                                        "prompt that was not about the topic"),
+    }
 
 
 def supported_transformers() -> str:

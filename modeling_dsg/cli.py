@@ -28,6 +28,7 @@ COMMANDS = {
     "rmu": ("modeling_dsg.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
     "results": ("modeling_dsg.results", "the evaluation suite on the embedded default: table, attacks, sweep, plots"),
     "demo": ("modeling_dsg.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
+    "serve": ("modeling_dsg.serve", "an OpenAI-compatible server for a DSG folder (transformers' serving stack)"),
 }
 
 

@@ -48,11 +48,26 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
     The DSG pass decides per sequence on the whole scored input (the prompt, plus for cloze the choice
     text), in one forward: the guard's decision on a prompt is the one it takes in deployment.
 
+    The DSG column depends on each guardrail's `action`: `clamp` edits the rows it fires on; `monitor`
+    edits nothing, so every DSG number equals the base's (the trigger rates are the decisions it would
+    take); `refuse` puts all the probability on the refusal's next token at every position of the rows it
+    fires on, so there the letter scores are all equal (float32's minimum): correct-letter probability
+    1/4, raw probability 0, accuracy 0 (all letters tie: no answer), and the cloze and text
+    log-likelihoods about -3.4e38 per token. summary.md says so under the results table (`action_notes`).
+
 Baselines and dilution
     `--baseline NAME=DIR` (repeatable) scores another model (an RMU folder, a static build, ...) on the
     same sets with the DSG model's tokenizer; each results row gets `baselines: {NAME: value}`.
     `--dilution` runs the dilution attack on the forget prompts (`eval_dilution`): 1x/2x/5x their length
     of filler in front, and per dynamic guardrail the fraction of the prompts that fired that no longer fire.
+
+Fluency
+    `--fluency N` (`fluency.measure_fluency`): greedy answers (`--fluency-tokens`, default 32; the letter prompt
+    as a chat user turn when the tokenizer has a template) to the first N forget questions whose prompt fires
+    and to the first N retain questions, from the DSG model and from the base, each measured with the base
+    model: NLL per generated token (DSG next to the base's own answers), repeated 3-gram share and distinct-2
+    on words, and how often the correct choice's text appears (answer leak). report.json "fluency";
+    summary.md gets the table and the first three generations side by side.
 
 Outputs (REPORT_DIR, written atomically)
     report.json  the schema of `report_schema` (checked before writing; `cards.py` reads it): schema_version,
@@ -114,6 +129,8 @@ class EvalOptions:
     text_name: str | None = None
     progress: bool = True            # tqdm bars on the long steps
     dilution: bool = False           # also run the dilution attack on the forget prompts (`eval_dilution`)
+    fluency: int | None = None       # greedy generations on up to N forget prompts that fire and N retain prompts
+    fluency_tokens: int = 32         # new tokens per fluency generation
 
 
 def check_options(o: EvalOptions) -> None:
@@ -124,6 +141,8 @@ def check_options(o: EvalOptions) -> None:
         (o.text_max_tokens >= 2, f"--text-max-tokens must be at least 2, got {o.text_max_tokens}"),
         (o.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}"),
         (o.cloze in CLOZE_MODES, f"--cloze must be one of {', '.join(CLOZE_MODES)}, got {o.cloze!r}"),
+        (o.fluency is None or o.fluency >= 1, f"--fluency must be at least 1, got {o.fluency}"),
+        (o.fluency_tokens >= 1, f"--fluency-tokens must be at least 1, got {o.fluency_tokens}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -204,7 +223,7 @@ def load_mcq(spec: str, role: str, *, name: str | None = None, limit: int | None
         if path.is_dir():
             raise DSGError(f"--{role}-mcq {spec} is a folder, not a file")
         if not path.is_file():
-            raise DSGError(f"--{role}-mcq {spec} does not exist")
+            raise DSGError(f"--{role}-mcq {spec} " + ("is not a regular file" if path.exists() else "does not exist"))
         if path.suffix.lower() == ".jsonl":
             records = read_jsonl(path)
         elif path.suffix.lower() == ".parquet":
@@ -597,8 +616,10 @@ def _guardrails(model) -> list[dict]:
     out = []
     for g in getattr(model, "guards", []):
         score = getattr(g, "score", "fraction")
+        action = getattr(g, "action", "clamp")
         out.append({"name": g.name, "layer": g.layer, "mode": g.mode, "score": score, "tau": float(g.threshold),
-                    "n_features": len(g.features), **({"window": g.window} if score == "window" else {})})
+                    "n_features": len(g.features), **({"window": g.window} if score == "window" else {}),
+                    "action": action, **({"refusal": g.refusal} if action == "refuse" else {})})
     return out
 
 
@@ -705,6 +726,15 @@ def compare(model, tokenizer, forget: McqSet, retain: McqSet, text: list[str] | 
         arrays["rho"]["text"] = {g: d["rho"] for g, d in decisions.items()}
         arrays["labels"]["text"] = label
 
+    if options.fluency:  # what a fired answer looks like (`fluency`): greedy generations, measured with the base
+        from .fluency import measure_fluency
+
+        start = time.perf_counter()
+        report["fluency"] = measure_fluency(model, tokenizer, forget.records, retain.records, options.fluency,
+                                            max_new_tokens=options.fluency_tokens, batch_size=options.batch_size,
+                                            forget_label=forget.label, retain_label=retain.label)
+        timings["fluency_s"] = time.perf_counter() - start
+
     report["guardrails"] = guards
     report["settings"] = {**asdict(options), "letters": list(LETTERS), "answer_prefix": answer_prefix(options.chat),
                           "preamble_text": PREAMBLE if options.preamble else None, "scorer": scorer_name}
@@ -771,7 +801,33 @@ def _num(x, digits=3) -> str:
         return "n/a"
     if isinstance(x, int):
         return f"{x:,}"
+    if abs(x) >= 1e6:  # e.g. a refusing row's log-likelihood, about -3.4e38 per token
+        return f"{x:.2e}"
     return f"{x:.{digits}f}"
+
+
+def _delta(b, d) -> str:
+    if b is None or d is None:
+        return "n/a"
+    return f"{d - b:+.2e}" if abs(d - b) >= 1e6 else f"{d - b:+.3f}"
+
+
+def action_notes(guardrails: list) -> list[str]:
+    """What the DSG column means for guardrails that do not clamp (report "guardrails", `ReportGuardrail`)."""
+    notes = []
+    for g in guardrails:
+        name, action = _cell(g.get("name")), g.get("action", "clamp")
+        if action == "monitor":
+            notes.append(f"Guardrail `{name}` only monitors (action `monitor`): it edits nothing, so it adds nothing "
+                         "to DSG − base; its trigger rates are the decisions it would take.")
+        elif action == "refuse":
+            notes.append(f"Guardrail `{name}` refuses (action `refuse`): on the rows it fires on, every position puts "
+                         "all the probability on the refusal's next token, so the four answer letters are equally "
+                         "unlikely (correct-letter probability 0.25, raw probability 0, and accuracy 0: a row whose "
+                         "letters all tie gave no answer) and the answer text's "
+                         "log-likelihood is about -3.4e38 per token (probability 0). Those numbers measure the "
+                         "refusals, not what the model still knows.")
+    return notes
 
 
 def summary_markdown(report: dict) -> str:
@@ -786,10 +842,13 @@ def summary_markdown(report: dict) -> str:
     for r in report["results"]:
         arrow = " ↑" if r.get("higher_is_better") else " ↓"
         b, d = r.get("base"), r.get("dsg")
-        delta = f"{d - b:+.3f}" if b is not None and d is not None else "n/a"
+        delta = _delta(b, d)
         lines.append(f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} |"
                      + "".join(f" {_num(row_value(r, key))} |" for key, _ in models) + f" {delta} |"
                      + "".join(f" {_num(row_value(r, key))} |" for key, _ in others))
+    notes = action_notes(report.get("guardrails", []))
+    if notes:
+        lines += ["", *notes]
     names = [g["name"] for g in report.get("guardrails", [])]
     if report["trigger_rates"] and names:
         lines += ["", "## Guardrail trigger rates", "", "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -814,6 +873,10 @@ def summary_markdown(report: dict) -> str:
                   "| dataset | permutations | kept | of |", "|---|---:|---:|---:|"]
         for label, kf in report["known_filter"].items():
             lines.append(f"| {_cell(label)} | {kf['permutations']} | {kf['kept']} | {kf['n']} |")
+    if report.get("fluency"):
+        from .fluency import summary_lines
+
+        lines += [""] + summary_lines(report["fluency"])
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
@@ -1016,6 +1079,12 @@ def configure_parser(p):
     p.add_argument("--text-name", help="name of the text set in the report")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    p.add_argument("--fluency", type=int, metavar="N",
+                   help="also generate greedy answers (chat template) to up to N forget questions that fire and N retain "
+                        "questions, base and DSG, and measure them with the base model: NLL per token, repetition, "
+                        "answer leak (report.json 'fluency', a table and examples in summary.md)")
+    p.add_argument("--fluency-tokens", type=int, default=d.fluency_tokens, metavar="T",
+                   help=f"new tokens per fluency generation (default {d.fluency_tokens})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -1024,7 +1093,8 @@ def options_from_args(args) -> EvalOptions:
                        known_filter=args.known_filter, permutations=args.permutations, cloze=args.cloze,
                        text_max_tokens=args.text_max_tokens, device=args.device, dtype=args.dtype,
                        forget_name=args.forget_name, retain_name=args.retain_name, text_name=args.text_name,
-                       progress=args.progress, dilution=args.dilution)
+                       progress=args.progress, dilution=args.dilution, fluency=args.fluency,
+                       fluency_tokens=args.fluency_tokens)
 
 
 def run(args):

@@ -1,7 +1,8 @@
 """`dsg explain DIR TEXT`: why each guardrail did or did not fire on a text.
 
-For every guardrail it prints rho against tau, the decision, and each token on which a selected
-feature fired, with the features' activations and (from `features.json`) their top tokens.
+For every guardrail it prints rho against tau, the decision, its action and what a user sees when it
+fires (`cards.when_fired`), and each token on which a selected feature fired, with the features'
+activations and (from `features.json`) their top tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from .errors import DSGError
 def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: dict | None = None) -> list[dict]:
     """Run `text` through a DSG model and return, per guardrail, its score, decision and firing tokens."""
     import torch
+
+    from .cards import when_fired
 
     if not text.strip():
         raise DSGError("the text to explain is empty")
@@ -42,7 +45,11 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
                          "features": [{"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])]})
         known = {f.get("index"): f for f in by_name.get(guard.name, {}).get("features", []) if isinstance(f, dict)}
         fired = set(f["index"] for r in rows for f in r["features"])
-        out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode,
+        action = getattr(guard, "action", "clamp")
+        refusal = guard.refusal if action == "refuse" else None
+        out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode, "action": action,
+                    **({"refusal": refusal} if action == "refuse" else {}),
+                    "when_fired": when_fired(action, clamp=f"{guard.clamp:g}", refusal=repr(refusal), minus="-"),
                     "rho": float(record["rho"][0]), "tau": guard.threshold, "fired": bool(record["fired"][0]),
                     "counted_tokens": int(counted.sum()), "flagged_tokens": len(rows), "tokens": rows,
                     "features": {i: _distinct_tokens(known[i]) for i in sorted(fired) if i in known}})
@@ -60,8 +67,9 @@ def format_report(results: list[dict]) -> str:
     for r in results:
         verdict = "FIRED" if r["fired"] else "not fired"
         relation = ">" if r["rho"] > r["tau"] else "<="
-        lines.append(f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}): rho = {r['rho']:.3f} "
+        lines.append(f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}, action {r['action']}): rho = {r['rho']:.3f} "
                      f"{relation} tau = {r['tau']:.3f} -> {verdict}  ({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)")
+        lines.append(f"  when it fires: {r['when_fired']}")
         for row in r["tokens"]:
             feats = ", ".join(f"#{f['index']} ({f['activation']:.2f})" for f in row["features"])
             lines.append(f"  {row['position']:>4}  {row['token']!r:<18} {feats}")
@@ -93,6 +101,10 @@ def read_text_arg(text: str) -> str:
     import sys
 
     if text != "-":
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DSGError("the text to explain is not UTF-8 (it holds bytes that are not UTF-8 text)") from None
         return text
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream without bytes underneath (tests, embedding)

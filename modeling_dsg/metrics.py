@@ -6,7 +6,8 @@ Multiple-choice scores
     scoring it is the summed log-likelihood of each choice's text. `references` [n] holds the index of
     the correct choice. `choice_metrics` returns
 
-        accuracy                  mean_q [argmax_j s_qj == r_q]      (ties go to the lowest index, as numpy's argmax)
+        accuracy                  mean_q [argmax_j s_qj == r_q]      (ties go to the lowest index, as numpy's argmax;
+                                                                      a row whose choices all tie gave no answer: wrong)
         choice_prob               mean_q softmax_j(s_q)[r_q]         the probability of the correct choice,
                                                                      renormalised over the c choices
         correct_logprob           mean_q s_q,r_q                     the raw score of the correct choice
@@ -61,6 +62,13 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
+def _picked(s, r):
+    """1.0 where the highest score is the reference's (lowest index on ties), 0.0 where it is not or where
+    every choice ties (no answer, e.g. a row a guardrail refused)."""
+    answered = ~(s == s[:, :1]).all(axis=1)
+    return ((np.argmax(s, axis=1) == r) & answered).astype(np.float64)
+
+
 def _as_scores(scores, references, lengths=None):
     s = np.asarray(scores, dtype=np.float64)
     r = np.asarray(references)
@@ -93,14 +101,14 @@ def choice_metrics(scores, references, lengths=None) -> dict:
     rows = np.arange(len(r))
     correct = s[rows, r]
     out = {
-        "accuracy": _nan_mean((np.argmax(s, axis=1) == r).astype(np.float64)),
+        "accuracy": _nan_mean(_picked(s, r)),
         "choice_prob": _nan_mean(np.exp(log_softmax(s)[rows, r])),
         "correct_logprob": _nan_mean(correct),
         "correct_prob": _nan_mean(np.exp(correct)),
         "n": int(len(r)),
     }
     if ln is not None:
-        out["accuracy_norm"] = _nan_mean((np.argmax(s / ln, axis=1) == r).astype(np.float64))
+        out["accuracy_norm"] = _nan_mean(_picked(s / ln, r))
         out["correct_logprob_per_length"] = _nan_mean(correct / ln[rows, r])
     return out
 
@@ -137,7 +145,9 @@ def token_nll(nll_sums, token_counts) -> dict:
         raise ValueError("nll_sums and token_counts must be 1-d arrays of the same length")
     total = int(counts.sum())
     mean = float(sums.sum() / total) if total else float("nan")
-    return {"nll_per_token": mean, "perplexity": float(np.exp(mean)) if total else float("nan"),
+    with np.errstate(over="ignore"):  # an NLL past ~709 nats (a refusing row: ~3.4e38) has perplexity inf
+        perplexity = float(np.exp(mean)) if total else float("nan")
+    return {"nll_per_token": mean, "perplexity": perplexity,
             "n_tokens": total, "n_texts": int(len(counts))}
 
 

@@ -42,8 +42,8 @@ _GENERATE: contextvars.ContextVar = contextvars.ContextVar("dsg_generate", defau
 
 _PACKED = ("DSG: packed inputs (continuous batching, `generate_batch`, or several sequences packed into one row) "
            "are not supported: the guardrails decide per row, so one request's text would switch the guard on or "
-           "off for another. Use `generate` or a pipeline (one row per request), e.g. `transformers serve` "
-           "without `--continuous-batching`.")
+           "off for another. Use `generate` or a pipeline (one row per request); to serve, a server that calls "
+           "`generate` per request (`dsg serve` in the modeling_dsg package).")
 
 # Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
 # Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...

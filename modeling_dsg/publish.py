@@ -232,7 +232,7 @@ def stage(model_dir, out_dir, repo_id: str, *, eval_dir=None, base_model=None, l
     config = check_dsg_folder(model_dir)
     eval_dir = Path(eval_dir) if eval_dir is not None else model_dir / "eval"
     if eval_dir != model_dir / "eval" and not eval_dir.is_dir():
-        raise DSGError(f"evaluation folder {eval_dir} does not exist")
+        raise DSGError(f"evaluation folder {eval_dir} " + ("is a file, not a folder" if eval_dir.exists() else "does not exist"))
     for rel in source_files(model_dir, config):
         _link_or_copy(model_dir / rel, out_dir / rel, link=rel.endswith(".safetensors"))
     for path in eval_files(eval_dir):

@@ -14,6 +14,7 @@ the dilution block existed.
       "baseline_models": {"RMU": "/abs/dir"},      # only with --baseline
       "trigger_rates": {DATASET: {GUARDRAIL: TriggerRate}},
       "dilution": Dilution,                        # only with --dilution
+      "guardrails": [ReportGuardrail, ...],        # the evaluated model's guardrails, in order
       ...                                          # the rest: see EvalReport
     }
 
@@ -26,6 +27,14 @@ the dilution block existed.
                  "by_guardrail": {GUARDRAIL: {"score", "undiluted_trigger_rate",
                                               "1x": DilutionStep, "2x": ..., "5x": ...}}}
     DilutionStep {"fired_before", "evaded", "attack_success", "trigger_rate"}   # `results.attack_success`
+    ReportGuardrail {"name", "layer", "mode", "score", "tau", "n_features", "window"?, "action", "refusal"?}
+                 action (configuration_dsg.ACTIONS) is what the "dsg" column measured on the rows the
+                 guardrail fired on: "clamp" edited them; "monitor" edited nothing (dsg equals base on
+                 every row, the trigger rates are the decisions it would take); "refuse" forced the
+                 refusal's next token at every position of those rows, so their answer letters are all
+                 equally unlikely (correct-letter probability 1/4, raw probability about 0, accuracy
+                 decided by the tie: the first letter) and their answer texts' likelihoods are about 0.
+                 Reports written before actions existed have no "action": read it as "clamp".
 
 The dilution block has the shape of the one `dsg results` writes (results.json "dilution"), plus
 "dataset", "filler", "seed" and each guardrail's "score". Numbers that could not be computed are null.
@@ -76,6 +85,18 @@ class Dilution(TypedDict):
     by_guardrail: dict[str, dict]  # GUARDRAIL -> {"score", "undiluted_trigger_rate", "<k>x": DilutionStep}
 
 
+class ReportGuardrail(TypedDict):
+    name: str
+    layer: int
+    mode: str
+    score: str
+    tau: float
+    n_features: int
+    window: NotRequired[int]       # score "window" only
+    action: NotRequired[str]       # "clamp", "refuse" or "monitor"; absent in older reports: "clamp"
+    refusal: NotRequired[str]      # action "refuse" only
+
+
 class EvalReport(TypedDict, total=False):
     schema_version: int
     model: str
@@ -91,7 +112,7 @@ class EvalReport(TypedDict, total=False):
     rho: dict
     metrics: dict
     datasets: dict
-    guardrails: list
+    guardrails: list[ReportGuardrail]
     settings: dict
     timings: dict
     plots: list

@@ -201,7 +201,7 @@ def _check_base_folder(folder: Path, spec: str) -> None:
 
 def _check_loading_info(info: dict, what: str) -> None:
     """transformers' `output_loading_info`: every weight in its place, with its shape."""
-    mismatched = list(info.get("mismatched_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
     if mismatched:
         key, ckpt, model = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
@@ -324,7 +324,7 @@ def _read_file(path: Path, what: str) -> bytes:
     if path.is_dir():
         raise DSGError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise DSGError(f"{what} {path} does not exist")
+        raise DSGError(f"{what} {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     try:
         return path.read_bytes()
     except OSError as err:
@@ -337,7 +337,7 @@ def read_jsonl(path, *, objects: bool = False) -> list:
     if path.is_dir():
         raise DSGError(f"{path} is a folder, not a .jsonl file")
     if not path.is_file():
-        raise DSGError(f"{path} does not exist")
+        raise DSGError(f"{path} " + ("is not a regular file" if path.exists() else "does not exist"))
     text = decode_text(_read_file(path, "file"), str(path))
     rows = []
     for n, line in enumerate(text.split("\n"), 1):
@@ -430,7 +430,7 @@ def load_texts(spec: str, *, text_field: str | None = None, limit: int | None = 
         if path.is_dir():
             raise DSGError(f"text source {spec} is a folder, not a file")
         if not path.is_file():
-            raise DSGError(f"text source {spec} does not exist")
+            raise DSGError(f"text source {spec} " + ("is not a regular file" if path.exists() else "does not exist"))
         if suffix == ".jsonl":
             texts = _records_to_texts(read_jsonl(path, objects=True), spec, text_field)
         elif suffix == ".parquet":
@@ -476,19 +476,11 @@ def read_parquet(path, source: str | None = None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------- checks and loading
-def _load_errors() -> tuple:
-    """What loaders raise on a bad file: transformers, sae-lens, safetensors, json, torch."""
-    errors = [OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, AssertionError, EOFError]
-    try:
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:  # an old safetensors: its errors are among the above
-        pass
-    return tuple(errors)
-
-
-LOAD_ERRORS = _load_errors()
+# What a loader (transformers, tokenizers, sae-lens, safetensors, huggingface_hub) raises on a bad file: many
+# unrelated classes (SafetensorError, StrictDataclassFieldValidationError, tokenizers' plain Exception, KeyError,
+# AttributeError on a config of the wrong shape, ...). Each `except LOAD_ERRORS` here wraps only the loading call
+# itself, so what it catches comes from the file being loaded and becomes one DSGError line naming it.
+LOAD_ERRORS = (Exception,)
 ONE_LINE_CHARS = 400
 
 
@@ -621,11 +613,16 @@ def check_finite(named_tensors, what: str) -> None:
     import torch
 
     for name, tensor in named_tensors:
-        if not torch.is_tensor(tensor) or not (tensor.is_floating_point() or tensor.is_complex()) or not tensor.numel():
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point() or not tensor.numel():
             continue
-        if torch.isfinite(tensor.detach().sum(dtype=torch.float64)):  # a NaN or inf anywhere makes the sum non-finite
+        tensor = tensor.detach()
+        try:  # one reduction, no copy: a NaN or inf anywhere makes the float64 sum non-finite
+            total = tensor.sum(dtype=torch.float64)
+        except (RuntimeError, TypeError):  # a device without float64 (MPS)
+            total = tensor.float().sum()
+        if torch.isfinite(total):
             continue
-        bad = tensor.detach()[~torch.isfinite(tensor.detach())]
+        bad = tensor[~torch.isfinite(tensor)]
         if not bad.numel():  # a finite tensor whose float64 sum overflowed: not possible below 1e308 per element
             continue
         kind = "NaN" if torch.isnan(bad).any() else "infinite values"

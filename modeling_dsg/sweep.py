@@ -22,7 +22,10 @@ Scores (`--metric`, higher means more knowledge; each set's mean over its questi
 
 Outputs (OUT, written atomically): sweep.json (every grid point, the base scores, the chosen points,
 settings and timings), tradeoff.png (forget score against retain score, both modes), summary.md.
-`--save-best DIR` also writes the chosen model as a DSG folder (as `dsg build` would).
+`--save-best DIR` also writes the chosen model as a DSG folder (as `dsg build` would), with action
+"clamp": the grid is scored with the clamp acting (a `monitor` model scores as the base, a `refuse` model
+as uniform letters on its fired rows), so the sweep takes no `--action`; build a refuse or monitor model
+from the chosen N with `dsg build --action`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ def check_options(o: SweepOptions) -> None:
         (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
         (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
         (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
+        # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
+        # afterwards with `dsg build --action` from the chosen N (and their scores are not the clamp's)
+        (o.build is None or getattr(o.build, "action", "clamp") == "clamp",
+         f"dsg sweep scores the clamp action only (got action {getattr(o.build, 'action', None)!r}); build a refuse or "
+         "monitor model with `dsg build --action` from the chosen point"),
     ]
     for ok, message in checks:
         if not ok:

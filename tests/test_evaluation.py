@@ -320,7 +320,7 @@ def test_eval_runs_and_writes_the_report(world):
     report = world.report
     assert report["settings"]["scorer"].startswith("evaluate.load(") and "dsg_unlearning" in report["settings"]["scorer"]
     assert report["guardrails"] == [{"name": "zeta", "layer": 1, "mode": "dynamic", "score": "fraction", "tau": TAU,
-                                     "n_features": 1}]
+                                     "n_features": 1, "action": "clamp"}]
     for r in report["results"]:
         assert {"dataset", "metric", "base", "dsg", "n", "higher_is_better"} <= set(r)
     assert report["datasets"]["biology (forget)"] == {"role": "forget", "source": str(world.forget_file), "n": 6}

@@ -138,8 +138,8 @@ def test_pipeline_generate(runs):
 
 def test_explain_text(runs):
     out = ok(runs, "explain")
-    assert "guardrail 'topic' (layer 2, dynamic): rho = " in out and "-> FIRED" in out
-    assert "guardrail 'never' (layer 1, dynamic): rho = " in out and "-> not fired" in out
+    assert "guardrail 'topic' (layer 2, dynamic, action clamp): rho = " in out and "-> FIRED" in out
+    assert "guardrail 'never' (layer 1, dynamic, action clamp): rho = " in out and "-> not fired" in out
     assert "guardrail 'topic': features active on the most tokens" in out
 
 

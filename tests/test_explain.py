@@ -34,8 +34,11 @@ def test_explain_a_marker_text(world, capsys):
     tau = world.record("config.json", world.main)["guardrails"][0]["threshold"]
     n_z, n = Z_TEXT.count("z"), len(Z_TEXT)
     lines = out.splitlines()
-    assert lines[0] == (f"guardrail 'zeta' (layer 1, dynamic): rho = {n_z / n:.3f} > tau = {tau:.3f} -> FIRED  "
-                        f"({n_z} of {n} tokens flagged)")
+    assert lines[0] == (f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = {n_z / n:.3f} > tau = {tau:.3f} "
+                        f"-> FIRED  ({n_z} of {n} tokens flagged)")
+    assert lines[1] == ("  when it fires: the selected features are set to -2 at every flagged token, so the answer is "
+                        "the edited model's from the first flagged token on, and may read as degraded or off-topic text")
+    lines = lines[1:]
     token_lines = lines[1:1 + n_z]
     for pos, line in zip(positions(Z_TEXT, "z"), token_lines):
         fields = line.split()
@@ -48,13 +51,15 @@ def test_explain_plain_and_rare_marker_texts(world, capsys):
     tau = world.record("config.json", world.main)["guardrails"][0]["threshold"]
     code, out, _ = explain_cli(capsys, world.main, PLAIN_TEXT)
     assert code == 0
-    assert out.splitlines() == [f"guardrail 'zeta' (layer 1, dynamic): rho = 0.000 <= tau = {tau:.3f} -> not fired  "
-                                f"(0 of {len(PLAIN_TEXT)} tokens flagged)"]
+    lines = out.splitlines()
+    assert lines[0] == (f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = 0.000 <= tau = {tau:.3f} -> not fired  "
+                        f"(0 of {len(PLAIN_TEXT)} tokens flagged)")
+    assert len(lines) == 2 and lines[1].startswith("  when it fires: the selected features are set to -2 ")
     # one marker: its token is flagged, but rho = 1/len <= tau, so the guardrail does not fire
     code, out, _ = explain_cli(capsys, world.main, ONE_Z_TEXT)
     lines = out.splitlines()
     assert code == 0 and lines[0].endswith(f"-> not fired  (1 of {len(ONE_Z_TEXT)} tokens flagged)")
-    assert lines[1].split()[:2] == [str(ONE_Z_TEXT.index("z") + 1), "'z'"]
+    assert lines[2].split()[:2] == [str(ONE_Z_TEXT.index("z") + 1), "'z'"]
 
 
 def test_explain_json(world, capsys):

@@ -315,6 +315,9 @@ BASE_FOLDERS = {  # a broken base model folder -> phrase
     "fewer layers in config.json than in the checkpoint": (_config(lambda c: c.update(num_hidden_layers=3)),
                                                            "has no place for"),
     "a NaN weight": (_weights(_nan_weight), "contains NaN"),
+    "tokenizer.json garbage": (lambda f: (f / "tokenizer.json").write_text("garbage{"), "cannot load model"),
+    "tokenizer_config.json a list": (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "cannot load model"),
+    "num_hidden_layers a string": (_config(lambda c: c.update(num_hidden_layers="four")), "num_hidden_layers"),
 }
 DSG_FOLDERS = {  # a broken DSG folder -> phrase
     **CORRUPT_WEIGHTS,
@@ -323,6 +326,8 @@ DSG_FOLDERS = {  # a broken DSG folder -> phrase
                             "not UTF-8"),
     "hidden_size disagrees with the weights": (
         _config(lambda c: (c["text_config"].update(hidden_size=48), c["guardrails"][0]["sae"].update(d_in=48))), "wrong shape"),
+    "tokenizer_config.json a list": (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "cannot load"),
+    "num_hidden_layers a string": (_config(lambda c: c["text_config"].update(num_hidden_layers="four")), "num_hidden_layers"),
 }
 ADD_TO_FOLDERS = {  # only for --add-to (the others refuse these cleanly already)
     "guardrails 5": (_config(lambda c: c.update(guardrails=5)), "must be a list of objects"),
@@ -446,9 +451,11 @@ def _cases() -> dict:
         add(f"explain <- {name}", lambda w, t, o, c=change, p=phrase: Case(explain(w, o, _folder_copy(t, w.dsg, c)), p))
     for name, (change, phrase) in CARD_RECORDS.items():
         add(f"publish (card) <- {name}", lambda w, t, o, c=change, p=phrase: Case(publish(w, o, _folder_copy(t, w.dsg, c)), p))
+    add("publish --eval <- a file", lambda w, t, o: Case(publish(w, o, extra=("--eval", w.forget)), "is a file, not a folder"))
     # other inputs
     for name, raw in (("bytes that are not UTF-8", b"\xff\xfe\xfa not text"), ("Latin-1", LATIN1_DOC)):
         add(f"explain - <- standard input {name}", lambda w, t, o, r=raw: Case(explain(w, o, text="-"), "not UTF-8", stdin=r))
+    add("explain <- an argument that is not UTF-8", lambda w, t, o: Case(explain(w, o, text="caf\udce9 au lait"), "not UTF-8"))
     for value in ("nan", "inf", "0", "-5"):
         add(f"publish --verify-timeout {value}", lambda w, t, o, v=value: Case(
             publish(w, o, extra=("--verify-timeout", v)), "--verify-timeout must be a finite number of seconds > 0"))

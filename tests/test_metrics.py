@@ -246,3 +246,12 @@ def test_evaluate_module_loads_offline_and_matches():
 def test_evaluate_module_readme_documents_the_dependency():
     readme = (REPO_ROOT / "metrics" / "dsg_unlearning" / "README.md").read_text()
     assert "modeling_dsg" in readme and "evaluate.load" in readme
+
+
+def test_a_row_whose_choices_all_tie_gave_no_answer():
+    """A refusing row scores every letter the same: that is no answer, never the first letter's."""
+    from modeling_dsg.metrics import choice_metrics
+
+    scores = np.array([[-1.0, -1.0, -1.0, -1.0], [-0.1, -2.0, -2.0, -2.0]])
+    out = choice_metrics(scores, np.array([0, 0]))
+    assert out["accuracy"] == 0.5 and out["choice_prob"] == pytest.approx((0.25 + np.exp(-0.1) / (np.exp(-0.1) + 3 * np.exp(-2.0))) / 2)

@@ -43,7 +43,8 @@ Args:
     lengths (`list` of `list` of `float`, optional): a length per choice (e.g. its token count); adds
         `accuracy_norm` and `correct_logprob_per_length`.
 Returns:
-    accuracy: mean [argmax(scores) == reference] (ties go to the lowest index).
+    accuracy: mean [argmax(scores) == reference] (ties go to the lowest index; a row whose choices all
+        tie gave no answer and counts as wrong).
     choice_prob: mean softmax(scores)[reference].
     correct_logprob: mean scores[reference].
     correct_prob: mean exp(scores[reference]) (meaningful when the scores are log-probabilities).
