@@ -53,7 +53,9 @@ class BuildOptions:
     ratio_percentile: float = 95.0    # dynamic: keep features with forget/retain ratio >= this percentile
     importance_percentile: float = 5.0  # dynamic: and forget importance >= this percentile
     static_retain_freq: float = 0.01  # static: drop features firing on >= this fraction of retain tokens
-    threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows
+    threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows (the paper's rule)
+    target_fpr: float | None = None   # instead: the smallest tau whose retain firing rate has a one-sided 95%
+                                      # Clopper-Pearson upper bound <= target_fpr (selection.calibrate_fpr)
     score: str = "fraction"           # "fraction" (the paper's rho) or "window" (dilution-robust)
     window: int = 32                  # window size for score "window"
     action: str = "clamp"             # what a fired guardrail does: configuration_dsg.ACTIONS
@@ -166,6 +168,8 @@ def _check_options(options: BuildOptions) -> None:
         (options.refusal is None or (isinstance(options.refusal, str) and options.refusal.strip() != ""),
          f"--refusal must be a non-empty text, got {options.refusal!r}"),
     ]
+    if options.target_fpr is not None:
+        checks.append((0 < options.target_fpr < 1, f"--target-fpr must be between 0 and 1, got {options.target_fpr}"))
     for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
         value = getattr(options, flag)
         checks.append((0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}"))
@@ -346,9 +350,27 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
     timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
     rho = {name: store.row_scores(features, options.score, options.window) for name, store in stores.items()}
-    tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile) if options.mode == "dynamic" else 0.0
+    if options.mode != "dynamic":
+        tau = 0.0
+    elif options.target_fpr is not None:
+        tau = selection.calibrate_fpr(rho["retain"], options.target_fpr)[0]
+    else:
+        tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile)
     timings["calibration_s"] = time.perf_counter() - start
     return features, float(tau), rho, timings
+
+
+def calibration_record(retain_rho, tau: float, options: BuildOptions) -> dict:
+    """How tau was chosen, and the retain firing rate at tau with its one-sided 95% Clopper-Pearson upper
+    bound (the false-positive guarantee, reported whichever rule chose tau)."""
+    from . import selection
+
+    n = int(retain_rho.numel())
+    fired = int((retain_rho > tau).sum())
+    rule = {"rule": "target_fpr", "target_fpr": options.target_fpr} if options.target_fpr is not None else \
+        {"rule": "percentile", "threshold_percentile": options.threshold_percentile}
+    return {**rule, "retain_rows": n, "retain_fired": fired, "retain_fpr": fired / max(n, 1),
+            "retain_fpr_upper95": selection.clopper_pearson_upper(fired, n) if n else 1.0}
 
 
 def heldout_summary(rho: dict, tau: float, statistics: Statistics) -> dict:
@@ -403,6 +425,7 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
             "sae": sae_source, "layer": statistics.layer, "n_features": len(features), "clamp": float(options.clamp),
             "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
             "threshold_percentile": options.threshold_percentile, "tau": float(tau),
+            "calibration": calibration_record(rho["retain"], tau, options),
             "rows": {"forget": stores["forget"].n_rows, "retain": stores["retain"].n_rows,
                      "seq_len": statistics.forget_rows.seq_len, "packing": options.packing},
             "tokens": {name: store.n_tokens for name, store in stores.items()},
@@ -683,7 +706,11 @@ def configure_parser(p, sweep: bool = False):
         p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
     p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
     p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
-    p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+    p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile,
+                   help="tau = this percentile of rho over retain rows (the paper's rule; default 95)")
+    p.add_argument("--target-fpr", type=float, default=d.target_fpr,
+                   help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
+                        "upper bound <= this (e.g. 0.02)")
     if not sweep:
         from .configuration_dsg import ACTIONS, DEFAULT_REFUSAL
 
@@ -716,7 +743,8 @@ def options_from_args(args) -> BuildOptions:
                         n_features=getattr(args, "n_features", d.n_features), clamp=getattr(args, "clamp", d.clamp),
                         ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
                         importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
-                        threshold_percentile=args.threshold_percentile, score=args.score, window=args.window,
+                        threshold_percentile=args.threshold_percentile, target_fpr=args.target_fpr,
+                        score=args.score, window=args.window,
                         action=getattr(args, "action", d.action), refusal=getattr(args, "refusal", d.refusal),
                         seq_len=args.seq_len,
                         min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,

@@ -529,3 +529,33 @@ def test_python_api_refuses_bad_options_before_loading(world, tmp_path):
         build(str(tmp_path / "no-such-model"), str(world.sae_z), world.forget_sources, world.retain_sources,
               tmp_path / "out", options=BuildOptions(threshold_percentile=101))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
+    """--target-fpr: tau is the smallest threshold whose retain firing rate has a one-sided 95% Clopper-Pearson
+    bound <= the target; dsg_build.json records the rate and its bound, whichever rule chose tau."""
+    from modeling_dsg.selection import clopper_pearson_upper
+
+    default = world.record("dsg_build.json", world.main)["guardrails"][0]["calibration"]
+    assert default["rule"] == "percentile" and default["threshold_percentile"] == 95.0
+    assert default["retain_fpr_upper95"] == pytest.approx(
+        clopper_pearson_upper(default["retain_fired"], default["retain_rows"]), abs=1e-12)
+    assert default["retain_fpr_upper95"] > default["retain_fpr"]
+
+    out = tmp_path / "model"
+    world.cli_ok("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
+                 "--retain", *world.retain_sources, "--out", out, "--no-packing", "--seq-len", 40,
+                 "--batch-size", 64, "--target-fpr", 0.3)
+    info = world.record("dsg_build.json", out)["guardrails"][0]
+    calibration = info["calibration"]
+    assert calibration["rule"] == "target_fpr" and calibration["target_fpr"] == 0.3
+    rows = world.rows(world.forget_texts, world.retain_texts, seq_len=40, packing=False)
+    retain = np.asarray(world.marker_rho(rows["retain"], world.z_id))
+    fired = int((retain > info["tau"]).sum())
+    assert calibration["retain_fired"] == fired and calibration["retain_rows"] == len(retain)
+    assert calibration["retain_fpr_upper95"] <= 0.3  # the guarantee
+    smaller = retain[retain < info["tau"]]
+    if smaller.size:  # the next lower threshold would break it
+        assert clopper_pearson_upper(int((retain > smaller.max()).sum()), len(retain)) > 0.3
+    assert cli("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
+               "--retain", *world.retain_sources, "--out", tmp_path / "bad", "--target-fpr", 1.5) == 2
