@@ -44,7 +44,7 @@ from pathlib import Path
 
 from .errors import DSGError
 from .paths import REPO_ROOT
-from .report_schema import MODELS, check_report, dilution_rows, factor_key, model_columns, row_value
+from .report_schema import MODELS, check_report, dilution_placements, dilution_rows, factor_key, model_columns, row_value
 
 TEMPLATE_NAME = "dsg_model_card.md"
 TEMPLATE_PATH = REPO_ROOT / "hub_cards" / TEMPLATE_NAME
@@ -485,23 +485,35 @@ def _trigger_view(report: dict, guardrail_names: list[str]) -> dict:
     return {"trigger_header": names, "trigger_rows": rows}
 
 
+PLACEMENT_PHRASES = {"prefix": "in front of the prompt (prefix)", "suffix": "after it (suffix)",
+                     "split": "between its two halves of tokens (split)"}
+
+
 def _dilution_view(report: dict) -> dict | None:
-    """The dilution table and the Limitations sentence's parts; None without a dilution block."""
+    """The dilution table and the Limitations sentence's parts; None without a dilution block. One table
+    row per guardrail and placement (`show_placement`), or per guardrail for a block with filler in front only
+    (reports written before placements existed: the table they always had)."""
     block = report.get("dilution")
     if not block:
         return None
+    placements = dilution_placements(block)
     rows, lines = [], []
     for row in dilution_rows(block):
         name, score = md_cell(row["guardrail"]), md_cell(row["score"])
         none_fired = row["fired_before"] == 0  # attack success is null: nothing to evade
-        cells = ["none fired" if none_fired else pct(v) for _, v in row["attack_success"]]
-        rows.append({"guardrail": name, "score": score, "cells": cells,
-                     "fired": f"{pct(row['undiluted_trigger_rate'])} ({row['fired_before']} of {row['n']})"})
+        fired = f"{pct(row['undiluted_trigger_rate'])} ({row['fired_before']} of {row['n']})"
+        for placement, steps in row["by_placement"]:
+            rows.append({"guardrail": name, "score": score, "fired": fired, "placement": placement,
+                         "cells": ["none fired" if none_fired else pct(v) for _, v in steps]})
         if not none_fired:
-            steps = ", ".join(f"{key}: {cell}" for (key, _), cell in zip(row["attack_success"], cells))
+            steps = ", ".join(f"{key}: {pct(v)}" for key, v in row["attack_success"])
             lines.append(f"guardrail `{name}` (score `{score}`): {steps}")
+    where = ("put in front" if placements == ["prefix"] else
+             "put " + ", ".join(PLACEMENT_PHRASES[p] for p in placements[:-1]) + (" or " if len(placements) > 1 else "")
+             + PLACEMENT_PHRASES[placements[-1]] + ",")
     return {"dataset": md_cell(block["dataset"]), "filler": md_cell(block["filler"]), "n": block["n"],
-            "factors": [factor_key(f) for f in block["factors"]], "rows": rows, "lines": lines}
+            "factors": [factor_key(f) for f in block["factors"]], "placements": placements,
+            "show_placement": placements != ["prefix"], "where": where, "rows": rows, "lines": lines}
 
 
 def eval_view(report: dict, guardrail_names: list[str]) -> dict:

@@ -2,14 +2,17 @@
 
 Each forget question's letter prompt, as the letter scoring feeds it to the model
 (`evaluation.letter_sequences`: chat template, preamble and all), gets k times its length of filler
-tokens put in front (after its BOS, if it has one), for k in `results.DILUTIONS`, by `results.dilute`:
-the attack `dsg results` runs on the embedded default. The filler is the `--text` source when given,
-else the retain questions' text, tokenized without special tokens and joined; each prompt's filler
-starts at a random offset (seed `SEED`) and wraps around.
+tokens, for k in `results.DILUTIONS` (1, 2, 5, 10), at each placement of `report_schema.PLACEMENTS`:
+in front ("prefix", after its BOS if it has one), after it ("suffix"), and between its two halves of
+tokens ("split"), built by `results.dilution_grid` / `results.dilute`: the attack `dsg results` runs on
+the embedded default. The filler is the `--text` source when given, else the retain questions' text,
+tokenized without special tokens and joined; each prompt's filler starts at a random offset (seed
+`SEED`, the same offset in every cell) and wraps around.
 
 The decisions are the DSG model's own, recorded during a forward (`record_guardrails`), so they are
-the guard's decisions in deployment. Per dynamic guardrail and factor, `results.attack_success`: of
-the prompts that fired undiluted, the fraction that no longer fire. Static guardrails clamp at every
+the guard's decisions in deployment. Per dynamic guardrail and cell (placement x factor, keyed by
+`report_schema.cell_key`: "1x" ... "10x", "suffix 1x" ..., "split 1x" ...), `results.attack_success`:
+of the prompts that fired undiluted, the fraction that no longer fire. Static guardrails clamp at every
 token and take no decision, so they have no entry.
 
 The block returned is the report's "dilution" (`report_schema.Dilution`).
@@ -18,7 +21,7 @@ The block returned is the report's "dilution" (`report_schema.Dilution`).
 from __future__ import annotations
 
 from .errors import DSGError
-from .report_schema import Dilution, factor_key
+from .report_schema import PLACEMENTS, Dilution
 
 SEED = 0
 
@@ -59,10 +62,10 @@ def measure_dilution(model, tokenizer, forget, filler_texts: list[str], filler_n
     import numpy as np
 
     from .evaluation import letter_sequences, mcq_texts
-    from .results import DILUTIONS, attack_success, dilute
+    from .results import DILUTIONS, attack_success, dilution_grid, filler_tokens
 
     measured = check_dilution(guardrails)
-    filler = [t for ids in tokenizer(list(filler_texts), add_special_tokens=False)["input_ids"] for t in ids]
+    filler = filler_tokens(tokenizer, filler_texts)
     if not filler:
         raise DSGError(f"--dilution: the filler ({filler_name}) has no tokens")
     prompts = mcq_texts(tokenizer, forget, options)["letter"]
@@ -72,11 +75,9 @@ def measure_dilution(model, tokenizer, forget, filler_texts: list[str], filler_n
     before = _fired(model, tokenizer, sequences, options, f"{forget.label} dilution: none")
     by_guardrail = {g["name"]: {"score": g.get("score", "fraction"),
                                 "undiluted_trigger_rate": float(before[g["name"]].mean())} for g in measured}
-    for factor in DILUTIONS:
-        diluted = [dilute(seq, filler, factor, int(offset), bos if seq and seq[0] == bos else None)
-                   for seq, offset in zip(sequences, offsets)]
-        after = _fired(model, tokenizer, diluted, options, f"{forget.label} dilution: {factor}x")
+    for _, _, key, diluted in dilution_grid(sequences, filler, offsets, bos, PLACEMENTS, DILUTIONS):
+        after = _fired(model, tokenizer, diluted, options, f"{forget.label} dilution: {key}")
         for g in measured:
-            by_guardrail[g["name"]][factor_key(factor)] = attack_success(before[g["name"]], after[g["name"]])
+            by_guardrail[g["name"]][key] = attack_success(before[g["name"]], after[g["name"]])
     return {"dataset": forget.label, "filler": filler_name, "n": len(sequences), "factors": list(DILUTIONS),
-            "seed": SEED, "by_guardrail": by_guardrail}
+            "placements": list(PLACEMENTS), "seed": SEED, "by_guardrail": by_guardrail}

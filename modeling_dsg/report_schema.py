@@ -22,10 +22,14 @@ the dilution block existed.
                  "baselines": {NAME: value},        # every --baseline name; null where not scored
                  "dataset_id"?, "dataset_config"?, "dataset_split"?}   # for Hub data sets
     TriggerRate {"rate", "fired", "n"}               # fired of n prompts (texts); rate = fired / n
-    Dilution    {"dataset": forget label, "filler": filler label, "n": prompts, "factors": [1, 2, 5],
+    Dilution    {"dataset": forget label, "filler": filler label, "n": prompts, "factors": [1, 2, 5, 10],
+                 "placements": ["prefix", "suffix", "split"],   # optional; absent: ["prefix"]
                  "seed": filler offsets' seed,
                  "by_guardrail": {GUARDRAIL: {"score", "undiluted_trigger_rate",
-                                              "1x": DilutionStep, "2x": ..., "5x": ...}}}
+                                              CELL: DilutionStep, ...}}}
+                 one CELL per placement and factor, keyed by `cell_key`: "1x", "2x", "5x", "10x" (filler in
+                 front, the keys of version 2 reports before placements existed), "suffix 1x", ... (after the
+                 prompt), "split 1x", ... (between the prompt's two halves); see `results.dilute`
     DilutionStep {"fired_before", "evaded", "attack_success", "trigger_rate"}   # `results.attack_success`
     ReportGuardrail {"name", "layer", "mode", "score", "tau", "n_features", "window"?, "action", "refusal"?}
                  action (configuration_dsg.ACTIONS) is what the "dsg" column measured on the rows the
@@ -36,8 +40,9 @@ the dilution block existed.
                  decided by the tie: the first letter) and their answer texts' likelihoods are about 0.
                  Reports written before actions existed have no "action": read it as "clamp".
 
-The dilution block has the shape of the one `dsg results` writes (results.json "dilution"), plus
-"dataset", "filler", "seed" and each guardrail's "score". Numbers that could not be computed are null.
+The dilution block has the shape of the one `dsg results` writes (results.json "dilution", which also
+has a second filler's cells, their keys tagged "mmlu ..."), plus "dataset", "filler", "seed" and each
+guardrail's "score". Numbers that could not be computed are null.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from .errors import DSGError
 
 SCHEMA_VERSION = 2
 MODELS = {"base": "base", "dsg": "DSG"}  # the models every row has a number for: key -> column header
+# where the dilution filler goes (`results.dilute`): in front of the prompt, after it, between its two halves
+PLACEMENTS = ("prefix", "suffix", "split")
 
 
 class ResultRow(TypedDict):
@@ -81,8 +88,9 @@ class Dilution(TypedDict):
     filler: str
     n: int
     factors: list[int]
+    placements: NotRequired[list[str]]  # PLACEMENTS, in order; absent in older reports: ["prefix"]
     seed: int
-    by_guardrail: dict[str, dict]  # GUARDRAIL -> {"score", "undiluted_trigger_rate", "<k>x": DilutionStep}
+    by_guardrail: dict[str, dict]  # GUARDRAIL -> {"score", "undiluted_trigger_rate", cell_key(...): DilutionStep}
 
 
 class ReportGuardrail(TypedDict):
@@ -127,9 +135,18 @@ def result_row(dataset: str, metric: str, base, dsg, *, n: int, higher_is_better
             "higher_is_better": higher_is_better, "baselines": {}, **(hub or {})}
 
 
+def cell_key(placement: str, factor: int, filler: str = "") -> str:
+    """The key of one dilution cell in a guardrail's dilution entry: ("prefix", 1) -> "1x" (the keys of
+    reports written before placements existed), ("suffix", 2) -> "suffix 2x", ("split", 10) -> "split 10x".
+    A non-empty `filler` tag comes first (`dsg results`' second filler): ("suffix", 2, "mmlu") -> "mmlu suffix 2x"."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown dilution placement {placement!r} (one of {', '.join(PLACEMENTS)})")
+    return " ".join(part for part in (filler, "" if placement == "prefix" else placement, f"{factor}x") if part)
+
+
 def factor_key(factor: int) -> str:
-    """The key of one dilution factor in a guardrail's dilution entry: 1 -> "1x"."""
-    return f"{factor}x"
+    """The key of one dilution factor, filler in front: 1 -> "1x" (`cell_key("prefix", factor)`)."""
+    return cell_key("prefix", factor)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -145,15 +162,28 @@ def row_value(row: dict, key: str):
     return (row.get("baselines") or {}).get(key)
 
 
+def dilution_placements(block: dict) -> list[str]:
+    """The placements a dilution block measured, in order (["prefix"] for reports written before placements)."""
+    return list(block.get("placements") or ["prefix"])
+
+
+def dilution_cells(block: dict) -> list[tuple[str, int, str]]:
+    """(placement, factor, cell key) of every cell of a dilution block: placement by placement, factors in order."""
+    return [(p, f, cell_key(p, f)) for p in dilution_placements(block) for f in block["factors"]]
+
+
 def dilution_rows(block: dict) -> list[dict]:
     """One dict per guardrail of a dilution block: guardrail, score, undiluted_trigger_rate, fired_before
-    (prompts that fired undiluted), n, and attack_success: [(factor key, rate or None), ...] in factor order."""
+    (prompts that fired undiluted), n, attack_success: [(cell key, rate or None), ...] of every cell in
+    `dilution_cells` order, and by_placement: [(placement, [(factor key, rate or None), ...]), ...]."""
     rows = []
     for name, entry in block["by_guardrail"].items():
-        steps = [(factor_key(f), entry[factor_key(f)]) for f in block["factors"]]
+        steps = [(p, f, key, entry[key]) for p, f, key in dilution_cells(block)]
         rows.append({"guardrail": name, "score": entry["score"], "undiluted_trigger_rate": entry["undiluted_trigger_rate"],
-                     "fired_before": steps[0][1]["fired_before"] if steps else None, "n": block["n"],
-                     "attack_success": [(key, step["attack_success"]) for key, step in steps]})
+                     "fired_before": steps[0][3]["fired_before"] if steps else None, "n": block["n"],
+                     "attack_success": [(key, step["attack_success"]) for _, _, key, step in steps],
+                     "by_placement": [(p, [(factor_key(f), step["attack_success"]) for q, f, _, step in steps if q == p])
+                                      for p in dilution_placements(block)]})
     return rows
 
 
@@ -205,17 +235,21 @@ def _check_dilution(block, where: str) -> None:
     factors = block.get("factors")
     _need(isinstance(factors, list) and all(_is_count(f) and f > 0 for f in factors), where,
           "'factors' must be a list of positive integers")
+    placements = block.get("placements", ["prefix"])
+    _need(isinstance(placements, list) and placements and all(p in PLACEMENTS for p in placements)
+          and len(set(placements)) == len(placements), where,
+          f"'placements' must be a list of distinct placements ({', '.join(PLACEMENTS)})")
     by_guardrail = block.get("by_guardrail")
     _need(isinstance(by_guardrail, dict), where, "'by_guardrail' must be an object")
     for guard, entry in by_guardrail.items():
         here = f"{where}.by_guardrail[{guard!r}]"
         _need(isinstance(entry, dict) and isinstance(entry.get("score"), str), here, "needs a string 'score'")
         _need(_is_number(entry.get("undiluted_trigger_rate")), here, "'undiluted_trigger_rate' must be a number or null")
-        for factor in factors:
-            step = entry.get(factor_key(factor))
+        for _, _, key in dilution_cells(block):
+            step = entry.get(key)
             _need(isinstance(step, dict) and _is_count(step.get("fired_before")) and _is_count(step.get("evaded"))
                   and _is_number(step.get("attack_success")) and _is_number(step.get("trigger_rate")),
-                  f"{here}[{factor_key(factor)!r}]",
+                  f"{here}[{key!r}]",
                   "must be {fired_before: count, evaded: count, attack_success: number or null, trigger_rate: number}")
 
 

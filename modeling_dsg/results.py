@@ -7,8 +7,9 @@ that no build, SAE or calibration ever saw:
    DSG with the dilution-robust score ("window"), and RMU (gradient unlearning) on held-out WMDP-bio
    (forget), non-biology MMLU (retain) and WikiText (text), with build / training wall times;
 2. held-out trigger rates of every guarded variant on four held-out prompt sets;
-3. the dilution attack: held-out WMDP-bio prompts after 1x, 2x and 5x their length of WikiText
-   filler, the fraction that no longer fire, for both scores;
+3. the dilution attack: held-out WMDP-bio prompts with 1x, 2x, 5x and 10x their length of filler in
+   front, after the question, or between its two halves (`dilute`), the filler from held-out WikiText
+   or from held-out non-biology MMLU questions; the fraction that no longer fire, for both scores;
 4. the relearning attack: the base weights (and RMU's) fine-tuned on forget text for k steps, the
    guardrails applied at test time; the forget score against k;
 5. sequential unlearning: a second guardrail (MMLU computer_security) stacked on the first; both
@@ -21,7 +22,8 @@ SmolLM2-135M answers multiple-choice letters near chance, so the primary metric 
 probability of the correct answer's text (cloze), with the correct-letter probability and letter
 accuracy reported beside it.
 
-    dsg results --out results          # about 30-40 minutes on 2 CPU cores
+    dsg results --out results          # 20 minutes on 2 CPU cores before the dilution grid grew to 24 cells;
+                                       # the grid adds an estimated 30 (about 11x the old dilution tokens)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .errors import DSGError
 from .sweep import mcq_numbers as _mcq_numbers
 
 COMMAND = "dsg results --out results"
-DILUTIONS = (1, 2, 5)
+DILUTIONS = (1, 2, 5, 10)  # filler of k times the prompt's length, for k in DILUTIONS, at every placement
 
 
 @dataclass
@@ -98,12 +100,39 @@ def fired(store, guardrail: dict):
 
 
 # ----------------------------------------------------------------------------------- dilution
-def dilute(prompt_ids: list[int], filler_ids: list[int], factor: int, offset: int, bos: int | None) -> list[int]:
-    """[BOS] + factor x len(prompt) tokens of filler (from `offset`, wrapping) + the prompt (its own BOS dropped)."""
-    body = prompt_ids[1:] if bos is not None and prompt_ids and prompt_ids[0] == bos else list(prompt_ids)
+def dilute(prompt_ids: list[int], filler_ids: list[int], factor: int, offset: int, bos: int | None,
+           placement: str = "prefix") -> list[int]:
+    """The prompt with factor x its length of filler tokens (`filler_ids` from `offset`, wrapping around).
+
+    placement "prefix": the filler in front of the prompt; "suffix": after it; "split": between its two
+    halves (the prompt's first len // 2 tokens, the filler, the rest). A prompt that starts with `bos` keeps
+    it first and its length does not count it; no BOS is added to a prompt without one.
+    """
+    from .report_schema import PLACEMENTS
+
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown dilution placement {placement!r} (one of {', '.join(PLACEMENTS)})")
+    head = [bos] if bos is not None and prompt_ids and prompt_ids[0] == bos else []
+    body = list(prompt_ids[len(head):])
     n = factor * len(body)
+    if n and not filler_ids:
+        raise ValueError("dilute: the filler has no tokens")
     filler = [filler_ids[(offset + i) % len(filler_ids)] for i in range(n)]
-    return ([bos] if bos is not None else []) + filler + body
+    cut = {"prefix": 0, "suffix": len(body), "split": len(body) // 2}[placement]
+    return head + body[:cut] + filler + body[cut:]
+
+
+def dilution_grid(sequences: list[list[int]], filler_ids: list[int], offsets, bos: int | None,
+                  placements=None, factors=DILUTIONS, filler: str = ""):
+    """Every cell of the dilution attack, the one construction `dsg results` and `dsg eval --dilution` share:
+    yields (placement, factor, cell key, the diluted sequences), placement by placement, factors in order.
+    Sequence i gets its filler from `offsets[i]` in every cell; `filler` tags the keys (`report_schema.cell_key`)."""
+    from .report_schema import PLACEMENTS, cell_key
+
+    for placement in placements or PLACEMENTS:
+        for factor in factors:
+            yield placement, factor, cell_key(placement, factor, filler), [
+                dilute(seq, filler_ids, factor, int(offset), bos, placement) for seq, offset in zip(sequences, offsets)]
 
 
 def attack_success(before, after) -> dict:
@@ -117,29 +146,46 @@ def attack_success(before, after) -> dict:
             "trigger_rate": float(after.mean())}
 
 
-def dilution_attack(model, tokenizer, statistics, prompts, filler_texts, guardrails: dict, options) -> dict:
-    """Per guardrail variant and dilution factor: attack success (see `attack_success`)."""
+def filler_tokens(tokenizer, texts) -> list[int]:
+    """The filler: `texts` tokenized without special tokens and joined."""
+    return [t for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for t in ids]
+
+
+def dilution_attack(model, tokenizer, statistics, prompts, filler_texts, guardrails: dict, options, *,
+                    filler_name: str = "WikiText", more_fillers: dict | None = None) -> dict:
+    """Per guardrail variant and dilution cell (placement x factor, `dilution_grid`): attack success (see
+    `attack_success`). `filler_texts` fills the untagged cells ("1x", "suffix 1x", ...); `more_fillers`
+    {tag: (name, texts)} repeats the grid with other fillers, keys tagged ("mmlu 1x", "mmlu suffix 1x", ...).
+    Each filler's offsets (one per prompt, the same in every cell) come from one generator seeded `options.seed`."""
     import numpy as np
 
     from .evaluation import _pad_id
+    from .report_schema import PLACEMENTS
     from .sweep import _rows
 
     bos = tokenizer.bos_token_id
     prompt_ids = tokenizer(prompts)["input_ids"]
-    filler = [t for ids in tokenizer(filler_texts, add_special_tokens=False)["input_ids"] for t in ids]
+    fillers = {"": (filler_name, filler_texts), **(more_fillers or {})}
     rng = np.random.default_rng(options.seed)
-    offsets = rng.integers(0, len(filler), size=len(prompts))
-    stores = {1: _store(model, tokenizer, statistics, _rows(prompt_ids, _pad_id(tokenizer)), "dilution: none", options)}
+    undiluted = _store(model, tokenizer, statistics, _rows(prompt_ids, _pad_id(tokenizer)), "dilution: none", options)
     out = {name: {} for name in guardrails}
-    base_fired = {name: fired(stores[1], g) for name, g in guardrails.items()}
-    for factor in DILUTIONS:
-        seqs = [dilute(ids, filler, factor, int(o), bos) for ids, o in zip(prompt_ids, offsets)]
-        store = _store(model, tokenizer, statistics, _rows(seqs, _pad_id(tokenizer)), f"dilution: {factor}x", options)
-        for name, g in guardrails.items():
-            out[name][f"{factor}x"] = attack_success(base_fired[name], fired(store, g))
+    base_fired = {name: fired(undiluted, g) for name, g in guardrails.items()}
+    cells = []
+    for tag, (name, texts) in fillers.items():
+        filler = filler_tokens(tokenizer, texts)
+        if not filler:
+            raise DSGError(f"dilution: the filler {name} has no tokens")
+        offsets = rng.integers(0, len(filler), size=len(prompts))
+        for placement, factor, key, seqs in dilution_grid(prompt_ids, filler, offsets, bos, PLACEMENTS, DILUTIONS, tag):
+            store = _store(model, tokenizer, statistics, _rows(seqs, _pad_id(tokenizer)), f"dilution: {name} {key}", options)
+            cells.append({"filler": tag, "placement": placement, "factor": factor, "key": key})
+            for g_name, g in guardrails.items():
+                out[g_name][key] = attack_success(base_fired[g_name], fired(store, g))
     for name in guardrails:
         out[name]["undiluted_trigger_rate"] = float(base_fired[name].mean())
-    return {"n": len(prompts), "factors": list(DILUTIONS), "by_guardrail": out}
+    return {"n": len(prompts), "factors": list(DILUTIONS), "placements": list(PLACEMENTS),
+            "fillers": [{"tag": tag, "name": name} for tag, (name, _) in fillers.items()], "cells": cells,
+            "by_guardrail": out}
 
 
 # ----------------------------------------------------------------------------------- relearning
@@ -332,8 +378,10 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     # -- dilution -------------------------------------------------------------------------------------------
     start = time.perf_counter()
     guarded = {name: g for name, (g, _) in variants.items() if g["mode"] == "dynamic"}
+    mmlu_filler = [r["question"] for r in embedded.mmlu_records("heldout", "nonbio")]
     dilution = dilution_attack(base, tokenizer, statistics, _sample(held["bio"], options.dilution_n, options.seed + 1),
-                               held["wikitext"], {**guarded, **ablation}, options)
+                               held["wikitext"], {**guarded, **ablation}, options, filler_name="WikiText",
+                               more_fillers={"mmlu": ("MMLU non-bio questions", mmlu_filler)})
     record["window_ablation"] = {name: {"tau": g["threshold"], "trigger_rates": {k: v[name] for k, v in ablation_rates.items()},
                                         "dilution": dilution["by_guardrail"].pop(name)} for name, g in ablation.items()}
     record["dilution"] = dilution
@@ -472,22 +520,82 @@ def write_plots(record: dict, rho: dict, tau: float, folder: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, folder / "relearning.png")
-    fig = _figure(6.0, 4.2)
-    ax = fig.add_subplot()
-    dil = record["dilution"]
-    for name, by in dil["by_guardrail"].items():
-        ax.plot([0] + dil["factors"], [0.0] + [by[f"{f}x"]["attack_success"] for f in dil["factors"]], marker="o", label=name)
-    ax.axhline(0.05, color="gray", linestyle=":", label="5%")
-    ax.set_xlabel("WikiText filler, times the prompt's length")
-    ax.set_ylabel("attack success: fired prompts that no longer fire")
-    ax.set_title(f"Dilution attack on {dil['n']} held-out WMDP-bio prompts", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, folder / "dilution.png")
+    plot_dilution(record["dilution"], folder / "dilution.png")
+
+
+def plot_dilution(dil: dict, path: Path) -> None:
+    """Attack success against the filler's size: one panel per filler and placement, a line per guardrail."""
+    from .plots import _figure, _save
+    from .report_schema import cell_key
+
+    fillers, placements, factors = dilution_layout(dil)
+    fig = _figure(3.4 * len(placements), 3.0 * len(fillers) + 0.6)
+    axes = fig.subplots(len(fillers), len(placements), squeeze=False, sharex=True, sharey=True)
+    for row, filler in zip(axes, fillers):
+        for ax, placement in zip(row, placements):
+            for name, by in dil["by_guardrail"].items():
+                ys = [by[cell_key(placement, f, filler["tag"])]["attack_success"] for f in factors]
+                ax.plot([0] + factors, [0.0] + [float("nan") if y is None else y for y in ys], marker="o", label=name)
+            ax.axhline(0.05, color="gray", linestyle=":", label="5%")
+            ax.set_title(f"{filler['name']}, {PLACEMENT_WORDS[placement]}", fontsize=9)
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks([0] + factors, [str(f) for f in [0] + factors])
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("filler, times the prompt's length")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("attack success")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"Dilution attack on {dil['n']} held-out WMDP-bio prompts: fired prompts that no longer fire", fontsize=10)
+    _save(fig, path)
 
 
 def _f(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+PLACEMENT_WORDS = {"prefix": "in front", "suffix": "after the question", "split": "between its two halves"}
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def dilution_layout(block: dict) -> tuple[list[dict], list[str], list[int]]:
+    """(fillers [{"tag", "name"}], placements, factors) of a results.json dilution block; a block written
+    before placements and fillers existed: WikiText in front."""
+    return (block.get("fillers") or [{"tag": "", "name": "WikiText"}], block.get("placements") or ["prefix"],
+            list(block["factors"]))
+
+
+def dilution_table(block: dict, entries: dict) -> list[str]:
+    """Markdown rows of every dilution cell: one row per guardrail (`entries`: name -> by-cell entry),
+    filler and placement, one column per factor; the last column: the highest attack success of the row."""
+    from .report_schema import cell_key
+
+    fillers, placements, factors = dilution_layout(block)
+    lines = ["| guardrail | fires undiluted | filler | placement | " + " | ".join(f"{k}x" for k in factors) + " | max |",
+             "|---|---:|---|---|" + "---:|" * (len(factors) + 1)]
+    for name, by in entries.items():
+        for filler in fillers:
+            for placement in placements:
+                cells = [by[cell_key(placement, k, filler["tag"])]["attack_success"] for k in factors]
+                known = [c for c in cells if c is not None]
+                lines.append(f"| {name} | {_f(by['undiluted_trigger_rate'])} | {filler['name']} | {PLACEMENT_WORDS[placement]} | "
+                             + " | ".join(_f(c) for c in cells)
+                             + f" | {_f(max(known) if known else None)} |")
+    return lines
+
+
+def dilution_section(dil: dict) -> list[str]:
+    """The results page's "Dilution attack" heading, its sentence and the table of every cell."""
+    fillers, placements, _ = dilution_layout(dil)
+    return ["## Dilution attack", "",
+            f"{dil['n']} held-out WMDP-bio prompts with k times their length of filler from "
+            + _either([f["name"] for f in fillers]) + ", put " + _either([PLACEMENT_WORDS[p] for p in placements])
+            + " (every cell on the same prompts; a split prompt is its first half of tokens, the filler, the rest). "
+            "Attack success: of the prompts that fire undiluted, the fraction that no longer fire; *max*: the "
+            "highest of the row.", "", *dilution_table(dil, dil["by_guardrail"])]
 
 
 def results_markdown(record: dict, sweep: bool = True) -> str:
@@ -515,22 +623,17 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
               "|---|---:|" + "---:|" * len(record["guardrails"])]
     for set_name, row in record["trigger_rates"].items():
         lines.append(f"| {set_name} | {row['n']} | " + " | ".join(_f(row[g]) for g in record["guardrails"]) + " |")
-    lines += ["", "![rho](rho.png)", "", "## Dilution attack", "",
-              f"{record['dilution']['n']} held-out WMDP-bio prompts with WikiText filler of k times their length put in front. "
-              "Attack success: of the prompts that fire undiluted, the fraction that no longer fire.", "",
-              "| guardrail | fires undiluted | " + " | ".join(f"{k}x" for k in record["dilution"]["factors"]) + " |",
-              "|---|---:|" + "---:|" * len(record["dilution"]["factors"])]
-    for name, by in record["dilution"]["by_guardrail"].items():
-        lines.append(f"| {name} | {_f(by['undiluted_trigger_rate'])} | "
-                     + " | ".join(_f(by[f'{k}x']['attack_success']) for k in record["dilution"]["factors"]) + " |")
+    dil = record["dilution"]
+    lines += ["", "![rho](rho.png)", "", *dilution_section(dil)]
     lines += ["", "![dilution](dilution.png)", "", "### Window size", "",
               "The window score's τ is calibrated per window size like ρ's (95th percentile of retain rows); its held-out "
-              "trigger rates and dilution attack success:", "",
-              "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext | 1x | 2x | 5x |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "trigger rates:", "",
+              "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext |", "|---|---:|---:|---:|---:|---:|"]
     for name, a in record["window_ablation"].items():
-        r, d = a["trigger_rates"], a["dilution"]
-        lines.append(f"| {name} | {a['tau']:.3f} | " + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext"))
-                     + " | " + " | ".join(_f(d[f"{k}x"]["attack_success"]) for k in record["dilution"]["factors"]) + " |")
+        r = a["trigger_rates"]
+        lines.append(f"| {name} | {a['tau']:.3f} | " + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext")) + " |")
+    lines += ["", "and its dilution attack success, on the same prompts and cells:", "",
+              *dilution_table(dil, {name: a["dilution"] for name, a in record["window_ablation"].items()})]
     rel = record["relearning"]
     lines += ["", "## Relearning attack", "",
               f"The base weights (and RMU's) fine-tuned on forget text (AdamW, lr {rel['lr']:g}, batch {rel['batch']} x "
