@@ -25,7 +25,7 @@ The pick: the paper's sweep rule with a fluency floor: among the clamp values wh
 least 99% of the base's and whose fired-answer NLL is at most the base's own answers' NLL + --nll-bound
 nats per token, the one with the lowest forget cloze p.
 
-    python examples/clamp_axis.py --model /tmp/demo-out --out results/actions
+    python examples/clamp_axis.py --model /tmp/demo-out --out experiments/actions
 """
 
 from __future__ import annotations
@@ -101,18 +101,34 @@ def label(edit: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="/tmp/demo-out")
-    ap.add_argument("--out", default="results/actions")
+    ap.add_argument("--out", default="experiments/actions")
     ap.add_argument("--n", type=int, default=20, help="fired forget prompts (and retain prompts) for fluency")
     ap.add_argument("--mcq-n", type=int, default=100, help="held-out questions per set for forget/retain cloze p")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--clamps", type=float, nargs="+", default=list(CLAMPS))
     ap.add_argument("--nll-bound", type=float, default=1.0, help="fluency floor: fired NLL <= base NLL + this")
+    ap.add_argument("--retain-n", type=int, default=10, help="retain prompts for fluency (the table's modes)")
     ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--gen-batch-size", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--both-projections", type=int, default=0, choices=(0, 1),
+                    help="also project out at the flagged tokens only (default: every token once fired)")
+    ap.add_argument("--clamps-only", action="store_true", help="only the clamp values (no refuse, no projection)")
+    ap.add_argument("--merge", metavar="DIR", help="with --from-json: first add the clamp points of DIR/actions.json "
+                    "(a --clamps-only run with the same settings) to OUT/actions.json")
     ap.add_argument("--from-json", action="store_true", help="only redo the pick and the plot from OUT/actions.json")
     args = ap.parse_args(argv)
     if args.from_json:
         record = json.loads((Path(args.out) / "actions.json").read_text())
+        if args.merge:
+            extra = json.loads((Path(args.merge) / "actions.json").read_text())
+            assert extra["base"]["forget"] == record["base"]["forget"] and extra["n_fired_prompts"] == record["n_fired_prompts"]
+            record["settings"].setdefault("clamps_run", list(record["settings"]["clamps"]))
+            for e, p in extra["points"].items():
+                if e.startswith("clamp:") and e not in record["points"]:
+                    record["points"][e] = p
+                    record["settings"]["clamps"].append(float(e.split(":", 1)[1]))
+            record["settings"]["merged_from"] = str(args.merge)
         record["settings"]["nll_bound"] = args.nll_bound
         finish(record, Path(args.out))
         return 0
@@ -140,7 +156,7 @@ def main(argv=None):
     forget_pool = _sample(wmdp, len(wmdp), args.seed)  # a seeded order of every held-out WMDP-bio question
     forget_mcq = _sample(wmdp, args.mcq_n, args.seed + 3)
     retain_mcq = _sample(embedded.mmlu_records("heldout", "nonbio"), args.mcq_n, args.seed + 3)
-    retain_prompts = _sample(embedded.mmlu_records("heldout", "nonbio"), args.n, args.seed + 7)
+    retain_prompts = _sample(embedded.mmlu_records("heldout", "nonbio"), args.retain_n, args.seed + 7)
     sets = {"forget": McqSet("WMDP-bio", "forget", "embedded heldout", validate_mcq(forget_mcq, "wmdp")),
             "retain": McqSet("MMLU non-bio", "retain", "embedded heldout", validate_mcq(retain_mcq, "mmlu"))}
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=args.batch_size, progress=False)
@@ -151,8 +167,10 @@ def main(argv=None):
     while len(chosen) < args.n and scanned < len(forget_pool):
         chunk = forget_pool[scanned:scanned + args.n]
         fired = fluency.prompt_fired(model, tok, fluency.prompt_ids(tok, chunk), batch_size=args.batch_size)
-        chosen += [r for r, f in zip(chunk, fired) if f][:args.n - len(chosen)]
-        scanned += len(chunk)
+        for r, f in zip(chunk, fired):
+            if len(chosen) < args.n:
+                scanned += 1
+                chosen += [r] if f else []
     log(f"fired prompts: {len(chosen)} of the first {scanned} held-out WMDP-bio questions")
     chat_contexts = [chat_wrap(tok, letter_prompt(r)) for r in chosen]
     chat_answers = [r["choices"][r["answer"]] for r in chosen]
@@ -179,7 +197,7 @@ def main(argv=None):
         fired_rows[role] = np.asarray(next(iter(d.values()))["fired"], bool)
     base_cache: dict = {}
     base_fl = fluency.measure_fluency(model, tok, chosen, retain_prompts, args.n, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size, base_cache=base_cache)
+                                      batch_size=args.gen_batch_size, base_cache=base_cache, forget_fire=True)
     record["base"] = {role: mcq_numbers(base_scores[role], sets[role].answers)
                       for role in sets}
     record["base"]["table_cloze_p"] = base_table
@@ -195,46 +213,56 @@ def main(argv=None):
 
         (out / "actions.json").write_text(json.dumps(_clean(record), indent=1) + "\n")
 
-    edits = [f"clamp:{c:g}" for c in args.clamps] + ["refuse", "monitor", "project-all", "project"]
-    table_modes = {"clamp:500", "refuse", "monitor"}
-    for edit in edits:
+    edits = [f"clamp:{c:g}" for c in args.clamps]
+    edits += [] if args.clamps_only else ["refuse", "project-all", "project"][:2 + args.both_projections]
+    table_modes = {"clamp:500", "refuse"}
+    # monitor edits nothing: its cloze numbers are the base's (bit-identical outputs, tests/test_actions.py); its
+    # generations were run above (base_fl: the DSG side ran with action monitor) and are compared to the base's
+    record["points"]["monitor"] = {"edit": "monitor", "label": "monitor", "forget": record["base"]["forget"],
+                                   "retain": record["base"]["retain"], "table_cloze_p": base_table, "fluency": base_fl}
+
+    def run_point(edit, table):
         start = time.perf_counter()
         set_edit(model, tok, edit)
-        point = {"edit": edit, "label": label(edit)}
-        for role, s in sets.items():
-            scores = {k: v.copy() for k, v in base_scores[role].items()}
-            rows = np.flatnonzero(fired_rows[role])
-            if len(rows):
-                import copy
+        point = record["points"].get(edit) or {"edit": edit, "label": label(edit)}
+        if "forget" not in point:
+            for role, s in sets.items():
+                scores = {k: v.copy() for k, v in base_scores[role].items()}
+                rows = np.flatnonzero(fired_rows[role])
+                if len(rows):
+                    import copy
 
-                sub = copy.copy(s)
-                sub.records = [s.records[i] for i in rows]
-                dsg = score_set(model, tok, sub, eo, letters=False, tag=edit)
-                for key in ("cloze_correct", "cloze_correct_tokens"):
-                    scores[key][rows] = dsg[key]
-            point[role] = mcq_numbers(scores, s.answers)
-        point["table_cloze_p"], point["table_cloze_fired"] = table_cloze()
-        retain = retain_prompts if edit in table_modes else []
-        fl = fluency.measure_fluency(model, tok, chosen, retain, args.n, max_new_tokens=args.max_new_tokens,
-                                     batch_size=args.batch_size, base_cache=base_cache)
-        point["fluency"] = fl
-        point["seconds"] = time.perf_counter() - start
+                    sub = copy.copy(s)
+                    sub.records = [s.records[i] for i in rows]
+                    dsg = score_set(model, tok, sub, eo, letters=False, tag=edit)
+                    for key in ("cloze_correct", "cloze_correct_tokens"):
+                        scores[key][rows] = dsg[key]
+                point[role] = mcq_numbers(scores, s.answers)
+        if table:
+            point["table_cloze_p"], point["table_cloze_fired"] = table_cloze()
+        key = "fluency_with_retain" if table and "fluency" in point else "fluency"
+        point[key] = fluency.measure_fluency(model, tok, chosen, retain_prompts if table else [], args.n,
+                                             max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
+                                             base_cache=base_cache, forget_fire=True)
+        if key == "fluency_with_retain":
+            point["fluency"] = point["fluency_with_retain"]
+        point["seconds"] = point.get("seconds", 0) + time.perf_counter() - start
         record["points"][edit] = point
-        f = fl["sets"]["forget"]
+        f = point["fluency"]["sets"]["forget"]
         log(f"{label(edit):>16}: forget {point['forget']['cloze_prob']:.4g}  retain {point['retain']['cloze_prob']:.4g}  "
-            f"table p {point['table_cloze_p']:.4g}  NLL {f['dsg']['nll_per_token']:.3f} (base {f['base']['nll_per_token']:.3f})  "
-            f"distinct-2 {f['dsg']['distinct_2']:.3f}  leak {f['dsg']['answer_leak_rate']:.2f}  ({point['seconds']:.0f} s)")
+            f"table p {point.get('table_cloze_p', float('nan')):.4g}  NLL {f['dsg']['nll_per_token']:.3f} "
+            f"(base {f['base']['nll_per_token']:.3f})  distinct-2 {f['dsg']['distinct_2']:.3f}  "
+            f"leak {f['dsg']['answer_leak_rate']:.2f}  ({point['seconds']:.0f} s)")
         log(f"{'':>16}  e.g. {f['dsg']['texts'][0][:120]!r}")
         save()
+
+    for edit in edits:
+        run_point(edit, edit in table_modes or args.clamps_only)  # a --clamps-only run (a few extra values): all in full
     check = record["points"]["monitor"]["fluency"]["sets"]
     record["monitor_identical_to_base"] = {lbl: e["identical_to_base"] for lbl, e in check.items()}
     picked = finish(record, out)["clamp"]
-    if picked and "dsg" not in record["points"][picked]["fluency"]["sets"].get("retain", {}):  # the table's retain prompts for the pick
-        set_edit(model, tok, picked)
-        fl = fluency.measure_fluency(model, tok, chosen, retain_prompts, args.n, max_new_tokens=args.max_new_tokens,
-                                     batch_size=args.batch_size, base_cache=base_cache)
-        record["points"][picked]["fluency_with_retain"] = fl
-        log(f"{label(picked)} on retain prompts: NLL {fl['sets']['retain']['dsg']['nll_per_token']:.3f}")
+    if picked and picked not in table_modes and not args.clamps_only:  # the table's numbers for the pick: cloze p on the fired prompts, retain prompts
+        run_point(picked, True)
     set_edit(model, tok, "clamp:500")
     record["seconds"] = time.perf_counter() - t0
     finish(record, out)
@@ -266,7 +294,7 @@ def finish(record, out):
     log("pick:", json.dumps(record["pick"]))
     (out / "actions.json").write_text(json.dumps(_clean(record), indent=1) + "\n")
     plot(record, out / "frontier.png", edit_points)
-    if "monitor" in record["points"]:
+    if {"monitor", "refuse", "clamp:500"} <= set(record["points"]):
         (out / "README.md").write_text(write_page(record))
     log(f"wrote {out}/actions.json, frontier.png and README.md")
     return record["pick"]
@@ -286,7 +314,7 @@ def _cell(text, width=150):
 
 
 def write_page(record) -> str:
-    """results/actions/README.md: the must-show table, the frontier, the pick and examples, from actions.json."""
+    """experiments/actions/README.md: the must-show table, the frontier, the pick and examples, from actions.json."""
     st, pts, base, pk = record["settings"], record["points"], record["base"], record["pick"]
     n = record["n_fired_prompts"]
     picked = pk["clamp"]
@@ -303,7 +331,7 @@ def write_page(record) -> str:
     for e in modes:
         p = pts[e]
         name = label(e) + (" (pick)" if e == picked else "")
-        rows.append((name, {"table": p["table_cloze_p"], "forget": p["forget"]["cloze_prob"], "retain": p["retain"]["cloze_prob"],
+        rows.append((name, {"table": p.get("table_cloze_p"), "forget": p["forget"]["cloze_prob"], "retain": p["retain"]["cloze_prob"],
                             "fl": fl(p), "rfl": fl(p, "retain")}))
     lines = [
         "# When a guardrail fires: the clamp axis, refusal and monitor", "",
@@ -313,12 +341,22 @@ def write_page(record) -> str:
         f"{record['guardrail']['tau']:.3f}, shipped clamp c = 500). Written by `examples/clamp_axis.py` "
         "(numbers in [actions.json](actions.json), log in [run.log](run.log)).", "",
         "```bash", "dsg demo --out /tmp/demo-out",
-        "python examples/clamp_axis.py --model /tmp/demo-out --out results/actions --n 20 --mcq-n 64 "
-        "--max-new-tokens 32 --clamps 500 20 1e-6 50 100 10 200 5 --nll-bound 1.0", "```", "",
+        *[f"python examples/clamp_axis.py --model {st['model']} --out {where} --n {st['n']} --retain-n {st['retain_n']} "
+          f"--mcq-n {st['mcq_n']} --max-new-tokens {st['max_new_tokens']} --clamps {' '.join(f'{c:g}' for c in clamps)} "
+          f"--nll-bound {st['nll_bound']:g}{extra}"
+          for where, clamps, extra in [(st["out"], st.get("clamps_run", st["clamps"]), "")]
+          + ([(st["merged_from"], [c for c in st["clamps"] if c not in st.get("clamps_run", [])], " --clamps-only")]
+             if st.get("merged_from") else [])],
+        *([f"python examples/clamp_axis.py --out {st['out']} --from-json --merge {st['merged_from']} "
+           f"--nll-bound {st['nll_bound']:g}"] if st.get("merged_from") else []),
+        "```", "",
+        *([f"The second run added the clamp values below 5 after the first showed the knee there (its points are "
+           f"computed in full, with the same base numbers); the third line (`--from-json --merge {st['merged_from']}`) "
+           "merged them and wrote this page, the pick and the plot."] if st.get("merged_from") else []), "",
         "## Side by side on the fired prompts", "",
         f"{n} held-out WMDP-bio questions whose prompt fires (the first {n} of a seeded order; {record['scanned']} looked at), "
         "each sent as the lm-eval letter prompt in a chat user turn, as `dsg demo` does; greedy answers of "
-        f"{st['max_new_tokens']} new tokens. Retain: {st['n']} held-out non-biology MMLU questions, same format.", "",
+        f"{st['max_new_tokens']} new tokens. Retain: {st['retain_n']} held-out non-biology MMLU questions, same format.", "",
         "- **cloze p (fired)**: per-token probability of the correct choice's text as the assistant's answer to the same "
         "chat prompt (mean over the prompts of exp(mean log p)). " f"**cloze p ({st['mcq_n']} held-out)**: the project's metric "
         f"(`dsg results`: \"{{question}}\\nAnswer:\" then the answer's text) on {st['mcq_n']} held-out WMDP-bio (forget) and "
@@ -353,9 +391,49 @@ def write_page(record) -> str:
         r_ok = p["retain"]["cloze_prob"] >= pk["retain_floor"] - 1e-12
         f_ok = f["nll_per_token"] <= pk["base_fired_nll"] + pk["nll_bound"]
         lines.append(f"| {label(e)}{' (pick)' if e == picked else ''} | {_f(p['forget']['cloze_prob'])} | "
-                     f"{_f(p['retain']['cloze_prob'])} | {_f(p['table_cloze_p'])} | {_f(f['nll_per_token'])} | "
+                     f"{_f(p['retain']['cloze_prob'])} | {_f(p.get('table_cloze_p'))} | {_f(f['nll_per_token'])} | "
                      f"{_f(f['distinct_2'])} | {_f(f['answer_leak_rate'], 2)} | {'yes' if r_ok else 'no'} | {'yes' if f_ok else 'no'} |")
-    lines += ["", "![frontier](frontier.png)", "", "## Examples (the first three fired prompts)", ""]
+    def describe(e):
+        if not e:
+            return "none"
+        p, f = pts[e], fl(pts[e])
+        return (f"**{label(e)}** (forget cloze p {_f(p['forget']['cloze_prob'])}, fired-answer NLL {_f(f['nll_per_token'])}, "
+                f"distinct-2 {_f(f['distinct_2'])})")
+
+    trig = record.get("trigger_rates", {})
+    lines += ["", "n/a: the cloze p on the fired prompts was computed for the table's modes and the second run's values only.",
+              "", "![frontier](frontier.png)", "", "## The pick", "",
+              "Rule: `dsg sweep`'s (the lowest forget cloze p with retain cloze p >= 99% of the base's) with a fluency floor "
+              f"added: fired-answer NLL <= the base's own answers' NLL + {pk['nll_bound']:g} nat/token (a perplexity at most "
+              f"e^{pk['nll_bound']:g} = {math.exp(pk['nll_bound']):.1f} times the base's own answers'; a fixed bound chosen "
+              "before the run, reported with its sensitivity below).", "",
+              f"- Pick among clamp values: {describe(pk['clamp'])}.",
+              f"- Pick among every edit (clamps and projecting out): {describe(pk['any_edit'])}.",
+              f"- Without the fluency floor (the sweep's rule alone): {describe(pk['without_fluency_floor'])}.",
+              "- The bound's sensitivity (bound in nat/token → pick): "
+              + ", ".join(f"{b} → {label(e) if e else 'none'}" for b, e in pk["sensitivity"].items()) + ".",
+              f"- The retain floor does not bind here: {_f(trig.get('retain'), 2)} of the {st['mcq_n']} retain cloze inputs fire "
+              f"(forget: {_f(trig.get('forget'), 2)}), so every edit keeps the base's retain cloze p on this sample; "
+              "retain cost comes only from the false positives (4.5% of held-out non-biology prompts, `dsg results`), "
+              "where a fired retain answer looks like the forget answers above."]
+    if picked and pts[picked].get("table_cloze_p") is not None:
+        pf, rf_ = pts[picked], pts.get("refuse")
+        lines += [
+            f"- **What the pick costs.** On the fired chat prompts themselves {label(picked)} leaves the correct answer's "
+            f"cloze p at {_f(pf['table_cloze_p'])} (base {_f(base['table_cloze_p'])}, clamp 500 "
+            f"{_f(pts['clamp:500']['table_cloze_p'])}) and its answers still name the correct choice "
+            f"{_f(fl(pf)['answer_leak_rate'], 2)} of the time (base {_f(base['fluency']['forget']['answer_leak_rate'], 2)}): "
+            "it keeps the text fluent mostly by forgetting less. No clamp value both forgets on the fired prompts and "
+            "passes the floor: the curve is close to monotone, with the knee between c = 3 and c = 5."
+            + (f" `refuse` forgets completely on fired rows (cloze p 0, no leak) with fluent text, but fails the NLL "
+               f"floor ({_f(fl(rf_)['nll_per_token'])}) because the base finds a refusal unlikely after a biology "
+               "question: the NLL floor measures closeness to the base's answer, which a refusal is not meant to have."
+               if rf_ else ""),
+            f"- Recommendation to the lead: if the default must stay a clamp, c = {label(picked).split()[-1]} is what the "
+            "rule with this floor gives; for a user-facing deployment the numbers favour `refuse` (fluent, complete "
+            "forgetting on fired rows; like gibberish, it shows that the guard fired) over any clamp, and c = 500 only where gibberish is acceptable."]
+    lines += [""]
+    lines += ["## Examples (the first three fired prompts)", ""]
     show = [("base", None)] + [(label(e) + (" (pick)" if e == picked else ""), e) for e in modes]
     for j in range(min(3, n)):
         q = pts["clamp:500"]["fluency"]["sets"]["forget"]["examples"][j]
@@ -365,6 +443,25 @@ def write_page(record) -> str:
             text = q["base"] if e is None else pts[e]["fluency"]["sets"]["forget"]["examples"][j]["dsg"]
             lines.append(f"| {name} | {_cell(text, 300)} |")
         lines.append("")
+    lines += ["## Notes", "",
+              "- **Ablation as c = 1e-6.** The guard's edit is h' = h + ((-c - f) W_dec) at the flagged tokens, so c = 1e-6 sets "
+              "the selected features to -1e-6 instead of 0: within 1e-6 x the decoder row norms of the ablation, far below "
+              "fp32 rounding of the hidden state. `configuration_dsg` requires c > 0, so this needs no code change.",
+              "- **Projecting out** (`project-all`) is an experiment patched onto the guard instance in this script "
+              "(no shipped action): h' = h - Q Q^T h with Q an orthonormal basis (QR) of the 20 selected decoder rows, at "
+              "every token once the row fired (`--both-projections 1` also runs `project`, at the flagged tokens only; "
+              "not run here). It lands next to c = 5 (slightly lower forget, same NLL) and loops more (distinct-2). Unlike the clamp it also removes the part of h "
+              "along those directions that the SAE does not attribute to the features.",
+              "- **NLL under the base** rewards text the base finds likely, not correctness: the base's own greedy answers "
+              "are the floor by construction, and a fluent wrong answer scores as well as a fluent right one. The leak "
+              "columns say whether the right answer is still given. The letter prompt lists the choices, so an answer that "
+              "repeats the list \"leaks\"; *leak only* counts answers that name the correct choice and no other.",
+              "- **refuse** scores 0 on cloze p because a fired row's logits are the refusal's; its NLL is the base's "
+              "likelihood of the refusal text after a biology question (the refusal is fluent but unlike what the base "
+              "would say).",
+              "- Small samples: 20 fired prompts and 32 + 32 questions; differences in forget cloze p of a few 1e-4 between "
+              "the clamp values of 20 and above are within noise.",
+              "- The shipped default (c = 500) is unchanged; the pick above is a recommendation.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -58,8 +58,9 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
 Baselines and dilution
     `--baseline NAME=DIR` (repeatable) scores another model (an RMU folder, a static build, ...) on the
     same sets with the DSG model's tokenizer; each results row gets `baselines: {NAME: value}`.
-    `--dilution` runs the dilution attack on the forget prompts (`eval_dilution`): 1x/2x/5x their length
-    of filler in front, and per dynamic guardrail the fraction of the prompts that fired that no longer fire.
+    `--dilution` runs the dilution attack on the forget prompts (`eval_dilution`): 1x/2x/5x/10x their length
+    of filler in front, after the prompt and between its two halves, and per dynamic guardrail and cell the
+    fraction of the prompts that fired that no longer fire.
 
 Fluency
     `--fluency N` (`fluency.measure_fluency`): greedy answers (`--fluency-tokens`, default 32; the letter prompt
@@ -861,13 +862,15 @@ def summary_markdown(report: dict) -> str:
         block = report["dilution"]
         keys = [factor_key(f) for f in block["factors"]]
         lines += ["", "## Dilution attack", "",
-                  f"{block['n']} prompts of {_cell(block['dataset'])} with filler from {_cell(block['filler'])} in front, "
-                  "k times their length. Attack success: of the prompts that fired undiluted, the fraction that no "
-                  "longer fire.", "", "| guardrail | score | fired undiluted |" + "".join(f" {k} |" for k in keys),
-                  "|---|---|---:|" + "---:|" * len(keys)]
+                  f"{block['n']} prompts of {_cell(block['dataset'])} with filler from {_cell(block['filler'])}, "
+                  "k times their length, put in front of the prompt (prefix), after it (suffix) or between its two "
+                  "halves (split). Attack success: of the prompts that fired undiluted, the fraction that no "
+                  "longer fire.", "", "| guardrail | score | fired undiluted | filler at |" + "".join(f" {k} |" for k in keys),
+                  "|---|---|---:|---|" + "---:|" * len(keys)]
         for row in dilution_rows(block):
-            lines.append(f"| `{_cell(row['guardrail'])}` | `{_cell(row['score'])}` | {_num(row['fired_before'])} of "
-                         f"{_num(row['n'])} |" + "".join(f" {_num(v)} |" for _, v in row["attack_success"]))
+            for placement, steps in row["by_placement"]:
+                lines.append(f"| `{_cell(row['guardrail'])}` | `{_cell(row['score'])}` | {_num(row['fired_before'])} of "
+                             f"{_num(row['n'])} | {placement} |" + "".join(f" {_num(v)} |" for _, v in steps))
     if report["known_filter"]:
         lines += ["", "## Known questions (base correct under every permutation)", "",
                   "| dataset | permutations | kept | of |", "|---|---:|---:|---:|"]
@@ -1072,8 +1075,9 @@ def configure_parser(p):
                         "4 forwards per question), or none")
     p.add_argument("--text-max-tokens", type=int, default=d.text_max_tokens, help="cut each text to this many tokens")
     p.add_argument("--dilution", action="store_true",
-                   help="also run the dilution attack: forget prompts with 1x/2x/5x their length of filler (the --text "
-                        "source, else the retain questions) in front; how many that fired no longer fire")
+                   help="also run the dilution attack: forget prompts with 1x/2x/5x/10x their length of filler (the "
+                        "--text source, else the retain questions) in front, after, or between the prompt's two halves; "
+                        "how many that fired no longer fire")
     p.add_argument("--forget-name", help="name of the forget set in the report (default: the file stem)")
     p.add_argument("--retain-name", help="name of the retain set in the report")
     p.add_argument("--text-name", help="name of the text set in the report")

@@ -207,7 +207,7 @@ def generation_block(model, tokenizer, sequences, generated, records, *, batch_s
 
 def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *, max_new_tokens: int = 32,
                     chat: bool = True, batch_size: int = 8, n_examples: int = 3, forget_label: str = "forget",
-                    retain_label: str = "retain", base_cache: dict | None = None) -> dict:
+                    retain_label: str = "retain", base_cache: dict | None = None, forget_fire: bool = False) -> dict:
     """The fluency block (module docstring): {"settings", "sets": {label: {...}}}.
 
     Per set: "n", "scanned" (forget: prompts looked at to find `n` that fire), "fired_on_prompt", "base" and
@@ -215,7 +215,9 @@ def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *,
     mean_new_tokens, ...}), "nll_added" (DSG - base), "fired_in_generation", "identical_to_base" (rows whose
     DSG generation equals the base's), "examples" (the first `n_examples`: prompt, answer, base, dsg, fired).
     `base_cache` (a dict, filled on first use) keeps the base model's generations between calls on the same
-    prompts, so that a sweep over edits generates the base answers once."""
+    prompts, so that a sweep over edits generates the base answers once. `forget_fire=True`: the forget records
+    are known to fire (chosen by an earlier call; decisions do not depend on the edit), so the first `n` are
+    kept without the scan ("scanned" is then None)."""
     from .errors import DSGError
 
     if n < 1:
@@ -229,7 +231,10 @@ def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *,
     sets = {}
     for role, label, records in (("forget", forget_label, forget_records), ("retain", retain_label, retain_records)):
         records = list(records)
-        if role == "forget":  # scan in chunks until `n` prompts fire
+        if role == "forget" and forget_fire:
+            keep, scanned = list(range(min(n, len(records)))), None
+            fired = {i: True for i in keep}
+        elif role == "forget":  # scan in chunks until `n` prompts fire
             keep, fired, scanned = [], {}, 0
             while len(keep) < n and scanned < len(records):
                 chunk = list(range(scanned, min(len(records), scanned + max(n - len(keep), batch_size))))
