@@ -1,4 +1,4 @@
-"""Build an unlearned DSG model from Python: `modeling_dsg.build.build(base, sae, forget, retain, out, options=...)`.
+"""Build an unlearned DSG model from Python: `modeling_dsg.pipelines.build.build(base, sae, forget, retain, out, options=...)`.
 
 The same path as `dsg build` (the options mirror its flags): the SAE's activations on the forget and
 retain corpora select the features, the retain rows calibrate tau, and the model folder is written
@@ -11,9 +11,9 @@ WMDP-bio questions as forget and WikiText as retain), so it runs without argumen
 import argparse
 import sys
 
-from modeling_dsg.build import BuildOptions, build
-from modeling_dsg.configuration_dsg import ACTIONS
-from modeling_dsg.demo import default_sae
+from modeling_dsg.pipelines.build import BuildOptions, build
+from modeling_dsg.runtime.configuration_dsg import ACTIONS
+from modeling_dsg.embedded.demo import default_sae
 from modeling_dsg.errors import DSGError
 from modeling_dsg.paths import shared_dir
 
@@ -21,7 +21,7 @@ shared = shared_dir(required=False) or "../shared"
 d = BuildOptions()
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--base", default=f"{shared}/models/SmolLM2-135M-Instruct.Q4_1.gguf", help="folder, .gguf, Hub id")
-parser.add_argument("--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in examples/sae/)")
+parser.add_argument("--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in modeling_dsg/embedded/sae/)")
 parser.add_argument("--forget", nargs="+", default=[f"{shared}/data/wmdp/bio.jsonl"], help=".txt/.jsonl/.parquet/Hub")
 parser.add_argument("--retain", nargs="+", default=[f"{shared}/data/wikitext-2-raw/wiki.test.raw"])
 parser.add_argument("--out", default="dsg-built", help="the model folder to write")

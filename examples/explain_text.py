@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 
 from modeling_dsg.errors import DSGError
-from modeling_dsg.explain import explain, format_report, load_for_explain
+from modeling_dsg.analysis.explain import explain, format_report, load_for_explain
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("text", nargs="?", default="Which protein lets the virus bind to the host cell?")

@@ -19,15 +19,15 @@ from .errors import DSGError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train-sae": ("modeling_dsg.train_sae", "train an SAE on one layer of a model (sae-lens format out)"),
-    "build": ("modeling_dsg.build", "build an unlearned DSG model from a base model, an SAE and corpora"),
-    "explain": ("modeling_dsg.explain", "show, per guardrail, the score, the decision and the features that fired"),
-    "eval": ("modeling_dsg.evaluation", "evaluate base and DSG side by side"),
-    "sweep": ("modeling_dsg.sweep", "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule"),
-    "publish": ("modeling_dsg.publish", "stage, verify and upload a DSG model to the Hub"),
-    "rmu": ("modeling_dsg.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
-    "results": ("modeling_dsg.results", "the evaluation suite on the embedded default: table, attacks, sweep, plots"),
-    "demo": ("modeling_dsg.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
+    "train-sae": ("modeling_dsg.pipelines.train_sae", "train an SAE on one layer of a model (sae-lens format out)"),
+    "build": ("modeling_dsg.pipelines.build", "build an unlearned DSG model from a base model, an SAE and corpora"),
+    "explain": ("modeling_dsg.analysis.explain", "show, per guardrail, the score, the decision and the features that fired"),
+    "eval": ("modeling_dsg.evaluation.evaluate", "evaluate base and DSG side by side"),
+    "sweep": ("modeling_dsg.pipelines.sweep", "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule"),
+    "publish": ("modeling_dsg.publishing.publish", "stage, verify and upload a DSG model to the Hub"),
+    "rmu": ("modeling_dsg.pipelines.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
+    "results": ("modeling_dsg.embedded.results", "the evaluation suite on the embedded default: table, attacks, sweep, plots"),
+    "demo": ("modeling_dsg.embedded.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
     "serve": ("modeling_dsg.serve", "an OpenAI-compatible server for a DSG folder (transformers' serving stack)"),
 }
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DSG_SHARED_DIR"] = args.shared
     try:
         if getattr(args, "device", None) is not None:  # an unknown or absent device fails before any work
-            from .sources import check_device
+            from .data.sources import check_device
 
             check_device(args.device)
         code = importlib.import_module(args._module).run(args)

@@ -1,12 +1,8 @@
 """Where things live: the files the package ships, the shared data folder, the cache, safe output folders.
 
-Shipped files (the trained SAE, the model-card template, the `evaluate` metric module) live in the
-repository as `examples/sae/`, `hub_cards/` and `metrics/dsg_unlearning/`. A wheel (`pip install .`)
-carries copies of them inside the package, under `modeling_dsg/_bundled/` with the same layout
-(mapped in pyproject.toml's `[tool.setuptools.package-dir]`). `RESOURCE_ROOT` is the folder that holds
-that layout: the bundle when the package has one (an ordinary install), else the checkout (a source
-tree or an editable install). `REPO_ROOT` is the same folder under its older name; use `resource()`
-for a path that must exist.
+Shipped files are package data, next to the code that uses them: the embedded default's SAE
+(`embedded/sae/`), the model-card template (`publishing/templates/`) and the `evaluate` metric module
+(`evaluation/dsg_unlearning/`). `resource(name)` gives the path of one, in a checkout and in an install alike.
 
 The shared folder (models and data sets that are not part of the repository) is found in this order:
 1. the `DSG_SHARED_DIR` environment variable (or a `--shared` flag that sets it);
@@ -25,28 +21,24 @@ from pathlib import Path
 from .errors import DSGError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_DIR = PACKAGE_DIR / "_bundled"  # only in an installed wheel; never in the repository
 # The checkout that holds this package (source tree or editable install); None in an ordinary install.
-CHECKOUT_DIR: Path | None = None if BUNDLED_DIR.is_dir() else PACKAGE_DIR.parent
-RESOURCE_ROOT = BUNDLED_DIR if CHECKOUT_DIR is None else CHECKOUT_DIR
-REPO_ROOT = RESOURCE_ROOT  # older name, still used by demo.py, cards.py and evaluation.py
+CHECKOUT_DIR: Path | None = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else None
 
-# What the package ships, relative to RESOURCE_ROOT (pyproject.toml maps each into the wheel).
+# What the package ships, relative to PACKAGE_DIR (pyproject.toml lists each as package data).
 SHIPPED = {
-    "sae": Path("examples", "sae"),                          # the SAE `dsg demo` uses
-    "card_template": Path("hub_cards", "dsg_model_card.md"),  # model cards (cards.py)
-    "metric": Path("metrics", "dsg_unlearning"),             # the `evaluate` module of `dsg eval`
+    "sae": Path("embedded", "sae"),  # the SAE `dsg demo` uses
+    "card_template": Path("publishing", "templates", "dsg_model_card.md"),  # model cards
+    "metric": Path("evaluation", "dsg_unlearning"),  # the `evaluate` module of `dsg eval`
 }
 
 
 def resource(name: str) -> Path:
     """The path of a shipped file or folder (a key of `SHIPPED`); `DSGError` with what to do if it is missing."""
-    path = RESOURCE_ROOT / SHIPPED[name]
+    path = PACKAGE_DIR / SHIPPED[name]
     if not path.exists():
-        where = "this installation" if CHECKOUT_DIR is None else f"the checkout {CHECKOUT_DIR}"
         raise DSGError(
-            f"{SHIPPED[name].as_posix()} is missing from {where} (looked for {path}); reinstall modeling_dsg "
-            "from a complete checkout (`pip install .` in it) or run from the checkout"
+            f"{SHIPPED[name].as_posix()} is missing from the installed package (looked for {path}); reinstall "
+            "modeling_dsg from a complete checkout (`pip install .` in it) or run from the checkout"
         )
     return path
 

@@ -191,8 +191,8 @@ def _generation_state_kwargs() -> dict:
 
 def check_folder(folder) -> Path:
     """A DSG model folder with a tokenizer and readable weights; else a DSGError."""
-    from .cards import check_dsg_folder
-    from .sources import check_tokenizer_files, check_weight_files
+    from .publishing.cards import check_dsg_folder
+    from .data.sources import check_tokenizer_files, check_weight_files
 
     path = Path(folder).expanduser()
     config = check_dsg_folder(path)
@@ -210,7 +210,7 @@ def build_app(folder, *, device: str = "cpu", dtype: str = "auto", enable_cors: 
 
     The model is loaded here (before the server answers); requests must name it as `folder` was given (or
     leave `model` out). A bad folder or a failed load is a `DSGError`."""
-    from .sources import LOAD_ERRORS, one_line, quiet_transformers
+    from .data.sources import LOAD_ERRORS, one_line, quiet_transformers
 
     folder = str(folder)
     check_folder(folder)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tiny
 
-SCRIPT = Path(__file__).parent.parent / "examples" / "benchmark.py"
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "benchmark.py"
 
 
 def test_benchmark_smoke(tmp_path):

@@ -196,7 +196,7 @@ class World:
 
     def rows(self, forget_texts, retain_texts, seq_len=SEQ_LEN, packing=True, heldout=0.2, seed=0):
         """The rows a build calibrates and measures on, rebuilt with the documented steps."""
-        from modeling_dsg import rows
+        from modeling_dsg.data import rows
 
         kw = dict(seq_len=seq_len, min_chars=50, max_docs=1024, packing=packing, seed=seed)
         forget, retain = rows.balance(rows.build_rows(forget_texts, self.tok, **kw),
@@ -455,7 +455,7 @@ def test_add_to_refuses_a_duplicate_name(world, tmp_path, capsys):
 def static_build(world, tmp_path_factory):
     """Static mode through the Python API, one document per row (--no-packing), --seq-len 48, written
     over an existing folder with overwrite=True."""
-    from modeling_dsg.build import BuildOptions, build
+    from modeling_dsg.pipelines.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("static") / "model"
     out.mkdir()
@@ -523,7 +523,7 @@ def test_cli_row_options_and_heldout_fraction_zero(world, tmp_path):
 
 
 def test_python_api_refuses_bad_options_before_loading(world, tmp_path):
-    from modeling_dsg.build import BuildOptions, build
+    from modeling_dsg.pipelines.build import BuildOptions, build
 
     with pytest.raises(DSGError, match="--threshold-percentile must be between 0 and 100, got 101"):
         build(str(tmp_path / "no-such-model"), str(world.sae_z), world.forget_sources, world.retain_sources,
@@ -534,7 +534,7 @@ def test_python_api_refuses_bad_options_before_loading(world, tmp_path):
 def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
     """--target-fpr: tau is the smallest threshold whose retain firing rate has a one-sided 95% Clopper-Pearson
     bound <= the target; dsg_build.json records the rate and its bound, whichever rule chose tau."""
-    from modeling_dsg.selection import clopper_pearson_upper
+    from modeling_dsg.analysis.selection import clopper_pearson_upper
 
     default = world.record("dsg_build.json", world.main)["guardrails"][0]["calibration"]
     assert default["rule"] == "percentile" and default["threshold_percentile"] == 95.0

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
+from modeling_dsg.runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
 from modeling_dsg.errors import DSGError
 from test_build import CLAMP, PLAIN_TEXT, Q_TEXT, SEQ_LEN, Z_TEXT, cli, get_world, words
 from test_cli import assert_one_error, build_args
@@ -29,7 +29,7 @@ class Built:
     """Models built from the world's "z" topic with each action, and two stacks of different actions."""
 
     def __init__(self, world, root):
-        from modeling_dsg.build import BuildOptions, build
+        from modeling_dsg.pipelines.build import BuildOptions, build
 
         self.world, self.root = world, root
         common = ["--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
@@ -196,7 +196,7 @@ def test_bad_refusal_options_are_one_error(world, tmp_path, capfd, extra, messag
 
 
 def test_unknown_action_is_refused(world, tmp_path, capfd):
-    from modeling_dsg.build import BuildOptions, build
+    from modeling_dsg.pipelines.build import BuildOptions, build
 
     with pytest.raises(SystemExit) as exit_info:  # argparse: the choices are configuration_dsg.ACTIONS
         cli("build", *build_args(world), "--action", "shout", "--out", tmp_path / "out")
@@ -208,7 +208,8 @@ def test_unknown_action_is_refused(world, tmp_path, capfd):
 
 
 def test_the_action_choices_come_from_the_configuration():
-    from modeling_dsg import build, sweep
+    from modeling_dsg.pipelines import build
+    from modeling_dsg.pipelines import sweep
 
     p = argparse.ArgumentParser()
     build.configure_parser(p)
@@ -220,7 +221,7 @@ def test_the_action_choices_come_from_the_configuration():
 
 
 def test_refusal_ids_must_be_in_the_vocabulary():
-    from modeling_dsg.build import refusal_token_ids
+    from modeling_dsg.pipelines.build import refusal_token_ids
 
     tok = tiny.tiny_tokenizer()
     assert refusal_token_ids(tok, "ok", tiny.VOCAB) == token_ids("ok")
@@ -231,8 +232,8 @@ def test_refusal_ids_must_be_in_the_vocabulary():
 
 
 def test_sweep_refuses_other_actions():
-    from modeling_dsg.build import BuildOptions
-    from modeling_dsg.sweep import SweepOptions, check_options
+    from modeling_dsg.pipelines.build import BuildOptions
+    from modeling_dsg.pipelines.sweep import SweepOptions, check_options
 
     check_options(SweepOptions(build=BuildOptions()))
     with pytest.raises(DSGError, match="dsg sweep scores the clamp action only \\(got action 'monitor'\\)"):
@@ -262,7 +263,7 @@ def test_explain_states_the_action_and_what_a_user_sees(world, built):
 
 
 def test_card_states_the_action_and_what_a_user_sees(world, built):
-    from modeling_dsg.cards import render_card
+    from modeling_dsg.publishing.cards import render_card
 
     refuse = render_card(built.folder("refuse"), "me/refuse").content
     assert "| action | `refuse` (the model answers with a fixed refusal) |" in refuse

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_dsg.errors import DSGError
-from modeling_dsg.selection import calibrate_fpr, clopper_pearson_upper
+from modeling_dsg.analysis.selection import calibrate_fpr, clopper_pearson_upper
 
 
 @pytest.mark.parametrize("k,n,expected", [

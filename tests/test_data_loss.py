@@ -16,7 +16,7 @@ import pytest
 
 import tiny
 from modeling_dsg import cli
-from modeling_dsg import publish as pub
+from modeling_dsg.publishing import publish as pub
 from modeling_dsg.errors import DSGError
 from modeling_dsg.outputs import prepare_output
 

@@ -3,7 +3,7 @@
 import torch
 
 import tiny
-from modeling_dsg import demo
+from modeling_dsg.embedded import demo
 
 
 def record(name, fired):

@@ -7,10 +7,10 @@ import torch
 
 import tiny
 from modeling_dsg import DSGConfig, DSGForCausalLM
-from modeling_dsg.guard_dsg import window_scores
-from modeling_dsg.rows import Rows
-from modeling_dsg.selection import calibrate_threshold
-from modeling_dsg.stats import collect
+from modeling_dsg.runtime.guard_dsg import window_scores
+from modeling_dsg.data.rows import Rows
+from modeling_dsg.analysis.selection import calibrate_threshold
+from modeling_dsg.analysis.stats import collect
 
 
 def brute_force(flags, counted, window):

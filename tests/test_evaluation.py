@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg import evaluation, metrics
+from modeling_dsg.evaluation import evaluate as evaluation
+from modeling_dsg.evaluation import metrics
 from modeling_dsg.errors import DSGError
 from test_build import layer_hidden, mcq_text, words
 
@@ -458,7 +459,7 @@ def test_known_subset_rows_limit_and_default_cloze(world, tmp_path):
 def test_plots_summary_and_model_card(world):
     from matplotlib.image import imread
 
-    from modeling_dsg.cards import render_card
+    from modeling_dsg.publishing.cards import render_card
 
     for name in world.report["plots"]:
         image = imread(world.out / name)
@@ -476,7 +477,7 @@ def test_plots_summary_and_model_card(world):
 def test_tradeoff_plot_takes_curves(tmp_path):
     from matplotlib.image import imread
 
-    from modeling_dsg.plots import plot_tradeoff
+    from modeling_dsg.evaluation.plots import plot_tradeoff
 
     series = [{"label": "base", "x": 0.5, "y": 0.4},
               {"label": "dynamic", "x": [0.49, 0.48, 0.45], "y": [0.3, 0.25, 0.2], "annotations": ["N=10", "N=20", "N=40"]},

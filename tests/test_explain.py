@@ -90,7 +90,7 @@ def test_explain_reads_standard_input(world, capsys, monkeypatch):
 
 
 def test_explain_python_api_agrees_with_the_model(world):
-    from modeling_dsg.explain import explain, format_report
+    from modeling_dsg.analysis.explain import explain, format_report
 
     model = world.load(world.main)
     info = world.record("features.json", world.main)

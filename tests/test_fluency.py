@@ -1,4 +1,4 @@
-"""Fluency of fired answers (`modeling_dsg.fluency`): the text metrics on hand-made texts with exact values, and
+"""Fluency of fired answers (`modeling_dsg.evaluation.fluency`): the text metrics on hand-made texts with exact values, and
 `dsg eval --fluency N` on the tiny marker model of test_evaluation (its guardrail fires on texts full of "z")."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from modeling_dsg import fluency
+from modeling_dsg.evaluation import fluency
 from test_evaluation import World, run_cli
 
 LOOP = "too pace Too pace, too-pace!"  # words: too pace too pace too pace

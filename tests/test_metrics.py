@@ -1,5 +1,5 @@
-"""The metric functions of `modeling_dsg.metrics` on hand-made inputs whose answers are known exactly,
-the known-questions filter on fake scorers, and the `evaluate` module `metrics/dsg_unlearning` (loaded
+"""The metric functions of `modeling_dsg.evaluation.metrics` on hand-made inputs whose answers are known exactly,
+the known-questions filter on fake scorers, and the `evaluate` module `modeling_dsg/evaluation/dsg_unlearning` (loaded
 offline from its local path) giving the same numbers."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from modeling_dsg import metrics
-from modeling_dsg.paths import REPO_ROOT
+from modeling_dsg.evaluation import metrics
+from modeling_dsg.paths import PACKAGE_DIR, SHIPPED
 
 LOG = np.log
 
@@ -222,7 +222,7 @@ def test_evaluate_module_loads_offline_and_matches():
     import evaluate
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py: no Hub access
-    module = evaluate.load(str(REPO_ROOT / "metrics" / "dsg_unlearning"), keep_in_memory=True)
+    module = evaluate.load(str(PACKAGE_DIR / SHIPPED["metric"]), keep_in_memory=True)
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(40, 4))
     refs = rng.integers(0, 4, size=40)
@@ -244,13 +244,13 @@ def test_evaluate_module_loads_offline_and_matches():
 
 
 def test_evaluate_module_readme_documents_the_dependency():
-    readme = (REPO_ROOT / "metrics" / "dsg_unlearning" / "README.md").read_text()
+    readme = (PACKAGE_DIR / SHIPPED["metric"] / "README.md").read_text()
     assert "modeling_dsg" in readme and "evaluate.load" in readme
 
 
 def test_a_row_whose_choices_all_tie_gave_no_answer():
     """A refusing row scores every letter the same: that is no answer, never the first letter's."""
-    from modeling_dsg.metrics import choice_metrics
+    from modeling_dsg.evaluation.metrics import choice_metrics
 
     scores = np.array([[-1.0, -1.0, -1.0, -1.0], [-0.1, -2.0, -2.0, -2.0]])
     out = choice_metrics(scores, np.array([0, 0]))

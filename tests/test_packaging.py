@@ -1,8 +1,8 @@
 """An ordinary (non-editable) install carries everything the package needs (issue 10, item 5).
 
-The SAE `dsg demo` uses (examples/sae/), the model-card template (hub_cards/) and the `evaluate`
-metric module (metrics/dsg_unlearning/) stay where the repository keeps them and are mapped into the
-wheel under modeling_dsg/_bundled/ (pyproject.toml). These tests build a wheel from a copy of the
+The SAE `dsg demo` uses (modeling_dsg/embedded/sae/), the model-card template
+(modeling_dsg/publishing/templates/) and the `evaluate` metric module (modeling_dsg/evaluation/dsg_unlearning/)
+are package data (pyproject.toml). These tests build a wheel from a copy of the
 tree, as `pip install .` does, unpack it and check, in a fresh interpreter that sees only the
 unpacked wheel and this environment's site-packages (no .pth files, so no editable install and no
 checkout), that every shipped resource the code resolves lies inside the installed package and that
@@ -32,11 +32,11 @@ tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tom
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
-EXPECTED = [  # files a wheel must hold (relative to the bundle root), each needed at run time
-    "examples/sae/smollm2-135m-layer6/cfg.json",
-    "examples/sae/smollm2-135m-layer6/sae_weights.safetensors",
-    "hub_cards/dsg_model_card.md",
-    "metrics/dsg_unlearning/dsg_unlearning.py",
+EXPECTED = [  # files a wheel must hold, each needed at run time
+    "modeling_dsg/embedded/sae/smollm2-135m-layer6/cfg.json",
+    "modeling_dsg/embedded/sae/smollm2-135m-layer6/sae_weights.safetensors",
+    "modeling_dsg/publishing/templates/dsg_model_card.md",
+    "modeling_dsg/evaluation/dsg_unlearning/dsg_unlearning.py",
 ]
 
 CHECK = r"""
@@ -44,9 +44,9 @@ import json, sys
 from pathlib import Path
 import modeling_dsg
 from modeling_dsg import paths
-from modeling_dsg.cards import default_template
-from modeling_dsg.demo import default_sae
-from modeling_dsg.evaluation import METRIC_DIR, load_scorer
+from modeling_dsg.publishing.cards import default_template
+from modeling_dsg.embedded.demo import default_sae
+from modeling_dsg.evaluation.evaluate import METRIC_DIR, load_scorer
 
 package = Path(modeling_dsg.__file__).resolve().parent
 resolved = {name: paths.resource(name) for name in paths.SHIPPED}
@@ -62,14 +62,12 @@ print(json.dumps({
 
 
 def _copy_tree(dst: Path) -> Path:
-    """The files a build reads: pyproject.toml, the readme, the packages and the folders mapped into them."""
+    """The files a build reads: pyproject.toml, the readme and the package tree."""
     dst.mkdir()
     for name in ("pyproject.toml", PYPROJECT["project"]["readme"]):
         shutil.copy(ROOT / name, dst / name)
-    folders = {p.split(".")[0] for p in SETUPTOOLS["packages"]} | set(SETUPTOOLS.get("package-dir", {}).values())
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for folder in sorted(folders):
-        shutil.copytree(ROOT / folder, dst / folder, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "modeling_dsg", dst / "modeling_dsg", ignore=ignore)
     return dst
 
 
@@ -87,33 +85,34 @@ def wheel(tmp_path_factory) -> Path:
     return _backend(_copy_tree(tmp / "src"), "build_wheel", tmp / "dist")
 
 
-def test_shipped_resources_are_mapped_into_the_wheel():
-    """Every `paths.SHIPPED` item is a folder (or a file in a folder) that pyproject maps under _bundled/."""
-    mapped = {Path(folder): package for package, folder in SETUPTOOLS["package-dir"].items()}
+def test_shipped_resources_are_package_data():
+    """Every `paths.SHIPPED` item lies in the package and is matched by a package-data pattern."""
+    patterns = [(package.replace(".", "/"), glob) for package, globs in SETUPTOOLS["package-data"].items() for glob in globs]
     for name, rel in paths.SHIPPED.items():
-        folder = rel if (ROOT / rel).is_dir() else rel.parent
-        assert folder in mapped, f"{name}: {folder} is not in [tool.setuptools.package-dir]"
-        assert mapped[folder] == "modeling_dsg._bundled." + ".".join(folder.parts)
-        assert mapped[folder] in SETUPTOOLS["packages"]
+        path = paths.PACKAGE_DIR / rel
+        files = [f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+        assert files, f"{name}: {path} holds no file"
+        for f in files:
+            where = f.relative_to(ROOT).as_posix()
+            assert any(Path(where).match(f"{package}/{glob}") for package, glob in patterns), f"{where} is not package data"
 
 
 def test_the_checkout_resolves_its_own_files():
-    assert paths.CHECKOUT_DIR == ROOT and paths.RESOURCE_ROOT == ROOT == paths.REPO_ROOT
-    assert not paths.BUNDLED_DIR.exists(), "modeling_dsg/_bundled/ must exist only in an installed wheel"
+    assert paths.CHECKOUT_DIR == ROOT
     for name in paths.SHIPPED:
-        assert paths.resource(name).exists() and ROOT in paths.resource(name).parents
+        assert paths.resource(name).exists() and paths.PACKAGE_DIR in paths.resource(name).parents
 
 
 def test_a_missing_resource_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(paths, "RESOURCE_ROOT", tmp_path)
-    with pytest.raises(DSGError, match=r"examples/sae is missing .*reinstall"):
+    monkeypatch.setattr(paths, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(DSGError, match=r"embedded/sae is missing .*reinstall"):
         paths.resource("sae")
 
 
 def test_wheel_holds_the_shipped_files_and_only_modeling_dsg(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for rel in EXPECTED:
-        assert f"modeling_dsg/_bundled/{rel}" in names, rel
+        assert rel in names, rel
     top = {n.split("/")[0] for n in names}
     assert top == {"modeling_dsg", wheel.name.split("-py3")[0] + ".dist-info"}, top  # no stray top-level package
 
@@ -152,7 +151,7 @@ def test_installed_wheel_resolves_everything_inside_the_package(wheel, tmp_path)
 
 
 def test_sdist_carries_the_shipped_files(tmp_path):
-    """`python -m build` goes through an sdist: it must carry the mapped folders too."""
+    """`python -m build` goes through an sdist: it must carry the package data too."""
     sdist = _backend(_copy_tree(tmp_path / "src"), "build_sdist", tmp_path / "dist")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}

@@ -1,4 +1,4 @@
-"""Model cards (hub_cards/ + cards.py) and `dsg publish`: staging, verification, upload, failures."""
+"""Model cards (modeling_dsg/publishing/templates/ + cards.py) and `dsg publish`: staging, verification, upload, failures."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 from modeling_dsg import cli
-from modeling_dsg import publish as pub
-from modeling_dsg.cards import render_card
+from modeling_dsg.publishing import publish as pub
+from modeling_dsg.publishing.cards import render_card
 from modeling_dsg.errors import DSGError
 from tiny import make_tiny_dsg
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg import report_schema
-from modeling_dsg.cards import render_card
+from modeling_dsg.evaluation import report as report_schema
+from modeling_dsg.publishing.cards import render_card
 from modeling_dsg.errors import DSGError
-from modeling_dsg.eval_dilution import SEED
-from modeling_dsg.report_schema import PLACEMENTS, cell_key
-from modeling_dsg.results import DILUTIONS, dilute
+from modeling_dsg.evaluation.dilution import SEED
+from modeling_dsg.evaluation.report import PLACEMENTS, cell_key
+from modeling_dsg.embedded.results import DILUTIONS, dilute
 from test_build import mcq_text
 from test_evaluation import World, run_cli
 

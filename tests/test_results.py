@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg import results
+from modeling_dsg.embedded import results
 from test_build import get_world
 
 
@@ -58,7 +58,7 @@ def test_dilute_bos_handling_and_bad_inputs():
 
 
 def test_dilution_grid_is_every_placement_and_factor_with_one_offset_per_prompt():
-    from modeling_dsg.report_schema import cell_key
+    from modeling_dsg.evaluation.report import cell_key
 
     prompts, filler, offsets = [[1, 50, 51], [60, 61, 62, 63]], list(range(100, 113)), [2, 11]
     grid = list(results.dilution_grid(prompts, filler, offsets, 1))
@@ -91,9 +91,9 @@ def world(tmp_path_factory):
 def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_score(world):
     """On the marker world: decisions from one stored pass equal the DSG model's recorded decisions, for
     the paper's score and the window score; diluting marker texts defeats the first, not the second."""
-    from modeling_dsg.build import BuildOptions, assemble, gather_statistics, guardrail_build
-    from modeling_dsg.decisions import guard_decisions
-    from modeling_dsg.sources import load_base_model, load_sae, load_texts
+    from modeling_dsg.pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
+    from modeling_dsg.analysis.decisions import guard_decisions
+    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
     from test_build import SEQ_LEN, words
 
     base, tok = load_base_model(str(world.base))
@@ -142,7 +142,7 @@ def test_relearning_curve_trains_copies_and_detaches_guards():
     base = tiny.tiny_base("llama")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     tok = tiny.tiny_tokenizer()
-    from modeling_dsg.rows import build_rows
+    from modeling_dsg.data.rows import build_rows
 
     rows = build_rows(["the zebra zips " * 20] * 8, tok, seq_len=16)
     g = tiny.guardrail("standard", name="zeta", layer=1, d_sae=8, features=[1], threshold=1.0)
@@ -166,7 +166,7 @@ def test_relearning_curve_trains_copies_and_detaches_guards():
 # ----------------------------------------------------------------------------------- the results page
 def grid_block(guardrails=("DSG", "DSG (window)")) -> dict:
     """A results.json dilution block of every cell (two fillers), each cell's attack success distinct."""
-    from modeling_dsg.report_schema import cell_key
+    from modeling_dsg.evaluation.report import cell_key
 
     fillers = [{"tag": "", "name": "WikiText"}, {"tag": "mmlu", "name": "MMLU non-bio questions"}]
     keys = [cell_key(p, f, t["tag"]) for t in fillers for p in ("prefix", "suffix", "split") for f in results.DILUTIONS]
@@ -197,7 +197,7 @@ def test_results_page_shows_every_dilution_cell(tmp_path):
     assert table["header"] == ["guardrail", "fires undiluted", "filler", "placement", "1x", "2x", "5x", "10x", "max"]
     assert len(table) - 1 == 2 * 2 * 3  # guardrails x fillers x placements, every factor a column
     words = {"prefix": "in front", "suffix": "after the question", "split": "between its two halves"}
-    from modeling_dsg.report_schema import cell_key
+    from modeling_dsg.evaluation.report import cell_key
 
     for name, entry in block["by_guardrail"].items():
         for filler in block["fillers"]:

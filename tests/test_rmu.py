@@ -1,4 +1,4 @@
-"""RMU baseline (modeling_dsg.rmu) on a tiny random Llama: what trains, what moves, what stays."""
+"""RMU baseline (modeling_dsg.pipelines.rmu) on a tiny random Llama: what trains, what moves, what stays."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from tiny import BOS, LAYERS, tiny_base, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_dsg.errors import DSGError
-from modeling_dsg.rmu import (RMU_FILE, RMUOptions, _Batches, configure_parser, default_layer, layer_hidden,
+from modeling_dsg.pipelines.rmu import (RMU_FILE, RMUOptions, _Batches, configure_parser, default_layer, layer_hidden,
                               options_from_args, rmu_unlearn, run, run_rmu, steering_vector)
-from modeling_dsg.rows import build_rows
+from modeling_dsg.data.rows import build_rows
 
 LAYER = 2
 DOWN = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(LAYERS)]

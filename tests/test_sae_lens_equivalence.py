@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from modeling_dsg.configuration_dsg import validate_sae
-from modeling_dsg.guard_dsg import DSGGuard
+from modeling_dsg.runtime.configuration_dsg import validate_sae
+from modeling_dsg.runtime.guard_dsg import DSGGuard
 
 sae_lens = pytest.importorskip("sae_lens")  # a declared test dependency: installed by .ci/run
 

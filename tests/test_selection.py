@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_dsg.errors import DSGError
-from modeling_dsg.selection import (
+from modeling_dsg.analysis.selection import (
     FeatureStats,
     auroc,
     calibrate_threshold,
@@ -14,7 +14,7 @@ from modeling_dsg.selection import (
     summarize,
     trigger_rate,
 )
-from modeling_dsg.stats import ActivationStore
+from modeling_dsg.analysis.stats import ActivationStore
 
 
 def stats(forget_mean, retain_mean, forget_freq=None, retain_freq=None) -> FeatureStats:

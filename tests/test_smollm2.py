@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from modeling_dsg import DSGConfig, DSGForCausalLM, embedded
-from modeling_dsg.sources import load_base_model
+from modeling_dsg import DSGConfig, DSGForCausalLM
+from modeling_dsg.embedded import data as embedded
+from modeling_dsg.data.sources import load_base_model
 
 pytestmark = pytest.mark.integration
 
@@ -100,9 +101,9 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
 def test_build_with_shipped_sae_reload_and_fire_on_biology(tmp_path):
     """Build a biology guardrail on real SmolLM2 with the shipped SAE (small corpora for speed), reload it
     through remote code in a fresh process, and check held-out biology prompts fire more than WikiText."""
-    from modeling_dsg.build import BuildOptions, assemble, build_guardrail, write_folder
-    from modeling_dsg.demo import default_sae
-    from modeling_dsg.sources import load_sae, sae_layer
+    from modeling_dsg.pipelines.build import BuildOptions, assemble, build_guardrail, write_folder
+    from modeling_dsg.embedded.demo import default_sae
+    from modeling_dsg.data.sources import load_sae, sae_layer
 
     base, tokenizer = load_base_model(str(embedded.gguf_path()))  # a fresh copy: no other test's guard on it
     sae = load_sae(str(default_sae()))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tiny
-from modeling_dsg import embedded
+from modeling_dsg.embedded import data as embedded
 from modeling_dsg.errors import DSGError
-from modeling_dsg.sources import load_base_model, load_sae, load_texts, mcq_prompt, resolve_model_dir, sae_layer
+from modeling_dsg.data.sources import load_base_model, load_sae, load_texts, mcq_prompt, resolve_model_dir, sae_layer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_hub_ids_fail_fast_offline(monkeypatch):
 
 def test_offline_hub_model_fails_fast_from_a_fresh_process():
     seconds, out = _offline_run(
-        "from modeling_dsg.sources import load_base_model\n"
+        "from modeling_dsg.data.sources import load_base_model\n"
         "from modeling_dsg.errors import DSGError\n"
         "import time; t = time.time()\n"
         "try:\n    load_base_model('HuggingFaceTB/SmolLM2-135M-Instruct')\n"

@@ -4,8 +4,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from modeling_dsg.errors import DSGError
-from modeling_dsg.rows import Rows
-from modeling_dsg.stats import collect, decoder_layers, full_forward_speedup
+from modeling_dsg.data.rows import Rows
+from modeling_dsg.analysis.stats import collect, decoder_layers, full_forward_speedup
 
 BOS, EOS, PAD = 1, 2, 0
 D_SAE = 12

@@ -15,7 +15,7 @@ import random
 import numpy as np
 import pytest
 
-from modeling_dsg import sweep
+from modeling_dsg.pipelines import sweep
 from modeling_dsg.errors import DSGError
 from test_build import CLAMP, SEQ_LEN, get_world, words
 
@@ -44,8 +44,8 @@ def questions(world):
 
 @pytest.fixture(scope="module")
 def swept(world, questions, tmp_path_factory, monkeypatch_module):
-    from modeling_dsg import stats
-    from modeling_dsg.build import BuildOptions
+    from modeling_dsg.analysis import stats
+    from modeling_dsg.pipelines.build import BuildOptions
 
     calls = []
     original = stats.collect
@@ -79,9 +79,9 @@ def test_one_statistics_pass_serves_the_grid(swept):
 
 def _full_score(world, questions, point, options):
     """The plain path: build the guardrail with the point's settings, evaluate every question."""
-    from modeling_dsg import evaluation as ev
-    from modeling_dsg.build import assemble, build_guardrail
-    from modeling_dsg.sources import load_base_model, load_sae, load_texts
+    from modeling_dsg.evaluation import evaluate as ev
+    from modeling_dsg.pipelines.build import assemble, build_guardrail
+    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
 
     bo = dataclasses.replace(options.build, mode=point["mode"], n_features=point["n_features"], clamp=point["clamp"],
                              ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile)

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 import tiny
 from modeling_dsg import DSGConfig
-from modeling_dsg.build import TOKENIZER_LOAD_KEYS, context_length, save_tokenizer, write_folder
+from modeling_dsg.pipelines.build import TOKENIZER_LOAD_KEYS, context_length, save_tokenizer, write_folder
 
 LOAD = r"""
 import json, sys

@@ -9,8 +9,8 @@ import torch
 import tiny
 from modeling_dsg import cli
 from modeling_dsg.errors import DSGError
-from modeling_dsg.sources import sae_layer
-from modeling_dsg.train_sae import hook_name, pack_rows, train_sae, truncate_model
+from modeling_dsg.data.sources import sae_layer
+from modeling_dsg.pipelines.train_sae import hook_name, pack_rows, train_sae, truncate_model
 
 
 def _texts(n=120, seed=0):
@@ -135,8 +135,8 @@ def test_batchtopk_trains_and_loads_as_jumprelu_into_a_guard(tmp_path):
     the guard's selected-feature activations equal sae-lens' encode on the same hidden states."""
     from sae_lens import SAE
 
-    from modeling_dsg.build import guardrail_sae, sae_encoder
-    from modeling_dsg.sources import load_sae
+    from modeling_dsg.pipelines.build import guardrail_sae, sae_encoder
+    from modeling_dsg.data.sources import load_sae
 
     model, tok = tiny.tiny_base("llama"), tiny.tiny_tokenizer()
     out = tmp_path / "btk"

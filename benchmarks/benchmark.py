@@ -1,0 +1,331 @@
+"""Benchmark: the DSG guard next to its base model, side by side in one process, alternating runs.
+
+Measures, for the base model and the DSG model with its rows unfired (tau = 1: the guard computes
+everything but never edits) and fired (tau = 0: every row with a flagged token edits):
+- forward latency at --lengths tokens and --batches rows;
+- greedy generation throughput for --new-tokens tokens;
+- load time of the saved folders (base folder vs DSG folder) and their sizes (full and slim);
+- peak memory (CUDA: max allocated per variant; CPU: the guard's extra bytes);
+- build cost: the statistics pass's truncated forward (blocks 0..L) against a full forward, alternated
+  like the rest, plus the statistics, selection and calibration times recorded in dsg_build.json.
+Every variant runs once per round, in a rotating order, so drift and background load hit all of them
+alike; each DSG/base ratio is taken within a round, and the median and spread (p25-p75) of those
+ratios are reported. Writes JSON with the machine description.
+
+    python benchmarks/benchmark.py --model dsg-demo --out benchmark.json          # the embedded default
+    python benchmarks/benchmark.py --tiny --out /tmp/bench.json                   # seconds, for the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def quantiles(values):
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "min": values[0], "n": len(values)}
+
+
+def alternate(variants: dict, rounds: int, device, warmup: int = 1):
+    """Time each variant once per round in a rotating order; per-round ratios to 'base'."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(timed(variants[name], device))
+    result = {name: quantiles(t) for name, t in times.items()}
+    for name in names:
+        if name != "base":
+            result[name]["ratio_to_base"] = quantiles([a / b for a, b in zip(times[name], times["base"])])
+            result[name]["ratio_of_minima"] = result[name]["min"] / result["base"]["min"]
+    return result
+
+
+class GuardClock:
+    """Time spent inside the guards' hooks during a forward, measured within the same call (so the
+    machine's run-to-run noise cancels): a hook prepended to each guarded block notes the time, one
+    appended after the guard's hook adds the elapsed time."""
+
+    def __init__(self, dsg, device):
+        from modeling_dsg.runtime.modeling_dsg import decoder_layers
+
+        self.total, self.device, self.handles = 0.0, device, []
+        for layer in sorted({g.layer for g in dsg.guards}):
+            block = decoder_layers(dsg.model)[layer]
+            self.handles.append(block.register_forward_hook(self._start, prepend=True))
+            self.handles.append(block.register_forward_hook(self._stop))
+
+    def _start(self, module, args, output):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        sync(self.device)
+        self.total += time.perf_counter() - self._t0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def in_call_ratio(dsg, fn, device, rounds: int) -> dict:
+    """DSG call time / (the same call minus the guards' hook time), per round; median and spread."""
+    ratios, shares = [], []
+    for _ in range(rounds + 1):
+        clock = GuardClock(dsg, device)
+        try:
+            total = timed(fn, device)
+        finally:
+            clock.close()
+        ratios.append(total / (total - clock.total))
+        shares.append(clock.total / total)
+    return {"ratio": quantiles(ratios[1:]), "guard_share": quantiles(shares[1:])}
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown tables (medians; ratios with their p25-p75 spread)."""
+    def ratio(r):
+        q = r["ratio_to_base"]
+        return f"x{q['median']:.3f} [{q['p25']:.3f}, {q['p75']:.3f}]"
+
+    m = report["machine"]
+    lines = [f"Machine: {m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, {m['dtype']}.", "",
+             "Ratios: median of per-round DSG/base time ratios [p25, p75] over alternating runs, the ratio of the "
+             "fastest runs (min), and the in-call ratio: one DSG call's time over the same call minus the time spent "
+             "in the guard's hook (immune to run-to-run noise; it leaves out the DSG wrapper's own few Python lines).", "",
+             "| forward | base (ms) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(r):
+        out = []
+        for v in ("dsg_unfired", "dsg_fired"):
+            ic = r.get("in_call", {}).get(v)
+            out += [ratio(r[v]), f"x{r[v]['ratio_of_minima']:.3f}", f"x{ic['ratio']['median']:.4f}" if ic else "n/a"]
+        return " | ".join(out)
+
+    for key, r in report["forward"].items():
+        lines.append(f"| {key} | {r['base']['median'] * 1000:.1f} | {cells(r)} |")
+    lines += ["", "| greedy generation | base (tokens/s) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in report["generate"].items():
+        lines.append(f"| {key}, {report['new_tokens']} new tokens | {r['base']['tokens_per_s']:.1f} | {cells(r)} |")
+    st, ld = report["storage"], report["load"]
+    lines += ["", "| storage and load | value |", "|---|---:|",
+              f"| base folder | {st['base_bytes'] / 1e6:.1f} MB |", f"| DSG folder | {st['dsg_full_bytes'] / 1e6:.1f} MB |",
+              f"| DSG folder, slim | {st['dsg_slim_bytes'] / 1e6:.1f} MB |",
+              f"| load time, base folder | {ld['base']['median']:.3f} s |",
+              f"| load time DSG / base | {ratio(ld['dsg'])} |", f"| load time slim / base | {ratio(ld['dsg_slim'])} |"]
+    if "build_cost" in report:
+        b = report["build_cost"]
+        lines.append(f"| truncated forward (blocks 0..{b['layer']} of {b['n_layers']}) speed-up over a full forward | "
+                     f"x{b['truncated_speedup']:.2f} |")
+    if "torch_compile" in report:
+        lines.append(f"| torch.compile of the base with the guard installed | "
+                     f"{'works' if report['torch_compile']['works'] else 'fails'} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_pair(model_dir, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dsg = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    base = AutoModelForCausalLM.from_config(dsg.config.text_config, dtype=dtype)
+    base.load_state_dict(dsg.model.state_dict())
+    return base.to(device).eval(), dsg, tok
+
+
+def tiny_folder(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import tiny
+
+    return tiny.save_tiny_dsg(root / "tiny-dsg", guardrails=[tiny.guardrail("jumprelu", layer=1)])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="dsg-demo", help="a DSG model folder (default: the demo's)")
+    ap.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--compile", action="store_true", help="also check torch.compile on the base with the guard installed")
+    ap.add_argument("--out", default="benchmark.json")
+    ap.add_argument("--markdown", help="also write the tables as Markdown to this file")
+    args = ap.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    work = Path(tempfile.mkdtemp(prefix="dsg-bench-"))
+    try:
+        model_dir = tiny_folder(work) if args.tiny else Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            sys.exit(f"error: {model_dir} is not a model folder (run `dsg demo` first, or pass --model / --tiny)")
+        base, dsg, tok = load_pair(model_dir, device, dtype)
+        vocab = dsg.config.text_config.vocab_size
+        report = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+                              "dtype": args.dtype},
+                  "model": str(model_dir), "new_tokens": args.new_tokens, "guardrails": [g["name"] for g in dsg.config.guardrails], "forward": {}, "generate": {}}
+        gen = torch.Generator().manual_seed(0)
+
+        def with_tau(tau, fn):
+            def run():
+                for g in dsg.guards:
+                    g.threshold = tau
+                fn()
+            return run
+
+        # -- forward latency ----------------------------------------------------------------------
+        for batch in args.batches:
+            for length in args.lengths:
+                ids = torch.randint(3, vocab, (batch, length), generator=gen).to(device)
+                mask = torch.ones_like(ids)
+
+                @torch.no_grad()
+                def fwd(model):
+                    return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
+                with torch.no_grad(), dsg.record_guardrails() as rec:
+                    for g in dsg.guards:
+                        g.threshold = 0.0
+                    dsg(input_ids=ids, attention_mask=mask, use_cache=False)
+                fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
+                res = alternate({"base": fwd(base), "dsg_unfired": with_tau(1.0, fwd(dsg)), "dsg_fired": with_tau(0.0, fwd(dsg))},
+                                args.rounds, device)
+                res["fired_fraction_at_tau0"] = fired
+                res["in_call"] = {"dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3),
+                                  "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3)}
+                report["forward"][f"B{batch}xT{length}"] = res
+                print(f"forward B={batch} T={length}: base {res['base']['median'] * 1000:.1f} ms, "
+                      f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}")
+
+        # -- generation throughput ----------------------------------------------------------------
+        for batch in args.batches:
+            prompt = torch.randint(3, vocab, (batch, 32), generator=gen).to(device)
+
+            def gen_fn(model):
+                kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                          pad_token_id=0)
+                return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+            res = alternate({"base": gen_fn(base), "dsg_unfired": with_tau(1.0, gen_fn(dsg)), "dsg_fired": with_tau(0.0, gen_fn(dsg))},
+                            max(3, args.rounds // 2), device)
+            for name in ("base", "dsg_unfired", "dsg_fired"):
+                res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]
+            res["in_call"] = {"dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2),
+                              "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2)}
+            report["generate"][f"B{batch}"] = res
+            print(f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
+                  f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}")
+        for g, spec in zip(dsg.guards, dsg.config.guardrails):
+            g.threshold = spec["threshold"]
+
+        # -- storage and load time ----------------------------------------------------------------
+        base_dir, slim_dir = work / "base", work / "slim"
+        base.save_pretrained(base_dir)
+        tok.save_pretrained(base_dir)
+        dsg.save_pretrained(slim_dir, slim=True)
+        size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+        from transformers import AutoModelForCausalLM
+        loads = alternate({"base": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype),
+                           "dsg": lambda: AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype),
+                           "dsg_slim": lambda: AutoModelForCausalLM.from_pretrained(slim_dir, trust_remote_code=True, dtype=dtype)},
+                          max(3, args.rounds // 2), torch.device("cpu"))
+        report["load"] = loads
+        guard_bytes = sum(t.numel() * t.element_size() for g in dsg.guards for t in [*g.parameters(), *g.buffers()])
+        report["storage"] = {"base_bytes": size(base_dir), "dsg_full_bytes": size(model_dir), "dsg_slim_bytes": size(slim_dir),
+                             "guard_bytes_in_memory": guard_bytes}
+        print(f"load: DSG/base x{loads['dsg']['ratio_to_base']['median']:.3f}, slim/base x{loads['dsg_slim']['ratio_to_base']['median']:.3f}; "
+              f"sizes base {size(base_dir) / 1e6:.1f} MB, DSG {size(model_dir) / 1e6:.1f} MB, slim {size(slim_dir) / 1e6:.1f} MB")
+
+        # -- memory ---------------------------------------------------------------------------------
+        if device.type == "cuda":
+            peaks = {}
+            ids = torch.randint(3, vocab, (max(args.batches), max(args.lengths)), generator=gen).to(device)
+            for name, model, tau in (("base", base, None), ("dsg_unfired", dsg, 1.0), ("dsg_fired", dsg, 0.0)):
+                if tau is not None:
+                    for g in dsg.guards:
+                        g.threshold = tau
+                torch.cuda.reset_peak_memory_stats(device)
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+                peaks[name] = torch.cuda.max_memory_allocated(device)
+            report["peak_memory_bytes"] = peaks
+        else:
+            report["peak_memory_bytes"] = {"note": "CPU: the guard adds its tensors (guard_bytes_in_memory) and one "
+                                                   "hidden-state-sized delta per guarded layer while it runs"}
+
+        # -- build cost ---------------------------------------------------------------------------------
+        from modeling_dsg.data.rows import Rows
+        from modeling_dsg.analysis.stats import _LayerOutput
+
+        layer = min(g.layer for g in dsg.guards)
+        ids = torch.randint(3, vocab, (max(args.batches), min(args.lengths)), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        truncated = _LayerOutput(base, layer)
+        with torch.no_grad():
+            cost = alternate({"base": lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
+                              "truncated": lambda: truncated(ids, mask)}, max(3, args.rounds // 2), device)
+        record_file = model_dir / "dsg_build.json"
+        recorded = json.loads(record_file.read_text())["guardrails"][0]["timings"] if record_file.is_file() else {}
+        report["build_cost"] = {"layer": layer, "n_layers": dsg.config.text_config.num_hidden_layers,
+                                "rows": list(ids.shape), "full_forward_s": cost["base"]["median"],
+                                "truncated_forward_s": cost["truncated"]["median"],
+                                "truncated_speedup": 1.0 / cost["truncated"]["ratio_to_base"]["median"],
+                                "recorded_build": {k: recorded.get(k) for k in ("rows_s", "statistics_s", "statistics_tokens",
+                                                                                "statistics_tokens_per_s", "selection_s", "calibration_s")}}
+        print(f"build cost: truncated forward (blocks 0..{layer}) x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
+              f"recorded: {report['build_cost']['recorded_build']}")
+
+        if args.compile:
+            try:
+                compiled = torch.compile(dsg.model)
+                ids = torch.randint(3, vocab, (1, 64), generator=gen).to(device)
+                with torch.no_grad():
+                    out = compiled(input_ids=ids).logits
+                    ref = dsg.model(input_ids=ids).logits
+                report["torch_compile"] = {"works": True, "max_abs_diff": float((out - ref).abs().max())}
+            except Exception as err:  # report, do not hide
+                report["torch_compile"] = {"works": False, "error": f"{type(err).__name__}: {err}"[:500]}
+            print(f"torch.compile with the guard installed: {report['torch_compile']}")
+
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(report))
+            print(f"wrote {args.markdown}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

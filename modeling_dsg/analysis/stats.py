@@ -1,0 +1,329 @@
+"""The statistics pass: SAE feature activations at one layer, collected once, used everywhere.
+
+`collect` runs the model on token rows only up to decoder block `layer`: a forward hook on that block
+captures its output (the residual stream after block L, sae-lens `hook_name="model.layers.L"`,
+TransformerLens `blocks.L.hook_resid_post`) and stops the forward by raising. The later blocks and the
+LM head never run, which for an early layer is several times cheaper than a full forward
+(`full_forward_speedup` measures it).
+
+The captured hidden states (as float32) go through the caller's `encode` (e.g. `sae.encode`), and an
+`ActivationStore` keeps, over the *counted* tokens (attention_mask == 1 and id not in
+`ignore_token_ids`, typically BOS/EOS/PAD):
+
+- per-feature sums of activations and firing counts (activation > 0), and the token count;
+- every counted token's active features, sparsely: feature indices and values, plus the token's row,
+  position and id.
+
+From that, feature selection, calibration, threshold sweeps and explanations need no second forward.
+Memory is about (counted tokens) x (mean active features per token) x 8 bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import DSGError
+from ..runtime.guard_dsg import window_scores
+from ..runtime.modeling_dsg import decoder_layers as _decoder_layers
+from ..data.rows import Rows
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM, as a ModuleList. DSGError if none is found."""
+    try:
+        return _decoder_layers(model)
+    except ValueError as err:
+        raise DSGError(str(err)) from None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass after the hooked block."""
+
+
+class _LayerOutput:
+    """Runs `model` up to and including `decoder_layers(model)[layer]` and returns that block's output."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        layers = decoder_layers(model)
+        if not 0 <= layer < len(layers):
+            raise DSGError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        self.model, self.block = model, layers[layer]
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        captured: list[Tensor] = []
+
+        def hook(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = self.block.register_forward_hook(hook)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise DSGError("the hooked decoder layer never ran during the forward pass")
+        return captured[0]
+
+
+@dataclass
+class ActivationStore:
+    """Feature activations of the counted tokens of some rows (see the module docstring).
+
+    Dense per-feature totals: `feature_sums` [d_sae] float64 (sum of activations), `feature_counts`
+    [d_sae] int64 (number of tokens with activation > 0), `n_tokens` counted tokens in all.
+    Per row: `row_token_counts` [n_rows] int64, counted tokens of each row.
+    Per counted token t (in processing order: rows sorted by length, then row-major): `token_row`, `token_pos`, `token_id` [n_tokens] int32.
+    Sparse activations (CSR): token t's active features are `feature_index[indptr[t]:indptr[t+1]]`
+    (int32) with values `values[indptr[t]:indptr[t+1]]` (only activations > 0 are stored).
+    """
+
+    d_sae: int
+    n_rows: int
+    n_tokens: int
+    feature_sums: Tensor
+    feature_counts: Tensor
+    row_token_counts: Tensor
+    token_row: Tensor
+    token_pos: Tensor
+    token_id: Tensor
+    indptr: Tensor
+    feature_index: Tensor
+    values: Tensor
+
+    def mean(self) -> Tensor:
+        """mu_i = sum of f_i over counted tokens / n_tokens, [d_sae] float64."""
+        return self.feature_sums / max(self.n_tokens, 1)
+
+    def freq(self) -> Tensor:
+        """Firing frequency: fraction of counted tokens with f_i > 0, [d_sae] float64."""
+        return self.feature_counts.double() / max(self.n_tokens, 1)
+
+    def _feature_set(self, features: Iterable[int]) -> Tensor:
+        index = torch.as_tensor(list(features), dtype=torch.long)
+        if index.numel() and (index.min() < 0 or index.max() >= self.d_sae):
+            raise DSGError(f"feature indices must be in 0..{self.d_sae - 1}, got {index.tolist()}")
+        return index.to(torch.int32)
+
+    def token_flags(self, features: Iterable[int]) -> Tensor:
+        """a_t = 1 if any of `features` is active (> 0) at counted token t: BoolTensor [n_tokens]."""
+        hit = torch.isin(self.feature_index, self._feature_set(features)).long()
+        cumulative = torch.cat([hit.new_zeros(1), hit.cumsum(0)])
+        return (cumulative[self.indptr[1:]] - cumulative[self.indptr[:-1]]) > 0
+
+    def row_scores(self, features: Iterable[int], score: str = "fraction", window: int = 32) -> Tensor:
+        """rho per row, as the guard computes it at run time. Returns [n_rows] float64.
+
+        "fraction": flagged counted tokens / counted tokens of the row (0 where a row has none).
+        "window": the largest flagged fraction over `window` consecutive counted tokens (the fraction
+        while the row has fewer than `window`), through the guard's own `window_scores`.
+        Only counted tokens enter, so a row's score does not depend on its padding or its batch.
+        """
+        flags = self.token_flags(features)
+        flagged = torch.bincount(self.token_row[flags].long(), minlength=self.n_rows).double()
+        counts = self.row_token_counts.double()
+        fraction = torch.where(counts > 0, flagged / counts.clamp(min=1), torch.zeros_like(counts))
+        if score == "fraction":
+            return fraction
+        if score != "window":
+            raise DSGError(f"unknown score {score!r} (fraction or window)")
+        dense, counted = self.dense_rows(flags)
+        zeros = torch.zeros(self.n_rows, dtype=torch.long)
+        best, _ = window_scores(dense, counted, window, zeros, torch.full((self.n_rows,), -1.0, dtype=torch.float64),
+                                torch.zeros(self.n_rows, window - 1, dtype=torch.bool))
+        return torch.where(self.row_token_counts >= window, best, fraction)
+
+    def dense_rows(self, token_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token values as [n_rows, longest row] in position order, and the mask of real entries."""
+        order = torch.argsort(self.token_row.long() * (int(self.token_pos.max()) + 1 if self.n_tokens else 1)
+                              + self.token_pos.long())
+        rows = self.token_row.long()[order]
+        starts = torch.cumsum(self.row_token_counts, 0) - self.row_token_counts
+        rank = torch.arange(self.n_tokens) - starts[rows]
+        width = int(self.row_token_counts.max()) if self.n_rows else 0
+        dense = torch.zeros(self.n_rows, width, dtype=token_values.dtype)
+        mask = torch.zeros(self.n_rows, width, dtype=torch.bool)
+        dense[rows, rank] = token_values[order]
+        mask[rows, rank] = True
+        return dense, mask
+
+    def top_activations(self, feature: int, k: int = 10) -> list[tuple[int, int, float]]:
+        """The k largest activations of `feature` over counted tokens, as (row, position, value),
+        largest first (ties: earlier token first)."""
+        (feature,) = self._feature_set([feature]).tolist()
+        where = (self.feature_index == feature).nonzero().squeeze(1)
+        order = torch.sort(self.values[where].float(), descending=True, stable=True).indices[:k]
+        tokens = torch.searchsorted(self.indptr, where[order], right=True) - 1
+        return [(int(self.token_row[t]), int(self.token_pos[t]), float(self.values[where[o]]))
+                for t, o in zip(tokens.tolist(), order.tolist())]
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    layer: int,
+    encode: Callable[[Tensor], Tensor],
+    rows: Rows,
+    *,
+    batch_size: int = 8,
+    ignore_token_ids: Iterable[int] = (),
+    device: torch.device | str | None = None,
+    desc: str = "statistics",
+    value_dtype: torch.dtype = torch.float32,
+) -> ActivationStore:
+    """Run `rows` through `model` up to decoder block `layer` and encode that block's output.
+
+    `encode(hidden [B,T,d] float32) -> activations [B,T,d_sae]`. Inputs go to `device` (default: the
+    model's device). The model is put in eval mode for the pass and restored afterwards.
+    `value_dtype` is the dtype of the stored sparse values (float32, or float16 to halve them).
+    """
+    if batch_size < 1:
+        raise DSGError(f"batch_size must be at least 1, got {batch_size}")
+    if len(rows) == 0:
+        raise DSGError("no rows to collect statistics on")
+    run = _LayerOutput(model, layer)
+    device = torch.device(device) if device is not None else _model_device(model)
+    ignore = torch.tensor(sorted(set(int(i) for i in ignore_token_ids)), dtype=torch.long)
+
+    sums = counts = None
+    row_token_counts = torch.zeros(len(rows), dtype=torch.long)
+    token_row, token_pos, token_id, per_token, feature_index, values = [], [], [], [], [], []
+
+    # Rows go through in order of length and each batch is cut after its longest row, so padding costs
+    # (almost) nothing; right padding never changes the real tokens' activations in a causal model.
+    lengths = rows.attention_mask.long().cumsum(1).argmax(1) + 1  # last attended position + 1
+    order = torch.argsort(lengths, stable=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+            index = order[start : start + batch_size]
+            width = int(lengths[index].max())
+            ids = rows.input_ids[index, :width].cpu()
+            mask = rows.attention_mask[index, :width].cpu()
+            hidden = run(ids.to(device), mask.to(device))
+            acts = encode(hidden.float())
+            if acts.dim() != 3 or acts.shape[:2] != ids.shape:
+                raise DSGError(f"encode returned shape {tuple(acts.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, d_sae]")
+            if sums is None:
+                sums = torch.zeros(acts.shape[-1], dtype=torch.float64)
+                counts = torch.zeros(acts.shape[-1], dtype=torch.long)
+
+            counted = mask.bool() & ~torch.isin(ids, ignore)  # [B, T] on CPU
+            r, p = counted.nonzero(as_tuple=True)
+            a = acts[counted.to(acts.device)]  # [n, d_sae], row-major like (r, p)
+            sums += a.sum(0, dtype=torch.float64).cpu()
+            active = a > 0
+            counts += active.sum(0).cpu()
+            tok, feat = active.nonzero(as_tuple=True)
+
+            row_token_counts[index] = counted.sum(1)
+            token_row.append(index[r].to(torch.int32))
+            token_pos.append(p.to(torch.int32))
+            token_id.append(ids[r, p].to(torch.int32))
+            per_token.append(torch.bincount(tok, minlength=a.shape[0]).cpu())
+            feature_index.append(feat.to(torch.int32).cpu())
+            values.append(a[tok, feat].to(value_dtype).cpu())
+    finally:
+        model.train(was_training)
+
+    per_token = torch.cat(per_token)
+    if per_token.numel() == 0:
+        raise DSGError("the rows have no counted token (every position is padding or an ignored special token)")
+    return ActivationStore(
+        d_sae=int(sums.numel()),
+        n_rows=len(rows),
+        n_tokens=int(per_token.numel()),
+        feature_sums=sums,
+        feature_counts=counts,
+        row_token_counts=row_token_counts,
+        token_row=torch.cat(token_row),
+        token_pos=torch.cat(token_pos),
+        token_id=torch.cat(token_id),
+        indptr=torch.cat([torch.zeros(1, dtype=torch.long), per_token.cumsum(0)]),
+        feature_index=torch.cat(feature_index),
+        values=torch.cat(values),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def full_forward_speedup(
+    model: nn.Module,
+    layer: int,
+    rows: Rows,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    warmup: bool | None = None,
+) -> dict:
+    """Time one batch (the first `batch_size` rows) through blocks 0..layer (early stop) and through
+    the whole model (all blocks, final norm and LM head at every position, as a statistics pass built
+    on a plain forward with `output_hidden_states=True` would run).
+
+    Returns {"layer", "n_layers", "batch_size", "seq_len", "tokens" (real tokens in the batch),
+    "early_stop_s", "full_forward_s", "early_stop_tokens_per_s", "full_forward_tokens_per_s",
+    "speedup" (= full_forward_s / early_stop_s)}. `warmup` (default: on for accelerators, off on CPU)
+    runs each path once untimed first.
+    """
+    run = _LayerOutput(model, layer)
+    device = torch.device(device) if device is not None else _model_device(model)
+    ids = rows.input_ids[:batch_size].to(device)
+    mask = rows.attention_mask[:batch_size].to(device)
+    if ids.shape[0] == 0:
+        raise DSGError("no rows to time")
+    if warmup is None:
+        warmup = device.type != "cpu"
+
+    def full():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def early():
+        run(ids, mask)
+
+    def timed(fn) -> float:
+        if warmup:
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    was_training = model.training
+    model.eval()
+    try:
+        early_s, full_s = timed(early), timed(full)
+    finally:
+        model.train(was_training)
+    tokens = int(mask.sum())
+    return {
+        "layer": layer,
+        "n_layers": len(decoder_layers(model)),
+        "batch_size": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "tokens": tokens,
+        "early_stop_s": early_s,
+        "full_forward_s": full_s,
+        "early_stop_tokens_per_s": tokens / early_s,
+        "full_forward_tokens_per_s": tokens / full_s,
+        "speedup": full_s / early_s,
+    }
