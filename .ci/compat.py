@@ -29,9 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # check -> the tests that show it (all run on tiny random models, in a few seconds each)
 CHECKS = {
     "remote-code load in a fresh process": ["tests/test_architectures.py::test_remote_code_reload_is_exact"],
-    "generation carries the decision": ["tests/test_generation_cache.py",
-                                        "tests/test_guard_semantics.py::test_generation_carries_and_updates_the_decision",
-                                        "tests/test_guard_semantics.py::test_decision_taken_on_the_prompt_sticks_during_decoding"],
+    "generation carries the decision": [
+        "tests/test_generation_cache.py",
+        "tests/test_guard_semantics.py::test_generation_carries_and_updates_the_decision",
+        "tests/test_guard_semantics.py::test_decision_taken_on_the_prompt_sticks_during_decoding",
+    ],
     "cache == no-cache": ["tests/test_architectures.py::test_generate_with_and_without_cache_agree"],
     "pipeline": ["tests/test_architectures.py::test_pipeline_with_model_object"],
     "device map": ["tests/test_device_map.py"],
@@ -56,8 +58,9 @@ def as_tuple(version: str) -> tuple:
 
 def newest_release(bound: str | None = None) -> str:
     """The newest final transformers release on the package index (below `bound` when given)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True, text=True
+    ).stdout
     listed = re.search(r"Available versions: (.*)", out)
     if not listed:
         sys.exit("compat: could not list transformers releases (pip index versions transformers)")
@@ -77,16 +80,22 @@ def environment(version: str, root: Path) -> Path:
     venv.create(folder, with_pip=True, clear=True)
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run([*pip, f"transformers[serving]=={version}", "accelerate>=1.0", "safetensors>=0.4", "pytest>=8"],
-                   check=True)
+    subprocess.run(
+        [*pip, f"transformers[serving]=={version}", "accelerate>=1.0", "safetensors>=0.4", "pytest>=8"], check=True
+    )
     stamp.write_text(version)
     return python
 
 
 def run_check(python: Path, tests: list[str]) -> tuple[bool, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
     return proc.returncode == 0, summary
 
@@ -111,8 +120,9 @@ def main() -> int:
     for version in versions:
         start = time.time()
         python = environment(version, args.venvs)
-        installed = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
-                                   capture_output=True, text=True).stdout.strip()
+        installed = subprocess.run(
+            [str(python), "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+        ).stdout.strip()
         results = {name: run_check(python, tests) for name, tests in CHECKS.items()}
         if version != beyond:  # outside the claimed range: reported, not required
             failed |= not all(ok for ok, _ in results.values())

@@ -58,7 +58,7 @@ def alternate(variants: dict, rounds: int, device, warmup: int = 1):
             variants[name]()
     times = {name: [] for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(timed(variants[name], device))
     result = {name: quantiles(t) for name, t in times.items()}
@@ -112,17 +112,22 @@ def in_call_ratio(dsg, fn, device, rounds: int) -> dict:
 
 def markdown(report: dict) -> str:
     """The report as Markdown tables (medians; ratios with their p25-p75 spread)."""
+
     def ratio(r):
         q = r["ratio_to_base"]
         return f"x{q['median']:.3f} [{q['p25']:.3f}, {q['p75']:.3f}]"
 
     m = report["machine"]
-    lines = [f"Machine: {m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, {m['dtype']}.", "",
-             "Ratios: median of per-round DSG/base time ratios [p25, p75] over alternating runs, the ratio of the "
-             "fastest runs (min), and the in-call ratio: one DSG call's time over the same call minus the time spent "
-             "in the guard's hook (immune to run-to-run noise; it leaves out the DSG wrapper's own few Python lines).", "",
-             "| forward | base (ms) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, {m['dtype']}.",
+        "",
+        "Ratios: median of per-round DSG/base time ratios [p25, p75] over alternating runs, the ratio of the "
+        "fastest runs (min), and the in-call ratio: one DSG call's time over the same call minus the time spent "
+        "in the guard's hook (immune to run-to-run noise; it leaves out the DSG wrapper's own few Python lines).",
+        "",
+        "| forward | base (ms) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def cells(r):
         out = []
@@ -133,23 +138,36 @@ def markdown(report: dict) -> str:
 
     for key, r in report["forward"].items():
         lines.append(f"| {key} | {r['base']['median'] * 1000:.1f} | {cells(r)} |")
-    lines += ["", "| greedy generation | base (tokens/s) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| greedy generation | base (tokens/s) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, r in report["generate"].items():
         lines.append(f"| {key}, {report['new_tokens']} new tokens | {r['base']['tokens_per_s']:.1f} | {cells(r)} |")
     st, ld = report["storage"], report["load"]
-    lines += ["", "| storage and load | value |", "|---|---:|",
-              f"| base folder | {st['base_bytes'] / 1e6:.1f} MB |", f"| DSG folder | {st['dsg_full_bytes'] / 1e6:.1f} MB |",
-              f"| DSG folder, slim | {st['dsg_slim_bytes'] / 1e6:.1f} MB |",
-              f"| load time, base folder | {ld['base']['median']:.3f} s |",
-              f"| load time DSG / base | {ratio(ld['dsg'])} |", f"| load time slim / base | {ratio(ld['dsg_slim'])} |"]
+    lines += [
+        "",
+        "| storage and load | value |",
+        "|---|---:|",
+        f"| base folder | {st['base_bytes'] / 1e6:.1f} MB |",
+        f"| DSG folder | {st['dsg_full_bytes'] / 1e6:.1f} MB |",
+        f"| DSG folder, slim | {st['dsg_slim_bytes'] / 1e6:.1f} MB |",
+        f"| load time, base folder | {ld['base']['median']:.3f} s |",
+        f"| load time DSG / base | {ratio(ld['dsg'])} |",
+        f"| load time slim / base | {ratio(ld['dsg_slim'])} |",
+    ]
     if "build_cost" in report:
         b = report["build_cost"]
-        lines.append(f"| truncated forward (blocks 0..{b['layer']} of {b['n_layers']}) speed-up over a full forward | "
-                     f"x{b['truncated_speedup']:.2f} |")
+        lines.append(
+            f"| truncated forward (blocks 0..{b['layer']} of {b['n_layers']}) speed-up over a full forward | "
+            f"x{b['truncated_speedup']:.2f} |"
+        )
     if "torch_compile" in report:
-        lines.append(f"| torch.compile of the base with the guard installed | "
-                     f"{'works' if report['torch_compile']['works'] else 'fails'} |")
+        lines.append(
+            f"| torch.compile of the base with the guard installed | "
+            f"{'works' if report['torch_compile']['works'] else 'fails'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +198,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--compile", action="store_true", help="also check torch.compile on the base with the guard installed")
+    ap.add_argument(
+        "--compile", action="store_true", help="also check torch.compile on the base with the guard installed"
+    )
     ap.add_argument("--out", default="benchmark.json")
     ap.add_argument("--markdown", help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
@@ -193,10 +213,23 @@ def main(argv=None):
             sys.exit(f"error: {model_dir} is not a model folder (run `dsg demo` first, or pass --model / --tiny)")
         base, dsg, tok = load_pair(model_dir, device, dtype)
         vocab = dsg.config.text_config.vocab_size
-        report = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-                              "dtype": args.dtype},
-                  "model": str(model_dir), "new_tokens": args.new_tokens, "guardrails": [g["name"] for g in dsg.config.guardrails], "forward": {}, "generate": {}}
+        report = {
+            "machine": {
+                "device": str(device),
+                "name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "dtype": args.dtype,
+            },
+            "model": str(model_dir),
+            "new_tokens": args.new_tokens,
+            "guardrails": [g["name"] for g in dsg.config.guardrails],
+            "forward": {},
+            "generate": {},
+        }
         gen = torch.Generator().manual_seed(0)
 
         def with_tau(tau, fn):
@@ -204,6 +237,7 @@ def main(argv=None):
                 for g in dsg.guards:
                     g.threshold = tau
                 fn()
+
             return run
 
         # -- forward latency ----------------------------------------------------------------------
@@ -215,37 +249,58 @@ def main(argv=None):
                 @torch.no_grad()
                 def fwd(model):
                     return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
+
                 with torch.no_grad(), dsg.record_guardrails() as rec:
                     for g in dsg.guards:
                         g.threshold = 0.0
                     dsg(input_ids=ids, attention_mask=mask, use_cache=False)
                 fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
-                res = alternate({"base": fwd(base), "dsg_unfired": with_tau(1.0, fwd(dsg)), "dsg_fired": with_tau(0.0, fwd(dsg))},
-                                args.rounds, device)
+                res = alternate(
+                    {"base": fwd(base), "dsg_unfired": with_tau(1.0, fwd(dsg)), "dsg_fired": with_tau(0.0, fwd(dsg))},
+                    args.rounds,
+                    device,
+                )
                 res["fired_fraction_at_tau0"] = fired
-                res["in_call"] = {"dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3),
-                                  "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3)}
+                res["in_call"] = {
+                    "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3),
+                    "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3),
+                }
                 report["forward"][f"B{batch}xT{length}"] = res
-                print(f"forward B={batch} T={length}: base {res['base']['median'] * 1000:.1f} ms, "
-                      f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}")
+                print(
+                    f"forward B={batch} T={length}: base {res['base']['median'] * 1000:.1f} ms, "
+                    f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+                )
 
         # -- generation throughput ----------------------------------------------------------------
         for batch in args.batches:
             prompt = torch.randint(3, vocab, (batch, 32), generator=gen).to(device)
 
             def gen_fn(model):
-                kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                          pad_token_id=0)
+                kw = dict(
+                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
+                )
                 return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-            res = alternate({"base": gen_fn(base), "dsg_unfired": with_tau(1.0, gen_fn(dsg)), "dsg_fired": with_tau(0.0, gen_fn(dsg))},
-                            max(3, args.rounds // 2), device)
+
+            res = alternate(
+                {
+                    "base": gen_fn(base),
+                    "dsg_unfired": with_tau(1.0, gen_fn(dsg)),
+                    "dsg_fired": with_tau(0.0, gen_fn(dsg)),
+                },
+                max(3, args.rounds // 2),
+                device,
+            )
             for name in ("base", "dsg_unfired", "dsg_fired"):
                 res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]
-            res["in_call"] = {"dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2),
-                              "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2)}
+            res["in_call"] = {
+                "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2),
+                "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2),
+            }
             report["generate"][f"B{batch}"] = res
-            print(f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
-                  f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}")
+            print(
+                f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
+                f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+            )
         for g, spec in zip(dsg.guards, dsg.config.guardrails):
             g.threshold = spec["threshold"]
 
@@ -256,16 +311,30 @@ def main(argv=None):
         dsg.save_pretrained(slim_dir, slim=True)
         size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
         from transformers import AutoModelForCausalLM
-        loads = alternate({"base": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype),
-                           "dsg": lambda: AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype),
-                           "dsg_slim": lambda: AutoModelForCausalLM.from_pretrained(slim_dir, trust_remote_code=True, dtype=dtype)},
-                          max(3, args.rounds // 2), torch.device("cpu"))
+
+        loads = alternate(
+            {
+                "base": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype),
+                "dsg": lambda: AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype),
+                "dsg_slim": lambda: AutoModelForCausalLM.from_pretrained(
+                    slim_dir, trust_remote_code=True, dtype=dtype
+                ),
+            },
+            max(3, args.rounds // 2),
+            torch.device("cpu"),
+        )
         report["load"] = loads
         guard_bytes = sum(t.numel() * t.element_size() for g in dsg.guards for t in [*g.parameters(), *g.buffers()])
-        report["storage"] = {"base_bytes": size(base_dir), "dsg_full_bytes": size(model_dir), "dsg_slim_bytes": size(slim_dir),
-                             "guard_bytes_in_memory": guard_bytes}
-        print(f"load: DSG/base x{loads['dsg']['ratio_to_base']['median']:.3f}, slim/base x{loads['dsg_slim']['ratio_to_base']['median']:.3f}; "
-              f"sizes base {size(base_dir) / 1e6:.1f} MB, DSG {size(model_dir) / 1e6:.1f} MB, slim {size(slim_dir) / 1e6:.1f} MB")
+        report["storage"] = {
+            "base_bytes": size(base_dir),
+            "dsg_full_bytes": size(model_dir),
+            "dsg_slim_bytes": size(slim_dir),
+            "guard_bytes_in_memory": guard_bytes,
+        }
+        print(
+            f"load: DSG/base x{loads['dsg']['ratio_to_base']['median']:.3f}, slim/base x{loads['dsg_slim']['ratio_to_base']['median']:.3f}; "
+            f"sizes base {size(base_dir) / 1e6:.1f} MB, DSG {size(model_dir) / 1e6:.1f} MB, slim {size(slim_dir) / 1e6:.1f} MB"
+        )
 
         # -- memory ---------------------------------------------------------------------------------
         if device.type == "cuda":
@@ -281,11 +350,12 @@ def main(argv=None):
                 peaks[name] = torch.cuda.max_memory_allocated(device)
             report["peak_memory_bytes"] = peaks
         else:
-            report["peak_memory_bytes"] = {"note": "CPU: the guard adds its tensors (guard_bytes_in_memory) and one "
-                                                   "hidden-state-sized delta per guarded layer while it runs"}
+            report["peak_memory_bytes"] = {
+                "note": "CPU: the guard adds its tensors (guard_bytes_in_memory) and one "
+                "hidden-state-sized delta per guarded layer while it runs"
+            }
 
         # -- build cost ---------------------------------------------------------------------------------
-        from modeling_dsg.data.rows import Rows
         from modeling_dsg.analysis.stats import _LayerOutput
 
         layer = min(g.layer for g in dsg.guards)
@@ -293,18 +363,39 @@ def main(argv=None):
         mask = torch.ones_like(ids)
         truncated = _LayerOutput(base, layer)
         with torch.no_grad():
-            cost = alternate({"base": lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
-                              "truncated": lambda: truncated(ids, mask)}, max(3, args.rounds // 2), device)
+            cost = alternate(
+                {
+                    "base": lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
+                    "truncated": lambda: truncated(ids, mask),
+                },
+                max(3, args.rounds // 2),
+                device,
+            )
         record_file = model_dir / "dsg_build.json"
         recorded = json.loads(record_file.read_text())["guardrails"][0]["timings"] if record_file.is_file() else {}
-        report["build_cost"] = {"layer": layer, "n_layers": dsg.config.text_config.num_hidden_layers,
-                                "rows": list(ids.shape), "full_forward_s": cost["base"]["median"],
-                                "truncated_forward_s": cost["truncated"]["median"],
-                                "truncated_speedup": 1.0 / cost["truncated"]["ratio_to_base"]["median"],
-                                "recorded_build": {k: recorded.get(k) for k in ("rows_s", "statistics_s", "statistics_tokens",
-                                                                                "statistics_tokens_per_s", "selection_s", "calibration_s")}}
-        print(f"build cost: truncated forward (blocks 0..{layer}) x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
-              f"recorded: {report['build_cost']['recorded_build']}")
+        report["build_cost"] = {
+            "layer": layer,
+            "n_layers": dsg.config.text_config.num_hidden_layers,
+            "rows": list(ids.shape),
+            "full_forward_s": cost["base"]["median"],
+            "truncated_forward_s": cost["truncated"]["median"],
+            "truncated_speedup": 1.0 / cost["truncated"]["ratio_to_base"]["median"],
+            "recorded_build": {
+                k: recorded.get(k)
+                for k in (
+                    "rows_s",
+                    "statistics_s",
+                    "statistics_tokens",
+                    "statistics_tokens_per_s",
+                    "selection_s",
+                    "calibration_s",
+                )
+            },
+        }
+        print(
+            f"build cost: truncated forward (blocks 0..{layer}) x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
+            f"recorded: {report['build_cost']['recorded_build']}"
+        )
 
         if args.compile:
             try:

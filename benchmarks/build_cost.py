@@ -20,13 +20,13 @@ import torch
 
 
 def main(argv=None):
-    from modeling_dsg.embedded import data as embedded
-    from modeling_dsg.embedded import results
-    from modeling_dsg.pipelines.build import BuildOptions, build_guardrail
-    from modeling_dsg.embedded.demo import DEMO_OPTIONS, HELDOUT_SAMPLE, default_sae
-    from modeling_dsg.pipelines.rmu import RMUOptions, rmu_unlearn
     from modeling_dsg.analysis.selection import auroc
     from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
+    from modeling_dsg.embedded import data as embedded
+    from modeling_dsg.embedded import results
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS, HELDOUT_SAMPLE, default_sae
+    from modeling_dsg.pipelines.build import BuildOptions, build_guardrail
+    from modeling_dsg.pipelines.rmu import RMUOptions, rmu_unlearn
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-docs", type=int, nargs="+", default=[64, 128, 256, 1024])
@@ -49,7 +49,9 @@ def main(argv=None):
         opts = BuildOptions(**{**DEMO_OPTIONS, "max_docs": max_docs})
         start = time.perf_counter()
         with torch.no_grad():
-            built = build_guardrail(base, tok, sae, forget, retain, opts, sae_source=str(sae_path), sae_layer=sae_layer(sae))
+            built = build_guardrail(
+                base, tok, sae, forget, retain, opts, sae_source=str(sae_path), sae_layer=sae_layer(sae)
+            )
         wall = time.perf_counter() - start
         builds.append((max_docs, wall, built))
 
@@ -61,27 +63,50 @@ def main(argv=None):
             from modeling_dsg.pipelines.build import Statistics
 
             statistics = Statistics(built.guardrail["layer"], built.guardrail["sae"], built.sae_state, None, {}, None)
-            stores = {name: results._store(base, tok, statistics, results._token_rows(tok, texts), f"held-out {name}", options)
-                      for name, texts in held.items()}
+            stores = {
+                name: results._store(
+                    base, tok, statistics, results._token_rows(tok, texts), f"held-out {name}", options
+                )
+                for name, texts in held.items()
+            }
         g = built.guardrail
-        rho = {name: store.row_scores(g["features"], g["score"], g.get("window", 32)) for name, store in stores.items()}
+        rho = {
+            name: store.row_scores(g["features"], g["score"], g.get("window", 32)) for name, store in stores.items()
+        }
         t = built.info["timings"]
-        rows.append({"max_docs": max_docs, "rows": built.info["rows"], "statistics_tokens": t["statistics_tokens"],
-                     "build_s": wall, "statistics_s": t["statistics_s"], "selection_s": t["selection_s"],
-                     "calibration_s": t["calibration_s"], "build_over_rmu": wall / rmu_s, "tau": g["threshold"],
-                     "trigger_rates": {name: float((r > g["threshold"]).double().mean()) for name, r in rho.items()},
-                     "auroc_bio_vs_nonbio": auroc(rho["bio"], rho["mmlu_nonbio"])})
-    report = {"rmu": {"steps": rmu_info["steps"], "wall_s": rmu_s, "tokens": rmu_info["tokens"]}, "builds": rows,
-              "threads": torch.get_num_threads()}
+        rows.append(
+            {
+                "max_docs": max_docs,
+                "rows": built.info["rows"],
+                "statistics_tokens": t["statistics_tokens"],
+                "build_s": wall,
+                "statistics_s": t["statistics_s"],
+                "selection_s": t["selection_s"],
+                "calibration_s": t["calibration_s"],
+                "build_over_rmu": wall / rmu_s,
+                "tau": g["threshold"],
+                "trigger_rates": {name: float((r > g["threshold"]).double().mean()) for name, r in rho.items()},
+                "auroc_bio_vs_nonbio": auroc(rho["bio"], rho["mmlu_nonbio"]),
+            }
+        )
+    report = {
+        "rmu": {"steps": rmu_info["steps"], "wall_s": rmu_s, "tokens": rmu_info["tokens"]},
+        "builds": rows,
+        "threads": torch.get_num_threads(),
+    }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"RMU ({rmu_info['steps']} steps): {rmu_s:.1f} s")
-    print("| max docs | statistics tokens | build (s) | build / RMU | τ | bio | mmlu_bio | mmlu_nonbio | wikitext | AUROC |")
+    print(
+        "| max docs | statistics tokens | build (s) | build / RMU | τ | bio | mmlu_bio | mmlu_nonbio | wikitext | AUROC |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tr = r["trigger_rates"]
-        print(f"| {r['max_docs']} | {r['statistics_tokens']} | {r['build_s']:.1f} | {r['build_over_rmu']:.3f} | {r['tau']:.3f} | "
-              f"{tr['bio']:.3f} | {tr['mmlu_bio']:.3f} | {tr['mmlu_nonbio']:.3f} | {tr['wikitext']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} |")
+        print(
+            f"| {r['max_docs']} | {r['statistics_tokens']} | {r['build_s']:.1f} | {r['build_over_rmu']:.3f} | {r['tau']:.3f} | "
+            f"{tr['bio']:.3f} | {tr['mmlu_bio']:.3f} | {tr['mmlu_nonbio']:.3f} | {tr['wikitext']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} |"
+        )
     print(f"wrote {args.out}")
 
 

@@ -59,14 +59,18 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out WikiText tokens for EV/L0/CE")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training and the statistics forward")
     ap.add_argument("--stage", choices=["train", "measure", "all"], default="all")
-    ap.add_argument("--limit", type=int, default=None, help="at most this many texts per measurement set (smoke tests)")
-    ap.add_argument("--sae", nargs="*", default=None, help="measure these sae-lens folders instead of WORK/saes/layerL")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="at most this many texts per measurement set (smoke tests)"
+    )
+    ap.add_argument(
+        "--sae", nargs="*", default=None, help="measure these sae-lens folders instead of WORK/saes/layerL"
+    )
     args = ap.parse_args()
 
     import torch
 
-    from modeling_dsg.embedded import data as embedded
     from modeling_dsg.data.sources import load_base_model
+    from modeling_dsg.embedded import data as embedded
     from modeling_dsg.pipelines.train_sae import train_saes
 
     work = Path(args.work)
@@ -76,12 +80,26 @@ def main() -> None:
     print(f"model loaded in {time.time() - t0:.1f}s, torch threads {torch.get_num_threads()}", flush=True)
 
     sae_dir = work / "saes"
-    if args.stage in ("train", "all") and not args.sae and not all((sae_dir / f"layer{L}" / "cfg.json").exists() for L in args.layers):
+    if (
+        args.stage in ("train", "all")
+        and not args.sae
+        and not all((sae_dir / f"layer{L}" / "cfg.json").exists() for L in args.layers)
+    ):
         texts = embedded.sae_training_texts()[: args.n_texts]
         t = time.time()
-        train_saes(model, tok, texts, args.layers, args.width, k=args.k, tokens=args.tokens,
-                   batch_tokens=args.batch_tokens, model_name="SmolLM2-135M-Instruct.Q4_1.gguf", autocast=args.bf16,
-                   workdir=sae_dir)
+        train_saes(
+            model,
+            tok,
+            texts,
+            args.layers,
+            args.width,
+            k=args.k,
+            tokens=args.tokens,
+            batch_tokens=args.batch_tokens,
+            model_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            autocast=args.bf16,
+            workdir=sae_dir,
+        )
         train_s = time.time() - t
         (work / "train_time.json").write_text(json.dumps({"train_wall_s": train_s, "tokens": args.tokens}))
         print(f"trained {len(args.layers)} SAEs in {train_s:.0f}s", flush=True)
@@ -108,9 +126,9 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
     """Metrics for SAEs {layer: sae_lens SAE} of one model (see the module docstring)."""
     import torch
 
-    from modeling_dsg.embedded import data as embedded
-    from modeling_dsg.data.rows import build_rows
     from modeling_dsg.analysis.selection import FeatureStats, auroc, calibrate_threshold, select_dynamic, trigger_rate
+    from modeling_dsg.data.rows import build_rows
+    from modeling_dsg.embedded import data as embedded
     from modeling_dsg.pipelines.train_sae import evaluate_sae, hook_name, truncate_model
 
     layers = sorted(saes)
@@ -118,9 +136,15 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
     held = embedded.heldout_prompts()
     sets = {
         "forget": stable_subset(embedded.forget_texts("build"), 600, "f"),
-        "retain": (stable_subset(embedded.wiki_paragraphs("build"), 200, "w")
-                   + stable_subset([embedded.mcq_prompt(r["question"], r["choices"]) for r in embedded.mmlu_records("build", "nonbio")], 300, "m")
-                   + stable_subset(embedded.gloss_docs("nonbio"), 100, "g")),
+        "retain": (
+            stable_subset(embedded.wiki_paragraphs("build"), 200, "w")
+            + stable_subset(
+                [embedded.mcq_prompt(r["question"], r["choices"]) for r in embedded.mmlu_records("build", "nonbio")],
+                300,
+                "m",
+            )
+            + stable_subset(embedded.gloss_docs("nonbio"), 100, "g")
+        ),
         "bio": held["bio"],
         "nonbio": stable_subset(held["mmlu_nonbio"], 500, "n"),
     }
@@ -130,8 +154,17 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
     small = truncate_model(model, layers[-1])
     blocks = {L: small.get_submodule(hook_name(small, L)) for L in layers}
     # per set, per layer: feature sums, firing counts, token count, and per row the per-token active sets
-    res = {name: {L: {"sum": torch.zeros(width[L], dtype=torch.float64), "cnt": torch.zeros(width[L], dtype=torch.long),
-                      "rows": []} for L in layers} for name in sets}
+    res = {
+        name: {
+            L: {
+                "sum": torch.zeros(width[L], dtype=torch.float64),
+                "cnt": torch.zeros(width[L], dtype=torch.long),
+                "rows": [],
+            }
+            for L in layers
+        }
+        for name in sets
+    }
     n_tok = {}
     t = time.time()
     for name, texts in sets.items():
@@ -147,8 +180,12 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
                 width_ = int(rows.attention_mask[idx].sum(1).max())
                 ids, mask = rows.input_ids[idx, :width_], rows.attention_mask[idx, :width_]
                 captured = {}
-                hs = [blk.register_forward_hook(lambda m, i, o, L=L: captured.__setitem__(L, o[0] if isinstance(o, tuple) else o))
-                      for L, blk in blocks.items()]
+                hs = [
+                    blk.register_forward_hook(
+                        lambda m, i, o, L=L: captured.__setitem__(L, o[0] if isinstance(o, tuple) else o)
+                    )
+                    for L, blk in blocks.items()
+                ]
                 try:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                         small.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -164,7 +201,9 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
                     for j, r in enumerate(idx.tolist()):
                         fr = f[j][counted[j]] > 0  # [n_counted, d_sae]
                         res[name][L]["rows"][r] = fr.to_sparse()
-        print(f"  measured {name}: {len(rows)} rows, {n_tok[name]} counted tokens ({time.time() - t:.0f}s)", flush=True)
+        print(
+            f"  measured {name}: {len(rows)} rows, {n_tok[name]} counted tokens ({time.time() - t:.0f}s)", flush=True
+        )
 
     def rho(rows_sparse, feats):
         sel = torch.zeros(rows_sparse[0].shape[1], dtype=torch.bool)
@@ -182,8 +221,12 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
 
     table = []
     for L in layers:
-        fs = FeatureStats(res["forget"][L]["sum"] / n_tok["forget"], res["retain"][L]["sum"] / n_tok["retain"],
-                          res["forget"][L]["cnt"] / n_tok["forget"], res["retain"][L]["cnt"] / n_tok["retain"])
+        fs = FeatureStats(
+            res["forget"][L]["sum"] / n_tok["forget"],
+            res["retain"][L]["sum"] / n_tok["retain"],
+            res["forget"][L]["cnt"] / n_tok["forget"],
+            res["retain"][L]["cnt"] / n_tok["retain"],
+        )
         feats = select_dynamic(fs, n_features=20, ratio_percentile=95)
         r_ret, r_bio, r_non = (rho(res[n][L]["rows"], feats) for n in ("retain", "bio", "nonbio"))
         tau = calibrate_threshold(r_ret, 95)
@@ -191,7 +234,9 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
         tau2 = float(fpr_sorted[max(0, int(0.02 * len(r_non)) - 1)])  # highest tau with FPR <= 2%
         fired_any = sum(res[n][L]["cnt"] for n in sets) > 0
         t = time.time()
-        ev = evaluate_sae(saes[L], model, tok, embedded.heldout_prompts()["wikitext"], L, seq_len=128, max_tokens=args.eval_tokens)
+        ev = evaluate_sae(
+            saes[L], model, tok, embedded.heldout_prompts()["wikitext"], L, seq_len=128, max_tokens=args.eval_tokens
+        )
         row = {
             "layer": L,
             "explained_variance": ev["explained_variance"],
@@ -213,9 +258,11 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
     print("\n| layer | EV | L0 | CE base | CE +SAE (delta) | dead | AUROC | tau | TPR | FPR | TPR@2%FPR |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['layer']} | {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['ce_loss']:.3f} | +{r['ce_delta']:.3f} | "
-              f"{r['dead_fraction']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} | {r['tau_p95_retain']:.3f} | {r['tpr_at_tau']:.3f} | "
-              f"{r['fpr_at_tau']:.3f} | {r['tpr_at_2pct_fpr']:.3f} |")
+        print(
+            f"| {r['layer']} | {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['ce_loss']:.3f} | +{r['ce_delta']:.3f} | "
+            f"{r['dead_fraction']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} | {r['tau_p95_retain']:.3f} | {r['tpr_at_tau']:.3f} | "
+            f"{r['fpr_at_tau']:.3f} | {r['tpr_at_2pct_fpr']:.3f} |"
+        )
     for r in table:
         r["counted_tokens"] = n_tok
     return table

@@ -11,17 +11,19 @@ WMDP-bio questions as forget and WikiText as retain), so it runs without argumen
 import argparse
 import sys
 
-from modeling_dsg.pipelines.build import BuildOptions, build
-from modeling_dsg.runtime.configuration_dsg import ACTIONS
 from modeling_dsg.embedded.demo import default_sae
 from modeling_dsg.errors import DSGError
 from modeling_dsg.paths import shared_dir
+from modeling_dsg.pipelines.build import BuildOptions, build
+from modeling_dsg.runtime.configuration_dsg import ACTIONS
 
 shared = shared_dir(required=False) or "../shared"
 d = BuildOptions()
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--base", default=f"{shared}/models/SmolLM2-135M-Instruct.Q4_1.gguf", help="folder, .gguf, Hub id")
-parser.add_argument("--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in modeling_dsg/embedded/sae/)")
+parser.add_argument(
+    "--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in modeling_dsg/embedded/sae/)"
+)
 parser.add_argument("--forget", nargs="+", default=[f"{shared}/data/wmdp/bio.jsonl"], help=".txt/.jsonl/.parquet/Hub")
 parser.add_argument("--retain", nargs="+", default=[f"{shared}/data/wikitext-2-raw/wiki.test.raw"])
 parser.add_argument("--out", default="dsg-built", help="the model folder to write")
@@ -43,18 +45,40 @@ parser.add_argument("--slim", action="store_true", help="store only the selected
 parser.add_argument("--device", default=d.device)
 args = parser.parse_args()
 
-options = BuildOptions(name=args.name, mode=args.mode, layer=args.layer, n_features=args.n_features,
-                       clamp=args.clamp, action=args.action, refusal=args.refusal, ratio_percentile=args.ratio_percentile,
-                       threshold_percentile=args.threshold_percentile, seq_len=args.seq_len, max_docs=args.max_docs,
-                       packing=args.packing, batch_size=args.batch_size, slim=args.slim, device=args.device)
+options = BuildOptions(
+    name=args.name,
+    mode=args.mode,
+    layer=args.layer,
+    n_features=args.n_features,
+    clamp=args.clamp,
+    action=args.action,
+    refusal=args.refusal,
+    ratio_percentile=args.ratio_percentile,
+    threshold_percentile=args.threshold_percentile,
+    seq_len=args.seq_len,
+    max_docs=args.max_docs,
+    packing=args.packing,
+    batch_size=args.batch_size,
+    slim=args.slim,
+    device=args.device,
+)
 try:
-    info = build(args.base, args.sae or str(default_sae()), args.forget, args.retain, args.out,
-                 options=options, overwrite=args.overwrite)
+    info = build(
+        args.base,
+        args.sae or str(default_sae()),
+        args.forget,
+        args.retain,
+        args.out,
+        options=options,
+        overwrite=args.overwrite,
+    )
 except DSGError as err:  # bad input: one clear line, and no half-written folder
     sys.exit(f"error: {err}")
 
 held = info["heldout"]
-print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
-      f"action {info['action']}")
+print(
+    f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
+    f"action {info['action']}"
+)
 print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f}, retain {held['retain_trigger_rate']:.3f}")
 print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")

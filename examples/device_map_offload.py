@@ -32,7 +32,7 @@ def offload_map(model, device):
     """A complete device map: the second half of the decoder blocks and all guardrails on "disk"."""
     blocks = [name for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules]
     layers = [name for name in blocks if not name.startswith("guards.")]
-    to_disk = set(layers[len(layers) // 2:]) | {name for name in blocks if name.startswith("guards.")}
+    to_disk = set(layers[len(layers) // 2 :]) | {name for name in blocks if name.startswith("guards.")}
     device_map = {}
 
     def place(prefix, module):  # a module goes whole to one place unless something inside it goes to disk
@@ -44,6 +44,7 @@ def offload_map(model, device):
                 place(full + ".", child)
             else:
                 device_map[full] = device
+
     place("", model)
     return device_map
 
@@ -54,8 +55,9 @@ with tempfile.TemporaryDirectory() as offload_folder:
         kwargs = dict(device_map="auto", max_memory={device: args.max_memory})  # the rest goes to disk
     else:
         kwargs = dict(device_map=offload_map(plain, args.device))
-    placed = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, offload_folder=offload_folder,
-                                                  **kwargs).eval()
+    placed = AutoModelForCausalLM.from_pretrained(
+        args.model, trust_remote_code=True, offload_folder=offload_folder, **kwargs
+    ).eval()
     on_disk = [name for name, place in placed.hf_device_map.items() if place == "disk"]
     print(f"{len(placed.hf_device_map) - len(on_disk)} modules on {args.device}, on disk: {', '.join(on_disk)}")
 

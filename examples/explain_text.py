@@ -12,8 +12,8 @@ import json
 import sys
 from collections import Counter
 
-from modeling_dsg.errors import DSGError
 from modeling_dsg.analysis.explain import explain, format_report, load_for_explain
+from modeling_dsg.errors import DSGError
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("text", nargs="?", default="Which protein lets the virus bind to the host cell?")
@@ -34,5 +34,7 @@ else:
     print(format_report(results))
     for r in results:  # the structured result (one dict per guardrail) is there to use directly
         counts = Counter(f["index"] for row in r["tokens"] for f in row["features"])
-        print(f"guardrail {r['guardrail']!r}: features active on the most tokens (feature, tokens): "
-              f"{counts.most_common(5)}")
+        print(
+            f"guardrail {r['guardrail']!r}: features active on the most tokens (feature, tokens): "
+            f"{counts.most_common(5)}"
+        )

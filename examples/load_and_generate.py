@@ -22,8 +22,9 @@ tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
 
 if args.chat:
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 else:
     inputs = tokenizer(args.prompt, return_tensors="pt")
 inputs = inputs.to(model.device)
@@ -52,5 +53,7 @@ for guard in model.guards:
         verdict = "fired during generation (rho kept rising past tau)"
     else:
         verdict = "not fired: the DSG output is the base output"
-    print(f"guardrail {guard.name!r} (layer {guard.layer}): rho on the prompt = {float(mine[0]['rho'][0]):.3f}, "
-          f"tau = {guard.threshold:.3f} -> {verdict}")
+    print(
+        f"guardrail {guard.name!r} (layer {guard.layer}): rho on the prompt = {float(mine[0]['rho'][0]):.3f}, "
+        f"tau = {guard.threshold:.3f} -> {verdict}"
+    )

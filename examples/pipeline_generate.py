@@ -23,8 +23,9 @@ if generator.tokenizer.pad_token is None:
     generator.tokenizer.pad_token = generator.tokenizer.eos_token
 
 with generator.model.record_guardrails() as records:
-    outputs = generator(args.prompts, batch_size=len(args.prompts), max_new_tokens=args.max_new_tokens,
-                        do_sample=False)
+    outputs = generator(
+        args.prompts, batch_size=len(args.prompts), max_new_tokens=args.max_new_tokens, do_sample=False
+    )
 
 # one record per guardrail and forward; the last one holds each row's decision at the end of generation
 final = {guard.name: [r for r in records if r["guardrail"] == guard.name][-1] for guard in generator.model.guards}

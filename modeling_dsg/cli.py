@@ -21,12 +21,24 @@ from .errors import DSGError
 COMMANDS = {
     "train-sae": ("modeling_dsg.pipelines.train_sae", "train an SAE on one layer of a model (sae-lens format out)"),
     "build": ("modeling_dsg.pipelines.build", "build an unlearned DSG model from a base model, an SAE and corpora"),
-    "explain": ("modeling_dsg.analysis.explain", "show, per guardrail, the score, the decision and the features that fired"),
+    "explain": (
+        "modeling_dsg.analysis.explain",
+        "show, per guardrail, the score, the decision and the features that fired",
+    ),
     "eval": ("modeling_dsg.evaluation.evaluate", "evaluate base and DSG side by side"),
-    "sweep": ("modeling_dsg.pipelines.sweep", "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule"),
+    "sweep": (
+        "modeling_dsg.pipelines.sweep",
+        "grid over N, c and the ratio percentile (DSG and static); choose by the paper's rule",
+    ),
     "publish": ("modeling_dsg.publishing.publish", "stage, verify and upload a DSG model to the Hub"),
-    "rmu": ("modeling_dsg.pipelines.rmu", "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)"),
-    "results": ("modeling_dsg.embedded.results", "the evaluation suite on the embedded default: table, attacks, sweep, plots"),
+    "rmu": (
+        "modeling_dsg.pipelines.rmu",
+        "the RMU gradient-unlearning baseline on the same model and data (plain HF folder out)",
+    ),
+    "results": (
+        "modeling_dsg.embedded.results",
+        "the evaluation suite on the embedded default: table, attacks, sweep, plots",
+    ),
     "demo": ("modeling_dsg.embedded.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
     "serve": ("modeling_dsg.serve", "an OpenAI-compatible server for a DSG folder (transformers' serving stack)"),
 }
@@ -42,7 +54,9 @@ def _available_commands() -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsg", description="Dynamic SAE Guardrails for Hugging Face causal LMs.")
-    parser.add_argument("--shared", metavar="DIR", help="the shared models/data folder (default: $DSG_SHARED_DIR or ../shared)")
+    parser.add_argument(
+        "--shared", metavar="DIR", help="the shared models/data folder (default: $DSG_SHARED_DIR or ../shared)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in _available_commands().items():

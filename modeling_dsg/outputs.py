@@ -65,8 +65,16 @@ def _inside(path: Path, folder: Path) -> bool:
     return folder in path.parents
 
 
-def prepare_output(path, overwrite: bool = False, *, inputs=None, flag: str = "--out",
-                   kind: str = "output folder", empty_ok: bool = False, nested_ok=()) -> Path:
+def prepare_output(
+    path,
+    overwrite: bool = False,
+    *,
+    inputs=None,
+    flag: str = "--out",
+    kind: str = "output folder",
+    empty_ok: bool = False,
+    nested_ok=(),
+) -> Path:
     """Check that `path` may be written (and, with `overwrite`, replaced) by a command; return it resolved.
 
     Args:

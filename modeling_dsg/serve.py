@@ -34,7 +34,8 @@ CONTINUOUS_BATCHING_REFUSED = (
     "--continuous-batching is not supported by DSG models: continuous batching packs several requests into one "
     "row of one forward call, and the guardrails decide per row, so one request's text would switch the guard on "
     "or off for another. Serve without it (`dsg serve DIR`): each request then runs through generate() as its own "
-    "row, one at a time, with its own guardrail decision.")
+    "row, one at a time, with its own guardrail decision."
+)
 # the parameters of ModelManager._load_model that load_model_and_processor passes (5.20 to 5.24)
 LOAD_MODEL_PARAMETERS = ("self", "model_id_and_revision", "tqdm_class", "progress_callback", "gguf_file")
 
@@ -44,16 +45,36 @@ def _serving():
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
-        raise DSGError("dsg serve needs transformers' serving dependencies (fastapi, uvicorn, pydantic, openai): "
-                       "pip install 'modeling_dsg[serve]'")
+        raise DSGError(
+            "dsg serve needs transformers' serving dependencies (fastapi, uvicorn, pydantic, openai): "
+            "pip install 'modeling_dsg[serve]'"
+        )
     try:
-        from transformers.cli.serving import chat_completion, completion, model_manager, response, server, utils
-        from transformers.cli.serving import systemone, transcription
+        from transformers.cli.serving import (
+            chat_completion,
+            completion,
+            model_manager,
+            response,
+            server,
+            systemone,
+            transcription,
+            utils,
+        )
     except ImportError as err:
-        raise DSGError(f"cannot import transformers' serving stack (transformers.cli.serving): {err}; dsg serve is "
-                       f"tested with transformers{TESTED_TRANSFORMERS}") from None
-    return dict(chat_completion=chat_completion, completion=completion, model_manager=model_manager,
-                response=response, server=server, utils=utils, systemone=systemone, transcription=transcription)
+        raise DSGError(
+            f"cannot import transformers' serving stack (transformers.cli.serving): {err}; dsg serve is "
+            f"tested with transformers{TESTED_TRANSFORMERS}"
+        ) from None
+    return dict(
+        chat_completion=chat_completion,
+        completion=completion,
+        model_manager=model_manager,
+        response=response,
+        server=server,
+        utils=utils,
+        systemone=systemone,
+        transcription=transcription,
+    )
 
 
 def _split_revision(name: str) -> tuple[str, str | None]:
@@ -79,13 +100,20 @@ def dsg_model_manager_class():
             if gguf_file is not None:
                 raise ValueError("dsg serve serves a DSG folder, not a GGUF file")
             model_id, revision = _split_revision(model_id_and_revision)
-            kwargs = {"revision": revision, "dtype": self.dtype, "device_map": self.device,
-                      "attn_implementation": self.attn_implementation, "trust_remote_code": True}
+            kwargs = {
+                "revision": revision,
+                "dtype": self.dtype,
+                "device_map": self.device,
+                "attn_implementation": self.attn_implementation,
+                "trust_remote_code": True,
+            }
             if tqdm_class is not None:
                 kwargs["tqdm_class"] = tqdm_class
             if progress_callback is not None:
                 progress_callback({"status": "loading", "model": model_id_and_revision, "stage": "model"})
-            model = AutoModelForCausalLM.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if v is not None})
+            model = AutoModelForCausalLM.from_pretrained(
+                model_id, **{k: v for k, v in kwargs.items() if v is not None}
+            )
             if getattr(model.config, "model_type", None) != "dsg":
                 raise ValueError(f"{model_id} is not a DSG model (model_type {model.config.model_type!r})")
             return model.eval()
@@ -121,19 +149,35 @@ def _wiring(serving: dict, manager, generation_state, enable_cors: bool = False)
     `transformers.cli.serve.Serve` makes to build its application (no chat-template kwargs, no decision config).
     Written once, so `serving_api_problems` checks exactly the calls `build_app` makes."""
     handlers = {
-        "chat_handler": (serving["chat_completion"].ChatCompletionHandler, (),
-                         dict(model_manager=manager, generation_state=generation_state, chat_template_kwargs={})),
-        "completion_handler": (serving["completion"].CompletionHandler, (),
-                               dict(model_manager=manager, generation_state=generation_state)),
-        "response_handler": (serving["response"].ResponseHandler, (),
-                             dict(model_manager=manager, generation_state=generation_state, chat_template_kwargs={})),
+        "chat_handler": (
+            serving["chat_completion"].ChatCompletionHandler,
+            (),
+            dict(model_manager=manager, generation_state=generation_state, chat_template_kwargs={}),
+        ),
+        "completion_handler": (
+            serving["completion"].CompletionHandler,
+            (),
+            dict(model_manager=manager, generation_state=generation_state),
+        ),
+        "response_handler": (
+            serving["response"].ResponseHandler,
+            (),
+            dict(model_manager=manager, generation_state=generation_state, chat_template_kwargs={}),
+        ),
         "transcription_handler": (serving["transcription"].TranscriptionHandler, (manager, generation_state), {}),
-        "systemone_handler": (serving["systemone"].SystemOneHandler, (),
-                              dict(model_manager=manager, generation_state=generation_state,
-                                   chat_template_kwargs={}, decision_config=None)),
+        "systemone_handler": (
+            serving["systemone"].SystemOneHandler,
+            (),
+            dict(
+                model_manager=manager, generation_state=generation_state, chat_template_kwargs={}, decision_config=None
+            ),
+        ),
     }
-    return handlers, (serving["server"].build_server, (manager,),
-                      dict(generation_state=generation_state, enable_cors=enable_cors))
+    return handlers, (
+        serving["server"].build_server,
+        (manager,),
+        dict(generation_state=generation_state, enable_cors=enable_cors),
+    )
 
 
 def serving_api_problems() -> list[str]:
@@ -162,8 +206,13 @@ def serving_api_problems() -> list[str]:
     for attribute in ("self.dtype", "self.device", "self.attn_implementation", "self.force_model"):
         if init is not None and f"{attribute} =" not in init:
             problems.append(f"ModelManager.__init__ no longer sets {attribute}")
-    problems += filter(None, [_bind(ModelManager.__init__, None, **_manager_kwargs("DIR", "cpu", "auto", preload=False)),
-                              _bind(serving["utils"].GenerationState, **_generation_state_kwargs())])
+    problems += filter(
+        None,
+        [
+            _bind(ModelManager.__init__, None, **_manager_kwargs("DIR", "cpu", "auto", preload=False)),
+            _bind(serving["utils"].GenerationState, **_generation_state_kwargs()),
+        ],
+    )
     handlers, (build, args, kwargs) = _wiring(serving, None, None)
     for fn, handler_args, handler_kwargs in handlers.values():
         problems += filter(None, [_bind(fn, *handler_args, **handler_kwargs)])
@@ -176,13 +225,21 @@ def check_serving_api() -> None:
     if problems:
         import transformers
 
-        raise DSGError(f"transformers {transformers.__version__}'s serving internals moved ({'; '.join(problems)}); "
-                       f"dsg serve is tested with transformers{TESTED_TRANSFORMERS}")
+        raise DSGError(
+            f"transformers {transformers.__version__}'s serving internals moved ({'; '.join(problems)}); "
+            f"dsg serve is tested with transformers{TESTED_TRANSFORMERS}"
+        )
 
 
 def _manager_kwargs(folder: str, device: str, dtype: str, preload: bool = True) -> dict:
-    return dict(device=device, dtype=dtype, trust_remote_code=True, attn_implementation=None, model_timeout=-1,
-                force_model=folder if preload else None)
+    return dict(
+        device=device,
+        dtype=dtype,
+        trust_remote_code=True,
+        attn_implementation=None,
+        model_timeout=-1,
+        force_model=folder if preload else None,
+    )
 
 
 def _generation_state_kwargs() -> dict:
@@ -191,8 +248,8 @@ def _generation_state_kwargs() -> dict:
 
 def check_folder(folder) -> Path:
     """A DSG model folder with a tokenizer and readable weights; else a DSGError."""
-    from .publishing.cards import check_dsg_folder
     from .data.sources import check_tokenizer_files, check_weight_files
+    from .publishing.cards import check_dsg_folder
 
     path = Path(folder).expanduser()
     config = check_dsg_folder(path)
@@ -226,7 +283,9 @@ def build_app(folder, *, device: str = "cpu", dtype: str = "auto", enable_cors: 
         raise DSGError(f"cannot load the DSG model in {folder}: {one_line(err)}") from None
     generation_state = serving["utils"].GenerationState(**_generation_state_kwargs())
     handlers, (build, args, kwargs) = _wiring(serving, manager, generation_state, enable_cors)
-    built = {name: fn(*handler_args, **handler_kwargs) for name, (fn, handler_args, handler_kwargs) in handlers.items()}
+    built = {
+        name: fn(*handler_args, **handler_kwargs) for name, (fn, handler_args, handler_kwargs) in handlers.items()
+    }
     app = build(*args, **kwargs, **built)
     app.state.dsg_generation_state = generation_state  # stopped with the app (see serve())
     return app, manager
@@ -245,10 +304,17 @@ def configure_parser(p):
     p.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: the checkpoint's)")
     p.add_argument("--enable-cors", action="store_true", help="allow cross-origin requests from any origin")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
-                   help="transformers' log level; 'info' logs each guardrail decision (rho, tau, fired, at which token)")
-    p.add_argument("--continuous-batching", action="store_true",
-                   help="refused: DSG guardrails decide per row, and continuous batching packs requests into one row")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=LOG_LEVELS,
+        help="transformers' log level; 'info' logs each guardrail decision (rho, tau, fired, at which token)",
+    )
+    p.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="refused: DSG guardrails decide per row, and continuous batching packs requests into one row",
+    )
 
 
 def run(args):
@@ -259,8 +325,10 @@ def run(args):
     app, manager = build_app(args.dir, device=args.device, dtype=args.dtype, enable_cors=args.enable_cors)
     model, tokenizer = loaded_model(manager)
     if not getattr(tokenizer, "chat_template", None):
-        print(f"dsg serve: warning: the tokenizer in {args.dir} has no chat template, so /v1/chat/completions "
-              "cannot format a chat; /v1/completions (plain prompts) works")
+        print(
+            f"dsg serve: warning: the tokenizer in {args.dir} has no chat template, so /v1/chat/completions "
+            "cannot format a chat; /v1/completions (plain prompts) works"
+        )
     guards = ", ".join(_describe(guard) for guard in getattr(model, "guards", []))
     print(f"dsg serve: {args.dir} on {model.device}, guardrails: {guards or 'none'}")
     print(f"dsg serve: OpenAI-compatible API at http://{args.host}:{args.port}/v1 (model name: {args.dir!r})")
@@ -269,9 +337,11 @@ def run(args):
 
 def _describe(guard) -> str:
     """'name' (layer L, tau T, action): read defensively, since an older folder's own code may lack a field."""
-    parts = [f"layer {guard.layer}" if hasattr(guard, "layer") else None,
-             f"tau {float(guard.threshold):.4f}" if hasattr(guard, "threshold") else None,
-             getattr(guard, "action", None)]
+    parts = [
+        f"layer {guard.layer}" if hasattr(guard, "layer") else None,
+        f"tau {float(guard.threshold):.4f}" if hasattr(guard, "threshold") else None,
+        getattr(guard, "action", None),
+    ]
     return f"{getattr(guard, 'name', '?')!r} ({', '.join(p for p in parts if p)})"
 
 

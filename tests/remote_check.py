@@ -20,7 +20,13 @@ for folder in folders:
     uncached = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=False)
     pipe = pipeline("text-generation", model=folder, tokenizer=folder, trust_remote_code=True)
     text = pipe("hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    results[folder] = {"logits": logits, "cached": cached, "uncached": uncached, "pipeline": text,
-                       "class": type(model).__module__, "imported": "modeling_dsg" in sys.modules}
+    results[folder] = {
+        "logits": logits,
+        "cached": cached,
+        "uncached": uncached,
+        "pipeline": text,
+        "class": type(model).__module__,
+        "imported": "modeling_dsg" in sys.modules,
+    }
 torch.save(results, out)
 print(json.dumps({f: r["class"] for f, r in results.items()}))

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 import torch
 from transformers import pipeline
 
-import tiny
 from modeling_dsg import DSGConfig
 
 REFUSAL = "I can't help with that."
@@ -79,8 +79,8 @@ def test_refuse_writes_the_refusal_then_eos_and_leaves_other_rows_alone():
         base = reference.generate(**enc, **kwargs)
     start = enc["input_ids"].shape[1]
     ids = refusal_ids()
-    assert out[0, start:start + len(ids) + 1].tolist() == ids + [tiny.EOS]  # the refusal, then end of sequence
-    assert set(out[0, start + len(ids) + 1:].tolist()) <= {tiny.PAD}  # nothing after it
+    assert out[0, start : start + len(ids) + 1].tolist() == ids + [tiny.EOS]  # the refusal, then end of sequence
+    assert set(out[0, start + len(ids) + 1 :].tolist()) <= {tiny.PAD}  # nothing after it
     assert torch.equal(out[1], base[1][: out.shape[1]]) and base.shape[1] == out.shape[1]  # unfired row: the base
 
 
@@ -91,8 +91,9 @@ def test_refuse_through_pipeline_and_beam_search():
     text = pipe(PROMPTS[0], max_new_tokens=40, do_sample=False, return_full_text=False)[0]["generated_text"]
     assert text == REFUSAL
     with torch.no_grad():
-        beams = model.generate(**encode(PROMPTS[:1]), max_new_tokens=40, num_beams=3, num_return_sequences=3,
-                               do_sample=False)
+        beams = model.generate(
+            **encode(PROMPTS[:1]), max_new_tokens=40, num_beams=3, num_return_sequences=3, do_sample=False
+        )
     start = encode(PROMPTS[:1])["input_ids"].shape[1]
     for row in beams:
         assert tok.decode(row[start:], skip_special_tokens=True) == REFUSAL
@@ -133,13 +134,16 @@ def test_stacked_guardrails_have_their_own_actions():
     assert [g.action for g in model.guards] == ["monitor", "refuse"]
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(action="shout"), "unknown action 'shout'"),
-    (dict(action="refuse"), "needs 'refusal_ids'"),
-    (dict(action="refuse", refusal_ids=[]), "needs 'refusal_ids'"),
-    (dict(action="refuse", refusal_ids=[5], refusal=""), "'refusal' must be a non-empty string"),
-    (dict(action="clamp", refusal="no"), "'refusal' is only meaningful with action 'refuse'"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(action="shout"), "unknown action 'shout'"),
+        (dict(action="refuse"), "needs 'refusal_ids'"),
+        (dict(action="refuse", refusal_ids=[]), "needs 'refusal_ids'"),
+        (dict(action="refuse", refusal_ids=[5], refusal=""), "'refusal' must be a non-empty string"),
+        (dict(action="clamp", refusal="no"), "'refusal' is only meaningful with action 'refuse'"),
+    ],
+)
 def test_bad_actions_are_refused(changes, message):
     g = {**tiny.guardrail(), **changes}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -177,9 +181,14 @@ def test_actions_through_remote_code_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         base = reference.generate(**enc, max_new_tokens=40, do_sample=False)
     tok = tiny.tiny_tokenizer()
-    base_texts = [tok.decode(r[enc["input_ids"].shape[1]:], skip_special_tokens=True) for r in base]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folders["refuse"]), str(folders["monitor"])],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    base_texts = [tok.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True) for r in base]
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folders["refuse"]), str(folders["monitor"])],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     refused, monitored = result[str(folders["refuse"])], result[str(folders["monitor"])]

@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from transformers import pipeline
-
-import tiny
 
 HERE = Path(__file__).parent
 
@@ -33,8 +32,14 @@ def remote(saved, tmp_path_factory):
     out = tmp_path_factory.mktemp("remote") / "results.pt"
     folders = [str(root / family) for family in tiny.FAMILIES]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, str(HERE / "remote_check.py"), *folders, str(out)], cwd=tmp_path_factory.mktemp("cwd"),
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "remote_check.py"), *folders, str(out)],
+        cwd=tmp_path_factory.mktemp("cwd"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 

@@ -4,10 +4,10 @@ import json
 import shutil
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from modeling_dsg import DSGConfig, DSGForCausalLM
 
 TEXT = tiny.FAMILIES["llama"]().to_dict()
@@ -22,28 +22,31 @@ def config_with(**changes):
     return DSGConfig(text_config=TEXT, guardrails=[g])
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(layer=tiny.LAYERS), "layer 4 is out of range"),
-    (dict(layer=-1), "'layer' must be a non-negative integer"),
-    (dict(sae={"d_in": tiny.HIDDEN + 1}), "does not match the base model's hidden size"),
-    (dict(features=[1, 64]), "feature index 64 is out of range"),
-    (dict(features=[3, 5, 3]), "feature index 3 is repeated"),
-    (dict(threshold=1.5), "'threshold' must be a number in [0, 1]"),
-    (dict(threshold=-0.1), "'threshold' must be a number in [0, 1]"),
-    (dict(clamp=0.0), "'clamp' must be a number in (0, 1e+06]"),
-    (dict(clamp=1e308), "'clamp' must be a number in (0, 1e+06]"),
-    (dict(score="window", window=10**12), "'window' must be an integer in [2, 1048576]"),
-    (dict(clamp=-5.0), "'clamp' must be a number in (0, 1e+06]"),
-    (dict(sae={"d_sae": 10**12}), "sae.d_sae must be an integer in [1, 33554432]"),
-    (dict(sae={"architecture": "mystery"}), "unknown SAE architecture 'mystery'"),
-    (dict(sae={"architecture": "topk"}), "a TopK SAE needs an integer sae.k"),
-    (dict(sae={"architecture": "topk", "k": 0}), "sae.k = 0 must be in [1, d_sae"),
-    (dict(features=[]), "'features' must be a non-empty list"),
-    (dict(mode="sometimes"), "unknown mode 'sometimes'"),
-    (dict(name=""), "needs a non-empty 'name'"),
-    (dict(sae={"normalize_activations": "covariance_whitening"}), "is not supported"),
-    (dict(colour="blue"), "unknown field(s) colour"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(layer=tiny.LAYERS), "layer 4 is out of range"),
+        (dict(layer=-1), "'layer' must be a non-negative integer"),
+        (dict(sae={"d_in": tiny.HIDDEN + 1}), "does not match the base model's hidden size"),
+        (dict(features=[1, 64]), "feature index 64 is out of range"),
+        (dict(features=[3, 5, 3]), "feature index 3 is repeated"),
+        (dict(threshold=1.5), "'threshold' must be a number in [0, 1]"),
+        (dict(threshold=-0.1), "'threshold' must be a number in [0, 1]"),
+        (dict(clamp=0.0), "'clamp' must be a number in (0, 1e+06]"),
+        (dict(clamp=1e308), "'clamp' must be a number in (0, 1e+06]"),
+        (dict(score="window", window=10**12), "'window' must be an integer in [2, 1048576]"),
+        (dict(clamp=-5.0), "'clamp' must be a number in (0, 1e+06]"),
+        (dict(sae={"d_sae": 10**12}), "sae.d_sae must be an integer in [1, 33554432]"),
+        (dict(sae={"architecture": "mystery"}), "unknown SAE architecture 'mystery'"),
+        (dict(sae={"architecture": "topk"}), "a TopK SAE needs an integer sae.k"),
+        (dict(sae={"architecture": "topk", "k": 0}), "sae.k = 0 must be in [1, d_sae"),
+        (dict(features=[]), "'features' must be a non-empty list"),
+        (dict(mode="sometimes"), "unknown mode 'sometimes'"),
+        (dict(name=""), "needs a non-empty 'name'"),
+        (dict(sae={"normalize_activations": "covariance_whitening"}), "is not supported"),
+        (dict(colour="blue"), "unknown field(s) colour"),
+    ],
+)
 def test_bad_config(changes, message):
     with pytest.raises(ValueError) as err:
         config_with(**changes)
@@ -86,6 +89,7 @@ def test_misshapen_tensor(saved, tmp_path):
 def test_nan_in_sae_weights(saved, tmp_path):
     def poison(state):
         state["guards.0.sae.W_enc"][0, 0] = float("nan")
+
     bad = tampered(saved, tmp_path, poison)
     with pytest.raises(ValueError, match="SAE tensor W_enc contains NaN"):
         DSGForCausalLM.from_pretrained(bad)
@@ -94,6 +98,7 @@ def test_nan_in_sae_weights(saved, tmp_path):
 def test_feature_mask_disagrees_with_config(saved, tmp_path):
     def flip(state):
         state["guards.0.feature_mask"][0] = True
+
     bad = tampered(saved, tmp_path, flip)
     with pytest.raises(ValueError, match="feature_mask selects 6 features that differ"):
         DSGForCausalLM.from_pretrained(bad)

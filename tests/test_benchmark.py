@@ -14,13 +14,37 @@ SCRIPT = Path(__file__).parent.parent / "benchmarks" / "benchmark.py"
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--lengths", "16", "--batches", "1", "2",
-                           "--new-tokens", "4", "--rounds", "2", "--out", str(out), "--markdown", str(tmp_path / "b.md")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tiny",
+            "--lengths",
+            "16",
+            "--batches",
+            "1",
+            "2",
+            "--new-tokens",
+            "4",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--markdown",
+            str(tmp_path / "b.md"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert set(report["forward"]) == {"B1xT16", "B2xT16"}
-    rounds = [(e, 2) for e in report["forward"].values()] + [(e, 3) for e in report["generate"].values()]  # generate: >= 3
+    rounds = [(e, 2) for e in report["forward"].values()] + [
+        (e, 3) for e in report["generate"].values()
+    ]  # generate: >= 3
     for entry, n in rounds:
         for variant in ("dsg_unfired", "dsg_fired"):
             ratio = entry[variant]["ratio_to_base"]

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
-import tiny
 from modeling_dsg.errors import DSGError
 
 SEQ_LEN = 32
 CLAMP = 2.0
 DETECT_Z = (5, 17, 42, 60)  # scales 1, 2, 3, 4
-DETECT_Q = (3, 30, 50)      # scales 1, 2, 3
+DETECT_Q = (3, 30, 50)  # scales 1, 2, 3
 ALPHABET = "abcdefghijklmnoprstuvwy"  # no q, x, z
 Z_TEXT = "the zoo keeper zips a zany zebra into a zinc zone of ozone haze"
 Q_TEXT = "a quiet queen quotes quaint quips to quell queasy quails quickly"
@@ -58,7 +58,9 @@ def words(rng: random.Random, n: int, marker: str | None = None) -> str:
 
 def mcq_text(record: dict) -> str:
     """The documented prompt of a question/choices record: question, 'A. ..'..'D. ..' lines, 'Answer:'."""
-    return "\n".join([record["question"]] + [f"{'ABCD'[i]}. {c}" for i, c in enumerate(record["choices"])]) + "\nAnswer:"
+    return (
+        "\n".join([record["question"]] + [f"{'ABCD'[i]}. {c}" for i, c in enumerate(record["choices"])]) + "\nAnswer:"
+    )
 
 
 @torch.no_grad()
@@ -72,8 +74,17 @@ def layer_hidden(base, tok, texts) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def marker_sae(folder: Path, hidden: torch.Tensor, ids: torch.Tensor, marker_id: int, layer: int, detectors,
-               d_in: int = tiny.HIDDEN, d_sae: int = 64, seed: int = 0) -> dict:
+def marker_sae(
+    folder: Path,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    marker_id: int,
+    layer: int,
+    detectors,
+    d_in: int = tiny.HIDDEN,
+    d_sae: int = 64,
+    seed: int = 0,
+) -> dict:
     """Save a sae-lens StandardSAE whose `detectors` fire exactly on the token `marker_id` at the output
     of block `layer` (`hidden` [n, d], `ids` [n]: sample hidden states there and their token ids)."""
     from sae_lens import StandardSAE, StandardSAEConfig
@@ -125,8 +136,10 @@ class World:
         self.q_id = self.tok.convert_tokens_to_ids("q")
 
         forget_docs = [words(rng, 25, "z") for _ in range(10)]
-        mcq = [{"question": words(rng, 10, "z"), "choices": [words(rng, 3, "z") for _ in range(4)], "answer": 0}
-               for _ in range(8)]
+        mcq = [
+            {"question": words(rng, 10, "z"), "choices": [words(rng, 3, "z") for _ in range(4)], "answer": 0}
+            for _ in range(8)
+        ]
         retain_docs = []
         for i in range(28):
             text = words(rng, 25)
@@ -143,7 +156,9 @@ class World:
         self.forget_mcq = root / "forget_mcq.jsonl"
         self.forget_mcq.write_text("".join(json.dumps(r) + "\n" for r in mcq))
         self.retain_jsonl = root / "retain.jsonl"
-        self.retain_jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(retain_docs[:14])))
+        self.retain_jsonl.write_text(
+            "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(retain_docs[:14]))
+        )
         self.retain_parquet = root / "retain.parquet"
         datasets.Dataset.from_dict({"text": retain_docs[14:]}).to_parquet(str(self.retain_parquet))
         self.forget_q = root / "forget_q.txt"
@@ -156,8 +171,12 @@ class World:
         self.forget_sources = [str(self.forget_txt), str(self.forget_mcq)]
         self.retain_sources = [str(self.retain_jsonl), str(self.retain_parquet)]
 
-        fit = (self.forget_texts[::3] + self.retain_texts[::3] + self.q_texts[::3]
-               + [Z_TEXT, Q_TEXT, PLAIN_TEXT, ONE_Z_TEXT])
+        fit = (
+            self.forget_texts[::3]
+            + self.retain_texts[::3]
+            + self.q_texts[::3]
+            + [Z_TEXT, Q_TEXT, PLAIN_TEXT, ONE_Z_TEXT]
+        )
         hidden, ids = layer_hidden(self.base_model, self.tok, fit)
         self.sae_z, self.sae_q, self.sae_narrow = root / "sae_z", root / "sae_q", root / "sae_narrow"
         self.margin_z = marker_sae(self.sae_z, hidden[1], ids, self.z_id, 1, DETECT_Z)
@@ -167,14 +186,51 @@ class World:
         # the main build (CLI), then a second guardrail stacked on it (CLI, --add-to)
         self.main = root / "main"
         self.main_stdout = self.cli_ok(
-            "build", "--base", self.base, "--sae", self.sae_z, "--forget", *self.forget_sources,
-            "--retain", *self.retain_sources, "--out", self.main, "--name", "zeta", "--seq-len", SEQ_LEN,
-            "--clamp", CLAMP, "--batch-size", 64, "--measure-speedup")
+            "build",
+            "--base",
+            self.base,
+            "--sae",
+            self.sae_z,
+            "--forget",
+            *self.forget_sources,
+            "--retain",
+            *self.retain_sources,
+            "--out",
+            self.main,
+            "--name",
+            "zeta",
+            "--seq-len",
+            SEQ_LEN,
+            "--clamp",
+            CLAMP,
+            "--batch-size",
+            64,
+            "--measure-speedup",
+        )
         self.added = root / "added"
         self.added_stdout = self.cli_ok(
-            "build", "--add-to", self.main, "--sae", self.sae_q, "--forget", self.forget_q,
-            "--retain", *self.retain_sources, "--out", self.added, "--name", "qoppa", "--seq-len", SEQ_LEN, "--ratio-percentile", 96,
-            "--clamp", CLAMP, "--batch-size", 64)
+            "build",
+            "--add-to",
+            self.main,
+            "--sae",
+            self.sae_q,
+            "--forget",
+            self.forget_q,
+            "--retain",
+            *self.retain_sources,
+            "--out",
+            self.added,
+            "--name",
+            "qoppa",
+            "--seq-len",
+            SEQ_LEN,
+            "--ratio-percentile",
+            96,
+            "--clamp",
+            CLAMP,
+            "--batch-size",
+            64,
+        )
 
     def cli_ok(self, *argv) -> str:
         import contextlib
@@ -199,8 +255,9 @@ class World:
         from modeling_dsg.data import rows
 
         kw = dict(seq_len=seq_len, min_chars=50, max_docs=1024, packing=packing, seed=seed)
-        forget, retain = rows.balance(rows.build_rows(forget_texts, self.tok, **kw),
-                                      rows.build_rows(retain_texts, self.tok, **kw), seed=seed)
+        forget, retain = rows.balance(
+            rows.build_rows(forget_texts, self.tok, **kw), rows.build_rows(retain_texts, self.tok, **kw), seed=seed
+        )
         forget, forget_held = rows.split(forget, heldout, seed=seed)
         retain, retain_held = rows.split(retain, heldout, seed=seed + 1)
         return {"forget": forget, "retain": retain, "heldout_forget": forget_held, "heldout_retain": retain_held}
@@ -235,8 +292,13 @@ def decisions(model, tok, texts) -> list[dict]:
         enc = tok(text, return_tensors="pt")
         with model.record_guardrails() as records:
             logits = model(**enc).logits
-        out.append({"rho": [float(r["rho"][0]) for r in records], "fired": [bool(r["fired"][0]) for r in records],
-                    "logits": logits})
+        out.append(
+            {
+                "rho": [float(r["rho"][0]) for r in records],
+                "fired": [bool(r["fired"][0]) for r in records],
+                "logits": logits,
+            }
+        )
     return out
 
 
@@ -254,6 +316,7 @@ def test_every_source_kind_reaches_the_build(world):
     info = world.record("dsg_build.json", world.main)["guardrails"][0]
     assert info["forget_sources"] == world.forget_sources
     assert info["retain_sources"] == world.retain_sources
+
     # packing: one EOS between documents, rows of SEQ_LEN - 1 content tokens after BOS, partial row dropped;
     # the byte-level tokenizer gives one token per (ASCII) character.
     def n_rows(texts):
@@ -281,7 +344,9 @@ def test_marker_detectors_are_selected(world):
     assert g["name"] == "zeta" and g["layer"] == 1 and g["mode"] == "dynamic" and g["clamp"] == CLAMP
     # only the 4 detectors pass the 95th-percentile ratio filter (N = 20 asks for more); by importance desc
     assert g["features"] == list(reversed(DETECT_Z))
-    assert g["sae"]["architecture"] == "standard" and g["sae"]["d_sae"] == 64 and g["sae"]["source"] == str(world.sae_z)
+    assert (
+        g["sae"]["architecture"] == "standard" and g["sae"]["d_sae"] == 64 and g["sae"]["source"] == str(world.sae_z)
+    )
     stdout = world.main_stdout
     assert "guardrail 'zeta': layer 1, 4 features" in stdout and f"wrote {world.main}" in stdout
 
@@ -388,8 +453,14 @@ def test_folders_reload_through_remote_code(world, tmp_path):
     """A fresh interpreter (never imports modeling_dsg) loads both folders with trust_remote_code."""
     texts = [Z_TEXT, Q_TEXT, PLAIN_TEXT]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(world.base), json.dumps(texts), str(world.main), str(world.added)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(world.base), json.dumps(texts), str(world.main), str(world.added)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("imported") is False
@@ -413,7 +484,9 @@ def test_add_to_keeps_the_first_guardrail(world):
     first = [k for k in old if k.startswith("guards.0.")]
     assert first and all(torch.equal(old[k], new[k]) for k in first)
     assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("model."))
-    assert {k for k in new if k.startswith("guards.")} - set(first) == {k.replace("guards.0.", "guards.1.") for k in first}
+    assert {k for k in new if k.startswith("guards.")} - set(first) == {
+        k.replace("guards.0.", "guards.1.") for k in first
+    }
 
     # decisions of the first guardrail are unchanged; the second fires on the new marker only
     texts = [Z_TEXT, Q_TEXT, PLAIN_TEXT, ONE_Z_TEXT, Z_TEXT + " " + Q_TEXT]
@@ -441,8 +514,23 @@ def test_add_to_records_both_guardrails(world):
 
 def test_add_to_refuses_a_duplicate_name(world, tmp_path, capsys):
     out = tmp_path / "dup"
-    code = cli("build", "--add-to", world.main, "--sae", world.sae_z, "--forget", world.forget_txt,
-               "--retain", world.retain_jsonl, "--out", out, "--name", "zeta", "--seq-len", SEQ_LEN)
+    code = cli(
+        "build",
+        "--add-to",
+        world.main,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        world.forget_txt,
+        "--retain",
+        world.retain_jsonl,
+        "--out",
+        out,
+        "--name",
+        "zeta",
+        "--seq-len",
+        SEQ_LEN,
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("dsg: error: --add-to ")
@@ -460,10 +548,24 @@ def static_build(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "model"
     out.mkdir()
     (out / "stale.txt").write_text("replaced")
-    options = BuildOptions(name="zeta-static", mode="static", seq_len=48, packing=False, clamp=CLAMP,
-                           static_retain_freq=0.05, batch_size=64)
-    info = build(str(world.base), str(world.sae_z), world.forget_sources, world.retain_sources, out,
-                 options=options, overwrite=True)
+    options = BuildOptions(
+        name="zeta-static",
+        mode="static",
+        seq_len=48,
+        packing=False,
+        clamp=CLAMP,
+        static_retain_freq=0.05,
+        batch_size=64,
+    )
+    info = build(
+        str(world.base),
+        str(world.sae_z),
+        world.forget_sources,
+        world.retain_sources,
+        out,
+        options=options,
+        overwrite=True,
+    )
     return out, info
 
 
@@ -508,14 +610,36 @@ def test_cli_row_options_and_heldout_fraction_zero(world, tmp_path):
     """--no-packing --seq-len 40 through the CLI; --heldout-fraction 0: every row calibrates, and the
     held-out rates are recorded as null."""
     out = tmp_path / "model"
-    stdout = world.cli_ok("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-                          "--retain", *world.retain_sources, "--out", out, "--no-packing", "--seq-len", 40,
-                          "--heldout-fraction", 0, "--batch-size", 64)
+    stdout = world.cli_ok(
+        "build",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--out",
+        out,
+        "--no-packing",
+        "--seq-len",
+        40,
+        "--heldout-fraction",
+        0,
+        "--batch-size",
+        64,
+    )
     info = world.record("dsg_build.json", out)["guardrails"][0]
     n = len(world.forget_texts)  # one row per document; the retain side has more documents
     assert info["rows"] == {"forget": n, "retain": n, "seq_len": 40, "packing": False}
-    assert info["heldout"] == {"forget_trigger_rate": None, "retain_trigger_rate": None, "n_forget": 0,
-                               "n_retain": 0, "auroc": None}
+    assert info["heldout"] == {
+        "forget_trigger_rate": None,
+        "retain_trigger_rate": None,
+        "n_forget": 0,
+        "n_retain": 0,
+        "auroc": None,
+    }
     assert set(info["rho"]) == {"forget", "retain"}
     rows = world.rows(world.forget_texts, world.retain_texts, seq_len=40, packing=False, heldout=0.0)
     assert info["tau"] == pytest.approx(np.percentile(world.marker_rho(rows["retain"], world.z_id), 95), abs=1e-12)
@@ -526,8 +650,14 @@ def test_python_api_refuses_bad_options_before_loading(world, tmp_path):
     from modeling_dsg.pipelines.build import BuildOptions, build
 
     with pytest.raises(DSGError, match="--threshold-percentile must be between 0 and 100, got 101"):
-        build(str(tmp_path / "no-such-model"), str(world.sae_z), world.forget_sources, world.retain_sources,
-              tmp_path / "out", options=BuildOptions(threshold_percentile=101))
+        build(
+            str(tmp_path / "no-such-model"),
+            str(world.sae_z),
+            world.forget_sources,
+            world.retain_sources,
+            tmp_path / "out",
+            options=BuildOptions(threshold_percentile=101),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -539,13 +669,31 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
     default = world.record("dsg_build.json", world.main)["guardrails"][0]["calibration"]
     assert default["rule"] == "percentile" and default["threshold_percentile"] == 95.0
     assert default["retain_fpr_upper95"] == pytest.approx(
-        clopper_pearson_upper(default["retain_fired"], default["retain_rows"]), abs=1e-12)
+        clopper_pearson_upper(default["retain_fired"], default["retain_rows"]), abs=1e-12
+    )
     assert default["retain_fpr_upper95"] > default["retain_fpr"]
 
     out = tmp_path / "model"
-    world.cli_ok("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-                 "--retain", *world.retain_sources, "--out", out, "--no-packing", "--seq-len", 40,
-                 "--batch-size", 64, "--target-fpr", 0.3)
+    world.cli_ok(
+        "build",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--out",
+        out,
+        "--no-packing",
+        "--seq-len",
+        40,
+        "--batch-size",
+        64,
+        "--target-fpr",
+        0.3,
+    )
     info = world.record("dsg_build.json", out)["guardrails"][0]
     calibration = info["calibration"]
     assert calibration["rule"] == "target_fpr" and calibration["target_fpr"] == 0.3
@@ -557,5 +705,21 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
     smaller = retain[retain < info["tau"]]
     if smaller.size:  # the next lower threshold would break it
         assert clopper_pearson_upper(int((retain > smaller.max()).sum()), len(retain)) > 0.3
-    assert cli("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-               "--retain", *world.retain_sources, "--out", tmp_path / "bad", "--target-fpr", 1.5) == 2
+    assert (
+        cli(
+            "build",
+            "--base",
+            world.base,
+            "--sae",
+            world.sae_z,
+            "--forget",
+            *world.forget_sources,
+            "--retain",
+            *world.retain_sources,
+            "--out",
+            tmp_path / "bad",
+            "--target-fpr",
+            1.5,
+        )
+        == 2
+    )

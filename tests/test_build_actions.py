@@ -14,13 +14,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import tiny
-from modeling_dsg.runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
-from modeling_dsg.errors import DSGError
+import torch
 from test_build import CLAMP, PLAIN_TEXT, Q_TEXT, SEQ_LEN, Z_TEXT, cli, get_world, words
 from test_cli import assert_one_error, build_args
+
+from modeling_dsg.errors import DSGError
+from modeling_dsg.runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
 
 REFUSAL = "No comment."
 
@@ -32,24 +32,63 @@ class Built:
         from modeling_dsg.pipelines.build import BuildOptions, build
 
         self.world, self.root = world, root
-        common = ["--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-                  "--retain", *world.retain_sources, "--name", "zeta", "--seq-len", SEQ_LEN, "--clamp", CLAMP,
-                  "--batch-size", 64]
+        common = [
+            "--base",
+            world.base,
+            "--sae",
+            world.sae_z,
+            "--forget",
+            *world.forget_sources,
+            "--retain",
+            *world.retain_sources,
+            "--name",
+            "zeta",
+            "--seq-len",
+            SEQ_LEN,
+            "--clamp",
+            CLAMP,
+            "--batch-size",
+            64,
+        ]
         self.stdout = {}
         for action, extra in (("clamp", []), ("refuse", ["--refusal", REFUSAL]), ("monitor", [])):
             self.stdout[action] = world.cli_ok("build", *common, "--action", action, *extra, "--out", root / action)
         # --add-to: a monitoring "q" guardrail on the refusing model (CLI) ...
         self.stacked = root / "stacked"
         self.stdout["stacked"] = world.cli_ok(
-            "build", "--add-to", root / "refuse", "--sae", world.sae_q, "--forget", world.forget_q,
-            "--retain", *world.retain_sources, "--out", self.stacked, "--name", "qoppa", "--seq-len", SEQ_LEN,
-            "--batch-size", 64, "--ratio-percentile", 96, "--action", "monitor")  # 96: the "q" detectors only
+            "build",
+            "--add-to",
+            root / "refuse",
+            "--sae",
+            world.sae_q,
+            "--forget",
+            world.forget_q,
+            "--retain",
+            *world.retain_sources,
+            "--out",
+            self.stacked,
+            "--name",
+            "qoppa",
+            "--seq-len",
+            SEQ_LEN,
+            "--batch-size",
+            64,
+            "--ratio-percentile",
+            96,
+            "--action",
+            "monitor",
+        )  # 96: the "q" detectors only
         # ... and a refusing one with the default refusal on the monitoring model (Python API)
         self.stacked_api = root / "stacked_api"
-        self.api_info = build(None, str(world.sae_q), [str(world.forget_q)], world.retain_sources, self.stacked_api,
-                              add_to=str(root / "monitor"),
-                              options=BuildOptions(name="qoppa", seq_len=SEQ_LEN, batch_size=64, ratio_percentile=96,
-                                                   action="refuse"))
+        self.api_info = build(
+            None,
+            str(world.sae_q),
+            [str(world.forget_q)],
+            world.retain_sources,
+            self.stacked_api,
+            add_to=str(root / "monitor"),
+            options=BuildOptions(name="qoppa", seq_len=SEQ_LEN, batch_size=64, ratio_percentile=96, action="refuse"),
+        )
 
     def folder(self, action):
         return self.root / action
@@ -84,7 +123,9 @@ def test_each_action_is_written_into_the_config_and_the_record(world, built):
         assert record["action"] == action and record["options"]["action"] == action
         assert f"action {action}" in built.stdout[action]
         if action == "refuse":
-            assert g["refusal"] == REFUSAL and g["refusal_ids"] == token_ids(REFUSAL)  # no BOS: add_special_tokens=False
+            assert g["refusal"] == REFUSAL and g["refusal_ids"] == token_ids(
+                REFUSAL
+            )  # no BOS: add_special_tokens=False
             assert record["refusal"] == REFUSAL and record["refusal_ids"] == token_ids(REFUSAL)
             assert "action refuse (refusal 'No comment.')" in built.stdout[action]
         else:
@@ -158,8 +199,14 @@ def test_actions_through_remote_code_in_a_fresh_process(world, built, tmp_path):
     texts = [Z_TEXT, PLAIN_TEXT, Q_TEXT]
     folders = [built.folder("refuse"), built.folder("monitor"), built.stacked]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(world.base), json.dumps(texts), *map(str, folders)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(world.base), json.dumps(texts), *map(str, folders)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("imported") is False
@@ -168,7 +215,7 @@ def test_actions_through_remote_code_in_a_fresh_process(world, built, tmp_path):
 
     def refused(ids):  # exactly the refusal, then end of sequence, then only padding
         n = len(refusal)
-        return ids[:n + 1] == refusal + [tiny.EOS] and set(ids[n + 1:]) <= {tiny.PAD}
+        return ids[: n + 1] == refusal + [tiny.EOS] and set(ids[n + 1 :]) <= {tiny.PAD}
 
     res = out[str(built.folder("refuse"))]
     assert res["class"].startswith("transformers_modules.")
@@ -183,11 +230,17 @@ def test_actions_through_remote_code_in_a_fresh_process(world, built, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bad options
-@pytest.mark.parametrize("extra,message", [
-    (["--refusal", "Nope."], "--refusal is only valid with --action refuse (the action is 'clamp')"),
-    (["--action", "monitor", "--refusal", "Nope."], "--refusal is only valid with --action refuse (the action is 'monitor')"),
-    (["--action", "refuse", "--refusal", "  "], "--refusal must be a non-empty text, got '  '"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--refusal", "Nope."], "--refusal is only valid with --action refuse (the action is 'clamp')"),
+        (
+            ["--action", "monitor", "--refusal", "Nope."],
+            "--refusal is only valid with --action refuse (the action is 'monitor')",
+        ),
+        (["--action", "refuse", "--refusal", "  "], "--refusal must be a non-empty text, got '  '"),
+    ],
+)
 def test_bad_refusal_options_are_one_error(world, tmp_path, capfd, extra, message):
     out = tmp_path / "out"
     code = cli("build", *build_args(world), *extra, "--out", out)
@@ -202,14 +255,19 @@ def test_unknown_action_is_refused(world, tmp_path, capfd):
         cli("build", *build_args(world), "--action", "shout", "--out", tmp_path / "out")
     assert exit_info.value.code == 2 and "invalid choice: 'shout'" in capfd.readouterr().err
     with pytest.raises(DSGError, match="unknown --action 'shout' \\(one of clamp, refuse, monitor\\)"):
-        build(str(world.base), str(world.sae_z), world.forget_sources, world.retain_sources, tmp_path / "out",
-              options=BuildOptions(action="shout"))
+        build(
+            str(world.base),
+            str(world.sae_z),
+            world.forget_sources,
+            world.retain_sources,
+            tmp_path / "out",
+            options=BuildOptions(action="shout"),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_action_choices_come_from_the_configuration():
-    from modeling_dsg.pipelines import build
-    from modeling_dsg.pipelines import sweep
+    from modeling_dsg.pipelines import build, sweep
 
     p = argparse.ArgumentParser()
     build.configure_parser(p)
@@ -251,8 +309,10 @@ def explain(*argv) -> str:
 def test_explain_states_the_action_and_what_a_user_sees(world, built):
     lines = explain(built.folder("refuse"), Z_TEXT).splitlines()
     assert lines[0].startswith("guardrail 'zeta' (layer 1, dynamic, action refuse): rho = ") and "-> FIRED" in lines[0]
-    assert lines[1] == ("  when it fires: the answer is exactly the refusal 'No comment.', then end of sequence; "
-                        "nothing else is generated")
+    assert lines[1] == (
+        "  when it fires: the answer is exactly the refusal 'No comment.', then end of sequence; "
+        "nothing else is generated"
+    )
     lines = explain(built.folder("monitor"), PLAIN_TEXT).splitlines()
     assert "action monitor" in lines[0] and "-> not fired" in lines[0]
     assert lines[1].startswith("  when it fires: nothing changes: the answer is the base model's")
@@ -268,8 +328,10 @@ def test_card_states_the_action_and_what_a_user_sees(world, built):
     refuse = render_card(built.folder("refuse"), "me/refuse").content
     assert "| action | `refuse` (the model answers with a fixed refusal) |" in refuse
     assert '| refusal | "No comment.", then end of sequence |' in refuse
-    assert ('**When it fires**, the answer is exactly the refusal "No comment.", then end of sequence; nothing else '
-            'is generated.') in refuse
+    assert (
+        '**When it fires**, the answer is exactly the refusal "No comment.", then end of sequence; nothing else '
+        "is generated."
+    ) in refuse
     assert "the model answers with a fixed refusal instead." in refuse and "that prompt is refused" in refuse
     assert "(recorded, not applied: the action is `refuse`)" in refuse
     monitor = render_card(built.folder("monitor"), "me/monitor").content
@@ -289,17 +351,38 @@ def test_card_states_the_action_and_what_a_user_sees(world, built):
 def retain_mcq(tmp_path_factory):
     rng = random.Random(5)
     path = tmp_path_factory.mktemp("mcq") / "retain_mcq.jsonl"
-    path.write_text("".join(json.dumps({"question": words(rng, 10), "choices": [words(rng, 3) for _ in range(4)],
-                                        "answer": i % 4}) + "\n" for i in range(8)))
+    path.write_text(
+        "".join(
+            json.dumps({"question": words(rng, 10), "choices": [words(rng, 3) for _ in range(4)], "answer": i % 4})
+            + "\n"
+            for i in range(8)
+        )
+    )
     return path
 
 
 def evaluate(world, folder, retain_mcq, out) -> tuple[dict, str]:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = cli("eval", folder, "--forget-mcq", world.forget_mcq, "--retain-mcq", retain_mcq, "--text",
-                   world.forget_txt, "--out", out, "--permutations", 2, "--cloze", "all", "--batch-size", 4,
-                   "--no-progress")
+        code = cli(
+            "eval",
+            folder,
+            "--forget-mcq",
+            world.forget_mcq,
+            "--retain-mcq",
+            retain_mcq,
+            "--text",
+            world.forget_txt,
+            "--out",
+            out,
+            "--permutations",
+            2,
+            "--cloze",
+            "all",
+            "--batch-size",
+            4,
+            "--no-progress",
+        )
     assert code == 0, buffer.getvalue()
     return json.loads((out / "report.json").read_text()), (out / "summary.md").read_text()
 
@@ -326,7 +409,9 @@ def test_eval_of_a_refuse_model_scores_uniform_letters_on_refusing_rows(world, b
     assert any(a == 0 for a in answers)  # a first-letter tie rule would score these right
     assert rows[forget, "accuracy"]["dsg"] == 0.0
     assert rows[forget, "correct-letter raw probability"]["dsg"] == 0.0
-    assert rows[forget, "cloze log-likelihood per token"]["dsg"] == pytest.approx(torch.finfo(torch.float32).min, rel=1e-6)
+    assert rows[forget, "cloze log-likelihood per token"]["dsg"] == pytest.approx(
+        torch.finfo(torch.float32).min, rel=1e-6
+    )
     assert report["trigger_rates"]["retain_mcq (retain)"]["zeta"]["rate"] == 0.0
     assert all(r["dsg"] == r["base"] for r in report["results"] if r["dataset"].endswith("(retain)"))  # unfired: base
     assert "Guardrail `zeta` refuses (action `refuse`)" in summary and "-3.40e+38" in summary

@@ -4,15 +4,18 @@ Clopper-Pearson upper bound at most the target FPR."""
 import pytest
 import torch
 
-from modeling_dsg.errors import DSGError
 from modeling_dsg.analysis.selection import calibrate_fpr, clopper_pearson_upper
+from modeling_dsg.errors import DSGError
 
 
-@pytest.mark.parametrize("k,n,expected", [
-    (0, 100, 1 - 0.05 ** (1 / 100)),  # closed form when no event: 1 - alpha^(1/n)
-    (0, 1000, 1 - 0.05 ** (1 / 1000)),
-    (5, 5, 1.0),
-])
+@pytest.mark.parametrize(
+    "k,n,expected",
+    [
+        (0, 100, 1 - 0.05 ** (1 / 100)),  # closed form when no event: 1 - alpha^(1/n)
+        (0, 1000, 1 - 0.05 ** (1 / 1000)),
+        (5, 5, 1.0),
+    ],
+)
 def test_clopper_pearson_closed_forms(k, n, expected):
     assert clopper_pearson_upper(k, n) == pytest.approx(expected, abs=1e-9)
 

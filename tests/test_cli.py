@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_build import SEQ_LEN, cli, get_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +25,9 @@ def bad(tmp_path_factory):
     """Bad input files."""
     root = tmp_path_factory.mktemp("bad")
     (root / "schema.jsonl").write_text(json.dumps({"body": "x" * 80}) + "\n")
-    (root / "broken.jsonl").write_text('{"text": "fine and long enough to be a document, surely more than fifty chars"}\n{oops\n')
+    (root / "broken.jsonl").write_text(
+        '{"text": "fine and long enough to be a document, surely more than fifty chars"}\n{oops\n'
+    )
     (root / "empty.txt").write_text("")
     (root / "short.txt").write_text("too short\n\nalso short\n")
     (root / "not_dsg").mkdir()
@@ -38,8 +39,14 @@ def bad(tmp_path_factory):
 
 def build_args(world, **changes) -> list:
     """`dsg build` arguments for a valid build, with some replaced (a value of None drops the flag)."""
-    args = {"--base": [world.base], "--sae": [world.sae_z], "--forget": world.forget_sources,
-            "--retain": world.retain_sources, "--seq-len": [SEQ_LEN], "--batch-size": [64]}
+    args = {
+        "--base": [world.base],
+        "--sae": [world.sae_z],
+        "--forget": world.forget_sources,
+        "--retain": world.retain_sources,
+        "--seq-len": [SEQ_LEN],
+        "--batch-size": [64],
+    }
     args.update(changes)
     out = []
     for flag, values in args.items():
@@ -61,33 +68,51 @@ def assert_one_error(code: int, err: str, message: str):
 CASES = {
     # missing files
     "missing forget file": (dict(**{"--forget": ["{bad}/nope.txt"]}), "text source {bad}/nope.txt does not exist"),
-    "missing retain file": (dict(**{"--retain": ["{bad}/nope.parquet"]}), "text source {bad}/nope.parquet does not exist"),
+    "missing retain file": (
+        dict(**{"--retain": ["{bad}/nope.parquet"]}),
+        "text source {bad}/nope.parquet does not exist",
+    ),
     "missing base model": (dict(**{"--base": ["{bad}/no_model"]}), "is not a model folder, a .gguf file or a Hub id"),
     "base without config": (dict(**{"--base": ["{bad}/no_config"]}), "has no config.json"),
     "missing SAE": (dict(**{"--sae": ["{bad}/no_sae"]}), "is not a sae-lens folder or RELEASE:SAE_ID"),
     "SAE without cfg.json": (dict(**{"--sae": ["{bad}/no_cfg_sae"]}), "has no cfg.json"),
     # wrong schema
-    "jsonl without text or question fields": (dict(**{"--forget": ["{bad}/schema.jsonl"]}),
-                                               "has neither a 'text' field nor question/choices records"),
+    "jsonl without text or question fields": (
+        dict(**{"--forget": ["{bad}/schema.jsonl"]}),
+        "has neither a 'text' field nor question/choices records",
+    ),
     "jsonl that is not JSON": (dict(**{"--retain": ["{bad}/broken.jsonl"]}), "broken.jsonl:2: not valid JSON"),
     "missing --text-field": (dict(**{"--text-field": ["content"]}), "has no field 'content'"),
     # empty corpora
     "empty corpus": (dict(**{"--forget": ["{bad}/empty.txt"]}), "text source {bad}/empty.txt is empty"),
-    "no document over 50 characters": (dict(**{"--retain": ["{bad}/short.txt"]}),
-                                       "retain corpus: the corpus has no document longer than 50 characters"),
+    "no document over 50 characters": (
+        dict(**{"--retain": ["{bad}/short.txt"]}),
+        "retain corpus: the corpus has no document longer than 50 characters",
+    ),
     # SAE and model do not match
-    "SAE d_in does not match": (dict(**{"--sae": ["{world}/sae_narrow"]}),
-                                "the SAE's d_in (16) does not match the model's hidden size (32)"),
+    "SAE d_in does not match": (
+        dict(**{"--sae": ["{world}/sae_narrow"]}),
+        "the SAE's d_in (16) does not match the model's hidden size (32)",
+    ),
     "layer out of range": (dict(**{"--layer": ["99"]}), "layer 99 is out of range: the model has 4 layers (0..3)"),
     # --add-to something else than a DSG model, or no model at all
-    "add-to a non-DSG model": (dict(**{"--base": None, "--add-to": ["{world}/base"]}),
-                               "not a DSG model (model_type 'llama')"),
-    "add-to a folder without config": (dict(**{"--base": None, "--add-to": ["{bad}/no_config"]}),
-                                       "not a model folder (no config.json)"),
-    "neither --base nor --add-to": (dict(**{"--base": None}), "pass --base MODEL (or --add-to an existing DSG folder)"),
+    "add-to a non-DSG model": (
+        dict(**{"--base": None, "--add-to": ["{world}/base"]}),
+        "not a DSG model (model_type 'llama')",
+    ),
+    "add-to a folder without config": (
+        dict(**{"--base": None, "--add-to": ["{bad}/no_config"]}),
+        "not a model folder (no config.json)",
+    ),
+    "neither --base nor --add-to": (
+        dict(**{"--base": None}),
+        "pass --base MODEL (or --add-to an existing DSG folder)",
+    ),
     # options out of range, refused before anything is loaded
-    "threshold percentile over 100": (dict(**{"--threshold-percentile": ["120"]}),
-                                      "--threshold-percentile must be between 0 and 100, got 120"),
+    "threshold percentile over 100": (
+        dict(**{"--threshold-percentile": ["120"]}),
+        "--threshold-percentile must be between 0 and 100, got 120",
+    ),
     "no features": (dict(**{"--n-features": ["0"]}), "--n-features must be at least 1, got 0"),
     "zero clamp": (dict(**{"--clamp": ["0"]}), "--clamp must be a finite number > 0, got 0.0"),
     "heldout fraction 1": (dict(**{"--heldout-fraction": ["1"]}), "--heldout-fraction must be in [0, 1), got 1.0"),
@@ -120,12 +145,16 @@ def test_existing_output_folder_is_refused_and_untouched(world, tmp_path, capfd)
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     code = cli("build", *build_args(world), "--out", out)
-    assert_one_error(code, capfd.readouterr().err, f"output folder {out} already exists (pass --overwrite to replace it)")
+    assert_one_error(
+        code, capfd.readouterr().err, f"output folder {out} already exists (pass --overwrite to replace it)"
+    )
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["out"]
     # --add-to its own source folder without --overwrite: refused too, and the folder is intact
     files = {p.name: p.read_bytes() for p in world.main.iterdir()}
-    code = cli("build", *build_args(world, **{"--base": None}), "--add-to", world.main, "--name", "other", "--out", world.main)
+    code = cli(
+        "build", *build_args(world, **{"--base": None}), "--add-to", world.main, "--name", "other", "--out", world.main
+    )
     assert_one_error(code, capfd.readouterr().err, "already exists")
     assert {p.name: p.read_bytes() for p in world.main.iterdir()} == files
 
@@ -135,8 +164,14 @@ def test_the_command_line_exits_2_in_a_fresh_process(world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
     argv = [str(a) for a in build_args(world, **{"--forget": [str(tmp_path / "nope.jsonl")]})]
-    proc = subprocess.run([sys.executable, "-m", "modeling_dsg.cli", "build", *argv, "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "modeling_dsg.cli", "build", *argv, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_one_error(proc.returncode, proc.stderr, f"text source {tmp_path / 'nope.jsonl'} does not exist")
     assert proc.stderr.strip().count("\n") == 0  # nothing but the error line
     assert proc.stdout == "" and not out.exists() and os.listdir(tmp_path) == []

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 
 import pytest
-
 import tiny
+
 from modeling_dsg import cli
-from modeling_dsg.publishing import publish as pub
 from modeling_dsg.errors import DSGError
 from modeling_dsg.outputs import prepare_output
+from modeling_dsg.publishing import publish as pub
 
 WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega".split()
 
@@ -54,8 +54,14 @@ def run_cli(*argv) -> int:
 
 
 def mcq_records(n: int, seed: int) -> list[dict]:
-    return [{"question": " ".join(WORDS[(seed + i + k) % len(WORDS)] for k in range(6)) + "?",
-             "choices": [WORDS[(seed + i + k) % len(WORDS)] for k in range(4)], "answer": i % 4} for i in range(n)]
+    return [
+        {
+            "question": " ".join(WORDS[(seed + i + k) % len(WORDS)] for k in range(6)) + "?",
+            "choices": [WORDS[(seed + i + k) % len(WORDS)] for k in range(4)],
+            "answer": i % 4,
+        }
+        for i in range(n)
+    ]
 
 
 def corpus(n: int, seed: int) -> str:
@@ -99,16 +105,33 @@ def test_eval_out_equal_to_the_model_folder_is_refused(tmp_path, capfd):
     retain.write_text("".join(json.dumps(r) + "\n" for r in mcq_records(4, 5)))
     before = snapshot(tmp_path)
     capfd.readouterr()  # the fixtures' own output
-    code = run_cli("eval", model, "--forget-mcq", forget, "--retain-mcq", retain, "--out", model, "--overwrite",
-                   "--permutations", 1, "--cloze", "none", "--no-progress")
+    code = run_cli(
+        "eval",
+        model,
+        "--forget-mcq",
+        forget,
+        "--retain-mcq",
+        retain,
+        "--out",
+        model,
+        "--overwrite",
+        "--permutations",
+        1,
+        "--cloze",
+        "none",
+        "--no-progress",
+    )
     assert_refused(code, capfd.readouterr().err, f"--out {model} is the model folder DIR")
     assert snapshot(tmp_path) == before
 
 
 def test_publish_staging_that_holds_the_model_folder_is_refused(tmp_path, capfd, monkeypatch):
     """Case 2: `dsg publish P/model --dry-run P --overwrite` deleted P/model and the rest of P."""
-    monkeypatch.setattr(pub, "verify", lambda staged, timeout=None: {"class": "DSGForCausalLM", "seconds": 0,
-                                                                      "logits_shape": [1, 1, tiny.VOCAB]})
+    monkeypatch.setattr(
+        pub,
+        "verify",
+        lambda staged, timeout=None: {"class": "DSGForCausalLM", "seconds": 0, "logits_shape": [1, 1, tiny.VOCAB]},
+    )
     parent = tmp_path / "P"
     model = tiny.make_tiny_dsg(parent / "model")
     (parent / "notes.txt").write_text("the rest of P")
@@ -132,8 +155,24 @@ def test_build_with_an_empty_out_is_refused(tmp_path, tmp_path_factory, capfd, m
     monkeypatch.chdir(work)
     before = snapshot(tmp_path, world.base, world.sae_z)
     capfd.readouterr()  # the fixtures' own output
-    code = run_cli("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-                   "--retain", *world.retain_sources, "--seq-len", SEQ_LEN, "--batch-size", 64, "--out", "", "--overwrite")
+    code = run_cli(
+        "build",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        64,
+        "--out",
+        "",
+        "--overwrite",
+    )
     assert_refused(code, capfd.readouterr().err, "--out is empty")
     assert snapshot(tmp_path, world.base, world.sae_z) == before
     assert Path.cwd() == work
@@ -144,16 +183,65 @@ def command(name: str, root: Path, out) -> list:
     """argv for `name` on the fixture's inputs, writing `out`, with --overwrite."""
     i = root / "inputs"
     common = {
-        "build": ["build", "--base", i / "base", "--sae", i / "sae", "--forget", i / "forget.txt",
-                  "--retain", i / "retain.txt"],
-        "build --add-to": ["build", "--add-to", i / "dsg", "--sae", i / "sae", "--forget", i / "forget.txt",
-                           "--retain", i / "retain.txt", "--name", "other"],
-        "eval": ["eval", i / "dsg", "--forget-mcq", i / "forget.jsonl", "--retain-mcq", i / "retain.jsonl",
-                 "--no-progress"],
-        "eval --baseline": ["eval", i / "dsg", "--forget-mcq", i / "forget.jsonl", "--retain-mcq", i / "retain.jsonl",
-                            "--baseline", f"other={i / 'base'}", "--no-progress"],
-        "sweep": ["sweep", "--base", i / "base", "--sae", i / "sae", "--forget", i / "forget.txt", "--retain",
-                  i / "retain.txt", "--forget-mcq", i / "forget.jsonl", "--retain-mcq", i / "retain.jsonl"],
+        "build": [
+            "build",
+            "--base",
+            i / "base",
+            "--sae",
+            i / "sae",
+            "--forget",
+            i / "forget.txt",
+            "--retain",
+            i / "retain.txt",
+        ],
+        "build --add-to": [
+            "build",
+            "--add-to",
+            i / "dsg",
+            "--sae",
+            i / "sae",
+            "--forget",
+            i / "forget.txt",
+            "--retain",
+            i / "retain.txt",
+            "--name",
+            "other",
+        ],
+        "eval": [
+            "eval",
+            i / "dsg",
+            "--forget-mcq",
+            i / "forget.jsonl",
+            "--retain-mcq",
+            i / "retain.jsonl",
+            "--no-progress",
+        ],
+        "eval --baseline": [
+            "eval",
+            i / "dsg",
+            "--forget-mcq",
+            i / "forget.jsonl",
+            "--retain-mcq",
+            i / "retain.jsonl",
+            "--baseline",
+            f"other={i / 'base'}",
+            "--no-progress",
+        ],
+        "sweep": [
+            "sweep",
+            "--base",
+            i / "base",
+            "--sae",
+            i / "sae",
+            "--forget",
+            i / "forget.txt",
+            "--retain",
+            i / "retain.txt",
+            "--forget-mcq",
+            i / "forget.jsonl",
+            "--retain-mcq",
+            i / "retain.jsonl",
+        ],
         "rmu": ["rmu", "--base", i / "base", "--forget", i / "forget.txt", "--retain", i / "retain.txt"],
         "train-sae": ["train-sae", "--base", i / "base", "--layer", "1", "--width", "16", "--text", i / "forget.txt"],
         "results": ["results"],
@@ -164,8 +252,16 @@ def command(name: str, root: Path, out) -> list:
 
 
 # the folder input each command's output is tested against
-MAIN_INPUT = {"build": "base", "build --add-to": "dsg", "eval": "dsg", "eval --baseline": "base", "sweep": "sae",
-              "rmu": "base", "train-sae": "base", "publish": "dsg"}
+MAIN_INPUT = {
+    "build": "base",
+    "build --add-to": "dsg",
+    "eval": "dsg",
+    "eval --baseline": "base",
+    "sweep": "sae",
+    "rmu": "base",
+    "train-sae": "base",
+    "publish": "dsg",
+}
 COMMANDS = list(MAIN_INPUT) + ["results"]
 
 
@@ -255,7 +351,9 @@ def test_prepare_output_rules(place):
     assert not (place / "new").exists()  # checking creates nothing
     assert prepare_output("rel", False, inputs=inputs) == place / "work" / "rel"
     # the report folder publish reads by default may live inside the model folder when allowed
-    assert prepare_output(i / "dsg" / "eval", True, inputs=inputs, nested_ok=[i / "dsg" / "eval"]) == i / "dsg" / "eval"
+    assert (
+        prepare_output(i / "dsg" / "eval", True, inputs=inputs, nested_ok=[i / "dsg" / "eval"]) == i / "dsg" / "eval"
+    )
     with pytest.raises(DSGError, match="is inside the model folder"):
         prepare_output(i / "dsg" / "other", True, inputs=inputs, nested_ok=[i / "dsg" / "eval"])
     # an empty existing folder counts as new where allowed (publish's STAGING)

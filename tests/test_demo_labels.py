@@ -1,8 +1,8 @@
 """`dsg demo` says what happened: "fired" at any point of the generation, "identical" only when it is."""
 
+import tiny
 import torch
 
-import tiny
 from modeling_dsg.embedded import demo
 
 
@@ -38,8 +38,9 @@ class ChatTokenizer:
 
 
 def test_a_row_that_fires_during_decoding_is_reported_fired():
-    model, reference = tiny.tiny_dsg("llama", [tiny.guardrail("jumprelu", layer=1, threshold=0.9, clamp=60.0)],
-                                     active_rate=0.2)
+    model, reference = tiny.tiny_dsg(
+        "llama", [tiny.guardrail("jumprelu", layer=1, threshold=0.9, clamp=60.0)], active_rate=0.2
+    )
     tok = ChatTokenizer()
     prompt = "the history of the roman empire and its roads"
     text, fired = demo._generate(model, tok, prompt, 30)

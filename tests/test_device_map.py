@@ -1,10 +1,10 @@
 """accelerate placement: CPU + disk offload, device_map="auto", and a bf16 base with an fp32 guard."""
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from modeling_dsg import DSGForCausalLM
 
 PROMPTS = ["the cell membrane", "history of the roman empire is long", "viruses replicate inside host cells"]
@@ -12,7 +12,9 @@ PROMPTS = ["the cell membrane", "history of the roman empire is long", "viruses 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return tiny.save_tiny_dsg(tmp_path_factory.mktemp("dm") / "m", guardrails=[tiny.guardrail("jumprelu", layer=2, threshold=0.2)])
+    return tiny.save_tiny_dsg(
+        tmp_path_factory.mktemp("dm") / "m", guardrails=[tiny.guardrail("jumprelu", layer=2, threshold=0.2)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +30,20 @@ def reference(folder):
 @pytest.mark.parametrize("guard_key", ["guards", "guards.0"])
 def test_cpu_and_disk_offload_is_identical(folder, reference, tmp_path, guard_key):
     enc, logits, fired = reference
-    device_map = {"model.model.embed_tokens": "cpu", "model.model.layers.0": "cpu", "model.model.layers.1": "cpu",
-                  "model.model.layers.2": "disk", "model.model.layers.3": "disk", "model.model.norm": "cpu",
-                  "model.model.rotary_emb": "cpu", "model.lm_head": "cpu", guard_key: "disk"}
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, device_map=device_map,
-                                                 offload_folder=tmp_path / "offload").eval()
+    device_map = {
+        "model.model.embed_tokens": "cpu",
+        "model.model.layers.0": "cpu",
+        "model.model.layers.1": "cpu",
+        "model.model.layers.2": "disk",
+        "model.model.layers.3": "disk",
+        "model.model.norm": "cpu",
+        "model.model.rotary_emb": "cpu",
+        "model.lm_head": "cpu",
+        guard_key: "disk",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
     assert model.guards[0].sae.W_enc.device.type == "meta"  # really offloaded
     with torch.no_grad(), model.record_guardrails() as rec:
         out = model(**enc).logits
@@ -44,8 +55,9 @@ def test_cpu_and_disk_offload_is_identical(folder, reference, tmp_path, guard_ke
 
 def test_device_map_auto_with_forced_offload(folder, reference, tmp_path):
     enc, logits, fired = reference
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, device_map="auto",
-                                                 max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "off").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "off"
+    ).eval()
     assert "disk" in set(model.hf_device_map.values())
     with torch.no_grad(), model.record_guardrails() as rec:
         out = model(**enc).logits

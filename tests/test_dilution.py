@@ -3,14 +3,14 @@
 import random
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from modeling_dsg import DSGConfig, DSGForCausalLM
-from modeling_dsg.runtime.guard_dsg import window_scores
-from modeling_dsg.data.rows import Rows
 from modeling_dsg.analysis.selection import calibrate_threshold
 from modeling_dsg.analysis.stats import collect
+from modeling_dsg.data.rows import Rows
+from modeling_dsg.runtime.guard_dsg import window_scores
 
 
 def brute_force(flags, counted, window):
@@ -22,7 +22,7 @@ def brute_force(flags, counted, window):
         if len(seq) < window:
             out.append(sum(seq) / max(len(seq), 1))
         else:
-            out.append(max(sum(seq[i:i + window]) / window for i in range(len(seq) - window + 1)))
+            out.append(max(sum(seq[i : i + window]) / window for i in range(len(seq) - window + 1)))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -118,7 +118,9 @@ def test_calibration_equals_the_guard_at_run_time(marker_model):
 
 def test_generation_carries_the_window_score():
     """The running window score after decoding equals the score of the whole sequence in one pass."""
-    model, _ = tiny.tiny_dsg("llama", [dict(tiny.guardrail("jumprelu", layer=1, threshold=1.0), score="window", window=6)])
+    model, _ = tiny.tiny_dsg(
+        "llama", [dict(tiny.guardrail("jumprelu", layer=1, threshold=1.0), score="window", window=6)]
+    )
     tok = tiny.tiny_tokenizer()
     tok.padding_side = "left"
     enc = tok(["a fairly long prompt about cells", "short"], return_tensors="pt", padding=True)

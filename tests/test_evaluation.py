@@ -21,13 +21,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-
 import tiny
+import torch
+from test_build import layer_hidden, mcq_text, words
+
+from modeling_dsg.errors import DSGError
 from modeling_dsg.evaluation import evaluate as evaluation
 from modeling_dsg.evaluation import metrics
-from modeling_dsg.errors import DSGError
-from test_build import layer_hidden, mcq_text, words
 
 G = "Ġ"  # the byte-level tokenizer's space
 
@@ -83,8 +83,10 @@ def mcq(records, name="set", role="forget") -> evaluation.McqSet:
     return evaluation.McqSet(name=name, role=role, source="test", records=evaluation.validate_mcq(records, "test"))
 
 
-RECORDS = [{"question": "Which one?", "choices": ["cat", "dog", "emu", "yak"], "answer": a, "subject": None}
-           for a in (1, 1, 0, 3, 2)]
+RECORDS = [
+    {"question": "Which one?", "choices": ["cat", "dog", "emu", "yak"], "answer": a, "subject": None}
+    for a in (1, 1, 0, 3, 2)
+]
 
 
 # ---------------------------------------------------------------------------------- scoring by hand
@@ -124,12 +126,14 @@ def test_cloze_and_text_loglikelihoods_of_a_bigram_model(tok):
 
     contexts = ["Which one?\nAnswer:", "Which one is it, then?\nAnswer:", "Q\nAnswer:"]
     continuations = [" cat", " a tall dog", " x"]
-    sums, counts, _ = evaluation.continuation_logprobs(model, tok, contexts, continuations, batch_size=2, progress=False)
+    sums, counts, _ = evaluation.continuation_logprobs(
+        model, tok, contexts, continuations, batch_size=2, progress=False
+    )
     for i, (c, x) in enumerate(zip(contexts, continuations)):
         ids = tok(c + x)["input_ids"]  # BOS + one token per character
         n = len(x)
         assert counts[i] == n
-        assert sums[i] == pytest.approx(by_hand(ids[-n - 1:]), abs=1e-4)
+        assert sums[i] == pytest.approx(by_hand(ids[-n - 1 :]), abs=1e-4)
 
     texts = ["the first text", "a second, longer text about nothing at all", "z"]
     nll, count, _ = evaluation.text_nll(model, tok, texts, max_tokens=10, batch_size=2, progress=False)
@@ -144,8 +148,10 @@ def test_chat_prompts_answer_without_a_space(tok):
     """Under --chat the prompt is the chat template's user turn plus the generation prompt, and the letter
     follows the template's last token directly (no space)."""
     chat_tok = copy.deepcopy(tok)
-    chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}\n{% endfor %}"
-                              "{% if add_generation_prompt %}<assistant>\n{% endif %}")
+    chat_tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>\n{% endif %}"
+    )
     table = torch.randn(tiny.VOCAB, tiny.VOCAB, generator=torch.Generator().manual_seed(2))
     model = Bigram(table)
     options = evaluation.EvalOptions(chat=True, cloze="all", progress=False, batch_size=3)
@@ -161,10 +167,17 @@ def test_chat_prompts_answer_without_a_space(tok):
     assert scored["cloze"][0, 0] == pytest.approx(want_cat, abs=1e-4)
     assert scored["cloze_tokens"][0].tolist() == [3, 3, 3, 3]
     correct = evaluation.score_mcq(model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, progress=False))
-    assert set(correct) == {"letter", "decisions", "cloze_correct", "cloze_correct_tokens"}  # the default: correct only
+    assert set(correct) == {
+        "letter",
+        "decisions",
+        "cloze_correct",
+        "cloze_correct_tokens",
+    }  # the default: correct only
     answers = [r["answer"] for r in RECORDS]
     np.testing.assert_allclose(correct["cloze_correct"], scored["cloze"][range(5), answers], rtol=0, atol=1e-5)
-    none = evaluation.score_mcq(model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, cloze="none", progress=False))
+    none = evaluation.score_mcq(
+        model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, cloze="none", progress=False)
+    )
     assert set(none) == {"letter", "decisions"}
     with pytest.raises(DSGError, match="--chat: this tokenizer has no chat template"):
         evaluation.check_chat(tok)
@@ -173,9 +186,11 @@ def test_chat_prompts_answer_without_a_space(tok):
 def test_preamble_and_letters_that_are_not_single_tokens(tok):
     record = dict(RECORDS[0], subject="high_school_biology")
     assert evaluation.letter_prompt(record, preamble=True).startswith(
-        "The following are multiple choice questions (with answers) about high school biology.\n\nWhich one?\nA. cat")
+        "The following are multiple choice questions (with answers) about high school biology.\n\nWhich one?\nA. cat"
+    )
     assert evaluation.cloze_context(RECORDS[0], preamble=True, topic="zoology") == (
-        "The following are multiple choice questions (with answers) about zoology.\n\nWhich one?\nAnswer:")
+        "The following are multiple choice questions (with answers) about zoology.\n\nWhich one?\nAnswer:"
+    )
     model = Bigram(torch.zeros(tiny.VOCAB, tiny.VOCAB))
     with pytest.raises(DSGError, match="are not single tokens after the prompt"):
         evaluation.letter_logprobs(model, tok, ["Q\nAnswer:"], letters=["A", "BB", "C", "D"], progress=False)
@@ -219,16 +234,36 @@ class World:
         rng = random.Random(0)
         self.root, self.tok = root, tiny.tiny_tokenizer()
         self.base = tiny.tiny_base("llama")
-        forget = [{"question": words(rng, 8, "z"), "choices": [words(rng, 2, "z") for _ in range(4)], "answer": i % 4,
-                   "subject": "zoology"} for i in range(4)]
-        forget += [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i,
-                    "subject": "botany"} for i in (1, 2)]
-        retain = [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i % 4,
-                   "subject": "history" if i < 3 else "geography"} for i in range(5)]
+        forget = [
+            {
+                "question": words(rng, 8, "z"),
+                "choices": [words(rng, 2, "z") for _ in range(4)],
+                "answer": i % 4,
+                "subject": "zoology",
+            }
+            for i in range(4)
+        ]
+        forget += [
+            {"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i, "subject": "botany"}
+            for i in (1, 2)
+        ]
+        retain = [
+            {
+                "question": words(rng, 8),
+                "choices": [words(rng, 2) for _ in range(4)],
+                "answer": i % 4,
+                "subject": "history" if i < 3 else "geography",
+            }
+            for i in range(5)
+        ]
         retain[0]["question"] = words(rng, 30) + " z"  # one marker in a long question: flagged, but rho < tau
         self.forget, self.retain = forget, retain
         self.texts = [words(rng, 20, "z"), words(rng, 30), words(rng, 25)]
-        self.forget_file, self.retain_file, self.text_file = root / "bio.jsonl", root / "general.jsonl", root / "wiki.txt"
+        self.forget_file, self.retain_file, self.text_file = (
+            root / "bio.jsonl",
+            root / "general.jsonl",
+            root / "wiki.txt",
+        )
         self.forget_file.write_text("".join(json.dumps(r) + "\n" for r in forget))
         self.retain_file.write_text("".join(json.dumps(r) + "\n" for r in retain))
         self.text_file.write_text("\n\n".join(self.texts) + "\n")
@@ -244,8 +279,9 @@ class World:
         assert float(proj[on].min()) > float(proj[~on].max()) + 0.02  # an exact detector
         cut = (float(proj[on].min()) + float(proj[~on].max())) / 2
         guard = tiny.guardrail("standard", name="zeta", layer=1, d_sae=4, features=[1], threshold=TAU, clamp=6.0)
-        model = DSGForCausalLM(DSGConfig(text_config=self.base.config.to_dict(), guardrails=[guard]),
-                               base_model=copy.deepcopy(self.base)).eval()
+        model = DSGForCausalLM(
+            DSGConfig(text_config=self.base.config.to_dict(), guardrails=[guard]), base_model=copy.deepcopy(self.base)
+        ).eval()
         with torch.no_grad():
             sae = model.guards[0].sae
             for tensor in sae.parameters():
@@ -258,10 +294,29 @@ class World:
         self.tok.save_pretrained(self.model_dir)
         self.dsg = model
         self.out = root / "report"
-        self.run = run_cli("eval", self.model_dir, "--forget-mcq", self.forget_file, "--retain-mcq", self.retain_file,
-                           "--text", self.text_file, "--out", self.out, "--forget-name", "biology",
-                           "--retain-name", "general", "--permutations", 4, "--batch-size", 4, "--cloze", "all",
-                           "--no-progress")
+        self.run = run_cli(
+            "eval",
+            self.model_dir,
+            "--forget-mcq",
+            self.forget_file,
+            "--retain-mcq",
+            self.retain_file,
+            "--text",
+            self.text_file,
+            "--out",
+            self.out,
+            "--forget-name",
+            "biology",
+            "--retain-name",
+            "general",
+            "--permutations",
+            4,
+            "--batch-size",
+            4,
+            "--cloze",
+            "all",
+            "--no-progress",
+        )
         self.report = json.loads((self.out / "report.json").read_text())
 
     @torch.no_grad()
@@ -317,11 +372,30 @@ def rows(report, dataset):
 def test_eval_runs_and_writes_the_report(world):
     assert world.run.code == 0, world.run.err
     assert sorted(p.name for p in world.out.iterdir()) == sorted(
-        ["report.json", "summary.md", "rho_zeta.png", "trigger_rates_zeta.png", "tradeoff_accuracy.png", "tradeoff_cloze.png"])
+        [
+            "report.json",
+            "summary.md",
+            "rho_zeta.png",
+            "trigger_rates_zeta.png",
+            "tradeoff_accuracy.png",
+            "tradeoff_cloze.png",
+        ]
+    )
     report = world.report
-    assert report["settings"]["scorer"].startswith("evaluate.load(") and "dsg_unlearning" in report["settings"]["scorer"]
-    assert report["guardrails"] == [{"name": "zeta", "layer": 1, "mode": "dynamic", "score": "fraction", "tau": TAU,
-                                     "n_features": 1, "action": "clamp"}]
+    assert (
+        report["settings"]["scorer"].startswith("evaluate.load(") and "dsg_unlearning" in report["settings"]["scorer"]
+    )
+    assert report["guardrails"] == [
+        {
+            "name": "zeta",
+            "layer": 1,
+            "mode": "dynamic",
+            "score": "fraction",
+            "tau": TAU,
+            "n_features": 1,
+            "action": "clamp",
+        }
+    ]
     for r in report["results"]:
         assert {"dataset", "metric", "base", "dsg", "n", "higher_is_better"} <= set(r)
     assert report["datasets"]["biology (forget)"] == {"role": "forget", "source": str(world.forget_file), "n": 6}
@@ -334,10 +408,14 @@ def test_trigger_rates_are_counted_per_dataset_and_subject(world):
     assert rates["general (retain)"] == {"zeta": {"rate": 0.0, "fired": 0, "n": 5}}
     assert rates["wiki (text)"] == {"zeta": {"rate": 1 / 3, "fired": 1, "n": 3}}
     by_subject = world.report["trigger_rates_by_subject"]
-    assert by_subject["biology (forget)"] == {"botany": {"zeta": {"rate": 0.0, "fired": 0, "n": 2}},
-                                              "zoology": {"zeta": {"rate": 1.0, "fired": 4, "n": 4}}}
-    assert by_subject["general (retain)"] == {"geography": {"zeta": {"rate": 0.0, "fired": 0, "n": 2}},
-                                              "history": {"zeta": {"rate": 0.0, "fired": 0, "n": 3}}}
+    assert by_subject["biology (forget)"] == {
+        "botany": {"zeta": {"rate": 0.0, "fired": 0, "n": 2}},
+        "zoology": {"zeta": {"rate": 1.0, "fired": 4, "n": 4}},
+    }
+    assert by_subject["general (retain)"] == {
+        "geography": {"zeta": {"rate": 0.0, "fired": 0, "n": 2}},
+        "history": {"zeta": {"rate": 0.0, "fired": 0, "n": 3}},
+    }
     # the retain question with one marker: flagged, rho = 1 / counted tokens > 0, still not fired
     rho, fired = world.letters(world.retain[0], guarded=True)[1]
     n_counted = len(mcq_text(world.retain[0]) + " ")
@@ -359,12 +437,14 @@ def test_every_number_matches_single_row_forwards(world):
             want_letter = metrics.choice_metrics(letters, answers)
             want_cloze = metrics.choice_metrics(sums, answers, counts)
             got = rows(report, label)
-            for metric, value in (("accuracy", want_letter["accuracy"]),
-                                  ("correct-letter probability", want_letter["choice_prob"]),
-                                  ("correct-letter raw probability", want_letter["correct_prob"]),
-                                  ("cloze accuracy", want_cloze["accuracy"]),
-                                  ("cloze log-likelihood", want_cloze["correct_logprob"]),
-                                  ("cloze log-likelihood per token", want_cloze["correct_logprob_per_length"])):
+            for metric, value in (
+                ("accuracy", want_letter["accuracy"]),
+                ("correct-letter probability", want_letter["choice_prob"]),
+                ("correct-letter raw probability", want_letter["correct_prob"]),
+                ("cloze accuracy", want_cloze["accuracy"]),
+                ("cloze log-likelihood", want_cloze["correct_logprob"]),
+                ("cloze log-likelihood per token", want_cloze["correct_logprob_per_length"]),
+            ):
                 assert got[metric][column] == pytest.approx(value, abs=1e-5), (label, column, metric)
                 assert got[metric]["n"] == len(records) and got[metric]["higher_is_better"] is True
     # text: token-weighted NLL of each whole text (shorter than --text-max-tokens)
@@ -392,8 +472,10 @@ def test_unfired_rows_are_the_base_model_exactly(world):
 
 
 def test_known_filter_counts_and_rows(world):
-    for records, label, name in ((world.forget, "biology (forget)", "biology (forget, known)"),
-                                 (world.retain, "general (retain)", "general (retain, known)")):
+    for records, label, name in (
+        (world.forget, "biology (forget)", "biology (forget, known)"),
+        (world.retain, "general (retain)", "general (retain, known)"),
+    ):
         kept = []
         for i, r in enumerate(records):
             ok = True
@@ -419,13 +501,37 @@ def test_known_subset_rows_limit_and_default_cloze(world, tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     (out / "old.txt").write_text("replaced")
-    result = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                     "--out", out, "--forget-name", "biology", "--retain-name", "general", "--permutations", 1,
-                     "--limit", 5, "--batch-size", 3, "--no-progress", "--overwrite")
+    result = run_cli(
+        "eval",
+        world.model_dir,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--out",
+        out,
+        "--forget-name",
+        "biology",
+        "--retain-name",
+        "general",
+        "--permutations",
+        1,
+        "--limit",
+        5,
+        "--batch-size",
+        3,
+        "--no-progress",
+        "--overwrite",
+    )
     assert result.code == 0, result.err
     assert not (out / "old.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
     report = json.loads((out / "report.json").read_text())
-    assert sorted(report["plots"]) == ["rho_zeta.png", "tradeoff_accuracy.png", "tradeoff_cloze.png", "trigger_rates_zeta.png"]
+    assert sorted(report["plots"]) == [
+        "rho_zeta.png",
+        "tradeoff_accuracy.png",
+        "tradeoff_cloze.png",
+        "trigger_rates_zeta.png",
+    ]
     for records, label in ((world.forget[:5], "biology (forget)"), (world.retain[:5], "general (retain)")):
         got = rows(report, label)
         assert "cloze accuracy" not in got
@@ -436,8 +542,10 @@ def test_known_subset_rows_limit_and_default_cloze(world, tmp_path):
             assert got["cloze log-likelihood"][column] == pytest.approx(sums.mean(), abs=1e-5)
             assert got["cloze log-likelihood per token"][column] == pytest.approx((sums / counts).mean(), abs=1e-5)
     n_known = 0
-    for records, label, name in ((world.forget[:5], "biology (forget)", "biology (forget, known)"),
-                                 (world.retain[:5], "general (retain)", "general (retain, known)")):
+    for records, label, name in (
+        (world.forget[:5], "biology (forget)", "biology (forget, known)"),
+        (world.retain[:5], "general (retain)", "general (retain, known)"),
+    ):
         base = np.array([world.letters(r, False)[0] for r in records])
         answers = np.array([r["answer"] for r in records])
         kept = np.argmax(base, axis=1) == answers
@@ -452,7 +560,11 @@ def test_known_subset_rows_limit_and_default_cloze(world, tmp_path):
         assert got["accuracy"]["dsg"] == pytest.approx(want["accuracy"])
         assert got["correct-letter probability"]["dsg"] == pytest.approx(want["choice_prob"], abs=1e-5)
         fired = sum(g[1][1] for g in guarded)
-        assert report["trigger_rates"][name]["zeta"] == {"rate": fired / kept.sum(), "fired": fired, "n": int(kept.sum())}
+        assert report["trigger_rates"][name]["zeta"] == {
+            "rate": fired / kept.sum(),
+            "fired": fired,
+            "n": int(kept.sum()),
+        }
     assert n_known > 0  # the subset rows were exercised
 
 
@@ -479,11 +591,14 @@ def test_tradeoff_plot_takes_curves(tmp_path):
 
     from modeling_dsg.evaluation.plots import plot_tradeoff
 
-    series = [{"label": "base", "x": 0.5, "y": 0.4},
-              {"label": "dynamic", "x": [0.49, 0.48, 0.45], "y": [0.3, 0.25, 0.2], "annotations": ["N=10", "N=20", "N=40"]},
-              {"label": "static", "x": [0.45, 0.4], "y": [0.3, 0.22], "marker": "s"}]
-    path = plot_tradeoff(series, tmp_path / "t.png", xlabel="MMLU accuracy", ylabel="WMDP accuracy",
-                         vlines=[(0.495, "99% of base")])
+    series = [
+        {"label": "base", "x": 0.5, "y": 0.4},
+        {"label": "dynamic", "x": [0.49, 0.48, 0.45], "y": [0.3, 0.25, 0.2], "annotations": ["N=10", "N=20", "N=40"]},
+        {"label": "static", "x": [0.45, 0.4], "y": [0.3, 0.22], "marker": "s"},
+    ]
+    path = plot_tradeoff(
+        series, tmp_path / "t.png", xlabel="MMLU accuracy", ylabel="WMDP accuracy", vlines=[(0.495, "99% of base")]
+    )
     assert imread(path).shape[2] in (3, 4)
     with pytest.raises(ValueError, match="different lengths"):
         plot_tradeoff([{"label": "x", "x": [1, 2], "y": [1]}], tmp_path / "u.png", xlabel="a", ylabel="b")
@@ -510,21 +625,24 @@ def test_parquet_questions_and_names(tmp_path):
     assert plain.subjects is None and plain.records == [dict(GOOD, subject=None)] and plain.hub == {}
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"),
-    ("schema", "record 2 has no 'choices' field"),
-    ("three", "record 1: 'choices' must be a list of 4 strings, got 3"),
-    ("range", "record 1: 'answer' must be the index 0-3 of the correct choice, got 4"),
-    ("letter", "'answer' must be the index 0-3 of the correct choice, got 'B'"),
-    ("empty", "has no questions"),
-    ("json", "not valid JSON"),
-    ("hub", "cannot reach the Hugging Face Hub"),
-    ("suffix", "expected a .jsonl or .parquet file"),
-    ("exists", "already exists (pass --overwrite to replace it)"),
-    ("not_dsg", "model_type 'llama', expected 'dsg'"),
-    ("permutations", "--permutations must be between 1 and 24, got 0"),
-    ("chat", "--chat: this tokenizer has no chat template"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("schema", "record 2 has no 'choices' field"),
+        ("three", "record 1: 'choices' must be a list of 4 strings, got 3"),
+        ("range", "record 1: 'answer' must be the index 0-3 of the correct choice, got 4"),
+        ("letter", "'answer' must be the index 0-3 of the correct choice, got 'B'"),
+        ("empty", "has no questions"),
+        ("json", "not valid JSON"),
+        ("hub", "cannot reach the Hugging Face Hub"),
+        ("suffix", "expected a .jsonl or .parquet file"),
+        ("exists", "already exists (pass --overwrite to replace it)"),
+        ("not_dsg", "model_type 'llama', expected 'dsg'"),
+        ("permutations", "--permutations must be between 1 and 24, got 0"),
+        ("chat", "--chat: this tokenizer has no chat template"),
+    ],
+)
 def test_bad_inputs(world, tmp_path, case, message):
     good = _jsonl(tmp_path / "good.jsonl", [GOOD])
     forget, model_dir, extra = good, world.model_dir, []
@@ -560,7 +678,9 @@ def test_bad_inputs(world, tmp_path, case, message):
     elif case == "chat":
         extra = ["--chat"]
     before = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else None
-    result = run_cli("eval", model_dir, "--forget-mcq", forget, "--retain-mcq", good, "--out", out, "--no-progress", *extra)
+    result = run_cli(
+        "eval", model_dir, "--forget-mcq", forget, "--retain-mcq", good, "--out", out, "--no-progress", *extra
+    )
     assert result.code == 2 and result.out == ""
     lines = result.err.strip().splitlines()
     assert lines[-1].startswith("dsg: error: ") and message in lines[-1] and "Traceback" not in result.err
@@ -579,16 +699,45 @@ def test_baselines_are_scored_on_the_same_sets(world, tmp_path):
     plain = tmp_path / "plain"
     world.base.save_pretrained(plain)
     out = tmp_path / "with_baseline"
-    run = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                  "--text", world.text_file, "--out", out, "--no-known-filter", "--batch-size", 4, "--no-progress",
-                  "--baseline", f"plain={plain}")
+    run = run_cli(
+        "eval",
+        world.model_dir,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--text",
+        world.text_file,
+        "--out",
+        out,
+        "--no-known-filter",
+        "--batch-size",
+        4,
+        "--no-progress",
+        "--baseline",
+        f"plain={plain}",
+    )
     assert run.code == 0, run.err
     report = json.loads((out / "report.json").read_text())
     assert report["baselines"] == ["plain"]
     for row in report["results"]:
         assert row["baselines"]["plain"] == pytest.approx(row["base"], abs=1e-9), row
     assert "| plain |" in (out / "summary.md").read_text().splitlines()[4]
-    for spec, message in [("plain", "NAME=DIR"), (f"DSG={plain}", "reserved"), (f"x={tmp_path}", "not a model folder")]:
-        bad = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                      "--out", tmp_path / "bad", "--baseline", spec)
+    for spec, message in [
+        ("plain", "NAME=DIR"),
+        (f"DSG={plain}", "reserved"),
+        (f"x={tmp_path}", "not a model folder"),
+    ]:
+        bad = run_cli(
+            "eval",
+            world.model_dir,
+            "--forget-mcq",
+            world.forget_file,
+            "--retain-mcq",
+            world.retain_file,
+            "--out",
+            tmp_path / "bad",
+            "--baseline",
+            spec,
+        )
         assert bad.code == 2 and message in bad.err and not (tmp_path / "bad").exists()

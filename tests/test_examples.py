@@ -10,25 +10,32 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 # "topic" fires on any text with a flagged token (tau = 0); "never" cannot fire (rho > 1 is impossible)
-GUARDRAILS = [tiny.guardrail(name="topic", layer=2, threshold=0.0),
-              tiny.guardrail(name="never", layer=1, threshold=1.0)]
-FORGET = ["Viruses replicate inside host cells by hijacking the ribosomes that translate their RNA into proteins.",
-          "The cell membrane is a lipid bilayer whose proteins pump ions and carry signals across it.",
-          "Bacteria divide by binary fission; some carry plasmids with genes for antibiotic resistance.",
-          "Enzymes lower the activation energy of reactions; their shape fits the substrate they bind."]
-RETAIN = ["The Roman Empire reached its greatest extent under Trajan, stretching from Britain to Mesopotamia.",
-          "A sonnet has fourteen lines; Shakespeare's follow the rhyme scheme abab cdcd efef gg in iambic meter.",
-          "The stock market fell sharply in October, and bond yields rose as investors sold government debt.",
-          "Football clubs in the league play thirty-eight matches a season, home and away against each rival."]
+GUARDRAILS = [
+    tiny.guardrail(name="topic", layer=2, threshold=0.0),
+    tiny.guardrail(name="never", layer=1, threshold=1.0),
+]
+FORGET = [
+    "Viruses replicate inside host cells by hijacking the ribosomes that translate their RNA into proteins.",
+    "The cell membrane is a lipid bilayer whose proteins pump ions and carry signals across it.",
+    "Bacteria divide by binary fission; some carry plasmids with genes for antibiotic resistance.",
+    "Enzymes lower the activation energy of reactions; their shape fits the substrate they bind.",
+]
+RETAIN = [
+    "The Roman Empire reached its greatest extent under Trajan, stretching from Britain to Mesopotamia.",
+    "A sonnet has fourteen lines; Shakespeare's follow the rhyme scheme abab cdcd efef gg in iambic meter.",
+    "The stock market fell sharply in October, and bond yields rose as investors sold government debt.",
+    "Football clubs in the league play thirty-eight matches a season, home and away against each rival.",
+]
 
 
 class Run:
@@ -37,8 +44,14 @@ class Run:
     def __init__(self, name: str, script: str, args: list, cwd: Path, env: dict):
         self.log = cwd / f"{name}.log"
         self._out = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd, env=env,
-                                     stdout=self._out, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / script), *map(str, args)],
+            cwd=cwd,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def result(self, timeout: float = 300) -> tuple[int, str]:
         code = self.proc.wait(timeout=timeout)
@@ -68,7 +81,7 @@ def tiny_sae_folder(path: Path) -> Path:
     sae = StandardSAE(cfg)
     with torch.no_grad():
         for tensor in sae.parameters():
-            tensor.copy_(torch.randn_like(tensor) / tiny.HIDDEN ** 0.5)
+            tensor.copy_(torch.randn_like(tensor) / tiny.HIDDEN**0.5)
     sae.save_model(str(path))
     return path
 
@@ -76,8 +89,14 @@ def tiny_sae_folder(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("examples")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "OMP_NUM_THREADS": "1",
-           "HF_MODULES_CACHE": str(tmp / "modules"), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_MODULES_CACHE": str(tmp / "modules"),
+        "PYTHONPATH": str(ROOT),
+    }
     # each remote-code script gets its own copy: no two processes write one module-cache folder at once
     folders = {name: tiny_dsg_folder(tmp / name) for name in ("gen", "pipe", "explain", "offload", "auto")}
     started = {}
@@ -86,26 +105,85 @@ def runs(tmp_path_factory):
         started[name] = Run(name, script, args, tmp, env)
 
     try:
-        start("generate", "load_and_generate.py", "--model", folders["gen"], "--prompt", "hello world", "--chat",
-              "--max-new-tokens", 6)
-        start("pipeline", "pipeline_generate.py", "--model", folders["pipe"], "hello", "the cell membrane is",
-              "--max-new-tokens", 6)
+        start(
+            "generate",
+            "load_and_generate.py",
+            "--model",
+            folders["gen"],
+            "--prompt",
+            "hello world",
+            "--chat",
+            "--max-new-tokens",
+            6,
+        )
+        start(
+            "pipeline",
+            "pipeline_generate.py",
+            "--model",
+            folders["pipe"],
+            "hello",
+            "the cell membrane is",
+            "--max-new-tokens",
+            6,
+        )
         start("explain", "explain_text.py", "--model", folders["explain"], "viruses replicate in cells")
         start("offload", "device_map_offload.py", "--model", folders["offload"])
-        start("auto", "device_map_offload.py", "--model", folders["auto"], "--device-map", "auto",
-              "--max-memory", "120KB")
-        start("bad_build", "build_guardrail.py", "--base", tmp / "base", "--sae", tmp / "sae",
-              "--forget", tmp / "nope.txt", "--retain", tmp / "nope.txt", "--out", tmp / "bad")
+        start(
+            "auto",
+            "device_map_offload.py",
+            "--model",
+            folders["auto"],
+            "--device-map",
+            "auto",
+            "--max-memory",
+            "120KB",
+        )
+        start(
+            "bad_build",
+            "build_guardrail.py",
+            "--base",
+            tmp / "base",
+            "--sae",
+            tmp / "sae",
+            "--forget",
+            tmp / "nope.txt",
+            "--retain",
+            tmp / "nope.txt",
+            "--out",
+            tmp / "bad",
+        )
         base = tiny.tiny_base("llama")
         base.save_pretrained(tmp / "base")
         tiny.tiny_tokenizer().save_pretrained(tmp / "base")
         (tmp / "forget.txt").write_text("\n\n".join(FORGET * 6))
         (tmp / "retain.txt").write_text("\n\n".join(RETAIN * 6))
         tiny_sae_folder(tmp / "sae")
-        start("build", "build_guardrail.py", "--base", tmp / "base", "--sae", tmp / "sae",
-              "--forget", tmp / "forget.txt", "--retain", tmp / "retain.txt", "--out", tmp / "built",
-              "--name", "biology", "--n-features", 5, "--ratio-percentile", 50, "--clamp", 8, "--seq-len", 32,
-              "--batch-size", 16)
+        start(
+            "build",
+            "build_guardrail.py",
+            "--base",
+            tmp / "base",
+            "--sae",
+            tmp / "sae",
+            "--forget",
+            tmp / "forget.txt",
+            "--retain",
+            tmp / "retain.txt",
+            "--out",
+            tmp / "built",
+            "--name",
+            "biology",
+            "--n-features",
+            5,
+            "--ratio-percentile",
+            50,
+            "--clamp",
+            8,
+            "--seq-len",
+            32,
+            "--batch-size",
+            16,
+        )
         yield tmp, started
     finally:
         for run in started.values():  # a failed test may leave one running

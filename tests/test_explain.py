@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-
 from test_build import DETECT_Q, DETECT_Z, ONE_Z_TEXT, PLAIN_TEXT, Q_TEXT, Z_TEXT, cli, get_world
 
 
@@ -34,17 +33,21 @@ def test_explain_a_marker_text(world, capsys):
     tau = world.record("config.json", world.main)["guardrails"][0]["threshold"]
     n_z, n = Z_TEXT.count("z"), len(Z_TEXT)
     lines = out.splitlines()
-    assert lines[0] == (f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = {n_z / n:.3f} > tau = {tau:.3f} "
-                        f"-> FIRED  ({n_z} of {n} tokens flagged)")
-    assert lines[1] == ("  when it fires: the selected features are set to -2 at every flagged token, so the answer is "
-                        "the edited model's from the first flagged token on, and may read as degraded or off-topic text")
+    assert lines[0] == (
+        f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = {n_z / n:.3f} > tau = {tau:.3f} "
+        f"-> FIRED  ({n_z} of {n} tokens flagged)"
+    )
+    assert lines[1] == (
+        "  when it fires: the selected features are set to -2 at every flagged token, so the answer is "
+        "the edited model's from the first flagged token on, and may read as degraded or off-topic text"
+    )
     lines = lines[1:]
-    token_lines = lines[1:1 + n_z]
+    token_lines = lines[1 : 1 + n_z]
     for pos, line in zip(positions(Z_TEXT, "z"), token_lines):
         fields = line.split()
         assert fields[:2] == [str(pos), "'z'"]
         assert [f for f in fields[2:] if f.startswith("#")] == ["#60", "#42", "#17", "#5"]  # by activation
-    assert lines[1 + n_z:] == [f"  feature #{i} top tokens: 'z'" for i in sorted(DETECT_Z)]
+    assert lines[1 + n_z :] == [f"  feature #{i} top tokens: 'z'" for i in sorted(DETECT_Z)]
 
 
 def test_explain_plain_and_rare_marker_texts(world, capsys):
@@ -52,8 +55,10 @@ def test_explain_plain_and_rare_marker_texts(world, capsys):
     code, out, _ = explain_cli(capsys, world.main, PLAIN_TEXT)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == (f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = 0.000 <= tau = {tau:.3f} -> not fired  "
-                        f"(0 of {len(PLAIN_TEXT)} tokens flagged)")
+    assert lines[0] == (
+        f"guardrail 'zeta' (layer 1, dynamic, action clamp): rho = 0.000 <= tau = {tau:.3f} -> not fired  "
+        f"(0 of {len(PLAIN_TEXT)} tokens flagged)"
+    )
     assert len(lines) == 2 and lines[1].startswith("  when it fires: the selected features are set to -2 ")
     # one marker: its token is flagged, but rho = 1/len <= tau, so the guardrail does not fire
     code, out, _ = explain_cli(capsys, world.main, ONE_Z_TEXT)
@@ -105,12 +110,15 @@ def test_explain_python_api_agrees_with_the_model(world):
     assert explain(model, world.tok, Z_TEXT)[0]["features"] == {}
 
 
-@pytest.mark.parametrize("make_args,message", [
-    (lambda w, tmp: [tmp / "missing", "text"], "is not a model folder (no config.json)"),
-    (lambda w, tmp: [w.base, "text"], "is not a DSG model (model_type 'llama')"),
-    (lambda w, tmp: [w.main, "   "], "the text to explain is empty"),
-    (lambda w, tmp: [w.main, "--chat", "text"], "--chat: this tokenizer has no chat template"),
-])
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda w, tmp: [tmp / "missing", "text"], "is not a model folder (no config.json)"),
+        (lambda w, tmp: [w.base, "text"], "is not a DSG model (model_type 'llama')"),
+        (lambda w, tmp: [w.main, "   "], "the text to explain is empty"),
+        (lambda w, tmp: [w.main, "--chat", "text"], "--chat: this tokenizer has no chat template"),
+    ],
+)
 def test_explain_bad_inputs(world, tmp_path, capsys, make_args, message):
     code, out, err = explain_cli(capsys, *make_args(world, tmp_path))
     assert code == 2 and out == ""

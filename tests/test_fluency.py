@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from test_evaluation import World, run_cli
 
 from modeling_dsg.evaluation import fluency
-from test_evaluation import World, run_cli
 
 LOOP = "too pace Too pace, too-pace!"  # words: too pace too pace too pace
 
@@ -66,17 +66,44 @@ def world(tmp_path_factory):
 
 def test_eval_fluency_writes_the_block(world, tmp_path):
     out = tmp_path / "report"
-    run = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                  "--out", out, "--forget-name", "biology", "--retain-name", "general", "--permutations", 1,
-                  "--batch-size", 2, "--cloze", "none", "--no-known-filter", "--no-progress",
-                  "--fluency", 3, "--fluency-tokens", 5)
+    run = run_cli(
+        "eval",
+        world.model_dir,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--out",
+        out,
+        "--forget-name",
+        "biology",
+        "--retain-name",
+        "general",
+        "--permutations",
+        1,
+        "--batch-size",
+        2,
+        "--cloze",
+        "none",
+        "--no-known-filter",
+        "--no-progress",
+        "--fluency",
+        3,
+        "--fluency-tokens",
+        5,
+    )
     assert run.code == 0, run.err
     report = json.loads((out / "report.json").read_text())
     block = report["fluency"]
     assert block["settings"]["n"] == 3 and block["settings"]["max_new_tokens"] == 5
     forget, retain = block["sets"]["biology (forget)"], block["sets"]["general (retain)"]
     # the first three forget questions carry the marker and fire; the retain questions do not
-    assert (forget["n"], forget["scanned"], forget["fired_on_prompt"], forget["fired_in_generation"]) == (3, 3, 1.0, 1.0)
+    assert (forget["n"], forget["scanned"], forget["fired_on_prompt"], forget["fired_in_generation"]) == (
+        3,
+        3,
+        1.0,
+        1.0,
+    )
     assert (retain["n"], retain["fired_on_prompt"]) == (3, 0.0)
     # unfired rows are the base model's exactly: same text, same NLL
     assert retain["identical_to_base"] == 1.0 and retain["dsg"]["texts"] == retain["base"]["texts"]
@@ -103,9 +130,14 @@ def test_fluency_numbers_match_single_row_forwards(world):
     total, count = 0.0, 0
     for i, seq in enumerate(seqs):
         ids = torch.tensor([seq])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        gen = out[0, len(seq):].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )
+        gen = out[0, len(seq) :].tolist()
         assert tok.decode(gen, skip_special_tokens=True) == entry["dsg"]["texts"][i]
         full = torch.tensor([seq + gen])
         logp = torch.log_softmax(world.base(input_ids=full[:, :-1]).logits[0].double(), -1)
@@ -117,6 +149,19 @@ def test_fluency_numbers_match_single_row_forwards(world):
 
 def test_eval_fluency_bad_values(world, tmp_path):
     for flag, value in (("--fluency", 0), ("--fluency-tokens", 0)):
-        run = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                      "--out", tmp_path / f"r{flag}", "--fluency", 2, flag, value, "--no-progress")
+        run = run_cli(
+            "eval",
+            world.model_dir,
+            "--forget-mcq",
+            world.forget_file,
+            "--retain-mcq",
+            world.retain_file,
+            "--out",
+            tmp_path / f"r{flag}",
+            "--fluency",
+            2,
+            flag,
+            value,
+            "--no-progress",
+        )
         assert run.code == 2 and f"{flag} must be at least 1" in run.err

@@ -4,10 +4,9 @@ that is actually used, under either name of the cache argument, and follows the 
 import warnings
 
 import pytest
+import tiny
 import torch
 from transformers import DynamicCache
-
-import tiny
 
 UNFIRED = ["the history of the roman empire and its roads", "name three rivers in europe please"]
 
@@ -20,8 +19,9 @@ def encode(texts, side="left"):
 
 def busy_model(threshold: float):
     """Selected features active on about 20% of tokens each (most tokens have one), a large clamp."""
-    return tiny.tiny_dsg("llama", [tiny.guardrail("jumprelu", layer=1, threshold=threshold, clamp=60.0)],
-                         active_rate=0.2)
+    return tiny.tiny_dsg(
+        "llama", [tiny.guardrail("jumprelu", layer=1, threshold=threshold, clamp=60.0)], active_rate=0.2
+    )
 
 
 def test_unfired_greedy_generation_equals_base_over_40_tokens():
@@ -46,8 +46,12 @@ def test_both_cache_names_carry_the_state(name):
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad(), model.record_guardrails() as records:
         model(input_ids=ids, attention_mask=enc["attention_mask"], use_cache=True, **{name: cache})
-        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, ids.shape[1] + 1, dtype=torch.long),
-              use_cache=True, **{name: cache})
+        model(
+            input_ids=ids[:, :1],
+            attention_mask=torch.ones(2, ids.shape[1] + 1, dtype=torch.long),
+            use_cache=True,
+            **{name: cache},
+        )
     assert cache.get_seq_length() == ids.shape[1] + 1  # the base model filled the cache we passed
     assert cache._dsg_tokens == ids.shape[1] + 1
     seen = records[0]["counted"].sum(-1) + records[1]["counted"].sum(-1)
@@ -58,8 +62,11 @@ def test_two_different_caches_are_refused():
     model, _ = busy_model(threshold=0.9)
     config = model.config.get_text_config()
     with pytest.raises(ValueError, match="not both"):
-        model(input_ids=encode(UNFIRED)["input_ids"], cache=DynamicCache(config=config),
-              past_key_values=DynamicCache(config=config))
+        model(
+            input_ids=encode(UNFIRED)["input_ids"],
+            cache=DynamicCache(config=config),
+            past_key_values=DynamicCache(config=config),
+        )
 
 
 def decision_rows(model, prompts):
@@ -75,8 +82,9 @@ def step(model, cache, mask, token=7):
     batch = mask.shape[0]
     mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
     with torch.no_grad(), model.record_guardrails() as records:
-        logits = model(input_ids=torch.full((batch, 1), token), attention_mask=mask, cache=cache,
-                       use_cache=True).logits
+        logits = model(
+            input_ids=torch.full((batch, 1), token), attention_mask=mask, cache=cache, use_cache=True
+        ).logits
     return logits[:, -1], records[-1]["fired"], mask
 
 

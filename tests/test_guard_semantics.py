@@ -3,16 +3,28 @@
 import threading
 
 import pytest
+import tiny
 import torch
 
-import tiny
-
 PROMPTS = [
-    "the cell membrane", "viruses replicate inside host cells", "a", "history of the roman empire",
-    "enzymes lower activation energy of reactions", "python lists", "bacterial plasmids carry genes",
-    "mountains", "the mitochondria is the powerhouse of the cell", "tea", "quarks and gluons",
-    "a short story about a dog and a ball", "protein folding", "zz", "photosynthesis converts light",
-    "ancient greek philosophers debated the nature of virtue", "x y z", "ribosomes",
+    "the cell membrane",
+    "viruses replicate inside host cells",
+    "a",
+    "history of the roman empire",
+    "enzymes lower activation energy of reactions",
+    "python lists",
+    "bacterial plasmids carry genes",
+    "mountains",
+    "the mitochondria is the powerhouse of the cell",
+    "tea",
+    "quarks and gluons",
+    "a short story about a dog and a ball",
+    "protein folding",
+    "zz",
+    "photosynthesis converts light",
+    "ancient greek philosophers debated the nature of virtue",
+    "x y z",
+    "ribosomes",
 ]
 
 
@@ -125,6 +137,7 @@ def test_decision_taken_on_the_prompt_sticks_during_decoding():
     guard = model.guards[0]
     hidden = torch.zeros(2, 1, tiny.HIDDEN)  # a new token on which no selected feature is active
     counted = torch.ones(2, 1, dtype=torch.bool)
+
     def state(flagged, seen, fired):
         _, _, _, best, tail = guard.initial_state(2, "cpu")
         return (torch.tensor(flagged), torch.tensor(seen), torch.tensor(fired), best, tail)
@@ -184,14 +197,18 @@ def test_disabled_guard_is_the_base_model(mixed):
 
 def test_threads_match_sequential_generation(mixed):
     model, _ = mixed
-    prompts = [PROMPTS[i:i + 3] for i in range(0, 16, 2)]  # 8 batches
+    prompts = [PROMPTS[i : i + 3] for i in range(0, 16, 2)]  # 8 batches
+
     def gen(batch):
         with torch.no_grad():
             return model.generate(**encode(batch, "left"), max_new_tokens=6, do_sample=False)
+
     sequential = [gen(batch) for batch in prompts]
     results = [None] * len(prompts)
+
     def worker(i):
         results[i] = gen(prompts[i])
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -202,8 +219,10 @@ def test_threads_match_sequential_generation(mixed):
 
 
 def test_several_guardrails_act_independently():
-    guards = [tiny.guardrail("jumprelu", name="a", layer=1, threshold=1.0),
-              tiny.guardrail("topk", name="b", layer=2, threshold=0.0, features=(1, 2))]
+    guards = [
+        tiny.guardrail("jumprelu", name="a", layer=1, threshold=1.0),
+        tiny.guardrail("topk", name="b", layer=2, threshold=0.0, features=(1, 2)),
+    ]
     model, reference = tiny.tiny_dsg("qwen2", guards)
     enc = encode(PROMPTS[:4])
     logits, rec = run(model, enc)

@@ -4,12 +4,12 @@ given a decision; an edit that would overflow the hidden state's dtype is refuse
 import json
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
-
-import tiny
-from modeling_dsg import DSGForCausalLM
 from test_bad_inputs import tampered
+
+from modeling_dsg import DSGForCausalLM
 
 
 @pytest.fixture()
@@ -18,7 +18,9 @@ def saved(tmp_path):
 
 
 def test_nan_tau_is_refused(saved, tmp_path):
-    bad = tampered(saved, tmp_path, lambda s: s.__setitem__("guards.0.tau", torch.tensor(float("nan"), dtype=torch.float64)))
+    bad = tampered(
+        saved, tmp_path, lambda s: s.__setitem__("guards.0.tau", torch.tensor(float("nan"), dtype=torch.float64))
+    )
     with pytest.raises(ValueError, match="tau nan differs from the config's threshold"):
         DSGForCausalLM.from_pretrained(bad)
 
@@ -26,6 +28,7 @@ def test_nan_tau_is_refused(saved, tmp_path):
 def test_extra_guardrail_tensors_are_refused(saved, tmp_path):
     def extra(state):
         state["guards.1.sae.W_enc"] = state["guards.0.sae.W_enc"].clone()
+
     bad = tampered(saved, tmp_path, extra)
     with pytest.raises(ValueError, match=r"unexpected guardrail tensor\(s\) guards.1.sae.W_enc"):
         DSGForCausalLM.from_pretrained(bad)
@@ -58,6 +61,7 @@ def test_non_finite_hidden_state_gets_no_decision(saved, tmp_path):
     def poison(state):
         name = next(k for k in state if k.endswith("layers.0.mlp.down_proj.weight"))
         state[name][0, 0] = float("nan")
+
     model = DSGForCausalLM.from_pretrained(tampered(saved, tmp_path, poison))
     with pytest.raises(ValueError, match="non-finite activations at layer 1"):
         model(torch.tensor([[1, 40, 41, 42]]))

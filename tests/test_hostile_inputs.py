@@ -32,14 +32,16 @@ import traceback
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from modeling_dsg import cli
 
-WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega river stone music gene "
-         "market cloud protein city").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega river stone music gene "
+    "market cloud protein city"
+).split()
 
 
 def corpus(n: int, seed: int) -> str:
@@ -48,8 +50,14 @@ def corpus(n: int, seed: int) -> str:
 
 
 def mcq(n: int, seed: int) -> list[dict]:
-    return [{"question": " ".join(WORDS[(seed + i + k) % len(WORDS)] for k in range(8)) + "?",
-             "choices": [WORDS[(seed + i + k) % len(WORDS)] for k in range(4)], "answer": i % 4} for i in range(n)]
+    return [
+        {
+            "question": " ".join(WORDS[(seed + i + k) % len(WORDS)] for k in range(8)) + "?",
+            "choices": [WORDS[(seed + i + k) % len(WORDS)] for k in range(4)],
+            "answer": i % 4,
+        }
+        for i in range(n)
+    ]
 
 
 def jsonl(records) -> str:
@@ -78,20 +86,42 @@ class World:
         tiny.tiny_base("llama").save_pretrained(self.base)
         tiny.tiny_tokenizer().save_pretrained(self.base)
         self.dsg = tiny.make_tiny_dsg(root / "dsg")
-        feats = [{"index": i, "forget_mean": 0.5, "retain_mean": 0.1, "forget_freq": 0.3, "retain_freq": 0.01,
-                  "importance": 0.25, "ratio": 25.0, "top_tokens": [{"token": "a", "activation": 1.0, "context": "[[a]]"}]}
-                 for i in (3, 7, 11, 20, 33)]
+        feats = [
+            {
+                "index": i,
+                "forget_mean": 0.5,
+                "retain_mean": 0.1,
+                "forget_freq": 0.3,
+                "retain_freq": 0.01,
+                "importance": 0.25,
+                "ratio": 25.0,
+                "top_tokens": [{"token": "a", "activation": 1.0, "context": "[[a]]"}],
+            }
+            for i in (3, 7, 11, 20, 33)
+        ]
         self.features = {"guardrails": [{"name": "topic", "layer": 1, "mode": "dynamic", "features": feats}]}
-        self.build_record = {"base_model": str(self.base), "guardrails": [
-            {"name": "topic", "mode": "dynamic", "layer": 1, "sae": "sae", "forget_sources": ["forget.txt"],
-             "retain_sources": ["retain.txt"], "n_features": 5, "tau": 0.3,
-             "heldout": {"forget_trigger_rate": 0.9, "retain_trigger_rate": 0.05, "n_forget": 4, "n_retain": 4}}]}
+        self.build_record = {
+            "base_model": str(self.base),
+            "guardrails": [
+                {
+                    "name": "topic",
+                    "mode": "dynamic",
+                    "layer": 1,
+                    "sae": "sae",
+                    "forget_sources": ["forget.txt"],
+                    "retain_sources": ["retain.txt"],
+                    "n_features": 5,
+                    "tau": 0.3,
+                    "heldout": {"forget_trigger_rate": 0.9, "retain_trigger_rate": 0.05, "n_forget": 4, "n_retain": 4},
+                }
+            ],
+        }
         (self.dsg / "features.json").write_text(json.dumps(self.features))
         (self.dsg / "dsg_build.json").write_text(json.dumps(self.build_record))
         torch.manual_seed(0)
         sae = StandardSAE(StandardSAEConfig(d_in=tiny.HIDDEN, d_sae=64))
         with torch.no_grad():
-            sae.W_enc.copy_(torch.randn(tiny.HIDDEN, 64) / tiny.HIDDEN ** 0.5)
+            sae.W_enc.copy_(torch.randn(tiny.HIDDEN, 64) / tiny.HIDDEN**0.5)
             sae.W_dec.copy_(1e-3 * torch.randn(64, tiny.HIDDEN))
         sae.cfg.metadata.hook_name = "model.layers.1"
         self.sae = root / "sae"
@@ -113,36 +143,152 @@ def world(tmp_path_factory) -> World:
 
 # --------------------------------------------------------------------------------------- entry points
 def build(w, out, forget=None, retain=None, base=None, sae=None, extra=()):
-    return ["build", "--base", base or w.base, "--sae", sae or w.sae, "--forget", forget or w.forget,
-            "--retain", retain or w.retain, "--seq-len", 32, "--batch-size", 8, "--out", out, "--overwrite", *extra]
+    return [
+        "build",
+        "--base",
+        base or w.base,
+        "--sae",
+        sae or w.sae,
+        "--forget",
+        forget or w.forget,
+        "--retain",
+        retain or w.retain,
+        "--seq-len",
+        32,
+        "--batch-size",
+        8,
+        "--out",
+        out,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def add_to(w, out, folder, extra=()):
-    return ["build", "--add-to", folder, "--sae", w.sae, "--forget", w.forget, "--retain", w.retain, "--name", "other",
-            "--seq-len", 32, "--batch-size", 8, "--out", out, "--overwrite", *extra]
+    return [
+        "build",
+        "--add-to",
+        folder,
+        "--sae",
+        w.sae,
+        "--forget",
+        w.forget,
+        "--retain",
+        w.retain,
+        "--name",
+        "other",
+        "--seq-len",
+        32,
+        "--batch-size",
+        8,
+        "--out",
+        out,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def rmu(w, out, forget=None, base=None, extra=()):
-    return ["rmu", "--base", base or w.base, "--forget", forget or w.forget, "--retain", w.retain, "--steps", 2,
-            "--seq-len", 32, "--batch-size", 2, "--out", out, "--overwrite", *extra]
+    return [
+        "rmu",
+        "--base",
+        base or w.base,
+        "--forget",
+        forget or w.forget,
+        "--retain",
+        w.retain,
+        "--steps",
+        2,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--out",
+        out,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def train_sae(w, out, text=None, base=None, extra=()):
-    return ["train-sae", "--base", base or w.base, "--layer", 1, "--width", 16, "--k", 4, "--text", text or w.forget,
-            "--seq-len", 16, "--batch-tokens", 64, "--out", out, "--overwrite", *extra]
+    return [
+        "train-sae",
+        "--base",
+        base or w.base,
+        "--layer",
+        1,
+        "--width",
+        16,
+        "--k",
+        4,
+        "--text",
+        text or w.forget,
+        "--seq-len",
+        16,
+        "--batch-tokens",
+        64,
+        "--out",
+        out,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def evaluate(w, out, folder=None, forget_mcq=None, text=None, extra=()):
-    return ["eval", folder or w.dsg, "--forget-mcq", forget_mcq or w.forget_mcq, "--retain-mcq", w.retain_mcq,
-            *(["--text", text] if text else []), "--out", out, "--overwrite", "--no-progress", "--permutations", 1,
-            "--cloze", "none", *extra]
+    return [
+        "eval",
+        folder or w.dsg,
+        "--forget-mcq",
+        forget_mcq or w.forget_mcq,
+        "--retain-mcq",
+        w.retain_mcq,
+        *(["--text", text] if text else []),
+        "--out",
+        out,
+        "--overwrite",
+        "--no-progress",
+        "--permutations",
+        1,
+        "--cloze",
+        "none",
+        *extra,
+    ]
 
 
 def sweep(w, out, forget=None, sae=None, base=None, forget_mcq=None, extra=()):
-    return ["sweep", "--base", base or w.base, "--sae", sae or w.sae, "--forget", forget or w.forget,
-            "--retain", w.retain, "--forget-mcq", forget_mcq or w.forget_mcq, "--retain-mcq", w.retain_mcq,
-            "--seq-len", 32, "--batch-size", 8, "--n-features-grid", 2, "--clamps", 4, "--ratio-percentiles", 90,
-            "--modes", "dynamic", "--limit", 4, "--out", out, "--overwrite", *extra]
+    return [
+        "sweep",
+        "--base",
+        base or w.base,
+        "--sae",
+        sae or w.sae,
+        "--forget",
+        forget or w.forget,
+        "--retain",
+        w.retain,
+        "--forget-mcq",
+        forget_mcq or w.forget_mcq,
+        "--retain-mcq",
+        w.retain_mcq,
+        "--seq-len",
+        32,
+        "--batch-size",
+        8,
+        "--n-features-grid",
+        2,
+        "--clamps",
+        4,
+        "--ratio-percentiles",
+        90,
+        "--modes",
+        "dynamic",
+        "--limit",
+        4,
+        "--out",
+        out,
+        "--overwrite",
+        *extra,
+    ]
 
 
 def explain(w, out, folder=None, text="the river stone and the music of the market city"):
@@ -198,24 +344,46 @@ TEXTS = {  # name -> (make(tmp, world) -> path, phrase in the error line)
     "NUL bytes .txt": (lambda t, w: _write(t, "nul.txt", TEXT_DOC.encode().replace(b" ", b"\x00")), "NUL"),
     "binary .jsonl": (lambda t, w: _write(t, "binary.jsonl", bytes(range(128, 256)) * 8), "not UTF-8"),
     "Latin-1 .jsonl": (lambda t, w: _write(t, "latin1.jsonl", b'{"text": "' + LATIN1_DOC + b'"}\n'), "not UTF-8"),
-    "UTF-16 .jsonl": (lambda t, w: _write(t, "utf16.jsonl", json.dumps({"text": TEXT_DOC}).encode("utf-16")), "UTF-16"),
+    "UTF-16 .jsonl": (
+        lambda t, w: _write(t, "utf16.jsonl", json.dumps({"text": TEXT_DOC}).encode("utf-16")),
+        "UTF-16",
+    ),
     "scalar lines .jsonl": (lambda t, w: _write(t, "scalars.jsonl", "1\n2\n3\n"), "not an object"),
     "string lines .jsonl": (lambda t, w: _write(t, "strings.jsonl", jsonl([TEXT_DOC, TEXT_DOC])), "not an object"),
-    "mixed lines .jsonl": (lambda t, w: _write(t, "mixed.jsonl", jsonl([{"text": TEXT_DOC}, TEXT_DOC, 5])), ":2: a JSON string"),
-    "text that is a list": (lambda t, w: _write(t, "listtext.jsonl", jsonl([{"text": TEXT_DOC.split()}] * 3)), "must be a string"),
-    "question without choices": (lambda t, w: _write(t, "nochoices.jsonl", jsonl(mcq(3, 0) + [{"question": "why?", "answer": 1}])),
-                                 "record 4 has no 'choices'"),
-    "choices that are a number": (lambda t, w: _write(t, "intchoices.jsonl", jsonl([{"question": "why?", "choices": 4, "answer": 1}])),
-                                  "'choices' must be a list"),
-    "choices that are numbers": (lambda t, w: _write(t, "intlist.jsonl", jsonl([{**r, "choices": [1, 2, 3, 4]} for r in mcq(4, 1)])),
-                                 "every choice must be a string"),
-    "corrupt .parquet": (lambda t, w: _write(t, "corrupt.parquet", b"PAR1" + bytes(range(256)) * 4 + b"PAR1"), "not a valid parquet file"),
+    "mixed lines .jsonl": (
+        lambda t, w: _write(t, "mixed.jsonl", jsonl([{"text": TEXT_DOC}, TEXT_DOC, 5])),
+        ":2: a JSON string",
+    ),
+    "text that is a list": (
+        lambda t, w: _write(t, "listtext.jsonl", jsonl([{"text": TEXT_DOC.split()}] * 3)),
+        "must be a string",
+    ),
+    "question without choices": (
+        lambda t, w: _write(t, "nochoices.jsonl", jsonl(mcq(3, 0) + [{"question": "why?", "answer": 1}])),
+        "record 4 has no 'choices'",
+    ),
+    "choices that are a number": (
+        lambda t, w: _write(t, "intchoices.jsonl", jsonl([{"question": "why?", "choices": 4, "answer": 1}])),
+        "'choices' must be a list",
+    ),
+    "choices that are numbers": (
+        lambda t, w: _write(t, "intlist.jsonl", jsonl([{**r, "choices": [1, 2, 3, 4]} for r in mcq(4, 1)])),
+        "every choice must be a string",
+    ),
+    "corrupt .parquet": (
+        lambda t, w: _write(t, "corrupt.parquet", b"PAR1" + bytes(range(256)) * 4 + b"PAR1"),
+        "not a valid parquet file",
+    ),
     "folder named .txt": (lambda t, w: (t / "folder.txt").mkdir() or t / "folder.txt", "is a folder"),
 }
 MCQS = {
     "binary .jsonl": TEXTS["binary .jsonl"],
-    "Latin-1 .jsonl": (lambda t, w: _write(t, "latin1.jsonl", b'{"question": "caf\xe9?", "choices": ["a", "b", "c", "d"], "answer": 0}\n'),
-                       "not UTF-8"),
+    "Latin-1 .jsonl": (
+        lambda t, w: _write(
+            t, "latin1.jsonl", b'{"question": "caf\xe9?", "choices": ["a", "b", "c", "d"], "answer": 0}\n'
+        ),
+        "not UTF-8",
+    ),
     "UTF-16 .jsonl": (lambda t, w: _write(t, "utf16.jsonl", jsonl(mcq(2, 0)).encode("utf-16")), "UTF-16"),
     "corrupt .parquet": TEXTS["corrupt .parquet"],
     "folder named .jsonl": (lambda t, w: (t / "folder.jsonl").mkdir() or t / "folder.jsonl", "is a folder"),
@@ -234,6 +402,7 @@ def _cfg(change):
         cfg = json.loads((folder / "cfg.json").read_text())
         change(cfg)
         (folder / "cfg.json").write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -242,6 +411,7 @@ def _sae_weights(change):
         state = {k: v.clone() for k, v in load_file(folder / "sae_weights.safetensors").items()}
         change(state)
         save_file(state, folder / "sae_weights.safetensors")
+
     return edit
 
 
@@ -279,6 +449,7 @@ def _config(change):
         cfg = json.loads((folder / "config.json").read_text())
         change(cfg)
         (folder / "config.json").write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -287,6 +458,7 @@ def _weights(change):
         state = {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
         change(state)
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
     return edit
 
 
@@ -309,11 +481,18 @@ CORRUPT_WEIGHTS = {
 BASE_FOLDERS = {  # a broken base model folder -> phrase
     **CORRUPT_WEIGHTS,
     "no tokenizer": (_no_tokenizer, "has no tokenizer"),
-    "hidden_size disagrees with the weights": (_config(lambda c: c.update(hidden_size=48)), "does not match its weights"),
-    "a q_proj missing from the checkpoint": (_weights(lambda s: s.pop("model.layers.1.self_attn.q_proj.weight")),
-                                             "has no model.layers.1.self_attn.q_proj.weight"),
-    "fewer layers in config.json than in the checkpoint": (_config(lambda c: c.update(num_hidden_layers=3)),
-                                                           "has no place for"),
+    "hidden_size disagrees with the weights": (
+        _config(lambda c: c.update(hidden_size=48)),
+        "does not match its weights",
+    ),
+    "a q_proj missing from the checkpoint": (
+        _weights(lambda s: s.pop("model.layers.1.self_attn.q_proj.weight")),
+        "has no model.layers.1.self_attn.q_proj.weight",
+    ),
+    "fewer layers in config.json than in the checkpoint": (
+        _config(lambda c: c.update(num_hidden_layers=3)),
+        "has no place for",
+    ),
     "a NaN weight": (_weights(_nan_weight), "contains NaN"),
     "tokenizer.json garbage": (lambda f: (f / "tokenizer.json").write_text("garbage{"), "cannot load model"),
     "tokenizer_config.json a list": (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "cannot load model"),
@@ -322,19 +501,28 @@ BASE_FOLDERS = {  # a broken base model folder -> phrase
 DSG_FOLDERS = {  # a broken DSG folder -> phrase
     **CORRUPT_WEIGHTS,
     "no tokenizer": (_no_tokenizer, "has no tokenizer"),
-    "config.json Latin-1": (lambda f: (f / "config.json").write_bytes((f / "config.json").read_bytes().replace(b'"topic"', b'"caf\xe9"')),
-                            "not UTF-8"),
+    "config.json Latin-1": (
+        lambda f: (f / "config.json").write_bytes((f / "config.json").read_bytes().replace(b'"topic"', b'"caf\xe9"')),
+        "not UTF-8",
+    ),
     "hidden_size disagrees with the weights": (
-        _config(lambda c: (c["text_config"].update(hidden_size=48), c["guardrails"][0]["sae"].update(d_in=48))), "wrong shape"),
+        _config(lambda c: (c["text_config"].update(hidden_size=48), c["guardrails"][0]["sae"].update(d_in=48))),
+        "wrong shape",
+    ),
     "tokenizer_config.json a list": (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "cannot load"),
-    "num_hidden_layers a string": (_config(lambda c: c["text_config"].update(num_hidden_layers="four")), "num_hidden_layers"),
+    "num_hidden_layers a string": (
+        _config(lambda c: c["text_config"].update(num_hidden_layers="four")),
+        "num_hidden_layers",
+    ),
 }
 ADD_TO_FOLDERS = {  # only for --add-to (the others refuse these cleanly already)
     "guardrails 5": (_config(lambda c: c.update(guardrails=5)), "must be a list of objects"),
     "guardrails ['biology']": (_config(lambda c: c.update(guardrails=["biology"])), "must be a list of objects"),
     "features.json a list": (lambda f: (f / "features.json").write_text("[]"), "must hold a JSON object"),
-    "dsg_build.json guardrails 'biology'": (lambda f: (f / "dsg_build.json").write_text(json.dumps({"guardrails": "biology"})),
-                                            "'guardrails' must be a list of objects"),
+    "dsg_build.json guardrails 'biology'": (
+        lambda f: (f / "dsg_build.json").write_text(json.dumps({"guardrails": "biology"})),
+        "'guardrails' must be a list of objects",
+    ),
 }
 
 
@@ -343,6 +531,7 @@ def _features(change):
         data = json.loads((folder / "features.json").read_text())
         change(data)
         (folder / "features.json").write_text(json.dumps(data))
+
     return edit
 
 
@@ -350,24 +539,40 @@ def _top_tokens(value):
     def change(data):
         for f in data["guardrails"][0]["features"]:
             f["top_tokens"] = value
+
     return change
 
 
 EXPLAIN_RECORDS = {
-    "features.json a list": (lambda f: (f / "features.json").write_text(json.dumps([1, 2])), "must hold a JSON object"),
-    "features.json guardrails 'biology'": (_features(lambda d: d.update(guardrails="biology")), "must be a list of objects"),
+    "features.json a list": (
+        lambda f: (f / "features.json").write_text(json.dumps([1, 2])),
+        "must hold a JSON object",
+    ),
+    "features.json guardrails 'biology'": (
+        _features(lambda d: d.update(guardrails="biology")),
+        "must be a list of objects",
+    ),
     "features.json top_tokens 7": (_features(_top_tokens(7)), "'top_tokens' must be a list of objects"),
     "features.json top_tokens [5]": (_features(_top_tokens([5])), "'top_tokens' must be a list of objects"),
-    "features.json features 5": (_features(lambda d: d["guardrails"][0].update(features=5)), "'features' must be a list"),
-    "features.json Latin-1": (lambda f: (f / "features.json").write_bytes(b'{"guardrails": [], "x": "caf\xe9"}'), "not UTF-8"),
+    "features.json features 5": (
+        _features(lambda d: d["guardrails"][0].update(features=5)),
+        "'features' must be a list",
+    ),
+    "features.json Latin-1": (
+        lambda f: (f / "features.json").write_bytes(b'{"guardrails": [], "x": "caf\xe9"}'),
+        "not UTF-8",
+    ),
 }
 CARD_RECORDS = {
     "features.json top_tokens 7": EXPLAIN_RECORDS["features.json top_tokens 7"],
     "features.json guardrails 'biology'": EXPLAIN_RECORDS["features.json guardrails 'biology'"],
     "dsg_build.json guardrails 'biology'": ADD_TO_FOLDERS["dsg_build.json guardrails 'biology'"],
     "dsg_build.json forget_sources 5": (
-        lambda f: (f / "dsg_build.json").write_text(json.dumps({"guardrails": [{"name": "topic", "forget_sources": 5}]})),
-        "'forget_sources' must be a list of strings"),
+        lambda f: (f / "dsg_build.json").write_text(
+            json.dumps({"guardrails": [{"name": "topic", "forget_sources": 5}]})
+        ),
+        "'forget_sources' must be a list of strings",
+    ),
 }
 
 
@@ -389,8 +594,15 @@ class Case:
     only after the work (a run that diverges), so progress bars and library warnings may come before the one
     error line, which must then be the last line."""
 
-    def __init__(self, argv, phrase: str | None = None, *, stdin: bytes | None = None, no_cuda: bool = False,
-                 progress: bool = False):
+    def __init__(
+        self,
+        argv,
+        phrase: str | None = None,
+        *,
+        stdin: bytes | None = None,
+        no_cuda: bool = False,
+        progress: bool = False,
+    ):
         self.argv, self.phrase, self.stdin, self.no_cuda, self.progress = argv, phrase, stdin, no_cuda, progress
 
 
@@ -410,80 +622,165 @@ def _cases() -> dict:
             add(f"{entry} <- {name}", lambda w, t, o, a=argv, m=make, p=phrase: Case(a(w, o, m(t, w)), p))
     for entry, argv in SAE_ENTRIES.items():
         for name, (change, phrase) in SAES.items():
-            add(f"{entry} <- SAE {name}", lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _sae_copy(t, w, c)), p))
+            add(
+                f"{entry} <- SAE {name}",
+                lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _sae_copy(t, w, c)), p),
+            )
     # devices, on every command with --device (CUDA is hidden, so the case holds on any machine)
     device_entries = {"build": build, "rmu": rmu, "train-sae": train_sae, "eval": evaluate, "sweep": sweep}
     for entry, argv in device_entries.items():
-        for device, phrase in (("cuda", "CUDA is not available"), ("bogus", "is not a device torch knows"),
-                               ("cuda:7", "CUDA is not available")):
-            add(f"{entry} --device {device}",
-                lambda w, t, o, a=argv, d=device, p=phrase: Case(a(w, o, extra=("--device", d)), p, no_cuda=True))
+        for device, phrase in (
+            ("cuda", "CUDA is not available"),
+            ("bogus", "is not a device torch knows"),
+            ("cuda:7", "CUDA is not available"),
+        ):
+            add(
+                f"{entry} --device {device}",
+                lambda w, t, o, a=argv, d=device, p=phrase: Case(a(w, o, extra=("--device", d)), p, no_cuda=True),
+            )
     add("build --device meta", lambda w, t, o: Case(build(w, o, extra=("--device", "meta")), "--device meta"))
     for entry in ("results", "demo"):
         for device, phrase in (("cuda", "CUDA is not available"), ("bogus", "is not a device torch knows")):
-            add(f"{entry} --device {device}",
-                lambda w, t, o, e=entry, d=device, p=phrase: Case([e, "--out", o, "--overwrite", "--device", d], p, no_cuda=True))
+            add(
+                f"{entry} --device {device}",
+                lambda w, t, o, e=entry, d=device, p=phrase: Case(
+                    [e, "--out", o, "--overwrite", "--device", d], p, no_cuda=True
+                ),
+            )
     # the wrong kind of model folder, and broken base folders
     for entry, argv in BASE_ENTRIES.items():
-        add(f"{entry} <- a DSG folder", lambda w, t, o, a=argv: Case(a(w, o, w.dsg), "is a DSG model folder, not a base model"))
-        add(f"{entry} <- a folder named .gguf", lambda w, t, o, a=argv: Case(a(w, o, (t / "m.gguf").mkdir() or t / "m.gguf"),
-                                                                              "is a folder"))
+        add(
+            f"{entry} <- a DSG folder",
+            lambda w, t, o, a=argv: Case(a(w, o, w.dsg), "is a DSG model folder, not a base model"),
+        )
+        add(
+            f"{entry} <- a folder named .gguf",
+            lambda w, t, o, a=argv: Case(a(w, o, (t / "m.gguf").mkdir() or t / "m.gguf"), "is a folder"),
+        )
         for name, (change, phrase) in BASE_FOLDERS.items():
             if entry == "sweep --base" and name not in CORRUPT_WEIGHTS:
                 continue  # the same loader as build; the corrupt files are enough to show it is used
-            add(f"{entry} <- base with {name}",
-                lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _folder_copy(t, w.base, c)), p))
+            add(
+                f"{entry} <- base with {name}",
+                lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _folder_copy(t, w.base, c)), p),
+            )
     for name, (change, phrase) in BASE_FOLDERS.items():
         if name in CORRUPT_WEIGHTS:
-            add(f"eval --baseline <- base with {name}", lambda w, t, o, c=change, p=phrase: Case(
-                evaluate(w, o, extra=("--baseline", f"other={_folder_copy(t, w.base, c)}")), p))
+            add(
+                f"eval --baseline <- base with {name}",
+                lambda w, t, o, c=change, p=phrase: Case(
+                    evaluate(w, o, extra=("--baseline", f"other={_folder_copy(t, w.base, c)}")), p
+                ),
+            )
     for entry, argv in DSG_ENTRIES.items():
         for name, (change, phrase) in DSG_FOLDERS.items():
             if entry == "eval" and name == "config.json Latin-1":
                 continue  # refused cleanly before
-            add(f"{entry} <- DSG folder with {name}",
-                lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _folder_copy(t, w.dsg, c)), p))
+            add(
+                f"{entry} <- DSG folder with {name}",
+                lambda w, t, o, a=argv, c=change, p=phrase: Case(a(w, o, _folder_copy(t, w.dsg, c)), p),
+            )
     for name, (change, phrase) in ADD_TO_FOLDERS.items():
-        add(f"build --add-to <- DSG folder with {name}",
-            lambda w, t, o, c=change, p=phrase: Case(add_to(w, o, _folder_copy(t, w.dsg, c)), p))
+        add(
+            f"build --add-to <- DSG folder with {name}",
+            lambda w, t, o, c=change, p=phrase: Case(add_to(w, o, _folder_copy(t, w.dsg, c)), p),
+        )
     # features.json / dsg_build.json of the wrong shape
     for name, (change, phrase) in EXPLAIN_RECORDS.items():
-        add(f"explain <- {name}", lambda w, t, o, c=change, p=phrase: Case(explain(w, o, _folder_copy(t, w.dsg, c)), p))
+        add(
+            f"explain <- {name}", lambda w, t, o, c=change, p=phrase: Case(explain(w, o, _folder_copy(t, w.dsg, c)), p)
+        )
     for name, (change, phrase) in CARD_RECORDS.items():
-        add(f"publish (card) <- {name}", lambda w, t, o, c=change, p=phrase: Case(publish(w, o, _folder_copy(t, w.dsg, c)), p))
-    add("publish --eval <- a file", lambda w, t, o: Case(publish(w, o, extra=("--eval", w.forget)), "is a file, not a folder"))
+        add(
+            f"publish (card) <- {name}",
+            lambda w, t, o, c=change, p=phrase: Case(publish(w, o, _folder_copy(t, w.dsg, c)), p),
+        )
+    add(
+        "publish --eval <- a file",
+        lambda w, t, o: Case(publish(w, o, extra=("--eval", w.forget)), "is a file, not a folder"),
+    )
     # other inputs
     for name, raw in (("bytes that are not UTF-8", b"\xff\xfe\xfa not text"), ("Latin-1", LATIN1_DOC)):
-        add(f"explain - <- standard input {name}", lambda w, t, o, r=raw: Case(explain(w, o, text="-"), "not UTF-8", stdin=r))
-    add("explain <- an argument that is not UTF-8", lambda w, t, o: Case(explain(w, o, text="caf\udce9 au lait"), "not UTF-8"))
+        add(
+            f"explain - <- standard input {name}",
+            lambda w, t, o, r=raw: Case(explain(w, o, text="-"), "not UTF-8", stdin=r),
+        )
+    add(
+        "explain <- an argument that is not UTF-8",
+        lambda w, t, o: Case(explain(w, o, text="caf\udce9 au lait"), "not UTF-8"),
+    )
     for value in ("nan", "inf", "0", "-5"):
-        add(f"publish --verify-timeout {value}", lambda w, t, o, v=value: Case(
-            publish(w, o, extra=("--verify-timeout", v)), "--verify-timeout must be a finite number of seconds > 0"))
+        add(
+            f"publish --verify-timeout {value}",
+            lambda w, t, o, v=value: Case(
+                publish(w, o, extra=("--verify-timeout", v)), "--verify-timeout must be a finite number of seconds > 0"
+            ),
+        )
     add("train-sae --k 64 --width 16", lambda w, t, o: Case(train_sae(w, o, extra=("--k", 64)), "--k 64 is more than"))
     for value in ("nan", "inf", "0", "-1"):
-        add(f"train-sae --lr {value}", lambda w, t, o, v=value: Case(train_sae(w, o, extra=("--lr", v)), "--lr must be a finite"))
+        add(
+            f"train-sae --lr {value}",
+            lambda w, t, o, v=value: Case(train_sae(w, o, extra=("--lr", v)), "--lr must be a finite"),
+        )
     # accepted silently before: out-of-range numbers and non-finite outputs
-    add("build --clamp 1e308", lambda w, t, o: Case(build(w, o, extra=("--clamp", "1e308")), "--clamp must be at most 1e+06"))
-    add("build --clamp 1e308 (refused up front)", lambda w, t, o: Case(
-        build(w, o, base=t / "no-such-model", extra=("--clamp", "1e308")), "--clamp must be at most 1e+06"))
-    add("build --window 10**12", lambda w, t, o: Case(build(w, o, extra=("--score", "window", "--window", 10**12)),
-                                                      "--window must be between 2 and 1048576"))
-    add("sweep --clamps 1e308", lambda w, t, o: Case(sweep(w, o, extra=("--clamps", "1e308")), "--clamps must be at most 1e+06"))
-    add("build --n-features 100 (d_sae 64)", lambda w, t, o: Case(build(w, o, extra=("--n-features", 100)),
-                                                                   "--n-features 100 is more than the SAE has features (d_sae = 64)"))
-    add("sweep --n-features-grid 100 (d_sae 64)", lambda w, t, o: Case(sweep(w, o, extra=("--n-features-grid", 100)),
-                                                                        "--n-features-grid 100 is more than the SAE has features"))
+    add(
+        "build --clamp 1e308",
+        lambda w, t, o: Case(build(w, o, extra=("--clamp", "1e308")), "--clamp must be at most 1e+06"),
+    )
+    add(
+        "build --clamp 1e308 (refused up front)",
+        lambda w, t, o: Case(
+            build(w, o, base=t / "no-such-model", extra=("--clamp", "1e308")), "--clamp must be at most 1e+06"
+        ),
+    )
+    add(
+        "build --window 10**12",
+        lambda w, t, o: Case(
+            build(w, o, extra=("--score", "window", "--window", 10**12)), "--window must be between 2 and 1048576"
+        ),
+    )
+    add(
+        "sweep --clamps 1e308",
+        lambda w, t, o: Case(sweep(w, o, extra=("--clamps", "1e308")), "--clamps must be at most 1e+06"),
+    )
+    add(
+        "build --n-features 100 (d_sae 64)",
+        lambda w, t, o: Case(
+            build(w, o, extra=("--n-features", 100)), "--n-features 100 is more than the SAE has features (d_sae = 64)"
+        ),
+    )
+    add(
+        "sweep --n-features-grid 100 (d_sae 64)",
+        lambda w, t, o: Case(
+            sweep(w, o, extra=("--n-features-grid", 100)), "--n-features-grid 100 is more than the SAE has features"
+        ),
+    )
     for flag in ("--lr", "--alpha", "--multiplier", "--steering-coeff"):
-        add(f"rmu {flag} inf", lambda w, t, o, f=flag: Case(rmu(w, o, extra=(f, "inf")), f"{f} must be a finite number"))
-    add("rmu --steering-coeff 1e30 (non-finite weights)", lambda w, t, o: Case(
-        rmu(w, o, extra=("--steering-coeff", "1e30", "--lr", "1e30")), "RMU diverged", progress=True))
-    add("train-sae --lr 1e30 (non-finite SAE)", lambda w, t, o: Case(train_sae(w, o, extra=("--lr", "1e30")),
-                                                                      "training diverged", progress=True))
+        add(
+            f"rmu {flag} inf",
+            lambda w, t, o, f=flag: Case(rmu(w, o, extra=(f, "inf")), f"{f} must be a finite number"),
+        )
+    add(
+        "rmu --steering-coeff 1e30 (non-finite weights)",
+        lambda w, t, o: Case(
+            rmu(w, o, extra=("--steering-coeff", "1e30", "--lr", "1e30")), "RMU diverged", progress=True
+        ),
+    )
+    add(
+        "train-sae --lr 1e30 (non-finite SAE)",
+        lambda w, t, o: Case(train_sae(w, o, extra=("--lr", "1e30")), "training diverged", progress=True),
+    )
     # dsg publish runs the folder's code to verify it: only the package's own code, unless allowed
-    add("publish <- modeling_dsg.py changed", lambda w, t, o: Case(publish(w, o, _folder_copy(t, w.dsg, _custom_code)),
-                                                                   "(modeling_dsg.py) is not byte-identical"))
-    add("publish <- auto_map names another module", lambda w, t, o: Case(
-        publish(w, o, _folder_copy(t, w.dsg, _extra_module)), "(evil.py) is not byte-identical"))
+    add(
+        "publish <- modeling_dsg.py changed",
+        lambda w, t, o: Case(
+            publish(w, o, _folder_copy(t, w.dsg, _custom_code)), "(modeling_dsg.py) is not byte-identical"
+        ),
+    )
+    add(
+        "publish <- auto_map names another module",
+        lambda w, t, o: Case(publish(w, o, _folder_copy(t, w.dsg, _extra_module)), "(evil.py) is not byte-identical"),
+    )
     return cases
 
 

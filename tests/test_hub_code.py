@@ -4,15 +4,41 @@ import ast
 from pathlib import Path
 
 import pytest
-
 import tiny
 
 PACKAGE = Path(__file__).parent.parent / "modeling_dsg" / "runtime"  # the Hub runtime: every file in it travels
 HUB_FILES = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
-ALLOWED_MODULES = {"torch", "transformers", "__future__", "contextlib", "contextvars", "copy", "math", "dataclasses", "typing",
-                   "inspect"}  # inspect: reading the base forward signature
-FORBIDDEN_MODULES = {"socket", "urllib", "http", "requests", "httpx", "aiohttp", "subprocess", "pickle", "dill",
-                     "cloudpickle", "marshal", "shelve", "huggingface_hub", "os", "sys", "importlib", "ctypes"}
+ALLOWED_MODULES = {
+    "torch",
+    "transformers",
+    "__future__",
+    "contextlib",
+    "contextvars",
+    "copy",
+    "math",
+    "dataclasses",
+    "typing",
+    "inspect",
+}  # inspect: reading the base forward signature
+FORBIDDEN_MODULES = {
+    "socket",
+    "urllib",
+    "http",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "subprocess",
+    "pickle",
+    "dill",
+    "cloudpickle",
+    "marshal",
+    "shelve",
+    "huggingface_hub",
+    "os",
+    "sys",
+    "importlib",
+    "ctypes",
+}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "open", "getattr_static"}
 FORBIDDEN_ATTRIBUTES = {"load", "hf_hub_download", "system", "popen", "urlopen"}
 
@@ -34,7 +60,9 @@ def test_imports_only_torch_transformers_and_siblings(name):
                 assert root in ALLOWED_MODULES and root not in FORBIDDEN_MODULES, f"{name}: import {alias.name}"
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                assert node.level == 1 and node.module and "." not in node.module, f"{name}: relative import must be flat"
+                assert node.level == 1 and node.module and "." not in node.module, (
+                    f"{name}: relative import must be flat"
+                )
                 assert f"{node.module}.py" in HUB_FILES, f"{name}: imports {node.module}, which does not travel"
             else:
                 root = node.module.split(".")[0]

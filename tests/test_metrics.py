@@ -19,9 +19,13 @@ LOG = np.log
 # ------------------------------------------------------------------------------ choice metrics
 def test_choice_metrics_by_hand():
     # three questions; the scores are log-probabilities of four letters that do not sum to 1
-    p = np.array([[0.1, 0.4, 0.2, 0.1],    # answer 1: right, renormalised 0.4 / 0.8 = 0.5
-                  [0.3, 0.1, 0.1, 0.1],    # answer 2: wrong (argmax 0), renormalised 0.1 / 0.6
-                  [0.2, 0.2, 0.05, 0.05]])  # answer 0: a tie between 0 and 1 goes to 0: right, 0.2 / 0.5
+    p = np.array(
+        [
+            [0.1, 0.4, 0.2, 0.1],  # answer 1: right, renormalised 0.4 / 0.8 = 0.5
+            [0.3, 0.1, 0.1, 0.1],  # answer 2: wrong (argmax 0), renormalised 0.1 / 0.6
+            [0.2, 0.2, 0.05, 0.05],
+        ]
+    )  # answer 0: a tie between 0 and 1 goes to 0: right, 0.2 / 0.5
     out = metrics.choice_metrics(LOG(p), [1, 2, 0])
     assert out["n"] == 3
     assert out["accuracy"] == pytest.approx(2 / 3, abs=1e-15)
@@ -59,8 +63,11 @@ def test_correct_loglikelihood_alone_matches_choice_metrics():
     refs = np.array([0, 3, 1, 2, 2, 0])
     full = metrics.choice_metrics(sums, refs, lengths)
     alone = metrics.correct_loglikelihood(sums[range(6), refs], lengths[range(6), refs])
-    assert alone == {"correct_logprob": pytest.approx(full["correct_logprob"], abs=1e-12),
-                     "correct_logprob_per_length": pytest.approx(full["correct_logprob_per_length"], abs=1e-12), "n": 6}
+    assert alone == {
+        "correct_logprob": pytest.approx(full["correct_logprob"], abs=1e-12),
+        "correct_logprob_per_length": pytest.approx(full["correct_logprob_per_length"], abs=1e-12),
+        "n": 6,
+    }
     with pytest.raises(ValueError, match="lengths must be > 0"):
         metrics.correct_loglikelihood([-1.0], [0])
 
@@ -93,8 +100,12 @@ def test_empty_and_bad_inputs():
 # ---------------------------------------------------------------------------------- text, rates
 def test_token_nll_is_token_weighted():
     out = metrics.token_nll([6.0, 1.0, 0.0], [3, 1, 0])  # a 1-token text predicts nothing
-    assert out == {"nll_per_token": pytest.approx(7.0 / 4), "perplexity": pytest.approx(math.exp(7.0 / 4)),
-                   "n_tokens": 4, "n_texts": 3}
+    assert out == {
+        "nll_per_token": pytest.approx(7.0 / 4),
+        "perplexity": pytest.approx(math.exp(7.0 / 4)),
+        "n_tokens": 4,
+        "n_texts": 3,
+    }
 
 
 def test_trigger_rates_per_dataset_and_subject():
@@ -228,7 +239,9 @@ def test_evaluate_module_loads_offline_and_matches():
     refs = rng.integers(0, 4, size=40)
     groups = [["a", "b", "c"][i % 3] for i in range(40)]
     lengths = rng.integers(1, 9, size=(40, 4))
-    got = module.compute(predictions=scores.tolist(), references=refs.tolist(), groups=groups, lengths=lengths.tolist())
+    got = module.compute(
+        predictions=scores.tolist(), references=refs.tolist(), groups=groups, lengths=lengths.tolist()
+    )
     want = metrics.choice_metrics(scores, refs, lengths)
     assert set(got) == set(want) | {"by_group"} and "accuracy_norm" in want
     for key, value in want.items():
@@ -240,7 +253,10 @@ def test_evaluate_module_loads_offline_and_matches():
     plain = module.compute(predictions=scores.tolist(), references=refs.tolist())
     assert plain == {k: pytest.approx(v, abs=1e-12) for k, v in metrics.choice_metrics(scores, refs).items()}
     # the docstring's example
-    assert module.compute(predictions=[[0.0, -1.0, -2.0, -3.0], [-2.0, -1.0, -3.0, -0.5]], references=[0, 1])["accuracy"] == 0.5
+    assert (
+        module.compute(predictions=[[0.0, -1.0, -2.0, -3.0], [-2.0, -1.0, -3.0, -0.5]], references=[0, 1])["accuracy"]
+        == 0.5
+    )
 
 
 def test_evaluate_module_readme_documents_the_dependency():
@@ -254,4 +270,6 @@ def test_a_row_whose_choices_all_tie_gave_no_answer():
 
     scores = np.array([[-1.0, -1.0, -1.0, -1.0], [-0.1, -2.0, -2.0, -2.0]])
     out = choice_metrics(scores, np.array([0, 0]))
-    assert out["accuracy"] == 0.5 and out["choice_prob"] == pytest.approx((0.25 + np.exp(-0.1) / (np.exp(-0.1) + 3 * np.exp(-2.0))) / 2)
+    assert out["accuracy"] == 0.5 and out["choice_prob"] == pytest.approx(
+        (0.25 + np.exp(-0.1) / (np.exp(-0.1) + 3 * np.exp(-2.0))) / 2
+    )

@@ -87,14 +87,20 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_shipped_resources_are_package_data():
     """Every `paths.SHIPPED` item lies in the package and is matched by a package-data pattern."""
-    patterns = [(package.replace(".", "/"), glob) for package, globs in SETUPTOOLS["package-data"].items() for glob in globs]
+    patterns = [
+        (package.replace(".", "/"), glob) for package, globs in SETUPTOOLS["package-data"].items() for glob in globs
+    ]
     for name, rel in paths.SHIPPED.items():
         path = paths.PACKAGE_DIR / rel
-        files = [f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+        files = [
+            f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file() and "__pycache__" not in f.parts
+        ]
         assert files, f"{name}: {path} holds no file"
         for f in files:
             where = f.relative_to(ROOT).as_posix()
-            assert any(Path(where).match(f"{package}/{glob}") for package, glob in patterns), f"{where} is not package data"
+            assert any(Path(where).match(f"{package}/{glob}") for package, glob in patterns), (
+                f"{where} is not package data"
+            )
 
 
 def test_the_checkout_resolves_its_own_files():
@@ -125,20 +131,29 @@ def test_installed_wheel_resolves_everything_inside_the_package(wheel, tmp_path)
     # -S: no site processing, so no .pth file (an editable install's finder) runs; this environment's
     # site-packages are given as plain paths after the unpacked wheel.
     env_paths = [str(site_dir)] + [p for p in site.getsitepackages() if Path(p).is_dir()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_paths), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(env_paths),
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_DATASETS_OFFLINE": "1",
+    }
     # the `dsg` console script, as pip writes it, in an interpreter of its own (nothing imported before)
-    entry = next(line.split("=", 1)[1].strip() for line in
-                 (next(site_dir.glob("*.dist-info")) / "entry_points.txt").read_text().splitlines()
-                 if line.replace(" ", "").startswith("dsg="))
+    entry = next(
+        line.split("=", 1)[1].strip()
+        for line in (next(site_dir.glob("*.dist-info")) / "entry_points.txt").read_text().splitlines()
+        if line.replace(" ", "").startswith("dsg=")
+    )
     module, func = entry.split(":")
     script = f"import sys; from {module} import {func}; sys.argv = ['dsg', 'demo', '--help']; sys.exit({func}())"
-    proc = subprocess.run([sys.executable, "-S", "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "--sae" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
-    proc = subprocess.run([sys.executable, "-S", "-c", CHECK], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", CHECK], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     package = Path(out["package"])

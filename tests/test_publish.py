@@ -16,12 +16,12 @@ import httpx2
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
+from tiny import make_tiny_dsg
 
 from modeling_dsg import cli
+from modeling_dsg.errors import DSGError
 from modeling_dsg.publishing import publish as pub
 from modeling_dsg.publishing.cards import render_card
-from modeling_dsg.errors import DSGError
-from tiny import make_tiny_dsg
 
 REPO = "someone/tiny-dsg-topic"
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -31,24 +31,66 @@ TOKENS = {3: " virus", 7: " cell|wall", 11: "`x`", 20: "\nprotein", 33: " gene"}
 
 
 def summary(mean: float, n: int) -> dict:
-    return {"mean": mean, "std": 0.1, "min": 0.0, "p5": 0.0, "p25": mean / 2, "p50": mean, "p75": mean * 1.5,
-            "p95": mean * 2, "max": 0.9, "n": n}
+    return {
+        "mean": mean,
+        "std": 0.1,
+        "min": 0.0,
+        "p5": 0.0,
+        "p25": mean / 2,
+        "p50": mean,
+        "p75": mean * 1.5,
+        "p95": mean * 2,
+        "max": 0.9,
+        "n": n,
+    }
 
 
 def add_build_records(folder: Path) -> Path:
     """features.json and dsg_build.json as `dsg build` writes them, for the tiny guardrail 'topic'."""
-    feats = [{"index": i, "forget_mean": 0.5 + k, "retain_mean": 0.01 * (k + 1), "forget_freq": 0.25,
-              "retain_freq": 0.002, "importance": (0.5 + k) ** 2, "ratio": 1000.0 * (k + 1),
-              "top_tokens": [{"token": TOKENS[i], "activation": 4.25 - k, "context": f"about the{TOKENS[i]} here"},
-                             {"token": " other", "activation": 1.0, "context": "other"}]}
-             for k, i in enumerate(FEATURES)]
-    (folder / "features.json").write_text(json.dumps({"guardrails": [{"name": "topic", "layer": 1, "features": feats}]}))
-    build = {"base_model": BASE_ID, "guardrails": [{
-        "name": "topic", "mode": "dynamic", "sae": "/somewhere/saes/tiny-sae", "layer": 1,
-        "forget_sources": ["/data/wmdp/bio.jsonl"], "retain_sources": ["Salesforce/wikitext:wikitext-2-raw-v1@test"],
-        "n_features": 5, "clamp": 8.0, "ratio_percentile": 95, "threshold_percentile": 95, "tau": 0.3,
-        "rho": {"forget": summary(0.45, 120), "retain": summary(0.05, 120)},
-        "heldout": {"forget_trigger_rate": 0.9375, "retain_trigger_rate": 0.03125, "n_forget": 32, "n_retain": 64}}]}
+    feats = [
+        {
+            "index": i,
+            "forget_mean": 0.5 + k,
+            "retain_mean": 0.01 * (k + 1),
+            "forget_freq": 0.25,
+            "retain_freq": 0.002,
+            "importance": (0.5 + k) ** 2,
+            "ratio": 1000.0 * (k + 1),
+            "top_tokens": [
+                {"token": TOKENS[i], "activation": 4.25 - k, "context": f"about the{TOKENS[i]} here"},
+                {"token": " other", "activation": 1.0, "context": "other"},
+            ],
+        }
+        for k, i in enumerate(FEATURES)
+    ]
+    (folder / "features.json").write_text(
+        json.dumps({"guardrails": [{"name": "topic", "layer": 1, "features": feats}]})
+    )
+    build = {
+        "base_model": BASE_ID,
+        "guardrails": [
+            {
+                "name": "topic",
+                "mode": "dynamic",
+                "sae": "/somewhere/saes/tiny-sae",
+                "layer": 1,
+                "forget_sources": ["/data/wmdp/bio.jsonl"],
+                "retain_sources": ["Salesforce/wikitext:wikitext-2-raw-v1@test"],
+                "n_features": 5,
+                "clamp": 8.0,
+                "ratio_percentile": 95,
+                "threshold_percentile": 95,
+                "tau": 0.3,
+                "rho": {"forget": summary(0.45, 120), "retain": summary(0.05, 120)},
+                "heldout": {
+                    "forget_trigger_rate": 0.9375,
+                    "retain_trigger_rate": 0.03125,
+                    "n_forget": 32,
+                    "n_retain": 64,
+                },
+            }
+        ],
+    }
     (folder / "dsg_build.json").write_text(json.dumps(build))
     return folder
 
@@ -56,21 +98,55 @@ def add_build_records(folder: Path) -> Path:
 REPORT = {  # in the schema of modeling_dsg/report_schema.py (tests/test_report_card.py renders a real one)
     "schema_version": 2,
     "results": [
-        {"dataset": "WMDP-bio (held out)", "metric": "accuracy", "base": 0.3125, "dsg": 0.25, "baselines": {"static": 0.26},
-         "n": 64, "dataset_id": "cais/wmdp", "dataset_config": "wmdp-bio", "dataset_split": "test",
-         "higher_is_better": False},
-        {"dataset": "MMLU (non-biology)", "metric": "accuracy", "base": 0.28, "dsg": 0.275, "baselines": {"static": None},
-         "n": 80, "dataset_id": "cais/mmlu", "higher_is_better": True},
-        {"dataset": "WikiText", "metric": "nll", "base": 3.5, "dsg": None},  # no DSG value: table only, not model-index
+        {
+            "dataset": "WMDP-bio (held out)",
+            "metric": "accuracy",
+            "base": 0.3125,
+            "dsg": 0.25,
+            "baselines": {"static": 0.26},
+            "n": 64,
+            "dataset_id": "cais/wmdp",
+            "dataset_config": "wmdp-bio",
+            "dataset_split": "test",
+            "higher_is_better": False,
+        },
+        {
+            "dataset": "MMLU (non-biology)",
+            "metric": "accuracy",
+            "base": 0.28,
+            "dsg": 0.275,
+            "baselines": {"static": None},
+            "n": 80,
+            "dataset_id": "cais/mmlu",
+            "higher_is_better": True,
+        },
+        {
+            "dataset": "WikiText",
+            "metric": "nll",
+            "base": 3.5,
+            "dsg": None,
+        },  # no DSG value: table only, not model-index
     ],
     "baselines": ["static"],
-    "trigger_rates": {"WMDP-bio (held out)": {"topic": {"rate": 0.90625, "fired": 29, "n": 32}},
-                      "MMLU (non-biology)": {"topic": {"rate": 0.025, "fired": 2, "n": 80}}},
-    "dilution": {"dataset": "WMDP-bio (held out)", "filler": "WikiText (text)", "n": 32, "factors": [1, 5], "seed": 0,
-                 "by_guardrail": {"topic": {
-                     "score": "fraction", "undiluted_trigger_rate": 0.5,
-                     "1x": {"fired_before": 16, "evaded": 8, "attack_success": 0.5, "trigger_rate": 0.25},
-                     "5x": {"fired_before": 16, "evaded": 14, "attack_success": 0.875, "trigger_rate": 0.0625}}}},
+    "trigger_rates": {
+        "WMDP-bio (held out)": {"topic": {"rate": 0.90625, "fired": 29, "n": 32}},
+        "MMLU (non-biology)": {"topic": {"rate": 0.025, "fired": 2, "n": 80}},
+    },
+    "dilution": {
+        "dataset": "WMDP-bio (held out)",
+        "filler": "WikiText (text)",
+        "n": 32,
+        "factors": [1, 5],
+        "seed": 0,
+        "by_guardrail": {
+            "topic": {
+                "score": "fraction",
+                "undiluted_trigger_rate": 0.5,
+                "1x": {"fired_before": 16, "evaded": 8, "attack_success": 0.5, "trigger_rate": 0.25},
+                "5x": {"fired_before": 16, "evaded": 14, "attack_success": 0.875, "trigger_rate": 0.0625},
+            }
+        },
+    },
 }
 
 
@@ -107,7 +183,12 @@ def stub_verify(monkeypatch):
 
     def fake(staged, timeout=pub.VERIFY_TIMEOUT_S):
         calls.append(sorted(p.relative_to(staged).as_posix() for p in Path(staged).rglob("*") if p.is_file()))
-        return {"class": "DSGForCausalLM", "module": "transformers_modules.stub", "logits_shape": [1, 3, 259], "seconds": 0.0}
+        return {
+            "class": "DSGForCausalLM",
+            "module": "transformers_modules.stub",
+            "logits_shape": [1, 3, 259],
+            "seconds": 0.0,
+        }
 
     monkeypatch.setattr(pub, "verify", fake)
     return calls
@@ -126,13 +207,23 @@ def test_card_without_eval_report(tiny_folder, tmp_path):
     assert "model-index" not in data and loaded.data.eval_results is None
     text = loaded.text
     assert f'repo = "{REPO}"' in text and text.count("trust_remote_code=True") >= 3
-    assert 'pipeline("text-generation", model="someone/tiny-dsg-topic", trust_remote_code=True, device_map="auto")' in text
+    assert (
+        'pipeline("text-generation", model="someone/tiny-dsg-topic", trust_remote_code=True, device_map="auto")'
+        in text
+    )
     assert 'device_map="auto")' in text.split("```python")[1]
     assert "| layer | residual stream after decoder block 1 |" in text
-    assert "from `saes/tiny-sae`" in text and "`wmdp/bio.jsonl`" in text and "`Salesforce/wikitext:wikitext-2-raw-v1@test`" in text
+    assert (
+        "from `saes/tiny-sae`" in text
+        and "`wmdp/bio.jsonl`" in text
+        and "`Salesforce/wikitext:wikitext-2-raw-v1@test`" in text
+    )
     # the feature table: one row per selected feature, in the config's order, with its top token
-    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()
-            and "`" in line]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit() and "`" in line
+    ]
     assert [int(r.split("|")[1]) for r in rows] == FEATURES
     assert "`␣virus` (4.2)" in rows[0] and "`␣cell\\|wall` (3.2)" in rows[1] and "`` `x` `` (2.2)" in rows[2]
     assert "`↵protein`" in rows[3] and "| 0.500 | 0.010 | 25.0% | 0.2% | 1000.0 |" in rows[0]
@@ -153,7 +244,9 @@ def test_card_with_eval_report(tiny_folder, tmp_path):
     results = loaded.data.eval_results
     assert loaded.data.model_name == "tiny-dsg-topic"
     assert [(r.dataset_type, r.dataset_name, r.metric_type, r.metric_value) for r in results] == [
-        ("cais/wmdp", "WMDP-bio (held out)", "accuracy", 0.25), ("cais/mmlu", "MMLU (non-biology)", "accuracy", 0.275)]
+        ("cais/wmdp", "WMDP-bio (held out)", "accuracy", 0.25),
+        ("cais/mmlu", "MMLU (non-biology)", "accuracy", 0.275),
+    ]
     assert results[0].dataset_config == "wmdp-bio" and results[0].dataset_split == "test"
     assert all(r.task_type == "text-generation" for r in results)
     text = loaded.text
@@ -162,7 +255,9 @@ def test_card_with_eval_report(tiny_folder, tmp_path):
     assert "| WMDP-bio (held out) | accuracy ↓ | 64 | 0.312 | 0.250 | -0.062 | 0.260 |" in evaluation
     assert "| MMLU (non-biology) | accuracy ↑ | 80 | 0.280 | 0.275 | -0.005 | not measured |" in evaluation
     assert "| WikiText | nll |  | 3.500 | not measured | not measured | not measured |" in evaluation
-    assert "| MMLU (non-biology) | 2.5% of 80 |" in evaluation and "| WMDP-bio (held out) | 90.6% of 32 |" in evaluation
+    assert (
+        "| MMLU (non-biology) | 2.5% of 80 |" in evaluation and "| WMDP-bio (held out) | 90.6% of 32 |" in evaluation
+    )
     assert "| `topic` | `fraction` | 50.0% (16 of 32) | 50.0% | 87.5% |" in evaluation
     assert "![eval/rho_hist.png](eval/rho_hist.png)" in evaluation
     limitations = text.split("## Limitations")[1]
@@ -180,15 +275,26 @@ def test_card_license_and_base_from_local_files(tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_ti_data_to_file(), writer.close()
     folder = tmp_path / "m"
     folder.mkdir()
-    guard = {"name": "chemistry", "layer": 0, "mode": "static", "features": [1], "clamp": 5.0, "threshold": 0.0,
-             "score": "fraction", "sae": {"architecture": "standard", "d_in": 8, "d_sae": 16}}
-    (folder / "config.json").write_text(json.dumps({"model_type": "dsg", "guardrails": [guard],
-                                                    "text_config": {"_name_or_path": str(gguf_path)}}))
+    guard = {
+        "name": "chemistry",
+        "layer": 0,
+        "mode": "static",
+        "features": [1],
+        "clamp": 5.0,
+        "threshold": 0.0,
+        "score": "fraction",
+        "sae": {"architecture": "standard", "d_in": 8, "d_sae": 16},
+    }
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "dsg", "guardrails": [guard], "text_config": {"_name_or_path": str(gguf_path)}})
+    )
     data = render_card(folder).data.to_dict()
     assert data["license"] == "mit" and "base_model" not in data  # a local base has no Hub id
     text = render_card(folder).text
     assert "`my-base.Q4_0.gguf` (a local model, not a Hub id)" in text and "`static` (always on" in text
-    assert "τ is not used" in text and "SAE features 1. Their activation statistics and top tokens: not measured" in text
+    assert (
+        "τ is not used" in text and "SAE features 1. Their activation statistics and top tokens: not measured" in text
+    )
     over = render_card(folder, "a/b", base_model="org/base", license="other").data.to_dict()
     assert over["base_model"] == "org/base" and over["license"] == "other"
     # nothing known about the base: no license field, and the card says so
@@ -197,7 +303,9 @@ def test_card_license_and_base_from_local_files(tmp_path):
     assert "license" not in card.data.to_dict() and "base_model" not in card.data.to_dict()
     assert "License: not known" in card.text and "a base model that was not recorded" in card.text
     # the embedded default's GGUF: Hub id from its name
-    (folder / "dsg_build.json").write_text(json.dumps({"base_model": str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")}))
+    (folder / "dsg_build.json").write_text(
+        json.dumps({"base_model": str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")})
+    )
     (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"not really a gguf")
     data = render_card(folder).data.to_dict()
     assert data["base_model"] == BASE_ID and data["license"] == "apache-2.0"
@@ -244,8 +352,18 @@ def test_dry_run_stages_exact_files_and_verifies(tiny_folder, tmp_path, capsys):
     assert code == 0
     staged = {p.relative_to(staging).as_posix(): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
     assert set(staged) == expected
-    assert {"config.json", "model.safetensors", "configuration_dsg.py", "modeling_dsg.py", "sae_dsg.py",
-            "tokenizer.json", "features.json", "dsg_build.json", "eval/report.json", "eval/rho_hist.png"} <= set(staged)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "configuration_dsg.py",
+        "modeling_dsg.py",
+        "sae_dsg.py",
+        "tokenizer.json",
+        "features.json",
+        "dsg_build.json",
+        "eval/report.json",
+        "eval/rho_hist.png",
+    } <= set(staged)
     for rel in expected - {"README.md"}:
         assert (staging / rel).read_bytes() == (source / rel).read_bytes(), rel
     card = ModelCard.load(staging / "README.md")
@@ -263,8 +381,14 @@ def test_dry_run_stages_exact_files_and_verifies(tiny_folder, tmp_path, capsys):
     assert len(snippets) == 2 and "apply_chat_template" in snippets[0]
     code = "\n".join(snippets).replace(REPO, str(staging)).replace("max_new_tokens=40", "max_new_tokens=3")
     code += "\nimport sys\nassert 'modeling_dsg' not in sys.modules, 'the project package was imported'\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Rainbows form when" in proc.stdout
 
@@ -274,7 +398,9 @@ def test_verify_reports_the_subprocess_error(folder_copy, tmp_path):
         f.write("\nraise ImportError('sae code broken on purpose')\n")
     staging = tmp_path / "staging"
     t0 = time.perf_counter()
-    with pytest.raises(DSGError, match="does not load with trust_remote_code: ImportError: sae code broken on purpose"):
+    with pytest.raises(
+        DSGError, match="does not load with trust_remote_code: ImportError: sae code broken on purpose"
+    ):
         pub.publish(folder_copy, REPO, dry_run=staging, allow_custom_code=True)  # changed code is refused otherwise
     assert not staging.exists()  # never a half-written staging folder
     assert time.perf_counter() - t0 < 120
@@ -314,13 +440,18 @@ def test_sharded_weights_are_staged_with_their_index(tmp_path, monkeypatch):
         pub.publish(folder, REPO, dry_run=tmp_path / "staging2")
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
-    (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "has no tokenizer files"),
-    (lambda d: (d / "guard_dsg.py").unlink() if (d / "guard_dsg.py").exists() else (d / "sae_dsg.py").unlink(),
-     r"is missing \w+\.py, imported by the model code"),
-    (lambda d: (d / "modeling_dsg.py").unlink(), "missing modeling_dsg.py, which config.json's auto_map names"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+        (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "has no tokenizer files"),
+        (
+            lambda d: (d / "guard_dsg.py").unlink() if (d / "guard_dsg.py").exists() else (d / "sae_dsg.py").unlink(),
+            r"is missing \w+\.py, imported by the model code",
+        ),
+        (lambda d: (d / "modeling_dsg.py").unlink(), "missing modeling_dsg.py, which config.json's auto_map names"),
+    ],
+)
 def test_incomplete_folders(folder_copy, tmp_path, break_it, message):
     break_it(folder_copy)
     with pytest.raises(DSGError, match=message):
@@ -328,8 +459,10 @@ def test_incomplete_folders(folder_copy, tmp_path, break_it, message):
     assert not (tmp_path / "staging").exists()
 
 
-@pytest.mark.parametrize("repo_id", ["no-owner", "a/b/c", "a/b--c", "a/b..c", "/name", "owner/", "own er/x",
-                                     "a/b.git", "a/" + "x" * 100, None])
+@pytest.mark.parametrize(
+    "repo_id",
+    ["no-owner", "a/b/c", "a/b--c", "a/b..c", "/name", "owner/", "own er/x", "a/b.git", "a/" + "x" * 100, None],
+)
 def test_bad_repo_ids(tiny_folder, tmp_path, repo_id):
     with pytest.raises(DSGError, match="bad repo id"):
         pub.publish(tiny_folder, repo_id, dry_run=tmp_path / "s")
@@ -376,8 +509,17 @@ class Recorder:
         self.calls, self.exists, self.fail_commit = [], exists, fail_commit
         self.who = who or {"name": "someone", "orgs": [{"name": "team"}], "auth": {"accessToken": {"role": "write"}}}
         self.committed = {}
-        for name in ("whoami", "repo_exists", "create_repo", "create_branch", "create_commit", "delete_repo",
-                     "upload_folder", "upload_file", "upload_large_folder"):
+        for name in (
+            "whoami",
+            "repo_exists",
+            "create_repo",
+            "create_branch",
+            "create_commit",
+            "delete_repo",
+            "upload_folder",
+            "upload_file",
+            "upload_large_folder",
+        ):
             setattr(api, name, self._method(name))
 
     def _method(self, name):
@@ -395,6 +537,7 @@ class Recorder:
                     raise RuntimeError("connection reset during upload")
                 return type("CommitInfo", (), {"commit_url": "https://hub.test/someone/tiny-dsg-topic/commit/abc"})()
             return None
+
         return method
 
     def names(self):
@@ -434,8 +577,11 @@ def test_upload_public_to_a_branch_and_cleanup_on_failure(tiny_folder, listening
     assert not result["created_repo"]
     # a failed commit to a repo that did not exist before: the empty repo is deleted again
     rec = Recorder(api, exists=False, fail_commit=True)
-    with pytest.raises(DSGError, match="upload to someone/x failed: connection reset during upload "
-                                       r"\(the repo it had just created was deleted again\)"):
+    with pytest.raises(
+        DSGError,
+        match="upload to someone/x failed: connection reset during upload "
+        r"\(the repo it had just created was deleted again\)",
+    ):
         pub.publish(tiny_folder, "someone/x", api=api)
     assert rec.names() == ["whoami", "repo_exists", "create_repo", "create_commit", "delete_repo"]
     # ... but an existing repo is never deleted
@@ -445,11 +591,16 @@ def test_upload_public_to_a_branch_and_cleanup_on_failure(tiny_folder, listening
     assert "delete_repo" not in rec.names()
 
 
-@pytest.mark.parametrize("who, message", [
-    ({"name": "someone", "orgs": [], "auth": {"accessToken": {"role": "read"}}}, "read-only"),
-    ({"name": "other", "orgs": [{"name": "club"}], "auth": {"accessToken": {"role": "write"}}},
-     "belongs to 'other', who cannot create repos under 'someone'"),
-])
+@pytest.mark.parametrize(
+    "who, message",
+    [
+        ({"name": "someone", "orgs": [], "auth": {"accessToken": {"role": "read"}}}, "read-only"),
+        (
+            {"name": "other", "orgs": [{"name": "club"}], "auth": {"accessToken": {"role": "write"}}},
+            "belongs to 'other', who cannot create repos under 'someone'",
+        ),
+    ],
+)
 def test_token_that_cannot_write_fails_before_anything_is_created(tiny_folder, listening_port, online, who, message):
     api = HfApi(endpoint=f"http://127.0.0.1:{listening_port}")
     rec = Recorder(api, who=who)
@@ -532,5 +683,11 @@ def test_offline_mode_is_named(tiny_folder, monkeypatch):
 
 
 def test_human_sizes():
-    assert [pub.human_size(n) for n in (0, 1023, 1024, 1536, 5 * 1024**2, 3 * 1024**3)] == \
-        ["0 B", "1023 B", "1.0 KB", "1.5 KB", "5.0 MB", "3.0 GB"]
+    assert [pub.human_size(n) for n in (0, 1023, 1024, 1536, 5 * 1024**2, 3 * 1024**3)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KB",
+        "1.5 KB",
+        "5.0 MB",
+        "3.0 GB",
+    ]

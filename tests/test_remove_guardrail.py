@@ -1,9 +1,8 @@
 """`remove_guardrail`: detaching one guardrail leaves the model exactly as if it had never been added."""
 
 import pytest
-import torch
-
 import tiny
+import torch
 
 
 @torch.no_grad()

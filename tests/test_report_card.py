@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import tiny
-from modeling_dsg.evaluation import report as report_schema
-from modeling_dsg.publishing.cards import render_card
-from modeling_dsg.errors import DSGError
-from modeling_dsg.evaluation.dilution import SEED
-from modeling_dsg.evaluation.report import PLACEMENTS, cell_key
-from modeling_dsg.embedded.results import DILUTIONS, dilute
+import torch
 from test_build import mcq_text
 from test_evaluation import World, run_cli
+
+from modeling_dsg.embedded.results import DILUTIONS, dilute
+from modeling_dsg.errors import DSGError
+from modeling_dsg.evaluation import report as report_schema
+from modeling_dsg.evaluation.dilution import SEED
+from modeling_dsg.evaluation.report import PLACEMENTS, cell_key
+from modeling_dsg.publishing.cards import render_card
 
 
 def static_copy(src: Path, dst: Path) -> Path:
@@ -45,10 +45,30 @@ class Run:
         self.rmu = root / "rmu"
         tiny.tiny_base("llama", seed=1).save_pretrained(self.rmu)
         self.static = static_copy(world.model_dir, root / "static")
-        self.result = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                              "--out", self.out, "--forget-name", "biology", "--retain-name", "general",
-                              "--no-known-filter", "--batch-size", 4, "--no-progress", "--dilution",
-                              "--baseline", f"RMU={self.rmu}", "--baseline", f"static={self.static}", *extra)
+        self.result = run_cli(
+            "eval",
+            world.model_dir,
+            "--forget-mcq",
+            world.forget_file,
+            "--retain-mcq",
+            world.retain_file,
+            "--out",
+            self.out,
+            "--forget-name",
+            "biology",
+            "--retain-name",
+            "general",
+            "--no-known-filter",
+            "--batch-size",
+            4,
+            "--no-progress",
+            "--dilution",
+            "--baseline",
+            f"RMU={self.rmu}",
+            "--baseline",
+            f"static={self.static}",
+            *extra,
+        )
         assert self.result.code == 0, self.result.err[-3000:]
         self.report = json.loads((self.out / "report.json").read_text())
         self.card = render_card(world.model_dir, "someone/tiny-dsg", eval_dir=self.out)
@@ -102,14 +122,17 @@ def test_card_shows_every_baseline_number(run):
     for r in run.report["results"]:
         arrow = " ↑" if r["higher_is_better"] else " ↓"
         delta = f"{r['dsg'] - r['base']:+.3f}"
-        line = (f"| {r['dataset']} | {r['metric']}{arrow} | {r['n']} | {shown(r['base'])} | {shown(r['dsg'])} | {delta} | "
-                f"{shown(r['baselines']['RMU'])} | {shown(r['baselines']['static'])} |")
+        line = (
+            f"| {r['dataset']} | {r['metric']}{arrow} | {r['n']} | {shown(r['base'])} | {shown(r['dsg'])} | {delta} | "
+            f"{shown(r['baselines']['RMU'])} | {shown(r['baselines']['static'])} |"
+        )
         assert line in evaluation, line
     assert f"**RMU** (`{run.rmu.parent.name}/rmu`), **static** (`{run.static.parent.name}/static`)" in evaluation
     # the model-index carries this model's (DSG) numbers only
     results = run.card.data.eval_results
     assert [(r.dataset_name, r.metric_type, r.metric_value) for r in results] == [
-        (r["dataset"], r["metric"], r["dsg"]) for r in run.report["results"]]
+        (r["dataset"], r["metric"], r["dsg"]) for r in run.report["results"]
+    ]
 
 
 # -------------------------------------------------------------------------------------- dilution
@@ -132,23 +155,50 @@ def expected_dilution(world: World, filler_texts: list[str]) -> dict:
     out = {}
     for placement in PLACEMENTS:
         for factor in DILUTIONS:
-            after = np.array([guard_fired(world, dilute(p, filler, factor, int(o), tiny.BOS, placement))
-                              for p, o in zip(prompts, offsets)])
+            after = np.array(
+                [
+                    guard_fired(world, dilute(p, filler, factor, int(o), tiny.BOS, placement))
+                    for p, o in zip(prompts, offsets)
+                ]
+            )
             fired_before, evaded = int(before.sum()), int((before & ~after).sum())
-            out[cell_key(placement, factor)] = {"fired_before": fired_before, "evaded": evaded,
-                                                "attack_success": evaded / fired_before, "trigger_rate": after.mean()}
+            out[cell_key(placement, factor)] = {
+                "fired_before": fired_before,
+                "evaded": evaded,
+                "attack_success": evaded / fired_before,
+                "trigger_rate": after.mean(),
+            }
     return out
 
 
 def check_dilution_block(report: dict, world: World, filler_texts: list[str], filler_name: str) -> dict:
     block = report["dilution"]
     assert {k: block[k] for k in ("dataset", "filler", "n", "factors", "placements", "seed")} == {
-        "dataset": "biology (forget)", "filler": filler_name, "n": len(world.forget), "factors": [1, 2, 5, 10],
-        "placements": ["prefix", "suffix", "split"], "seed": SEED}
+        "dataset": "biology (forget)",
+        "filler": filler_name,
+        "n": len(world.forget),
+        "factors": [1, 2, 5, 10],
+        "placements": ["prefix", "suffix", "split"],
+        "seed": SEED,
+    }
     entry = block["by_guardrail"]["zeta"]
     assert list(block["by_guardrail"]) == ["zeta"] and entry["score"] == "fraction"
-    assert list(entry) == ["score", "undiluted_trigger_rate", "1x", "2x", "5x", "10x", "suffix 1x", "suffix 2x", "suffix 5x",
-                           "suffix 10x", "split 1x", "split 2x", "split 5x", "split 10x"]  # every cell
+    assert list(entry) == [
+        "score",
+        "undiluted_trigger_rate",
+        "1x",
+        "2x",
+        "5x",
+        "10x",
+        "suffix 1x",
+        "suffix 2x",
+        "suffix 5x",
+        "suffix 10x",
+        "split 1x",
+        "split 2x",
+        "split 5x",
+        "split 10x",
+    ]  # every cell
     # the undiluted prompts are exactly the ones the letter scoring saw: same decisions as the trigger rates
     forget_rate = report["trigger_rates"]["biology (forget)"]["zeta"]
     assert entry["undiluted_trigger_rate"] == forget_rate["rate"] == 4 / 6
@@ -168,7 +218,10 @@ def test_card_shows_the_dilution_figures(run):
     entry = run.report["dilution"]["by_guardrail"]["zeta"]
     text = run.card.text
     evaluation = text.split("## Evaluation")[1].split("## Limitations")[0]
-    assert "| guardrail | score | fired without filler | filler at | 1x | 2x | 5x | 10x |\n|---|---|---:|---|---:|---:|---:|---:|" in evaluation
+    assert (
+        "| guardrail | score | fired without filler | filler at | 1x | 2x | 5x | 10x |\n|---|---|---:|---|---:|---:|---:|---:|"
+        in evaluation
+    )
     summary = (run.out / "summary.md").read_text()
     assert "| guardrail | score | fired undiluted | filler at | 1x | 2x | 5x | 10x |" in summary
     for placement in PLACEMENTS:  # one row per placement, a cell per factor: every cell of the report
@@ -177,8 +230,10 @@ def test_card_shows_the_dilution_figures(run):
         numbers = [shown(entry[cell_key(placement, k)]["attack_success"]) for k in (1, 2, 5, 10)]
         assert f"| `zeta` | `fraction` | 4 of 6 | {placement} | {' | '.join(numbers)} |" in summary
     assert evaluation.count("| `zeta` | `fraction` | 66.7% (4 of 6) |") == 3
-    assert ("6 forget prompts from biology (forget), each with harmless filler from wiki (text) put in front of the "
-            "prompt (prefix), after it (suffix) or between its two halves of tokens (split), at 1x, 2x, 5x, 10x its length") in evaluation
+    assert (
+        "6 forget prompts from biology (forget), each with harmless filler from wiki (text) put in front of the "
+        "prompt (prefix), after it (suffix) or between its two halves of tokens (split), at 1x, 2x, 5x, 10x its length"
+    ) in evaluation
     limitations = text.split("## Limitations")[1]
     steps = ", ".join(f"{key}: {percent(entry[key]['attack_success'])}" for key in list(entry)[2:])
     assert steps.startswith("1x: ") and steps.count(": ") == 12 and "split 10x: " in steps
@@ -213,9 +268,25 @@ def test_card_reads_a_dilution_block_from_before_placements(run, world, tmp_path
 
 def test_dilution_filler_defaults_to_the_retain_questions(world, tmp_path):
     out = tmp_path / "report"
-    result = run_cli("eval", world.model_dir, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                     "--out", out, "--forget-name", "biology", "--retain-name", "general", "--no-known-filter",
-                     "--cloze", "none", "--no-progress", "--dilution")
+    result = run_cli(
+        "eval",
+        world.model_dir,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--out",
+        out,
+        "--forget-name",
+        "biology",
+        "--retain-name",
+        "general",
+        "--no-known-filter",
+        "--cloze",
+        "none",
+        "--no-progress",
+        "--dilution",
+    )
     assert result.code == 0, result.err[-3000:]
     report = json.loads((out / "report.json").read_text())
     entry = check_dilution_block(report, world, [r["question"] for r in world.retain], "general (retain) questions")
@@ -234,22 +305,43 @@ def one_error(result, message: str) -> None:
 def test_dilution_needs_a_dynamic_guardrail(world, tmp_path):
     static = static_copy(world.model_dir, tmp_path / "static")
     out = tmp_path / "report"
-    result = run_cli("eval", static, "--forget-mcq", world.forget_file, "--retain-mcq", world.retain_file,
-                     "--out", out, "--dilution")
+    result = run_cli(
+        "eval",
+        static,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--out",
+        out,
+        "--dilution",
+    )
     one_error(result, "--dilution: this model has no dynamic guardrail")
     assert len(result.err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r.update(schema_version=99), "schema_version 99 is not one this version of modeling_dsg reads"),
-    (lambda r: r["results"][0].pop("metric"), "results[0]: needs a string 'metric'"),
-    (lambda r: r["results"][1]["baselines"].update(PPO=0.5), "results[1]: baseline 'PPO' is not in the report's"),
-    (lambda r: r["trigger_rates"]["biology (forget)"].update(zeta=0.5), "trigger_rates['biology (forget)']['zeta']"),
-    (lambda r: r["dilution"]["by_guardrail"]["zeta"].pop("2x"), "dilution.by_guardrail['zeta']['2x']"),
-    (lambda r: r["dilution"]["by_guardrail"]["zeta"].pop("split 10x"), "dilution.by_guardrail['zeta']['split 10x']"),
-    (lambda r: r["dilution"].update(placements=["prefix", "middle"]), "dilution: 'placements' must be a list of distinct"),
-    (lambda r: r["dilution"].update(placements=[]), "dilution: 'placements' must be a list of distinct"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.update(schema_version=99), "schema_version 99 is not one this version of modeling_dsg reads"),
+        (lambda r: r["results"][0].pop("metric"), "results[0]: needs a string 'metric'"),
+        (lambda r: r["results"][1]["baselines"].update(PPO=0.5), "results[1]: baseline 'PPO' is not in the report's"),
+        (
+            lambda r: r["trigger_rates"]["biology (forget)"].update(zeta=0.5),
+            "trigger_rates['biology (forget)']['zeta']",
+        ),
+        (lambda r: r["dilution"]["by_guardrail"]["zeta"].pop("2x"), "dilution.by_guardrail['zeta']['2x']"),
+        (
+            lambda r: r["dilution"]["by_guardrail"]["zeta"].pop("split 10x"),
+            "dilution.by_guardrail['zeta']['split 10x']",
+        ),
+        (
+            lambda r: r["dilution"].update(placements=["prefix", "middle"]),
+            "dilution: 'placements' must be a list of distinct",
+        ),
+        (lambda r: r["dilution"].update(placements=[]), "dilution: 'placements' must be a list of distinct"),
+    ],
+)
 def test_a_report_off_the_schema_is_refused(run, world, tmp_path, change, message):
     eval_dir = tmp_path / "eval"
     shutil.copytree(run.out, eval_dir)
@@ -260,7 +352,9 @@ def test_a_report_off_the_schema_is_refused(run, world, tmp_path, change, messag
         render_card(world.model_dir, eval_dir=eval_dir)
     assert message in str(err.value)
     staging = tmp_path / "staging"
-    result = run_cli("publish", world.model_dir, "--repo-id", "someone/tiny-dsg", "--eval", eval_dir, "--dry-run", staging)
+    result = run_cli(
+        "publish", world.model_dir, "--repo-id", "someone/tiny-dsg", "--eval", eval_dir, "--dry-run", staging
+    )
     one_error(result, message)
     assert not staging.exists()
 

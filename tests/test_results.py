@@ -9,11 +9,11 @@ import random
 
 import numpy as np
 import pytest
-import torch
-
 import tiny
-from modeling_dsg.embedded import results
+import torch
 from test_build import get_world
+
+from modeling_dsg.embedded import results
 
 
 def test_dilute_puts_k_times_the_prompt_of_filler_first():
@@ -21,7 +21,9 @@ def test_dilute_puts_k_times_the_prompt_of_filler_first():
     assert results.dilute(prompt, filler, 1, 0, bos=1) == [1, 7, 8, 9, 50, 51, 52]
     assert results.dilute(prompt, filler, 2, 3, bos=1) == [1, 10, 11, 7, 8, 9, 10, 50, 51, 52]  # wraps around
     assert results.dilute([50, 51], filler, 1, 0, bos=None) == [7, 8, 50, 51]
-    assert results.dilute(prompt, filler, 1, 0, bos=1, placement="prefix") == results.dilute(prompt, filler, 1, 0, bos=1)
+    assert results.dilute(prompt, filler, 1, 0, bos=1, placement="prefix") == results.dilute(
+        prompt, filler, 1, 0, bos=1
+    )
 
 
 def test_dilute_puts_the_filler_after_the_prompt():
@@ -29,7 +31,16 @@ def test_dilute_puts_the_filler_after_the_prompt():
     assert results.dilute(prompt, filler, 1, 0, 1, "suffix") == [1, 50, 51, 52, 7, 8, 9]
     assert results.dilute(prompt, filler, 2, 4, 1, "suffix") == [1, 50, 51, 52, 11, 7, 8, 9, 10, 11]  # wraps around
     assert results.dilute([50, 51], filler, 1, 0, None, "suffix") == [50, 51, 7, 8]
-    assert results.dilute([50, 51, 52, 53], filler, 1, 2, 1, "suffix") == [50, 51, 52, 53, 9, 10, 11, 7]  # no BOS added
+    assert results.dilute([50, 51, 52, 53], filler, 1, 2, 1, "suffix") == [
+        50,
+        51,
+        52,
+        53,
+        9,
+        10,
+        11,
+        7,
+    ]  # no BOS added
 
 
 def test_dilute_splits_the_prompt_in_two_halves_around_the_filler():
@@ -39,7 +50,11 @@ def test_dilute_splits_the_prompt_in_two_halves_around_the_filler():
     assert results.dilute([1, 50, 51, 52], filler, 1, 1, 1, "split") == [1, 50, 8, 9, 10, 51, 52]
     assert results.dilute([1, 50, 51, 52], filler, 2, 3, 1, "split") == [1, 50, 10, 11, 7, 8, 9, 10, 51, 52]
     assert results.dilute([50, 51, 52, 53], filler, 1, 4, None, "split") == [50, 51, 11, 7, 8, 9, 52, 53]
-    assert results.dilute([1, 50], filler, 10, 0, 1, "split") == [1, *[7, 8, 9, 10, 11] * 2, 50]  # one token: all after
+    assert results.dilute([1, 50], filler, 10, 0, 1, "split") == [
+        1,
+        *[7, 8, 9, 10, 11] * 2,
+        50,
+    ]  # one token: all after
 
 
 def test_dilute_bos_handling_and_bad_inputs():
@@ -63,9 +78,22 @@ def test_dilution_grid_is_every_placement_and_factor_with_one_offset_per_prompt(
     prompts, filler, offsets = [[1, 50, 51], [60, 61, 62, 63]], list(range(100, 113)), [2, 11]
     grid = list(results.dilution_grid(prompts, filler, offsets, 1))
     assert [(p, f, key) for p, f, key, _ in grid] == [
-        (p, f, cell_key(p, f)) for p in ("prefix", "suffix", "split") for f in results.DILUTIONS]
-    assert [key for _, _, key, _ in grid] == ["1x", "2x", "5x", "10x", "suffix 1x", "suffix 2x", "suffix 5x", "suffix 10x",
-                                              "split 1x", "split 2x", "split 5x", "split 10x"]
+        (p, f, cell_key(p, f)) for p in ("prefix", "suffix", "split") for f in results.DILUTIONS
+    ]
+    assert [key for _, _, key, _ in grid] == [
+        "1x",
+        "2x",
+        "5x",
+        "10x",
+        "suffix 1x",
+        "suffix 2x",
+        "suffix 5x",
+        "suffix 10x",
+        "split 1x",
+        "split 2x",
+        "split 5x",
+        "split 10x",
+    ]
     for placement, factor, _, seqs in grid:
         assert seqs == [results.dilute(p, filler, factor, o, 1, placement) for p, o in zip(prompts, offsets)]
     by_key = {key: seqs for _, _, key, seqs in grid}
@@ -91,10 +119,11 @@ def world(tmp_path_factory):
 def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_score(world):
     """On the marker world: decisions from one stored pass equal the DSG model's recorded decisions, for
     the paper's score and the window score; diluting marker texts defeats the first, not the second."""
-    from modeling_dsg.pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
+    from test_build import SEQ_LEN, words
+
     from modeling_dsg.analysis.decisions import guard_decisions
     from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
-    from test_build import SEQ_LEN, words
+    from modeling_dsg.pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
 
     base, tok = load_base_model(str(world.base))
 
@@ -103,10 +132,19 @@ def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_scor
 
     opts = BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, window=8)
     with torch.no_grad():
-        statistics = gather_statistics(base, tok, load_sae(str(world.sae_z)), texts(world.forget_sources),
-                                       texts(world.retain_sources), opts, sae_layer=1)
-    variants = {"fraction": guardrail_build(statistics, opts, tok).guardrail,
-                "window": guardrail_build(statistics, dataclasses.replace(opts, score="window"), tok).guardrail}
+        statistics = gather_statistics(
+            base,
+            tok,
+            load_sae(str(world.sae_z)),
+            texts(world.forget_sources),
+            texts(world.retain_sources),
+            opts,
+            sae_layer=1,
+        )
+    variants = {
+        "fraction": guardrail_build(statistics, opts, tok).guardrail,
+        "window": guardrail_build(statistics, dataclasses.replace(opts, score="window"), tok).guardrail,
+    }
     rng = random.Random(3)
     prompts = [words(rng, 6, "z") for _ in range(6)] + [words(rng, 6) for _ in range(3)]
     filler = [words(rng, 40) for _ in range(4)]
@@ -119,15 +157,31 @@ def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_scor
         model.remove_guardrail("zeta")
         np.testing.assert_array_equal(results.fired(store, g), recorded)
         assert recorded[:6].all() and not recorded[6:].any()
-    attack = results.dilution_attack(base, tok, statistics, prompts[:6], filler, variants, options,
-                                     more_fillers={"other": ("other", [words(rng, 40) for _ in range(4)])})
+    attack = results.dilution_attack(
+        base,
+        tok,
+        statistics,
+        prompts[:6],
+        filler,
+        variants,
+        options,
+        more_fillers={"other": ("other", [words(rng, 40) for _ in range(4)])},
+    )
     by = attack["by_guardrail"]
     assert by["fraction"]["5x"]["attack_success"] == 1.0  # a marker fraction of ~1/6 or less: below tau
     assert by["window"]["5x"]["attack_success"] == 0.0  # the prompt's own window still fires
-    assert attack["n"] == 6 and attack["factors"] == [1, 2, 5, 10] and attack["placements"] == ["prefix", "suffix", "split"]
+    assert (
+        attack["n"] == 6
+        and attack["factors"] == [1, 2, 5, 10]
+        and attack["placements"] == ["prefix", "suffix", "split"]
+    )
     assert attack["fillers"] == [{"tag": "", "name": "WikiText"}, {"tag": "other", "name": "other"}]
     keys = [c["key"] for c in attack["cells"]]
-    assert len(keys) == len(set(keys)) == 2 * 3 * 4 and keys[:4] == ["1x", "2x", "5x", "10x"] and keys[-1] == "other split 10x"
+    assert (
+        len(keys) == len(set(keys)) == 2 * 3 * 4
+        and keys[:4] == ["1x", "2x", "5x", "10x"]
+        and keys[-1] == "other split 10x"
+    )
     for name in variants:
         assert set(by[name]) == {*keys, "undiluted_trigger_rate"} and by[name]["undiluted_trigger_rate"] == 1.0
         for key in keys:
@@ -154,8 +208,9 @@ def test_relearning_curve_trains_copies_and_detaches_guards():
         with torch.no_grad():
             return float(model(input_ids=ids, labels=ids).loss)
 
-    curves = results.relearning_curve({"none": (base, []), "guarded": (base, [(g, None)])}, tok, rows, (0, 3),
-                                      score, lr=1e-2, batch_size=2, seed=0)
+    curves = results.relearning_curve(
+        {"none": (base, []), "guarded": (base, [(g, None)])}, tok, rows, (0, 3), score, lr=1e-2, batch_size=2, seed=0
+    )
     assert seen == [0, 1, 0, 1]
     assert curves["none"][0] == curves["guarded"][0]  # tau = 1: the guard never fires
     assert curves["none"][1] < curves["none"][0]  # fine-tuning on the text lowers its loss
@@ -169,15 +224,30 @@ def grid_block(guardrails=("DSG", "DSG (window)")) -> dict:
     from modeling_dsg.evaluation.report import cell_key
 
     fillers = [{"tag": "", "name": "WikiText"}, {"tag": "mmlu", "name": "MMLU non-bio questions"}]
-    keys = [cell_key(p, f, t["tag"]) for t in fillers for p in ("prefix", "suffix", "split") for f in results.DILUTIONS]
+    keys = [
+        cell_key(p, f, t["tag"]) for t in fillers for p in ("prefix", "suffix", "split") for f in results.DILUTIONS
+    ]
     by = {}
     for g, name in enumerate(guardrails):
-        by[name] = {key: {"fired_before": 100, "evaded": 100 * g + i, "attack_success": (100 * g + i) / 1000,
-                          "trigger_rate": 0.5} for i, key in enumerate(keys)}
+        by[name] = {
+            key: {
+                "fired_before": 100,
+                "evaded": 100 * g + i,
+                "attack_success": (100 * g + i) / 1000,
+                "trigger_rate": 0.5,
+            }
+            for i, key in enumerate(keys)
+        }
         by[name]["undiluted_trigger_rate"] = 0.9 - g / 10
     by[guardrails[0]]["split 10x"]["attack_success"] = None  # a cell that could not be measured
-    return {"n": 200, "factors": list(results.DILUTIONS), "placements": ["prefix", "suffix", "split"],
-            "fillers": fillers, "cells": [{"key": k} for k in keys], "by_guardrail": by}
+    return {
+        "n": 200,
+        "factors": list(results.DILUTIONS),
+        "placements": ["prefix", "suffix", "split"],
+        "fillers": fillers,
+        "cells": [{"key": k} for k in keys],
+        "by_guardrail": by,
+    }
 
 
 def table_cells(lines: list[str]) -> dict:
@@ -191,8 +261,10 @@ def test_results_page_shows_every_dilution_cell(tmp_path):
     block = grid_block()
     lines = results.dilution_section(block)
     assert lines[0] == "## Dilution attack"
-    assert lines[2].startswith("200 held-out WMDP-bio prompts with k times their length of filler from WikiText or "
-                               "MMLU non-bio questions, put in front, after the question or between its two halves")
+    assert lines[2].startswith(
+        "200 held-out WMDP-bio prompts with k times their length of filler from WikiText or "
+        "MMLU non-bio questions, put in front, after the question or between its two halves"
+    )
     table = table_cells(lines)
     assert table["header"] == ["guardrail", "fires undiluted", "filler", "placement", "1x", "2x", "5x", "10x", "max"]
     assert len(table) - 1 == 2 * 2 * 3  # guardrails x fillers x placements, every factor a column
@@ -206,19 +278,33 @@ def test_results_page_shows_every_dilution_cell(tmp_path):
                 values = [entry[cell_key(placement, f, filler["tag"])]["attack_success"] for f in results.DILUTIONS]
                 assert [row[f"{f}x"] for f in results.DILUTIONS] == ["–" if v is None else f"{v:.3f}" for v in values]
                 assert row["max"] == f"{max(v for v in values if v is not None):.3f}"
-    assert "| DSG (window) | 0.800 | MMLU non-bio questions | between its two halves | 0.120 | 0.121 | 0.122 | 0.123 | 0.123 |" in lines
+    assert (
+        "| DSG (window) | 0.800 | MMLU non-bio questions | between its two halves | 0.120 | 0.121 | 0.122 | 0.123 | 0.123 |"
+        in lines
+    )
     results.plot_dilution(block, tmp_path / "dilution.png")
     assert (tmp_path / "dilution.png").stat().st_size > 10_000
 
 
 def test_results_page_reads_a_record_from_before_placements(tmp_path):
     """A results.json written before placements and fillers (WikiText in front, 1x/2x/5x) renders as it did."""
-    old = {"n": 200, "factors": [1, 2, 5], "by_guardrail": {"DSG": {
-        "1x": {"attack_success": 0.22}, "2x": {"attack_success": 0.84}, "5x": {"attack_success": 0.99},
-        "undiluted_trigger_rate": 0.96}}}
+    old = {
+        "n": 200,
+        "factors": [1, 2, 5],
+        "by_guardrail": {
+            "DSG": {
+                "1x": {"attack_success": 0.22},
+                "2x": {"attack_success": 0.84},
+                "5x": {"attack_success": 0.99},
+                "undiluted_trigger_rate": 0.96,
+            }
+        },
+    }
     lines = results.dilution_section(old)
     assert "WikiText, put in front (every cell" in lines[2]
-    assert lines[4:] == ["| guardrail | fires undiluted | filler | placement | 1x | 2x | 5x | max |",
-                         "|---|---:|---|---|---:|---:|---:|---:|",
-                         "| DSG | 0.960 | WikiText | in front | 0.220 | 0.840 | 0.990 | 0.990 |"]
+    assert lines[4:] == [
+        "| guardrail | fires undiluted | filler | placement | 1x | 2x | 5x | max |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+        "| DSG | 0.960 | WikiText | in front | 0.220 | 0.840 | 0.990 | 0.990 |",
+    ]
     results.plot_dilution(old, tmp_path / "dilution.png")

@@ -12,10 +12,21 @@ import torch
 from tiny import BOS, LAYERS, tiny_base, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_dsg.errors import DSGError
-from modeling_dsg.pipelines.rmu import (RMU_FILE, RMUOptions, _Batches, configure_parser, default_layer, layer_hidden,
-                              options_from_args, rmu_unlearn, run, run_rmu, steering_vector)
 from modeling_dsg.data.rows import build_rows
+from modeling_dsg.errors import DSGError
+from modeling_dsg.pipelines.rmu import (
+    RMU_FILE,
+    RMUOptions,
+    _Batches,
+    configure_parser,
+    default_layer,
+    layer_hidden,
+    options_from_args,
+    rmu_unlearn,
+    run,
+    run_rmu,
+    steering_vector,
+)
 
 LAYER = 2
 DOWN = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(LAYERS)]
@@ -24,8 +35,10 @@ DOWN = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(LAYERS)]
 def _texts(alphabet: str, n: int, seed: int) -> list[str]:
     """n documents of random 'words' over `alphabet`: forget and retain use disjoint byte sets."""
     rng = random.Random(seed)
-    return [" ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(14, 22)))
-            for _ in range(n)]
+    return [
+        " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(14, 22)))
+        for _ in range(n)
+    ]
 
 
 FORGET = _texts("qxzjkvwy", 60, 0)
@@ -135,8 +148,12 @@ def test_first_step_terms_count_real_tokens_only():
     target = info["steering_coeff"] * steering_vector(32, 0)
     with torch.no_grad():
         h = layer_hidden(base, LAYER, f_ids, f_mask)
-    sq = [((h[b, t] - target) ** 2).mean() for b in range(h.shape[0]) for t in range(h.shape[1])
-          if f_mask[b, t] and f_ids[b, t] != BOS]
+    sq = [
+        ((h[b, t] - target) ** 2).mean()
+        for b in range(h.shape[0])
+        for t in range(h.shape[1])
+        if f_mask[b, t] and f_ids[b, t] != BOS
+    ]
     assert info["losses"]["forget"][0] == pytest.approx(float(torch.stack(sq).mean()), rel=1e-5)
     assert info["losses"]["retain"][0] == 0.0  # before the first update both models agree
     assert info["tokens"]["forget"] == int(f_mask.sum()) and info["tokens"]["retain"] == int(r_mask.sum())
@@ -156,7 +173,9 @@ def test_early_stop_equals_the_full_forward_and_params_swap_in():
     model = tiny_base()
     rows = build_rows(FORGET[:6], tiny_tokenizer(), seq_len=48, packing=False)  # right padding included
     with torch.no_grad():
-        full = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, output_hidden_states=True).hidden_states
+        full = model(
+            input_ids=rows.input_ids, attention_mask=rows.attention_mask, output_hidden_states=True
+        ).hidden_states
         for layer in range(LAYERS - 1):  # the last entry of hidden_states has the final norm applied
             early = layer_hidden(model, layer, rows.input_ids, rows.attention_mask)
             assert torch.equal(early, full[layer + 1])
@@ -207,25 +226,49 @@ def test_run_rmu_writes_a_plain_model_folder(tmp_path):
     # the CLI module (registered by the lead as `dsg rmu`) with --overwrite
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    args = parser.parse_args(["--base", str(base_dir), "--forget", str(forget), "--retain", str(retain),
-                              "--out", str(out), "--overwrite", "--layer", "1", "--update-layers", "0", "1",
-                              "--steps", "2", "--seq-len", "32", "--batch-size", "2"])
+    args = parser.parse_args(
+        [
+            "--base",
+            str(base_dir),
+            "--forget",
+            str(forget),
+            "--retain",
+            str(retain),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--layer",
+            "1",
+            "--update-layers",
+            "0",
+            "1",
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert options_from_args(args).update_layers == (0, 1)
     run(args)
     record = json.loads((out / RMU_FILE).read_text())
     assert record["layer"] == 1 and record["update_layers"] == [0, 1] and record["steps"] == 2
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(layer=LAYERS), "layer 4 is out of range"),
-    (dict(layer=-1), "layer -1 is out of range"),
-    (dict(layer=1, update_layers=(2,)), r"update layers \[2\] are out of range"),
-    (dict(update_layers=(-1, 0)), r"update layers \[-1\] are out of range"),
-    (dict(update_params=("mlp.nope",)), "has no module 'mlp.nope'"),
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(alpha=-1.0), "alpha must be >= 0"),
-    (dict(steering_coeff=0.0), "steering_coeff must be > 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(layer=LAYERS), "layer 4 is out of range"),
+        (dict(layer=-1), "layer -1 is out of range"),
+        (dict(layer=1, update_layers=(2,)), r"update layers \[2\] are out of range"),
+        (dict(update_layers=(-1, 0)), r"update layers \[-1\] are out of range"),
+        (dict(update_params=("mlp.nope",)), "has no module 'mlp.nope'"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(alpha=-1.0), "alpha must be >= 0"),
+        (dict(steering_coeff=0.0), "steering_coeff must be > 0"),
+    ],
+)
 def test_bad_options(options, message):
     model = tiny_base()
     before = copy.deepcopy(model.state_dict())
@@ -259,9 +302,14 @@ def test_default_layer_is_the_papers_depth_ratio():
     assert info["layer"] == 1 and info["update_layers"] == [0, 1]
 
 
-@pytest.mark.parametrize("family, weight", [("gpt2", "transformer.h.{}.mlp.c_proj.weight"),
-                                            ("gemma2", "model.layers.{}.mlp.down_proj.weight"),
-                                            ("qwen2", "model.layers.{}.mlp.down_proj.weight")])
+@pytest.mark.parametrize(
+    "family, weight",
+    [
+        ("gpt2", "transformer.h.{}.mlp.c_proj.weight"),
+        ("gemma2", "model.layers.{}.mlp.down_proj.weight"),
+        ("qwen2", "model.layers.{}.mlp.down_proj.weight"),
+    ],
+)
 def test_other_families_train_their_mlp_output_projection(family, weight):
     base = tiny_base(family)
     model = copy.deepcopy(base)

@@ -3,8 +3,8 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from modeling_dsg.errors import DSGError
 from modeling_dsg.data.rows import Rows, balance, build_rows, split
+from modeling_dsg.errors import DSGError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,")

@@ -23,10 +23,12 @@ CASES = [
 
 
 def sae_lens_sae(arch, options):
-    classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
-               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
-               "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
-               "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig)}
+    classes = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+    }
     cls, cfg_cls = classes[arch]
     opts = {"apply_b_dec_to_input": False, **options}
     sae = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **opts))
@@ -38,9 +40,22 @@ def sae_lens_sae(arch, options):
 
 
 def our_guard(arch, options, sae, features=FEATURES):
-    cfg = validate_sae({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False, **options}, "test")
-    guard = DSGGuard({"name": "t", "layer": 0, "mode": "dynamic", "features": features, "clamp": 3.0,
-                      "threshold": 0.0, "score": "fraction", "sae": cfg}, 0)
+    cfg = validate_sae(
+        {"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False, **options}, "test"
+    )
+    guard = DSGGuard(
+        {
+            "name": "t",
+            "layer": 0,
+            "mode": "dynamic",
+            "features": features,
+            "clamp": 3.0,
+            "threshold": 0.0,
+            "score": "fraction",
+            "sae": cfg,
+        },
+        0,
+    )
     guard.sae.load_state_dict(sae.state_dict())  # same tensor names as sae-lens
     return guard
 

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from modeling_dsg.errors import DSGError
 from modeling_dsg.analysis.selection import (
     FeatureStats,
     auroc,
@@ -15,6 +14,7 @@ from modeling_dsg.analysis.selection import (
     trigger_rate,
 )
 from modeling_dsg.analysis.stats import ActivationStore
+from modeling_dsg.errors import DSGError
 
 
 def stats(forget_mean, retain_mean, forget_freq=None, retain_freq=None) -> FeatureStats:
@@ -24,6 +24,7 @@ def stats(forget_mean, retain_mean, forget_freq=None, retain_freq=None) -> Featu
 
 
 # --- dynamic selection ------------------------------------------------------------------------------
+
 
 def test_dynamic_default_percentiles_pick_the_two_top_ratio_features():
     # I_F = [1, 4, 4, 9, 0.25, 16], I_R = [1, 4, 1, 9, 0.25, 4], so R = [1, 1, 4, 1, 1, 4].
@@ -67,6 +68,7 @@ def test_dynamic_excludes_silent_features_and_errors_when_none_is_left():
 
 # --- static selection -------------------------------------------------------------------------------
 
+
 def test_static_drops_features_common_on_retain():
     forget_freq = [0.5, 0.3, 0.0, 0.2, 0.4, 0.3]
     retain_freq = [0.02, 0.0, 0.0, 0.005, 0.01, 0.009]
@@ -84,27 +86,33 @@ def test_static_drops_features_common_on_retain():
 
 # --- statistics from activation stores ---------------------------------------------------------------
 
+
 def store_from_dense(acts: torch.Tensor, token_row: list[int]) -> ActivationStore:
     """An ActivationStore over counted tokens with dense activations acts [n_tokens, d_sae]."""
     tok, feat = (acts > 0).nonzero(as_tuple=True)
     per_token = torch.bincount(tok, minlength=acts.shape[0])
     n_rows = max(token_row) + 1
     return ActivationStore(
-        d_sae=acts.shape[1], n_rows=n_rows, n_tokens=acts.shape[0],
-        feature_sums=acts.double().sum(0), feature_counts=(acts > 0).sum(0),
+        d_sae=acts.shape[1],
+        n_rows=n_rows,
+        n_tokens=acts.shape[0],
+        feature_sums=acts.double().sum(0),
+        feature_counts=(acts > 0).sum(0),
         row_token_counts=torch.bincount(torch.tensor(token_row), minlength=n_rows),
         token_row=torch.tensor(token_row, dtype=torch.int32),
         token_pos=torch.arange(acts.shape[0], dtype=torch.int32),
         token_id=torch.zeros(acts.shape[0], dtype=torch.int32),
         indptr=torch.cat([torch.zeros(1, dtype=torch.long), per_token.cumsum(0)]),
-        feature_index=feat.to(torch.int32), values=acts[tok, feat],
+        feature_index=feat.to(torch.int32),
+        values=acts[tok, feat],
     )
 
 
 def test_feature_stats_from_stores():
     forget = store_from_dense(torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]]), [0, 0])
-    retain = store_from_dense(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]),
-                              [0, 0, 1, 1])
+    retain = store_from_dense(
+        torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]), [0, 0, 1, 1]
+    )
     s = FeatureStats.from_stores(forget, retain)
     assert s.forget_mean.tolist() == [2.0, 0.0, 1.0]
     assert s.retain_mean.tolist() == [0.25, 0.75, 0.0]
@@ -119,6 +127,7 @@ def test_feature_stats_from_stores():
 
 
 # --- calibration and metrics -------------------------------------------------------------------------
+
 
 def test_calibrate_threshold_on_known_rho():
     rho = torch.arange(21, dtype=torch.float64) / 20  # 0, 0.05, ..., 1
@@ -145,8 +154,20 @@ def test_trigger_rate_is_strict():
 
 def test_summarize():
     out = summarize(torch.tensor([3.0, 0.0, 4.0, 1.0, 2.0]))
-    assert out == pytest.approx({"mean": 2.0, "std": math.sqrt(2.0), "min": 0.0, "p5": 0.2, "p25": 1.0,
-                                 "p50": 2.0, "p75": 3.0, "p95": 3.8, "max": 4.0, "n": 5})
+    assert out == pytest.approx(
+        {
+            "mean": 2.0,
+            "std": math.sqrt(2.0),
+            "min": 0.0,
+            "p5": 0.2,
+            "p25": 1.0,
+            "p50": 2.0,
+            "p75": 3.0,
+            "p95": 3.8,
+            "max": 4.0,
+            "n": 5,
+        }
+    )
     assert isinstance(out["n"], int)
     json.dumps(out)
     assert summarize(torch.tensor([0.25]))["std"] == 0.0

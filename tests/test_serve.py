@@ -22,21 +22,21 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-import torch
-
-import tiny
-
 import fastapi  # noqa: E402,F401  the serve extra (part of the test extra): never skipped
 import openai  # noqa: E402,F401
+import pytest
+import tiny
+import torch
 import uvicorn  # noqa: E402,F401
 
 from modeling_dsg import cli, serve  # noqa: E402
 from modeling_dsg.errors import DSGError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 PLAIN = "the history of the roman empire and its roads"  # rho about 0.18 < tau 0.45: not fired
 TRIGGER = "~~~~~~~~~~~~"  # rho about 0.6 > tau: fired on the prompt
 MAX_TOKENS = 16
@@ -55,8 +55,9 @@ def _letters_only(model):
 
 
 def _chat_ids(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 
 
 def _greedy(model, tokenizer, text, **kwargs):
@@ -64,7 +65,7 @@ def _greedy(model, tokenizer, text, **kwargs):
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False, **kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
-    answer = tokenizer.decode(sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(sequences[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return (answer, out.guardrail_decisions) if hasattr(out, "guardrail_decisions") else answer
 
 
@@ -73,8 +74,9 @@ def folder(tmp_path_factory):
     """A tiny DSG folder with a chat template, and the answers expected for PLAIN and TRIGGER."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, base = tiny.tiny_dsg("llama", [tiny.guardrail("jumprelu", layer=1, threshold=0.45, clamp=60.0)],
-                                active_rate=0.05)
+    model, base = tiny.tiny_dsg(
+        "llama", [tiny.guardrail("jumprelu", layer=1, threshold=0.45, clamp=60.0)], active_rate=0.05
+    )
     _letters_only(model.model)
     _letters_only(base)
     tokenizer = tiny.tiny_tokenizer()
@@ -105,7 +107,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(folder):
     """`dsg serve`'s application for the folder, served by uvicorn on a free loopback port (in a thread)."""
-    import uvicorn
 
     path, _ = folder
     app, manager = serve.build_app(str(path), device="cpu")
@@ -134,8 +135,8 @@ def _chat(server, text, *, stream=False):
     """The answer of the server to one chat request (the streamed deltas joined when `stream`)."""
     _, name, _ = server
     response = _client(server).chat.completions.create(
-        model=name, messages=[{"role": "user", "content": text}], max_tokens=MAX_TOKENS, temperature=0,
-        stream=stream)
+        model=name, messages=[{"role": "user", "content": text}], max_tokens=MAX_TOKENS, temperature=0, stream=stream
+    )
     if not stream:
         return response.choices[0].message.content
     chunks = list(response)
@@ -166,7 +167,8 @@ def test_the_serving_internals_dsg_serve_relies_on_are_there():
     ours = tuple(inspect.signature(serve.dsg_model_manager_class()._load_model).parameters)
     assert base == ours == serve.LOAD_MODEL_PARAMETERS, (
         f"transformers {transformers.__version__}: ModelManager._load_model{base} no longer matches the override "
-        f"in modeling_dsg/serve.py{ours}")
+        f"in modeling_dsg/serve.py{ours}"
+    )
 
 
 def test_a_moved_internal_is_one_clear_error(monkeypatch):
@@ -177,10 +179,14 @@ def test_a_moved_internal_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(ModelManager, "_load_model", _load_model)
     problems = serve.serving_api_problems()
-    assert len(problems) == 1 and problems[0].startswith("ModelManager._load_model takes ('self', "
-                                                        "'model_id_and_revision', 'new_argument')")
-    with pytest.raises(DSGError, match=r"serving internals moved \(ModelManager\._load_model takes .*dsg serve is "
-                                       r"tested with transformers>=5\.20,<5\.25"):
+    assert len(problems) == 1 and problems[0].startswith(
+        "ModelManager._load_model takes ('self', 'model_id_and_revision', 'new_argument')"
+    )
+    with pytest.raises(
+        DSGError,
+        match=r"serving internals moved \(ModelManager\._load_model takes .*dsg serve is "
+        r"tested with transformers>=5\.20,<5\.25",
+    ):
         serve.check_serving_api()
 
 
@@ -235,12 +241,15 @@ def test_models_route_and_pinned_model(server):
     assert [m["id"] for m in listed["data"]] == [name]
     with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
         assert json.loads(response.read()) == {"status": "ok"}
-    status, body = _post(f"{url}/v1/chat/completions", {"model": "gpt2", "max_tokens": 2,
-                                                        "messages": [{"role": "user", "content": "hi"}]})
+    status, body = _post(
+        f"{url}/v1/chat/completions",
+        {"model": "gpt2", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status == 400 and "pinned" in body
     # `model` may be left out: the pinned folder answers
-    status, body = _post(f"{url}/v1/chat/completions", {"max_tokens": 2,
-                                                        "messages": [{"role": "user", "content": PLAIN}]})
+    status, body = _post(
+        f"{url}/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": PLAIN}]}
+    )
     assert status == 200, body
 
 
@@ -322,8 +331,13 @@ def test_dsg_serve_command_answers_over_http(folder, tmp_path):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "serve.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "modeling_dsg.cli", "serve", str(path), "--port", str(port)],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_dsg.cli", "serve", str(path), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -334,9 +348,15 @@ def test_dsg_serve_command_answers_over_http(folder, tmp_path):
                     break
             except OSError:
                 time.sleep(0.2)
-        status, body = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                             {"model": str(path), "max_tokens": MAX_TOKENS, "temperature": 0,
-                              "messages": [{"role": "user", "content": TRIGGER}]})
+        status, body = _post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {
+                "model": str(path),
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": TRIGGER}],
+            },
+        )
         assert status == 200, body
         assert json.loads(body)["choices"][0]["message"]["content"] == expected[TRIGGER]["guarded"]
     finally:

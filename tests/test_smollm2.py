@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from modeling_dsg import DSGConfig, DSGForCausalLM
-from modeling_dsg.embedded import data as embedded
 from modeling_dsg.data.sources import load_base_model
+from modeling_dsg.embedded import data as embedded
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,22 @@ def wrapped(smollm2):
     """SmolLM2 with a random (untrained) TopK guard at layer 6 whose threshold splits PROMPTS."""
     base, tokenizer = smollm2
     hidden = base.config.hidden_size
-    guardrail = {"name": "random", "layer": 6, "features": list(range(0, 400, 20)), "clamp": 50.0, "threshold": 0.0,
-                 "sae": {"architecture": "topk", "d_in": hidden, "d_sae": 1024, "k": 32}}
+    guardrail = {
+        "name": "random",
+        "layer": 6,
+        "features": list(range(0, 400, 20)),
+        "clamp": 50.0,
+        "threshold": 0.0,
+        "sae": {"architecture": "topk", "d_in": hidden, "d_sae": 1024, "k": 32},
+    }
     config = DSGConfig(text_config=base.config.to_dict(), guardrails=[guardrail])
     model = DSGForCausalLM(config, base_model=base).eval()
     model.generation_config = base.generation_config
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         sae = model.guards[0].sae
-        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / hidden ** 0.5)
-        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=gen) / hidden ** 0.5)
+        sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / hidden**0.5)
+        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=gen) / hidden**0.5)
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad(), model.record_guardrails() as rec:
         model(**enc)
@@ -85,7 +91,9 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
         f"torch.save({{'logits': logits, 'out': out, 'imported': 'modeling_dsg' in sys.modules}}, {str(tmp_path / 'r.pt')!r})\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "r.pt")
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
@@ -101,17 +109,20 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
 def test_build_with_shipped_sae_reload_and_fire_on_biology(tmp_path):
     """Build a biology guardrail on real SmolLM2 with the shipped SAE (small corpora for speed), reload it
     through remote code in a fresh process, and check held-out biology prompts fire more than WikiText."""
-    from modeling_dsg.pipelines.build import BuildOptions, assemble, build_guardrail, write_folder
-    from modeling_dsg.embedded.demo import default_sae
     from modeling_dsg.data.sources import load_sae, sae_layer
+    from modeling_dsg.embedded.demo import default_sae
+    from modeling_dsg.pipelines.build import BuildOptions, assemble, build_guardrail, write_folder
 
     base, tokenizer = load_base_model(str(embedded.gguf_path()))  # a fresh copy: no other test's guard on it
     sae = load_sae(str(default_sae()))
     forget = embedded.forget_texts("build")[::4]
     retain = embedded.retain_texts("build")[::12]
-    options = BuildOptions(name="biology", seq_len=128, packing=False, max_docs=200, heldout_fraction=0.1, batch_size=16)
-    result = build_guardrail(base, tokenizer, sae, forget, retain, options, sae_source=str(default_sae()),
-                             sae_layer=sae_layer(sae))
+    options = BuildOptions(
+        name="biology", seq_len=128, packing=False, max_docs=200, heldout_fraction=0.1, batch_size=16
+    )
+    result = build_guardrail(
+        base, tokenizer, sae, forget, retain, options, sae_source=str(default_sae()), sae_layer=sae_layer(sae)
+    )
     model = assemble(base, tokenizer, [result])
     folder = tmp_path / "smollm2-bio"
     write_folder(model, tokenizer, folder, [result], "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -134,7 +145,9 @@ def test_build_with_shipped_sae_reload_and_fire_on_biology(tmp_path):
         "print(json.dumps({'rates': rates, 'imported': 'modeling_dsg' in sys.modules}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result_json = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result_json["imported"] is False

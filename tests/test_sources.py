@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
+from modeling_dsg.data.sources import load_base_model, load_sae, load_texts, mcq_prompt, resolve_model_dir, sae_layer
 from modeling_dsg.embedded import data as embedded
 from modeling_dsg.errors import DSGError
-from modeling_dsg.data.sources import load_base_model, load_sae, load_texts, mcq_prompt, resolve_model_dir, sae_layer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,10 @@ def test_hub_ids_fail_fast_offline(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     for call, match in [
         (lambda: load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct"), "pass a local folder or .gguf file"),
-        (lambda: load_sae("gemma-scope-2b-pt-res-canonical:layer_3/width_16k/canonical"), "pass a local sae-lens folder"),
+        (
+            lambda: load_sae("gemma-scope-2b-pt-res-canonical:layer_3/width_16k/canonical"),
+            "pass a local sae-lens folder",
+        ),
         (lambda: load_texts("cais/wmdp:wmdp-bio@test"), "pass a local .txt, .jsonl or .parquet file"),
     ]:
         start = time.time()
@@ -102,12 +105,19 @@ def _write_tiny_gguf(path: Path) -> dict:
     w.add_unk_token_id(0)
     weights = {"token_embd.weight": (len(tokens), d), "output_norm.weight": (d,), "output.weight": (len(tokens), d)}
     for i in range(n_layers):
-        weights.update({
-            f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.ffn_norm.weight": (d,),
-            f"blk.{i}.attn_q.weight": (d, d), f"blk.{i}.attn_k.weight": (kv * d // heads, d),
-            f"blk.{i}.attn_v.weight": (kv * d // heads, d), f"blk.{i}.attn_output.weight": (d, d),
-            f"blk.{i}.ffn_gate.weight": (ff, d), f"blk.{i}.ffn_up.weight": (ff, d), f"blk.{i}.ffn_down.weight": (d, ff),
-        })
+        weights.update(
+            {
+                f"blk.{i}.attn_norm.weight": (d,),
+                f"blk.{i}.ffn_norm.weight": (d,),
+                f"blk.{i}.attn_q.weight": (d, d),
+                f"blk.{i}.attn_k.weight": (kv * d // heads, d),
+                f"blk.{i}.attn_v.weight": (kv * d // heads, d),
+                f"blk.{i}.attn_output.weight": (d, d),
+                f"blk.{i}.ffn_gate.weight": (ff, d),
+                f"blk.{i}.ffn_up.weight": (ff, d),
+                f"blk.{i}.ffn_down.weight": (d, ff),
+            }
+        )
     for name, shape in weights.items():
         w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
     w.write_header_to_file()
@@ -126,7 +136,9 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert "quantization_config" not in model.config.to_dict()
     folder = Path(resolve_model_dir(str(gguf_file)))
     assert folder.parent == tmp_path / "cache" / "gguf" and folder.name.startswith("tiny-")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folders left
     ids = tok("hello", return_tensors="pt").input_ids
     ref = model(ids).logits
@@ -157,10 +169,16 @@ def test_load_sae_from_folder_and_bad_specs(tmp_path):
         load_sae(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("name,layer", [
-    ("model.layers.6", 6), ("blocks.12.hook_resid_post", 12), ("transformer.h.3", 3),
-    ("model.language_model.layers.30", 30), ("embed", None),
-])
+@pytest.mark.parametrize(
+    "name,layer",
+    [
+        ("model.layers.6", 6),
+        ("blocks.12.hook_resid_post", 12),
+        ("transformer.h.3", 3),
+        ("model.language_model.layers.30", 30),
+        ("embed", None),
+    ],
+)
 def test_sae_layer_parses_hook_names(name, layer):
     class Meta:
         hook_name = name
@@ -185,7 +203,9 @@ def test_text_files(tmp_path):
     assert load_texts(str(plain)) == ["first doc\nline two", "second doc", "third"]
     assert load_texts(str(plain), limit=2) == ["first doc\nline two", "second doc"]
     wiki = tmp_path / "w.txt"
-    wiki.write_text(" \n = Alpha = \n \n Alpha is a letter . \n \n = = History = = \n \n Old . \n \n = Beta = \n \n Beta too . \n")
+    wiki.write_text(
+        " \n = Alpha = \n \n Alpha is a letter . \n \n = = History = = \n \n Old . \n \n = Beta = \n \n Beta too . \n"
+    )
     docs = load_texts(str(wiki))
     assert len(docs) == 2 and docs[0].startswith("= Alpha =") and "= = History = =" in docs[0] and "Old ." in docs[0]
     assert docs[1].startswith("= Beta =")
@@ -241,7 +261,10 @@ def test_embedded_splits_are_deterministic_disjoint_and_never_train_the_sae():
     nonbio = {r["subject"] for r in embedded.mmlu_records("build", "nonbio")}
     assert not nonbio & (embedded.BIO_SUBJECTS | embedded.AMBIGUOUS_SUBJECTS)
     assert {r["subject"] for r in embedded.mmlu_records("build", "bio")} == set(embedded.BIO_SUBJECTS)
-    assert embedded.format_gloss({"words": ["dog", "domestic_dog"], "gloss": "a canine"}) == "dog, domestic dog: a canine"
+    assert (
+        embedded.format_gloss({"words": ["dog", "domestic_dog"], "gloss": "a canine"}) == "dog, domestic dog: a canine"
+    )
     assert embedded.split_of("x") == embedded.split_of("x") and embedded.stable_unit("abc") == pytest.approx(
-        int("ba7816bf", 16) / 2**32)
+        int("ba7816bf", 16) / 2**32
+    )
     assert embedded.gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from modeling_dsg.errors import DSGError
-from modeling_dsg.data.rows import Rows
 from modeling_dsg.analysis.stats import collect, decoder_layers, full_forward_speedup
+from modeling_dsg.data.rows import Rows
+from modeling_dsg.errors import DSGError
 
 BOS, EOS, PAD = 1, 2, 0
 D_SAE = 12
@@ -14,9 +14,17 @@ D_SAE = 12
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=EOS,
-                         pad_token_id=PAD)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -153,8 +161,9 @@ def test_bad_inputs(llama, rows):
 
 def test_decoder_layers_on_several_architectures(llama):
     assert decoder_layers(llama) is llama.model.layers
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2,
-                                                       bos_token_id=BOS, eos_token_id=EOS))
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, bos_token_id=BOS, eos_token_id=EOS)
+    )
     assert decoder_layers(gpt2) is gpt2.transformer.h
 
     class Wrapper(nn.Module):  # a model that holds a causal LM, like the DSG wrapper

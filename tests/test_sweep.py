@@ -14,10 +14,10 @@ import random
 
 import numpy as np
 import pytest
-
-from modeling_dsg.pipelines import sweep
-from modeling_dsg.errors import DSGError
 from test_build import CLAMP, SEQ_LEN, get_world, words
+
+from modeling_dsg.errors import DSGError
+from modeling_dsg.pipelines import sweep
 
 GRID = dict(modes=("dynamic", "static"), n_features=(1, 2, 4), clamps=(CLAMP, 8.0), ratio_percentiles=(90.0, 97.0))
 
@@ -30,10 +30,14 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def questions(world):
     rng = random.Random(5)
-    forget = [{"question": words(rng, 8, "z"), "choices": [words(rng, 2, "z") for _ in range(4)], "answer": i % 4}
-              for i in range(6)]
+    forget = [
+        {"question": words(rng, 8, "z"), "choices": [words(rng, 2, "z") for _ in range(4)], "answer": i % 4}
+        for i in range(6)
+    ]
     forget += [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": 1}]  # never fires
-    retain = [{"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i % 4} for i in range(6)]
+    retain = [
+        {"question": words(rng, 8), "choices": [words(rng, 2) for _ in range(4)], "answer": i % 4} for i in range(6)
+    ]
     retain[0]["question"] = words(rng, 30) + " zinc"  # one marker in a long question: fires only at a low tau
     paths = {}
     for name, records in (("forget", forget), ("retain", retain)):
@@ -52,10 +56,25 @@ def swept(world, questions, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr(stats, "collect", lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     out = tmp_path_factory.mktemp("sweep") / "report"
     best = out.parent / "best"
-    options = sweep.SweepOptions(**GRID, metric="choice_prob", limit=None, batch_size=4, progress=False,
-                                 build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64))
-    result = sweep.run_sweep(str(world.base), str(world.sae_z), world.forget_sources, world.retain_sources,
-                             str(questions["forget"]), str(questions["retain"]), out, options=options, save_best=best)
+    options = sweep.SweepOptions(
+        **GRID,
+        metric="choice_prob",
+        limit=None,
+        batch_size=4,
+        progress=False,
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64),
+    )
+    result = sweep.run_sweep(
+        str(world.base),
+        str(world.sae_z),
+        world.forget_sources,
+        world.retain_sources,
+        str(questions["forget"]),
+        str(questions["retain"]),
+        out,
+        options=options,
+        save_best=best,
+    )
     return {"result": result, "out": out, "best": best, "calls": calls, "options": options}
 
 
@@ -79,18 +98,31 @@ def test_one_statistics_pass_serves_the_grid(swept):
 
 def _full_score(world, questions, point, options):
     """The plain path: build the guardrail with the point's settings, evaluate every question."""
+    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
     from modeling_dsg.evaluation import evaluate as ev
     from modeling_dsg.pipelines.build import assemble, build_guardrail
-    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
 
-    bo = dataclasses.replace(options.build, mode=point["mode"], n_features=point["n_features"], clamp=point["clamp"],
-                             ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile)
+    bo = dataclasses.replace(
+        options.build,
+        mode=point["mode"],
+        n_features=point["n_features"],
+        clamp=point["clamp"],
+        ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile,
+    )
     base, tok = load_base_model(str(world.base))
+
     def texts(sources):
         return [t for source in sources for t in load_texts(source)]
 
-    built = build_guardrail(base, tok, load_sae(str(world.sae_z)), texts(world.forget_sources),
-                            texts(world.retain_sources), bo, sae_layer=1)
+    built = build_guardrail(
+        base,
+        tok,
+        load_sae(str(world.sae_z)),
+        texts(world.forget_sources),
+        texts(world.retain_sources),
+        bo,
+        sae_layer=1,
+    )
     assert built.guardrail["features"] == point["features"] and built.guardrail["threshold"] == point["tau"]
     model = assemble(base, tok, [built])
     eo = ev.EvalOptions(cloze="none", known_filter=False, batch_size=1, progress=False)
@@ -98,8 +130,10 @@ def _full_score(world, questions, point, options):
     for role in ("forget", "retain"):
         mcq = ev.load_mcq(str(questions[role]), role)
         scored = ev.score_mcq(model, tok, mcq, eo, record=True)
-        scores[role] = (sweep.set_score("choice_prob", scored, mcq.answers),
-                        float(next(iter(scored["decisions"].values()))["fired"].mean()))
+        scores[role] = (
+            sweep.set_score("choice_prob", scored, mcq.answers),
+            float(next(iter(scored["decisions"].values()))["fired"].mean()),
+        )
     return scores
 
 
@@ -140,10 +174,17 @@ def test_the_paper_rule_picks_the_chosen_points(swept):
 
 def test_choose_and_frontier_by_hand():
     def pt(forget, retain, n=1, c=1.0, rate=0.0):
-        return {"forget": {"score": forget}, "retain": {"score": retain, "trigger_rate": rate}, "n_features": n, "clamp": c}
+        return {
+            "forget": {"score": forget},
+            "retain": {"score": retain, "trigger_rate": rate},
+            "n_features": n,
+            "clamp": c,
+        }
 
     a, b, c, d = pt(0.30, 1.00), pt(0.10, 0.985), pt(0.20, 0.995, n=2), pt(0.20, 0.995, n=1)
-    assert sweep.choose([a, b, c, d], base_retain=1.0, floor=0.99) is d  # b breaks the floor; c and d tie, fewer N wins
+    assert (
+        sweep.choose([a, b, c, d], base_retain=1.0, floor=0.99) is d
+    )  # b breaks the floor; c and d tie, fewer N wins
     assert sweep.choose([b], base_retain=1.0, floor=0.99) is None
     assert sweep.frontier([a, b, c, d]) == [b, c, d, a]  # c and d tie: neither beats the other
     assert sweep.frontier([a, pt(0.4, 0.9)]) == [a]
@@ -159,8 +200,12 @@ def test_outputs_and_save_best(world, swept):
     chosen = swept["result"]["chosen"]["overall"]
     config = json.loads((best / "config.json").read_text())
     (g,) = config["guardrails"]
-    assert (g["mode"], g["features"], g["clamp"], g["threshold"]) == (chosen["mode"], chosen["features"],
-                                                                      chosen["clamp"], chosen["tau"])
+    assert (g["mode"], g["features"], g["clamp"], g["threshold"]) == (
+        chosen["mode"],
+        chosen["features"],
+        chosen["clamp"],
+        chosen["tau"],
+    )
     model = world.load(best)
     assert model.guards[0].features == chosen["features"]
 
@@ -168,24 +213,80 @@ def test_outputs_and_save_best(world, swept):
 def test_sweep_cli_and_bad_inputs(world, questions, tmp_path, capsys):
     from test_build import cli
 
-    common = ["sweep", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources,
-              "--retain", *world.retain_sources, "--forget-mcq", questions["forget"], "--retain-mcq", questions["retain"],
-              "--seq-len", SEQ_LEN, "--batch-size", 64]
+    common = [
+        "sweep",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--forget-mcq",
+        questions["forget"],
+        "--retain-mcq",
+        questions["retain"],
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        64,
+    ]
     out = tmp_path / "cli"
-    assert cli(*common, "--out", out, "--modes", "dynamic", "--n-features-grid", 2, "--clamps", 4,
-               "--ratio-percentiles", 95, "--metric", "accuracy") == 0
+    assert (
+        cli(
+            *common,
+            "--out",
+            out,
+            "--modes",
+            "dynamic",
+            "--n-features-grid",
+            2,
+            "--clamps",
+            4,
+            "--ratio-percentiles",
+            95,
+            "--metric",
+            "accuracy",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "| dynamic | dynamic | 2 | 4 |" in printed and json.loads((out / "sweep.json").read_text())["metric"] == "accuracy"
+    assert (
+        "| dynamic | dynamic | 2 | 4 |" in printed
+        and json.loads((out / "sweep.json").read_text())["metric"] == "accuracy"
+    )
     cloze = tmp_path / "cloze"
-    assert cli(*common, "--out", cloze, "--modes", "dynamic", "static", "--n-features-grid", 2, "--clamps", 4,
-               "--ratio-percentiles", 95, "--metric", "cloze_prob") == 0
+    assert (
+        cli(
+            *common,
+            "--out",
+            cloze,
+            "--modes",
+            "dynamic",
+            "static",
+            "--n-features-grid",
+            2,
+            "--clamps",
+            4,
+            "--ratio-percentiles",
+            95,
+            "--metric",
+            "cloze_prob",
+        )
+        == 0
+    )
     capsys.readouterr()
     result = json.loads((cloze / "sweep.json").read_text())
     assert 0 < result["base"]["forget"] < 1 and len(result["points"]) == 2
     for p in result["points"]:  # the cloze inputs alone are scored, and the guard agrees with the prediction
         assert p["forget"]["decision_mismatches"] == 0 and p["forget"]["rescored"] >= 6
-    for extra, message in [(["--clamps", "-1"], "--clamps"), (["--retain-floor", "0"], "--retain-floor"),
-                           (["--limit", "0"], "--limit"), (["--n-features-grid", "0"], "--n-features")]:
+    for extra, message in [
+        (["--clamps", "-1"], "--clamps"),
+        (["--retain-floor", "0"], "--retain-floor"),
+        (["--limit", "0"], "--limit"),
+        (["--n-features-grid", "0"], "--n-features"),
+    ]:
         target = tmp_path / f"bad{len(message)}{extra[1]}"
         assert cli(*common, "--out", target, *extra) == 2
         err = capsys.readouterr().err
@@ -201,5 +302,11 @@ def test_options_are_checked_before_anything_loads():
     with pytest.raises(DSGError, match="--modes"):
         sweep.check_options(sweep.SweepOptions(modes=("gradient",)))
     assert len(sweep.SweepOptions(modes=("static",), n_features=(1, 2), clamps=(1.0,)).grid()) == 2
-    assert np.isclose(sweep.set_score("cloze_prob", {"cloze_correct": np.log([0.25, 0.5]) * 2,
-                                                     "cloze_correct_tokens": np.array([2.0, 2.0])}, None), 0.375)
+    assert np.isclose(
+        sweep.set_score(
+            "cloze_prob",
+            {"cloze_correct": np.log([0.25, 0.5]) * 2, "cloze_correct_tokens": np.array([2.0, 2.0])},
+            None,
+        ),
+        0.375,
+    )

@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 from transformers import AutoTokenizer
 
-import tiny
 from modeling_dsg import DSGConfig
 from modeling_dsg.pipelines.build import TOKENIZER_LOAD_KEYS, context_length, save_tokenizer, write_folder
 
@@ -51,10 +51,23 @@ def _reads_config_first() -> bool:
 
 def load_in_fresh_python(folder: Path, cwd: Path, **kwargs) -> tuple[dict | None, str, str]:
     """AutoTokenizer.from_pretrained(folder, **kwargs) in a new interpreter: (result or None, stdout, stderr)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "warning",
-           "HF_MODULES_CACHE": str(cwd / "modules"), "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    proc = subprocess.run([sys.executable, "-W", "default", "-c", LOAD, str(folder), json.dumps(kwargs)],
-                          cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "TRANSFORMERS_VERBOSITY": "warning",
+        "HF_MODULES_CACHE": str(cwd / "modules"),
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", LOAD, str(folder), json.dumps(kwargs)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1]) if proc.returncode == 0 and lines and lines[-1].startswith("{") else None
     return result, proc.stdout, proc.stderr
@@ -129,8 +142,12 @@ def test_tokenizer_files_load_as_an_ordinary_tokenizer(saved, tmp_path):
     assert result is not None, stdout + stderr
     assert not any(m in stdout + stderr for m in PROMPT_MARKS), stdout + stderr
     assert stderr.strip() == "", stderr
-    assert result == {"class": "TokenizersBackend", "model_max_length": 256,
-                      "ids": tokenizer("the zoo keeper, 42!")["input_ids"], "imported": False}
+    assert result == {
+        "class": "TokenizersBackend",
+        "model_max_length": 256,
+        "ids": tokenizer("the zoo keeper, 42!")["input_ids"],
+        "imported": False,
+    }
 
 
 def test_dsg_folder_tokenizer_with_trust_remote_code(saved, tmp_path):
@@ -139,13 +156,20 @@ def test_dsg_folder_tokenizer_with_trust_remote_code(saved, tmp_path):
     result, stdout, stderr = load_in_fresh_python(folder, tmp_path, trust_remote_code=True)
     assert result is not None, stdout + stderr
     assert "[y/N]" not in stdout + stderr and stderr.strip() == "", stdout + stderr
-    assert result == {"class": "TokenizersBackend", "model_max_length": 256,
-                      "ids": tokenizer("the zoo keeper, 42!")["input_ids"], "imported": False}
+    assert result == {
+        "class": "TokenizersBackend",
+        "model_max_length": 256,
+        "ids": tokenizer("the zoo keeper, 42!")["input_ids"],
+        "imported": False,
+    }
 
 
-@pytest.mark.xfail(_reads_config_first(), strict=True,
-                   reason="transformers' AutoTokenizer loads config.json (AutoConfig, which asks about the DSG "
-                          "config's remote code) before tokenizer_config.json; no tokenizer file can avoid it")
+@pytest.mark.xfail(
+    _reads_config_first(),
+    strict=True,
+    reason="transformers' AutoTokenizer loads config.json (AutoConfig, which asks about the DSG "
+    "config's remote code) before tokenizer_config.json; no tokenizer file can avoid it",
+)
 def test_dsg_folder_tokenizer_without_trust_remote_code(saved, tmp_path):
     folder, _, tokenizer = saved
     result, stdout, stderr = load_in_fresh_python(folder, tmp_path)

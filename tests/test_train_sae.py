@@ -4,12 +4,12 @@ import json
 import random
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from modeling_dsg import cli
-from modeling_dsg.errors import DSGError
 from modeling_dsg.data.sources import sae_layer
+from modeling_dsg.errors import DSGError
 from modeling_dsg.pipelines.train_sae import hook_name, pack_rows, train_sae, truncate_model
 
 
@@ -57,8 +57,19 @@ def test_train_sae_writes_a_loadable_sae_lens_folder(tmp_path):
 
     model, tok = tiny.tiny_base("llama"), tiny.tiny_tokenizer()
     out = tmp_path / "sae"
-    metrics = train_sae(model, tok, _texts(), 2, 64, out=out, tokens=3072, seq_len=16, batch_tokens=256,
-                        eval_texts=_texts(20, seed=1), eval_tokens=512)
+    metrics = train_sae(
+        model,
+        tok,
+        _texts(),
+        2,
+        64,
+        out=out,
+        tokens=3072,
+        seq_len=16,
+        batch_tokens=256,
+        eval_texts=_texts(20, seed=1),
+        eval_tokens=512,
+    )
     names = {p.name for p in out.iterdir()}
     assert {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "training_metrics.json"} <= names
     assert not any(n.startswith(".") or n == "_work" for n in names)
@@ -100,8 +111,25 @@ def test_cli_trains_and_reports_bad_input(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(_texts()))
     out = tmp_path / "out"
-    argv = ["train-sae", "--base", str(base), "--layer", "1", "--width", "40", "--text", str(text), "--out", str(out),
-            "--tokens", "1024", "--seq-len", "16", "--batch-tokens", "256"]
+    argv = [
+        "train-sae",
+        "--base",
+        str(base),
+        "--layer",
+        "1",
+        "--width",
+        "40",
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--tokens",
+        "1024",
+        "--seq-len",
+        "16",
+        "--batch-tokens",
+        "256",
+    ]
     assert cli.main(argv) == 0
     assert SAE.load_from_disk(str(out)).cfg.d_sae == 40
     assert cli.main(argv) == 2  # exists, no --overwrite
@@ -121,8 +149,20 @@ def test_checkpoints_and_bf16_autocast(tmp_path):
 
     model, tok = tiny.tiny_base("llama"), tiny.tiny_tokenizer()
     out = tmp_path / "sae"
-    metrics = train_sae(model, tok, _texts(), 1, 32, out=out, tokens=2048, seq_len=16, batch_tokens=256,
-                        autocast=True, checkpoint_dir=tmp_path / "ck", n_checkpoints=2)
+    metrics = train_sae(
+        model,
+        tok,
+        _texts(),
+        1,
+        32,
+        out=out,
+        tokens=2048,
+        seq_len=16,
+        batch_tokens=256,
+        autocast=True,
+        checkpoint_dir=tmp_path / "ck",
+        n_checkpoints=2,
+    )
     assert metrics["bf16_autocast"] is True
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "sae_weights.safetensors")).values())
     saved = sorted(int(p.parent.parent.name) for p in (tmp_path / "ck").rglob("layer1/sae_weights.safetensors"))
@@ -135,13 +175,14 @@ def test_batchtopk_trains_and_loads_as_jumprelu_into_a_guard(tmp_path):
     the guard's selected-feature activations equal sae-lens' encode on the same hidden states."""
     from sae_lens import SAE
 
-    from modeling_dsg.pipelines.build import guardrail_sae, sae_encoder
     from modeling_dsg.data.sources import load_sae
+    from modeling_dsg.pipelines.build import guardrail_sae, sae_encoder
 
     model, tok = tiny.tiny_base("llama"), tiny.tiny_tokenizer()
     out = tmp_path / "btk"
-    train_sae(model, tok, _texts(), 1, 48, out=out, architecture="batchtopk", k=4, tokens=2048, seq_len=16,
-              batch_tokens=256)
+    train_sae(
+        model, tok, _texts(), 1, 48, out=out, architecture="batchtopk", k=4, tokens=2048, seq_len=16, batch_tokens=256
+    )
     reference = SAE.load_from_disk(str(out))
     assert reference.cfg.architecture() == "jumprelu"
     spec, state = guardrail_sae(load_sae(str(out)), str(out))

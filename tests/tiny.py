@@ -8,8 +8,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from modeling_dsg import DSGConfig, DSGForCausalLM
 
@@ -20,17 +27,46 @@ LAYERS = 4
 
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
 FAMILIES = {
-    "llama": lambda: LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **_COMMON),
-    "gemma2": lambda: Gemma2Config(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                                   max_position_embeddings=256, **_COMMON),
+    "llama": lambda: LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **_COMMON,
+    ),
+    "gemma2": lambda: Gemma2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        max_position_embeddings=256,
+        **_COMMON,
+    ),
     "gpt2": lambda: GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=256, **_COMMON),
-    "qwen2": lambda: Qwen2Config(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **_COMMON),
-    "mistral": lambda: MistralConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                     sliding_window=None, **_COMMON),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **_COMMON,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=None,
+        **_COMMON,
+    ),
 }
 
 
@@ -42,7 +78,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -53,9 +91,20 @@ def tiny_base(family: str = "llama", seed: int = 0):
     return model
 
 
-def guardrail(arch: str = "jumprelu", *, name: str = "topic", layer: int = 1, d_sae: int = 64,
-              features=(3, 7, 11, 20, 33), threshold: float = 0.3, clamp: float = 8.0, mode: str = "dynamic",
-              slim: bool = False, d_in: int = HIDDEN, **sae_options) -> dict:
+def guardrail(
+    arch: str = "jumprelu",
+    *,
+    name: str = "topic",
+    layer: int = 1,
+    d_sae: int = 64,
+    features=(3, 7, 11, 20, 33),
+    threshold: float = 0.3,
+    clamp: float = 8.0,
+    mode: str = "dynamic",
+    slim: bool = False,
+    d_in: int = HIDDEN,
+    **sae_options,
+) -> dict:
     sae = dict(architecture=arch, d_in=d_in, d_sae=d_sae, slim=slim, **sae_options)
     if arch == "topk":
         sae.setdefault("k", 8)

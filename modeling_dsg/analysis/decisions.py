@@ -15,8 +15,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def guard_decisions(model, tokenizer, texts: list[str], *, batch_size: int = 16, desc: str = "decisions",
-                    stop_early: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def guard_decisions(
+    model, tokenizer, texts: list[str], *, batch_size: int = 16, desc: str = "decisions", stop_early: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per guardrail name: {"rho": [n] float64, "fired": [n] bool}, in the order of `texts`.
 
     Prompts are tokenized as they are (the tokenizer's own special tokens, no chat template), left
@@ -25,24 +26,33 @@ def guard_decisions(model, tokenizer, texts: list[str], *, batch_size: int = 16,
     from ..runtime.modeling_dsg import decoder_layers
 
     if not texts:
-        return {guard.name: {"rho": torch.zeros(0, dtype=torch.float64), "fired": torch.zeros(0, dtype=torch.bool)}
-                for guard in model.guards}
+        return {
+            guard.name: {"rho": torch.zeros(0, dtype=torch.float64), "fired": torch.zeros(0, dtype=torch.bool)}
+            for guard in model.guards
+        }
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    results = {guard.name: {"rho": torch.zeros(len(texts), dtype=torch.float64),
-                            "fired": torch.zeros(len(texts), dtype=torch.bool)} for guard in model.guards}
+    results = {
+        guard.name: {
+            "rho": torch.zeros(len(texts), dtype=torch.float64),
+            "fired": torch.zeros(len(texts), dtype=torch.bool),
+        }
+        for guard in model.guards
+    }
     handle = None
     if stop_early and len(model.guards):
+
         def stop(module, args, output):
             raise _Stop
+
         handle = decoder_layers(model.model)[max(g.layer for g in model.guards)].register_forward_hook(stop)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True).to(model.device)
             with model.record_guardrails() as records:
                 try:

@@ -24,8 +24,9 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DSGError("--chat: this tokenizer has no chat template")
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         enc = tokenizer(text, return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -40,19 +41,39 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
         counted = record["counted"][0].cpu()
         rows = []
         for pos in torch.nonzero(record["flags"][0].cpu()).flatten().tolist():
-            active = [(guard.features[j], float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]
-            rows.append({"position": pos, "token": tokens[pos],
-                         "features": [{"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])]})
+            active = [
+                (guard.features[j], float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()
+            ]
+            rows.append(
+                {
+                    "position": pos,
+                    "token": tokens[pos],
+                    "features": [
+                        {"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])
+                    ],
+                }
+            )
         known = {f.get("index"): f for f in by_name.get(guard.name, {}).get("features", []) if isinstance(f, dict)}
         fired = set(f["index"] for r in rows for f in r["features"])
         action = getattr(guard, "action", "clamp")
         refusal = guard.refusal if action == "refuse" else None
-        out.append({"guardrail": guard.name, "layer": guard.layer, "mode": guard.mode, "action": action,
-                    **({"refusal": refusal} if action == "refuse" else {}),
-                    "when_fired": when_fired(action, clamp=f"{guard.clamp:g}", refusal=repr(refusal), minus="-"),
-                    "rho": float(record["rho"][0]), "tau": guard.threshold, "fired": bool(record["fired"][0]),
-                    "counted_tokens": int(counted.sum()), "flagged_tokens": len(rows), "tokens": rows,
-                    "features": {i: _distinct_tokens(known[i]) for i in sorted(fired) if i in known}})
+        out.append(
+            {
+                "guardrail": guard.name,
+                "layer": guard.layer,
+                "mode": guard.mode,
+                "action": action,
+                **({"refusal": refusal} if action == "refuse" else {}),
+                "when_fired": when_fired(action, clamp=f"{guard.clamp:g}", refusal=repr(refusal), minus="-"),
+                "rho": float(record["rho"][0]),
+                "tau": guard.threshold,
+                "fired": bool(record["fired"][0]),
+                "counted_tokens": int(counted.sum()),
+                "flagged_tokens": len(rows),
+                "tokens": rows,
+                "features": {i: _distinct_tokens(known[i]) for i in sorted(fired) if i in known},
+            }
+        )
     return out
 
 
@@ -67,8 +88,10 @@ def format_report(results: list[dict]) -> str:
     for r in results:
         verdict = "FIRED" if r["fired"] else "not fired"
         relation = ">" if r["rho"] > r["tau"] else "<="
-        lines.append(f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}, action {r['action']}): rho = {r['rho']:.3f} "
-                     f"{relation} tau = {r['tau']:.3f} -> {verdict}  ({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)")
+        lines.append(
+            f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}, action {r['action']}): rho = {r['rho']:.3f} "
+            f"{relation} tau = {r['tau']:.3f} -> {verdict}  ({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)"
+        )
         lines.append(f"  when it fires: {r['when_fired']}")
         for row in r["tokens"]:
             feats = ", ".join(f"#{f['index']} ({f['activation']:.2f})" for f in row["features"])
@@ -79,8 +102,8 @@ def format_report(results: list[dict]) -> str:
 
 
 def load_for_explain(folder):
-    from ..pipelines.build import FEATURES_FILE, read_record
     from ..data.sources import load_dsg_model, read_json_file
+    from ..pipelines.build import FEATURES_FILE, read_record
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
@@ -88,7 +111,9 @@ def load_for_explain(folder):
     config = read_json_file(folder / "config.json", "model config")
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(config, dict):
-        raise DSGError(f"{folder}/config.json is not a valid config: it holds a JSON {type(config).__name__}, not an object")
+        raise DSGError(
+            f"{folder}/config.json is not a valid config: it holds a JSON {type(config).__name__}, not an object"
+        )
     if model_type != "dsg":
         raise DSGError(f"{folder} is not a DSG model (model_type {model_type!r}); build one with `dsg build`")
     info = read_record(folder / FEATURES_FILE)  # a misshapen features.json fails before the model loads

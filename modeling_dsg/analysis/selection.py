@@ -59,9 +59,11 @@ class FeatureStats:
             raise DSGError(f"feature statistics must be four vectors of one length, got shapes {sorted(shapes)}")
 
     @classmethod
-    def from_stores(cls, forget: ActivationStore, retain: ActivationStore) -> "FeatureStats":
+    def from_stores(cls, forget: ActivationStore, retain: ActivationStore) -> FeatureStats:
         if forget.d_sae != retain.d_sae:
-            raise DSGError(f"forget and retain statistics come from different SAE widths ({forget.d_sae} vs {retain.d_sae})")
+            raise DSGError(
+                f"forget and retain statistics come from different SAE widths ({forget.d_sae} vs {retain.d_sae})"
+            )
         return cls(forget.mean(), retain.mean(), forget.freq(), retain.freq())
 
     @property
@@ -169,8 +171,14 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     alpha = 1.0 - confidence
 
     def cdf(p: float) -> float:  # P(X <= k), X ~ Binomial(n, p), summed in log space
-        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-                 + (n - i) * math.log1p(-p) for i in range(k + 1)]
+        terms = [
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+            for i in range(k + 1)
+        ]
         top = max(terms)
         return math.exp(top) * sum(math.exp(t - top) for t in terms)
 
@@ -193,12 +201,20 @@ def calibrate_fpr(retain_rho: Tensor, target_fpr: float = 0.02, confidence: floa
         allowed += 1
     if allowed < 0:
         needed = math.ceil(math.log(1.0 - confidence) / math.log(1.0 - target_fpr))  # rows that bound a 0 rate
-        raise DSGError(f"{n} retain rows cannot show a firing rate <= {target_fpr:g} with {confidence:.0%} "
-                       f"confidence even if none fires; give at least {needed} retain rows")
+        raise DSGError(
+            f"{n} retain rows cannot show a firing rate <= {target_fpr:g} with {confidence:.0%} "
+            f"confidence even if none fires; give at least {needed} retain rows"
+        )
     tau = float(x[n - allowed - 1]) if allowed < n else float(x[0])
     fired = int((x > tau).sum())
-    info = {"target_fpr": target_fpr, "confidence": confidence, "n": n, "fired": fired, "fpr": fired / n,
-            "fpr_upper": clopper_pearson_upper(fired, n, confidence)}
+    info = {
+        "target_fpr": target_fpr,
+        "confidence": confidence,
+        "n": n,
+        "fired": fired,
+        "fpr": fired / n,
+        "fpr_upper": clopper_pearson_upper(fired, n, confidence),
+    }
     return tau, info
 
 

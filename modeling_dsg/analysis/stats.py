@@ -21,17 +21,18 @@ Memory is about (counted tokens) x (mean active features per token) x 8 bytes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.rows import Rows
 from ..errors import DSGError
 from ..runtime.guard_dsg import window_scores
 from ..runtime.modeling_dsg import decoder_layers as _decoder_layers
-from ..data.rows import Rows
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Hugging Face causal LM, as a ModuleList. DSGError if none is found."""
@@ -58,7 +59,9 @@ class _LayerOutput:
     def __init__(self, model: nn.Module, layer: int):
         layers = decoder_layers(model)
         if not 0 <= layer < len(layers):
-            raise DSGError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+            raise DSGError(
+                f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})"
+            )
         self.model, self.block = model, layers[layer]
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -143,14 +146,21 @@ class ActivationStore:
             raise DSGError(f"unknown score {score!r} (fraction or window)")
         dense, counted = self.dense_rows(flags)
         zeros = torch.zeros(self.n_rows, dtype=torch.long)
-        best, _ = window_scores(dense, counted, window, zeros, torch.full((self.n_rows,), -1.0, dtype=torch.float64),
-                                torch.zeros(self.n_rows, window - 1, dtype=torch.bool))
+        best, _ = window_scores(
+            dense,
+            counted,
+            window,
+            zeros,
+            torch.full((self.n_rows,), -1.0, dtype=torch.float64),
+            torch.zeros(self.n_rows, window - 1, dtype=torch.bool),
+        )
         return torch.where(self.row_token_counts >= window, best, fraction)
 
     def dense_rows(self, token_values: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token values as [n_rows, longest row] in position order, and the mask of real entries."""
-        order = torch.argsort(self.token_row.long() * (int(self.token_pos.max()) + 1 if self.n_tokens else 1)
-                              + self.token_pos.long())
+        order = torch.argsort(
+            self.token_row.long() * (int(self.token_pos.max()) + 1 if self.n_tokens else 1) + self.token_pos.long()
+        )
         rows = self.token_row.long()[order]
         starts = torch.cumsum(self.row_token_counts, 0) - self.row_token_counts
         rank = torch.arange(self.n_tokens) - starts[rows]
@@ -168,8 +178,10 @@ class ActivationStore:
         where = (self.feature_index == feature).nonzero().squeeze(1)
         order = torch.sort(self.values[where].float(), descending=True, stable=True).indices[:k]
         tokens = torch.searchsorted(self.indptr, where[order], right=True) - 1
-        return [(int(self.token_row[t]), int(self.token_pos[t]), float(self.values[where[o]]))
-                for t, o in zip(tokens.tolist(), order.tolist())]
+        return [
+            (int(self.token_row[t]), int(self.token_pos[t]), float(self.values[where[o]]))
+            for t, o in zip(tokens.tolist(), order.tolist())
+        ]
 
 
 @torch.no_grad()
@@ -218,7 +230,9 @@ def collect(
             hidden = run(ids.to(device), mask.to(device))
             acts = encode(hidden.float())
             if acts.dim() != 3 or acts.shape[:2] != ids.shape:
-                raise DSGError(f"encode returned shape {tuple(acts.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, d_sae]")
+                raise DSGError(
+                    f"encode returned shape {tuple(acts.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, d_sae]"
+                )
             if sums is None:
                 sums = torch.zeros(acts.shape[-1], dtype=torch.float64)
                 counts = torch.zeros(acts.shape[-1], dtype=torch.long)

@@ -42,7 +42,7 @@ class Rows:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    def select(self, index: torch.Tensor) -> "Rows":
+    def select(self, index: torch.Tensor) -> Rows:
         """The rows at `index` (a 1-D index tensor), in that order."""
         return Rows(self.input_ids[index], self.attention_mask[index])
 

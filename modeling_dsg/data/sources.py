@@ -43,7 +43,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -171,8 +170,9 @@ def load_base_model(spec: str, *, dtype=None, device: str = "cpu"):
     with quiet_transformers():
         try:
             tok = AutoTokenizer.from_pretrained(where)
-            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
-                                                               ignore_mismatched_sizes=True)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+            )
         except LOAD_ERRORS as err:
             raise DSGError(f"cannot load model {spec}: {one_line(err)}") from None
     _check_loading_info(info, f"model {spec}")
@@ -193,8 +193,9 @@ def _check_base_folder(folder: Path, spec: str) -> None:
             recorded = f" ({base})" if isinstance(base, str) and base else ""
         except (OSError, ValueError, AttributeError):
             pass
-        raise DSGError(f"{spec} is a DSG model folder, not a base model: pass the base model it was built from"
-                       f"{recorded}")
+        raise DSGError(
+            f"{spec} is a DSG model folder, not a base model: pass the base model it was built from{recorded}"
+        )
     check_tokenizer_files(folder, f"model folder {spec}")
     check_weight_files(folder, f"model folder {spec}")
 
@@ -205,18 +206,24 @@ def _check_loading_info(info: dict, what: str) -> None:
     if mismatched:
         key, ckpt, model = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise DSGError(f"{what}: its config.json does not match its weights: {key} has shape {tuple(ckpt)} in the "
-                       f"checkpoint but {tuple(model)} by config.json{more} (check hidden_size and the other sizes)")
+        raise DSGError(
+            f"{what}: its config.json does not match its weights: {key} has shape {tuple(ckpt)} in the "
+            f"checkpoint but {tuple(model)} by config.json{more} (check hidden_size and the other sizes)"
+        )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DSGError(f"{what}: the checkpoint has no {missing[0]}{more}; it would be left random "
-                       "(a damaged checkpoint, or config.json does not match it, e.g. tie_word_embeddings)")
+        raise DSGError(
+            f"{what}: the checkpoint has no {missing[0]}{more}; it would be left random "
+            "(a damaged checkpoint, or config.json does not match it, e.g. tie_word_embeddings)"
+        )
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise DSGError(f"{what}: the checkpoint holds {unexpected[0]}{more}, which config.json has no place for "
-                       "(config.json does not match the checkpoint, e.g. num_hidden_layers)")
+        raise DSGError(
+            f"{what}: the checkpoint holds {unexpected[0]}{more}, which config.json has no place for "
+            "(config.json does not match the checkpoint, e.g. num_hidden_layers)"
+        )
 
 
 # -------------------------------------------------------------------------------------------- SAEs
@@ -281,8 +288,10 @@ def _check_sae_folder(path: Path, spec: str) -> None:
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     for name, shape in expected.items():
         if name in shapes and shapes[name] != shape:
-            raise DSGError(f"{where}: {name} has shape {shapes[name]} in {SAE_WEIGHTS}, but cfg.json "
-                           f"(d_in {d_in}, d_sae {d_sae}) gives {shape}")
+            raise DSGError(
+                f"{where}: {name} has shape {shapes[name]} in {SAE_WEIGHTS}, but cfg.json "
+                f"(d_in {d_in}, d_sae {d_sae}) gives {shape}"
+            )
 
 
 def sae_layer(sae) -> int | None:
@@ -311,11 +320,13 @@ def decode_text(raw: bytes, where: str) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise DSGError(f"{where}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); a binary file, or text in "
-                       "another encoding (e.g. Latin-1)? save it as UTF-8") from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise DSGError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); a binary file, or text in "
+            "another encoding (e.g. Latin-1)? save it as UTF-8"
+        ) from None
     if "\x00" in text:
-        line = text[:text.index("\x00")].count("\n") + 1
+        line = text[: text.index("\x00")].count("\n") + 1
         raise DSGError(f"{where}:{line}: holds NUL bytes; a binary file, not text")
     return text
 
@@ -347,15 +358,18 @@ def read_jsonl(path, *, objects: bool = False) -> list:
             except json.JSONDecodeError as err:
                 raise DSGError(f"{path}:{n}: not valid JSON ({err.msg})") from None
             if objects and not isinstance(record, dict):
-                raise DSGError(f"{path}:{n}: a JSON {_json_kind(record)}, not an object; each line must be one "
-                               "record such as {\"text\": ...}")
+                raise DSGError(
+                    f"{path}:{n}: a JSON {_json_kind(record)}, not an object; each line must be one "
+                    'record such as {"text": ...}'
+                )
             rows.append(record)
     return rows
 
 
 def _json_kind(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+        type(value), "number"
+    )
 
 
 def split_wikitext(raw: str) -> list[str]:
@@ -389,13 +403,17 @@ def _records_to_texts(records, source: str, text_field: str | None) -> list[str]
             if value is None or value == "":
                 continue
             if not isinstance(value, str):
-                raise DSGError(f"{source}: record {n}: field {field!r} must be a string, got {_json_kind(value)} "
-                               f"{_short_repr(value)}")
+                raise DSGError(
+                    f"{source}: record {n}: field {field!r} must be a string, got {_json_kind(value)} "
+                    f"{_short_repr(value)}"
+                )
             texts.append(value)
         return texts
     if "question" in first and "choices" in first:
         return [mcq_prompt(*_mcq_fields(r, source, n)) for n, r in enumerate(records, 1)]
-    raise DSGError(f"{source} has neither a 'text' field nor question/choices records (fields: {sorted(map(str, first))})")
+    raise DSGError(
+        f"{source} has neither a 'text' field nor question/choices records (fields: {sorted(map(str, first))})"
+    )
 
 
 def _short_repr(value, limit: int = 40) -> str:
@@ -408,13 +426,19 @@ def _mcq_fields(record: dict, source: str, n: int) -> tuple[str, list[str]]:
     where = f"{source}: record {n}"
     missing = [k for k in ("question", "choices") if k not in record]
     if missing:
-        raise DSGError(f"{where} has no {' or '.join(repr(k) for k in missing)} field (question/choices records "
-                       f"need both; found {', '.join(sorted(map(str, record))) or 'nothing'})")
+        raise DSGError(
+            f"{where} has no {' or '.join(repr(k) for k in missing)} field (question/choices records "
+            f"need both; found {', '.join(sorted(map(str, record))) or 'nothing'})"
+        )
     question, choices = record["question"], record["choices"]
     if not isinstance(question, str) or not question.strip():
         raise DSGError(f"{where}: 'question' must be a non-empty string, got {_short_repr(question)}")
     if not isinstance(choices, (list, tuple)) or not 1 <= len(choices) <= 10:
-        got = f"{len(choices)} choices" if isinstance(choices, (list, tuple)) else f"{_json_kind(choices)} {_short_repr(choices)}"
+        got = (
+            f"{len(choices)} choices"
+            if isinstance(choices, (list, tuple))
+            else f"{_json_kind(choices)} {_short_repr(choices)}"
+        )
         raise DSGError(f"{where}: 'choices' must be a list of 1 to 10 strings, got {got}")
     bad = next((c for c in choices if not isinstance(c, str)), None)
     if bad is not None:
@@ -536,8 +560,10 @@ def check_device(device) -> str:
             how = "no CUDA device is visible" if torch.version.cuda else "this torch is built without CUDA"
             raise DSGError(f"--device {device}: CUDA is not available on this machine ({how}); use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DSGError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise DSGError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise DSGError(f"--device {device}: MPS is not available on this machine; use --device cpu")
@@ -560,8 +586,17 @@ def to_device(model, device, what: str):
         raise DSGError(f"cannot move {what} to {device}: {one_line(err)}") from None
 
 
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                         "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken", "vocab.model")
+TOKENIZER_VOCAB_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+    "qwen.tiktoken",
+    "vocab.model",
+)
 
 
 def check_tokenizer_files(folder: Path, what: str) -> None:
@@ -569,8 +604,10 @@ def check_tokenizer_files(folder: Path, what: str) -> None:
     folder = Path(folder)
     if any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES) or any(folder.glob("*.tiktoken")):
         return
-    raise DSGError(f"{what} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json, ...); save the "
-                   "tokenizer next to the model with tokenizer.save_pretrained(folder)")
+    raise DSGError(
+        f"{what} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json, ...); save the "
+        "tokenizer next to the model with tokenizer.save_pretrained(folder)"
+    )
 
 
 def safetensors_shapes(path: Path, what: str) -> dict:
@@ -594,7 +631,11 @@ def check_weight_files(folder: Path, what: str) -> None:
     if index.is_file():
         data = read_json_file(index, "weight index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
             raise DSGError(f"{what}: {index.name} has no weight_map of tensor names to files")
         files = sorted(set(weight_map.values()))
         for name in files:
@@ -644,8 +685,9 @@ def load_dsg_model(folder, *, device: str | None = "cpu", dtype=None, what: str 
     config = check_dsg_folder(folder)
     guardrails = config.get("guardrails", [])
     if not isinstance(guardrails, list) or not all(isinstance(g, dict) for g in guardrails):
-        raise DSGError(f"{folder}/config.json: 'guardrails' must be a list of guardrail objects, got "
-                       f"{_short_repr(guardrails)}")
+        raise DSGError(
+            f"{folder}/config.json: 'guardrails' must be a list of guardrail objects, got {_short_repr(guardrails)}"
+        )
     check_tokenizer_files(folder, what)
     check_weight_files(folder, what)
     kwargs = {} if dtype is None else {"dtype": dtype}

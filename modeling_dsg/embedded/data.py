@@ -57,11 +57,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-from ..paths import shared_dir
 from ..data.sources import mcq_prompt, read_jsonl, split_wikitext
+from ..paths import shared_dir
 
 HELDOUT_FRACTION = 0.5
 WIKI_HELDOUT_FRACTION = 0.25
@@ -117,22 +117,22 @@ def _check_split(split: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-@lru_cache(maxsize=None)
+@cache
 def _wmdp() -> tuple[dict, ...]:
     return tuple(read_jsonl(wmdp_path()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mmlu() -> tuple[dict, ...]:
     return tuple(read_jsonl(mmlu_path()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _wordnet() -> tuple[dict, ...]:
     return tuple(read_jsonl(wordnet_path()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _wiki_articles() -> tuple[str, ...]:
     return tuple(split_wikitext(wikitext_path().read_text(encoding="utf-8")))
 
@@ -198,8 +198,7 @@ def gloss_docs(kind: str, n_docs: int | None = N_GLOSS_DOCS) -> list[str]:
     if n_docs is not None:
         recs = recs[: n_docs * GLOSSES_PER_DOC]
     return [
-        "\n".join(format_gloss(r) for r in recs[i : i + GLOSSES_PER_DOC])
-        for i in range(0, len(recs), GLOSSES_PER_DOC)
+        "\n".join(format_gloss(r) for r in recs[i : i + GLOSSES_PER_DOC]) for i in range(0, len(recs), GLOSSES_PER_DOC)
     ]
 
 

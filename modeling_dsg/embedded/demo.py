@@ -17,14 +17,25 @@ import random
 import time
 from pathlib import Path
 
-from ..pipelines.build import BuildOptions
 from ..errors import DSGError
 from ..paths import PACKAGE_DIR, SHIPPED
+from ..pipelines.build import BuildOptions
 
 SAE_DIR = PACKAGE_DIR / SHIPPED["sae"]
-DEMO_OPTIONS = dict(name="biology", mode="dynamic", n_features=20, clamp=500.0, ratio_percentile=95.0,
-                    threshold_percentile=95.0, seq_len=256, packing=False, max_docs=1024,
-                    heldout_fraction=0.2, batch_size=16, seed=0)
+DEMO_OPTIONS = dict(
+    name="biology",
+    mode="dynamic",
+    n_features=20,
+    clamp=500.0,
+    ratio_percentile=95.0,
+    threshold_percentile=95.0,
+    seq_len=256,
+    packing=False,
+    max_docs=1024,
+    heldout_fraction=0.2,
+    batch_size=16,
+    seed=0,
+)
 HELDOUT_SAMPLE = 400  # held-out prompts per set (a seeded sample), to keep the demo within minutes
 
 
@@ -52,9 +63,13 @@ def _generate(model, tokenizer, prompt, max_new_tokens):
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad(), model.record_guardrails() as records:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), _first_firing(records)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True), _first_firing(records)
 
 
 def _first_firing(records):
@@ -78,18 +93,32 @@ def _show(text, width=100):
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite: bool = False,
-             heldout_sample: int = HELDOUT_SAMPLE, max_new_tokens: int = 32, device: str = "cpu") -> dict:
-    from . import data as embedded
-    from ..pipelines.build import assemble, build_guardrail, write_folder
+def run_demo(
+    out: str | Path = "dsg-demo",
+    *,
+    sae: str | None = None,
+    overwrite: bool = False,
+    heldout_sample: int = HELDOUT_SAMPLE,
+    max_new_tokens: int = 32,
+    device: str = "cpu",
+) -> dict:
     from ..analysis.decisions import guard_decisions
+    from ..data.sources import load_base_model, load_sae, sae_layer
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir, shared_dir
-    from ..data.sources import load_base_model, load_sae, sae_layer
+    from ..pipelines.build import assemble, build_guardrail, write_folder
+    from . import data as embedded
 
     t0 = time.perf_counter()
-    out = prepare_output(out, overwrite, inputs={"the --sae folder": sae, "the shipped SAE folder": SAE_DIR,
-                                                 "the shared models/data folder": shared_dir(required=False)})
+    out = prepare_output(
+        out,
+        overwrite,
+        inputs={
+            "the --sae folder": sae,
+            "the shipped SAE folder": SAE_DIR,
+            "the shared models/data folder": shared_dir(required=False),
+        },
+    )
     gguf = embedded.gguf_path()
     if not gguf.is_file():
         raise DSGError(f"the embedded model is missing: {gguf}")
@@ -100,7 +129,9 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
     base, tokenizer = load_base_model(str(gguf), device=device)
     print(f"      loaded in {time.perf_counter() - start:.1f} s")
     sae_obj = load_sae(str(sae_path))
-    print(f"      SAE: {sae_path.name} ({sae_obj.cfg.architecture()}, d_sae {sae_obj.cfg.d_sae}, layer {sae_layer(sae_obj)})")
+    print(
+        f"      SAE: {sae_path.name} ({sae_obj.cfg.architecture()}, d_sae {sae_obj.cfg.d_sae}, layer {sae_layer(sae_obj)})"
+    )
 
     print("[2/5] corpora (build split; held-out questions are never used here)")
     forget, retain = embedded.forget_texts("build"), embedded.retain_texts("build")
@@ -109,16 +140,25 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
 
     print("[3/5] statistics pass, selection and calibration")
     options = BuildOptions(**DEMO_OPTIONS, device=device)
-    result = build_guardrail(base, tokenizer, sae_obj, forget, retain, options,
-                             sae_source=str(sae_path), sae_layer=sae_layer(sae_obj))
-    result.info["forget_sources"] = ["embedded: WMDP-bio build split", "MMLU biology subjects (build split)",
-                                     "WordNet biology glosses"]
-    result.info["retain_sources"] = ["embedded: WikiText-2 (build articles)", "MMLU non-biology subjects (build split)",
-                                     "WordNet non-biology glosses"]
+    result = build_guardrail(
+        base, tokenizer, sae_obj, forget, retain, options, sae_source=str(sae_path), sae_layer=sae_layer(sae_obj)
+    )
+    result.info["forget_sources"] = [
+        "embedded: WMDP-bio build split",
+        "MMLU biology subjects (build split)",
+        "WordNet biology glosses",
+    ]
+    result.info["retain_sources"] = [
+        "embedded: WikiText-2 (build articles)",
+        "MMLU non-biology subjects (build split)",
+        "WordNet non-biology glosses",
+    ]
     info = result.info
     timings = info["timings"]
-    print(f"      {timings['statistics_tokens']} tokens in {timings['statistics_s']:.1f} s; "
-          f"selection {timings['selection_s'] * 1000:.1f} ms, calibration {timings['calibration_s'] * 1000:.1f} ms")
+    print(
+        f"      {timings['statistics_tokens']} tokens in {timings['statistics_s']:.1f} s; "
+        f"selection {timings['selection_s'] * 1000:.1f} ms, calibration {timings['calibration_s'] * 1000:.1f} ms"
+    )
     print(f"      tau = {info['tau']:.4f} ({options.threshold_percentile:g}th percentile of rho on retain rows)")
     print(f"      {len(result.features)} features (index: top tokens):")
     for feature in result.features:
@@ -146,8 +186,14 @@ def run_demo(out: str | Path = "dsg-demo", *, sae: str | None = None, overwrite:
         with model.guardrails_disabled():
             plain, _ = _generate(model, tokenizer, prompt, max_new_tokens)
         guarded, fired = _generate(model, tokenizer, prompt, max_new_tokens)
-        generations[kind] = {"prompt": prompt, "base": plain, "dsg": guarded, "fired": fired is not None,
-                             "fired_at": fired, "identical_to_base": guarded == plain}
+        generations[kind] = {
+            "prompt": prompt,
+            "base": plain,
+            "dsg": guarded,
+            "fired": fired is not None,
+            "fired_at": fired,
+            "identical_to_base": guarded == plain,
+        }
         print(f"      {kind} prompt: {_show(prompt)}")
         print(f"        base: {_show(plain)}")
         print(f"        DSG : {_show(guarded)}   [{_label(fired, guarded, plain)}]")

@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .demo import _sample
 from ..errors import DSGError
 from ..pipelines.sweep import mcq_numbers as _mcq_numbers
+from .demo import _sample
 
 COMMAND = "dsg results --out results"
 DILUTIONS = (1, 2, 5, 10)  # filler of k times the prompt's length, for k in DILUTIONS, at every placement
@@ -45,26 +45,32 @@ DILUTIONS = (1, 2, 5, 10)  # filler of k times the prompt's length, for k in DIL
 
 @dataclass
 class ResultsOptions:
-    eval_n: int = 64                     # held-out questions (and WikiText paragraphs) in the main table
-    heldout_n: int = 400                 # held-out prompts per set for trigger rates
-    dilution_n: int = 200                # held-out WMDP-bio prompts for the dilution attack
+    eval_n: int = 64  # held-out questions (and WikiText paragraphs) in the main table
+    heldout_n: int = 400  # held-out prompts per set for trigger rates
+    dilution_n: int = 200  # held-out WMDP-bio prompts for the dilution attack
     relearn_steps: tuple = (0, 5, 10, 20)
     relearn_lr: float = 3e-5
     relearn_batch: int = 4
     relearn_seq_len: int = 128
-    relearn_n: int = 48                  # held-out WMDP-bio questions scored along the relearning curve
-    sweep_n: int = 32                    # questions per set in the sweep
-    sweep_grid: dict = field(default_factory=lambda: dict(modes=("dynamic", "static"), n_features=(5, 10, 20, 40),
-                                                          clamps=(20.0, 100.0, 500.0), ratio_percentiles=(90.0, 95.0)))
-    window: int = 32                     # the window of the "DSG (window)" variant
+    relearn_n: int = 48  # held-out WMDP-bio questions scored along the relearning curve
+    sweep_n: int = 32  # questions per set in the sweep
+    sweep_grid: dict = field(
+        default_factory=lambda: dict(
+            modes=("dynamic", "static"),
+            n_features=(5, 10, 20, 40),
+            clamps=(20.0, 100.0, 500.0),
+            ratio_percentiles=(90.0, 95.0),
+        )
+    )
+    window: int = 32  # the window of the "DSG (window)" variant
     window_ablation: tuple = (8, 16, 32, 64)  # window sizes compared on trigger rates and dilution
     text_max_tokens: int = 256
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
     sweep: bool = True
-    rmu_steps: int = 60                  # RMUOptions' default
-    max_docs: int | None = None          # documents per corpus for the build (None: the demo's 1024)
+    rmu_steps: int = 60  # RMUOptions' default
+    max_docs: int | None = None  # documents per corpus for the build (None: the demo's 1024)
 
 
 def _mcq(records, name, role):
@@ -84,13 +90,21 @@ def _token_rows(tokenizer, texts):
 def _store(model, tokenizer, statistics, rows, desc, options):
     import torch
 
-    from ..pipelines.build import counted_exclusions, sae_encoder
     from ..analysis.stats import collect
+    from ..pipelines.build import counted_exclusions, sae_encoder
 
     encode = sae_encoder(statistics.sae_spec, statistics.sae_state, statistics.layer, options.device)
     with torch.no_grad():
-        return collect(model, statistics.layer, encode, rows, batch_size=16, desc=desc,
-                       ignore_token_ids=counted_exclusions(model, tokenizer), device=options.device)
+        return collect(
+            model,
+            statistics.layer,
+            encode,
+            rows,
+            batch_size=16,
+            desc=desc,
+            ignore_token_ids=counted_exclusions(model, tokenizer),
+            device=options.device,
+        )
 
 
 def fired(store, guardrail: dict):
@@ -100,8 +114,9 @@ def fired(store, guardrail: dict):
 
 
 # ----------------------------------------------------------------------------------- dilution
-def dilute(prompt_ids: list[int], filler_ids: list[int], factor: int, offset: int, bos: int | None,
-           placement: str = "prefix") -> list[int]:
+def dilute(
+    prompt_ids: list[int], filler_ids: list[int], factor: int, offset: int, bos: int | None, placement: str = "prefix"
+) -> list[int]:
     """The prompt with factor x its length of filler tokens (`filler_ids` from `offset`, wrapping around).
 
     placement "prefix": the filler in front of the prompt; "suffix": after it; "split": between its two
@@ -113,7 +128,7 @@ def dilute(prompt_ids: list[int], filler_ids: list[int], factor: int, offset: in
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown dilution placement {placement!r} (one of {', '.join(PLACEMENTS)})")
     head = [bos] if bos is not None and prompt_ids and prompt_ids[0] == bos else []
-    body = list(prompt_ids[len(head):])
+    body = list(prompt_ids[len(head) :])
     n = factor * len(body)
     if n and not filler_ids:
         raise ValueError("dilute: the filler has no tokens")
@@ -122,8 +137,15 @@ def dilute(prompt_ids: list[int], filler_ids: list[int], factor: int, offset: in
     return head + body[:cut] + filler + body[cut:]
 
 
-def dilution_grid(sequences: list[list[int]], filler_ids: list[int], offsets, bos: int | None,
-                  placements=None, factors=DILUTIONS, filler: str = ""):
+def dilution_grid(
+    sequences: list[list[int]],
+    filler_ids: list[int],
+    offsets,
+    bos: int | None,
+    placements=None,
+    factors=DILUTIONS,
+    filler: str = "",
+):
     """Every cell of the dilution attack, the one construction `dsg results` and `dsg eval --dilution` share:
     yields (placement, factor, cell key, the diluted sequences), placement by placement, factors in order.
     Sequence i gets its filler from `offsets[i]` in every cell; `filler` tags the keys (`report_schema.cell_key`)."""
@@ -131,8 +153,15 @@ def dilution_grid(sequences: list[list[int]], filler_ids: list[int], offsets, bo
 
     for placement in placements or PLACEMENTS:
         for factor in factors:
-            yield placement, factor, cell_key(placement, factor, filler), [
-                dilute(seq, filler_ids, factor, int(offset), bos, placement) for seq, offset in zip(sequences, offsets)]
+            yield (
+                placement,
+                factor,
+                cell_key(placement, factor, filler),
+                [
+                    dilute(seq, filler_ids, factor, int(offset), bos, placement)
+                    for seq, offset in zip(sequences, offsets)
+                ],
+            )
 
 
 def attack_success(before, after) -> dict:
@@ -141,9 +170,12 @@ def attack_success(before, after) -> dict:
 
     before, after = np.asarray(before, bool), np.asarray(after, bool)
     n = int(before.sum())
-    return {"fired_before": n, "evaded": int((before & ~after).sum()),
-            "attack_success": float((before & ~after).sum() / n) if n else None,
-            "trigger_rate": float(after.mean())}
+    return {
+        "fired_before": n,
+        "evaded": int((before & ~after).sum()),
+        "attack_success": float((before & ~after).sum() / n) if n else None,
+        "trigger_rate": float(after.mean()),
+    }
 
 
 def filler_tokens(tokenizer, texts) -> list[int]:
@@ -151,8 +183,18 @@ def filler_tokens(tokenizer, texts) -> list[int]:
     return [t for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for t in ids]
 
 
-def dilution_attack(model, tokenizer, statistics, prompts, filler_texts, guardrails: dict, options, *,
-                    filler_name: str = "WikiText", more_fillers: dict | None = None) -> dict:
+def dilution_attack(
+    model,
+    tokenizer,
+    statistics,
+    prompts,
+    filler_texts,
+    guardrails: dict,
+    options,
+    *,
+    filler_name: str = "WikiText",
+    more_fillers: dict | None = None,
+) -> dict:
     """Per guardrail variant and dilution cell (placement x factor, `dilution_grid`): attack success (see
     `attack_success`). `filler_texts` fills the untagged cells ("1x", "suffix 1x", ...); `more_fillers`
     {tag: (name, texts)} repeats the grid with other fillers, keys tagged ("mmlu 1x", "mmlu suffix 1x", ...).
@@ -176,16 +218,25 @@ def dilution_attack(model, tokenizer, statistics, prompts, filler_texts, guardra
         if not filler:
             raise DSGError(f"dilution: the filler {name} has no tokens")
         offsets = rng.integers(0, len(filler), size=len(prompts))
-        for placement, factor, key, seqs in dilution_grid(prompt_ids, filler, offsets, bos, PLACEMENTS, DILUTIONS, tag):
-            store = _store(model, tokenizer, statistics, _rows(seqs, _pad_id(tokenizer)), f"dilution: {name} {key}", options)
+        for placement, factor, key, seqs in dilution_grid(
+            prompt_ids, filler, offsets, bos, PLACEMENTS, DILUTIONS, tag
+        ):
+            store = _store(
+                model, tokenizer, statistics, _rows(seqs, _pad_id(tokenizer)), f"dilution: {name} {key}", options
+            )
             cells.append({"filler": tag, "placement": placement, "factor": factor, "key": key})
             for g_name, g in guardrails.items():
                 out[g_name][key] = attack_success(base_fired[g_name], fired(store, g))
     for name in guardrails:
         out[name]["undiluted_trigger_rate"] = float(base_fired[name].mean())
-    return {"n": len(prompts), "factors": list(DILUTIONS), "placements": list(PLACEMENTS),
-            "fillers": [{"tag": tag, "name": name} for tag, (name, _) in fillers.items()], "cells": cells,
-            "by_guardrail": out}
+    return {
+        "n": len(prompts),
+        "factors": list(DILUTIONS),
+        "placements": list(PLACEMENTS),
+        "fillers": [{"tag": tag, "name": name} for tag, (name, _) in fillers.items()],
+        "cells": cells,
+        "by_guardrail": out,
+    }
 
 
 # ----------------------------------------------------------------------------------- relearning
@@ -224,8 +275,16 @@ def relearning_curve(models: dict, tokenizer, rows, steps, score_fn, *, lr, batc
     for k in steps:
         for state in copies.values():
             if k > state["done"]:
-                state["optimizer"] = finetune_steps(state["model"], rows, k - state["done"], lr=lr, batch_size=batch_size,
-                                                    seed=seed, optimizer=state["optimizer"], done=state["done"])
+                state["optimizer"] = finetune_steps(
+                    state["model"],
+                    rows,
+                    k - state["done"],
+                    lr=lr,
+                    batch_size=batch_size,
+                    seed=seed,
+                    optimizer=state["optimizer"],
+                    done=state["done"],
+                )
                 state["done"] = k
         for name, (base, guardrails) in models.items():
             tuned = copies[id(base)]["model"]
@@ -245,8 +304,15 @@ def _text_nll(model, tokenizer, texts, options, record=False):
     from ..evaluation.evaluate import text_nll
     from ..evaluation.metrics import token_nll
 
-    sums, counts, decisions = text_nll(model, tokenizer, texts, max_tokens=options.text_max_tokens,
-                                       batch_size=options.batch_size, record=record, progress=False)
+    sums, counts, decisions = text_nll(
+        model,
+        tokenizer,
+        texts,
+        max_tokens=options.text_max_tokens,
+        batch_size=options.batch_size,
+        record=record,
+        progress=False,
+    )
     return token_nll(sums, counts)["nll_per_token"], decisions
 
 
@@ -268,10 +334,20 @@ def main_table(wrapper, tokenizer, statistics, sets: dict, texts, variants: dict
         try:
             row = {}
             for role, p in prepared.items():
-                scored = score_point(wrapper, tokenizer, p, g["features"], g["threshold"],
-                                     dataclasses.replace(bo, score=g.get("score", "fraction"), window=g.get("window", 32)), eo)
-                row[role] = {**_mcq_numbers(scored["scores"], p.mcq.answers), "trigger_rate": scored["trigger_rate"],
-                             "decision_mismatches": scored["decision_mismatches"]}
+                scored = score_point(
+                    wrapper,
+                    tokenizer,
+                    p,
+                    g["features"],
+                    g["threshold"],
+                    dataclasses.replace(bo, score=g.get("score", "fraction"), window=g.get("window", 32)),
+                    eo,
+                )
+                row[role] = {
+                    **_mcq_numbers(scored["scores"], p.mcq.answers),
+                    "trigger_rate": scored["trigger_rate"],
+                    "decision_mismatches": scored["decision_mismatches"],
+                }
             nll, decisions = _text_nll(wrapper, tokenizer, texts, options, record=True)
             row["text_nll"] = nll
             row["text_trigger_rate"] = float(next(iter(decisions.values()))["fired"].mean())
@@ -294,22 +370,24 @@ def statistics_options(statistics):
 
 # ----------------------------------------------------------------------------------- the run
 def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool = False) -> dict:
-    import numpy as np
     import torch
 
-    from . import data as embedded
-    from ..pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
-    from .demo import DEMO_OPTIONS, SAE_DIR, default_sae
+    from ..data.sources import load_base_model, load_sae, sae_layer
+    from ..evaluation.evaluate import EvalOptions
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir, shared_dir
+    from ..pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
     from ..pipelines.rmu import RMUOptions, rmu_unlearn
-    from ..data.sources import load_base_model, load_sae, sae_layer
     from ..pipelines.sweep import SweepOptions, score_set, sweep_model, write_outputs
-    from ..evaluation.evaluate import EvalOptions
+    from . import data as embedded
+    from .demo import DEMO_OPTIONS, SAE_DIR, default_sae
 
     options = options or ResultsOptions()
-    out = prepare_output(out, overwrite, inputs={"the shared models/data folder": shared_dir(required=False),
-                                                 "the shipped SAE folder": SAE_DIR})
+    out = prepare_output(
+        out,
+        overwrite,
+        inputs={"the shared models/data folder": shared_dir(required=False), "the shipped SAE folder": SAE_DIR},
+    )
     if not embedded.gguf_path().is_file():
         raise DSGError(f"the embedded model is missing: {embedded.gguf_path()}")
     t_all = time.perf_counter()
@@ -323,43 +401,71 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     forget_build, retain_build = embedded.forget_texts("build"), embedded.retain_texts("build")
 
     # -- one statistics pass; three guardrails from it -------------------------------------------------
-    build_opts = BuildOptions(**{**DEMO_OPTIONS, "max_docs": options.max_docs or DEMO_OPTIONS["max_docs"]},
-                              device=options.device)
+    build_opts = BuildOptions(
+        **{**DEMO_OPTIONS, "max_docs": options.max_docs or DEMO_OPTIONS["max_docs"]}, device=options.device
+    )
     start = time.perf_counter()
     with torch.no_grad():
-        statistics = gather_statistics(base, tokenizer, sae_obj, forget_build, retain_build, build_opts,
-                                       str(sae_path), sae_layer(sae_obj))
-    builds = {"DSG": guardrail_build(statistics, build_opts, tokenizer, str(sae_path)),
-              "DSG (window)": guardrail_build(statistics, dataclasses.replace(build_opts, score="window", window=options.window),
-                                             tokenizer, str(sae_path)),
-              "static": guardrail_build(statistics, dataclasses.replace(build_opts, mode="static"), tokenizer, str(sae_path))}
+        statistics = gather_statistics(
+            base, tokenizer, sae_obj, forget_build, retain_build, build_opts, str(sae_path), sae_layer(sae_obj)
+        )
+    builds = {
+        "DSG": guardrail_build(statistics, build_opts, tokenizer, str(sae_path)),
+        "DSG (window)": guardrail_build(
+            statistics,
+            dataclasses.replace(build_opts, score="window", window=options.window),
+            tokenizer,
+            str(sae_path),
+        ),
+        "static": guardrail_build(
+            statistics, dataclasses.replace(build_opts, mode="static"), tokenizer, str(sae_path)
+        ),
+    }
     timings["dsg_build_s"] = time.perf_counter() - start  # rows + statistics + selection + calibration, all three
     timings["dsg_build_breakdown"] = builds["DSG"].info["timings"]
     variants = {name: (b.guardrail, b.sae_state) for name, b in builds.items()}
-    ablation = {f"window {w}": guardrail_build(statistics, dataclasses.replace(build_opts, score="window", window=w),
-                                               tokenizer, str(sae_path)).guardrail for w in options.window_ablation}
+    ablation = {
+        f"window {w}": guardrail_build(
+            statistics, dataclasses.replace(build_opts, score="window", window=w), tokenizer, str(sae_path)
+        ).guardrail
+        for w in options.window_ablation
+    }
     ablation["fraction"] = variants["DSG"][0]
-    record["guardrails"] = {name: {k: b.info[k] for k in ("mode", "n_features", "tau", "heldout")} | {"score": b.guardrail["score"]}
-                            for name, b in builds.items()}
+    record["guardrails"] = {
+        name: {k: b.info[k] for k in ("mode", "n_features", "tau", "heldout")} | {"score": b.guardrail["score"]}
+        for name, b in builds.items()
+    }
 
     # -- RMU on the same model and data ------------------------------------------------------------------
     rmu_model = copy.deepcopy(base)
     rmu_info = rmu_unlearn(rmu_model, tokenizer, forget_build, retain_build, RMUOptions(steps=options.rmu_steps))
     rmu_model.eval()
     timings["rmu_s"] = rmu_info["wall_s"]
-    record["rmu"] = {k: rmu_info[k] for k in ("layer", "updated_parameters", "steering_coeff", "steps", "tokens", "wall_s")}
+    record["rmu"] = {
+        k: rmu_info[k] for k in ("layer", "updated_parameters", "steering_coeff", "steps", "tokens", "wall_s")
+    }
     timings["build_over_rmu"] = timings["dsg_build_s"] / rmu_info["wall_s"]
 
     # -- held-out sets ----------------------------------------------------------------------------------------
     held = embedded.heldout_prompts()
     forget_mcq = _mcq(_sample(embedded.wmdp_records("heldout"), options.eval_n, options.seed), "WMDP-bio", "forget")
-    retain_mcq = _mcq(_sample(embedded.mmlu_records("heldout", "nonbio"), options.eval_n, options.seed), "MMLU non-bio", "retain")
+    retain_mcq = _mcq(
+        _sample(embedded.mmlu_records("heldout", "nonbio"), options.eval_n, options.seed), "MMLU non-bio", "retain"
+    )
     wiki = _sample(held["wikitext"], options.eval_n, options.seed)
 
     wrapper = assemble(base, tokenizer, [])
     start = time.perf_counter()
-    record["table"] = main_table(wrapper, tokenizer, statistics, {"forget": forget_mcq, "retain": retain_mcq}, wiki,
-                                 variants, rmu_model, options)
+    record["table"] = main_table(
+        wrapper,
+        tokenizer,
+        statistics,
+        {"forget": forget_mcq, "retain": retain_mcq},
+        wiki,
+        variants,
+        rmu_model,
+        options,
+    )
     record["table_n"] = {"forget": len(forget_mcq.records), "retain": len(retain_mcq.records), "text": len(wiki)}
     timings["table_s"] = time.perf_counter() - start
 
@@ -369,7 +475,10 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     for set_name, prompts in held.items():
         prompts = _sample(prompts, options.heldout_n, options.seed)
         store = _store(base, tokenizer, statistics, _token_rows(tokenizer, prompts), f"held-out {set_name}", options)
-        rates[set_name] = {"n": len(prompts), **{name: float(fired(store, g).mean()) for name, (g, _) in variants.items()}}
+        rates[set_name] = {
+            "n": len(prompts),
+            **{name: float(fired(store, g).mean()) for name, (g, _) in variants.items()},
+        }
         ablation_rates[set_name] = {name: float(fired(store, g).mean()) for name, g in ablation.items()}
         rho[set_name] = store.row_scores(variants["DSG"][0]["features"]).numpy().tolist()
     record["trigger_rates"] = rates
@@ -379,11 +488,25 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     start = time.perf_counter()
     guarded = {name: g for name, (g, _) in variants.items() if g["mode"] == "dynamic"}
     mmlu_filler = [r["question"] for r in embedded.mmlu_records("heldout", "nonbio")]
-    dilution = dilution_attack(base, tokenizer, statistics, _sample(held["bio"], options.dilution_n, options.seed + 1),
-                               held["wikitext"], {**guarded, **ablation}, options, filler_name="WikiText",
-                               more_fillers={"mmlu": ("MMLU non-bio questions", mmlu_filler)})
-    record["window_ablation"] = {name: {"tau": g["threshold"], "trigger_rates": {k: v[name] for k, v in ablation_rates.items()},
-                                        "dilution": dilution["by_guardrail"].pop(name)} for name, g in ablation.items()}
+    dilution = dilution_attack(
+        base,
+        tokenizer,
+        statistics,
+        _sample(held["bio"], options.dilution_n, options.seed + 1),
+        held["wikitext"],
+        {**guarded, **ablation},
+        options,
+        filler_name="WikiText",
+        more_fillers={"mmlu": ("MMLU non-bio questions", mmlu_filler)},
+    )
+    record["window_ablation"] = {
+        name: {
+            "tau": g["threshold"],
+            "trigger_rates": {k: v[name] for k, v in ablation_rates.items()},
+            "dilution": dilution["by_guardrail"].pop(name),
+        }
+        for name, g in ablation.items()
+    }
     record["dilution"] = dilution
     timings["dilution_s"] = time.perf_counter() - start
 
@@ -391,8 +514,12 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     start = time.perf_counter()
     from ..data.rows import build_rows
 
-    relearn_rows = build_rows(embedded.forget_texts("build"), tokenizer, seq_len=options.relearn_seq_len, seed=options.seed)
-    relearn_mcq = _mcq(_sample(embedded.wmdp_records("heldout"), options.relearn_n, options.seed + 2), "WMDP-bio", "forget")
+    relearn_rows = build_rows(
+        embedded.forget_texts("build"), tokenizer, seq_len=options.relearn_seq_len, seed=options.seed
+    )
+    relearn_mcq = _mcq(
+        _sample(embedded.wmdp_records("heldout"), options.relearn_n, options.seed + 2), "WMDP-bio", "forget"
+    )
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=options.batch_size, progress=False)
 
     def forget_score(model):
@@ -400,14 +527,31 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
             scores = score_set(model, tokenizer, relearn_mcq, eo, letters=False)
         return _mcq_numbers(scores, relearn_mcq.answers)["cloze_prob"]
 
-    curves = relearning_curve({"no guard": (base, []), "static": (base, [variants["static"]]),
-                               "DSG": (base, [variants["DSG"]]), "DSG (window)": (base, [variants["DSG (window)"]]),
-                               "RMU": (rmu_model, [])},
-                              tokenizer, relearn_rows, options.relearn_steps, forget_score, lr=options.relearn_lr,
-                              batch_size=options.relearn_batch, seed=options.seed)
-    record["relearning"] = {"steps": list(options.relearn_steps), "lr": options.relearn_lr, "batch": options.relearn_batch,
-                            "seq_len": options.relearn_seq_len, "n": len(relearn_mcq.records), "metric": "cloze_prob",
-                            "curves": curves}
+    curves = relearning_curve(
+        {
+            "no guard": (base, []),
+            "static": (base, [variants["static"]]),
+            "DSG": (base, [variants["DSG"]]),
+            "DSG (window)": (base, [variants["DSG (window)"]]),
+            "RMU": (rmu_model, []),
+        },
+        tokenizer,
+        relearn_rows,
+        options.relearn_steps,
+        forget_score,
+        lr=options.relearn_lr,
+        batch_size=options.relearn_batch,
+        seed=options.seed,
+    )
+    record["relearning"] = {
+        "steps": list(options.relearn_steps),
+        "lr": options.relearn_lr,
+        "batch": options.relearn_batch,
+        "seq_len": options.relearn_seq_len,
+        "n": len(relearn_mcq.records),
+        "metric": "cloze_prob",
+        "curves": curves,
+    }
     timings["relearning_s"] = time.perf_counter() - start
 
     # -- sequential unlearning --------------------------------------------------------------------------------
@@ -419,14 +563,25 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     sweep_result = None
     if options.sweep:
         start = time.perf_counter()
-        so = SweepOptions(**options.sweep_grid, metric="cloze_prob", batch_size=options.batch_size, progress=True,
-                          build=build_opts)
+        so = SweepOptions(
+            **options.sweep_grid, metric="cloze_prob", batch_size=options.batch_size, progress=True, build=build_opts
+        )
         wrapper = assemble(base, tokenizer, [])
         with torch.no_grad():
-            sweep_result = sweep_model(wrapper, tokenizer, statistics,
-                                       _mcq(_sample(embedded.wmdp_records("heldout"), options.sweep_n, options.seed + 3), "WMDP-bio", "forget"),
-                                       _mcq(_sample(embedded.mmlu_records("heldout", "nonbio"), options.sweep_n, options.seed + 3), "MMLU non-bio", "retain"),
-                                       so)
+            sweep_result = sweep_model(
+                wrapper,
+                tokenizer,
+                statistics,
+                _mcq(
+                    _sample(embedded.wmdp_records("heldout"), options.sweep_n, options.seed + 3), "WMDP-bio", "forget"
+                ),
+                _mcq(
+                    _sample(embedded.mmlu_records("heldout", "nonbio"), options.sweep_n, options.seed + 3),
+                    "MMLU non-bio",
+                    "retain",
+                ),
+                so,
+            )
         record["sweep"] = {"chosen": sweep_result["chosen"], "base": sweep_result["base"], "n": sweep_result["n"]}
         timings["sweep_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - t_all
@@ -449,11 +604,11 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     scores of each guardrail's topic before and after."""
     import torch
 
-    from . import data as embedded
-    from ..pipelines.build import assemble, build_guardrail
     from ..analysis.decisions import guard_decisions
     from ..evaluation.evaluate import EvalOptions
+    from ..pipelines.build import assemble, build_guardrail
     from ..pipelines.sweep import score_set
+    from . import data as embedded
 
     topic = "computer_security"
     cs_build = [r for r in embedded.mmlu_records("build", "nonbio") if r["subject"] == topic]
@@ -465,31 +620,58 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     one = assemble(copy.deepcopy(base), tokenizer, [first])
     opts = dataclasses.replace(build_opts, name="computer_security")
     with torch.no_grad():
-        second = build_guardrail(one, tokenizer, sae_obj, forget, retain, opts, sae_source=sae_source, sae_layer=first.guardrail["layer"])
+        second = build_guardrail(
+            one, tokenizer, sae_obj, forget, retain, opts, sae_source=sae_source, sae_layer=first.guardrail["layer"]
+        )
     held = embedded.heldout_prompts()
     cs_held = [r for r in embedded.mmlu_records("heldout", "nonbio") if r["subject"] == topic]
-    sets = {"WMDP-bio": _sample(held["bio"], options.heldout_n // 2, options.seed),
-            "MMLU computer_security": [mcq_prompt(r["question"], r["choices"]) for r in cs_held],
-            "MMLU non-bio, other subjects": _sample([mcq_prompt(r["question"], r["choices"]) for r in embedded.mmlu_records("heldout", "nonbio")
-                                                    if r["subject"] != topic], options.heldout_n // 2, options.seed)}
+    sets = {
+        "WMDP-bio": _sample(held["bio"], options.heldout_n // 2, options.seed),
+        "MMLU computer_security": [mcq_prompt(r["question"], r["choices"]) for r in cs_held],
+        "MMLU non-bio, other subjects": _sample(
+            [
+                mcq_prompt(r["question"], r["choices"])
+                for r in embedded.mmlu_records("heldout", "nonbio")
+                if r["subject"] != topic
+            ],
+            options.heldout_n // 2,
+            options.seed,
+        ),
+    }
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=options.batch_size, progress=False)
-    mcqs = {"WMDP-bio": _mcq(_sample(embedded.wmdp_records("heldout"), len(cs_held), options.seed + 4), "WMDP-bio", "forget"),
-            "MMLU computer_security": _mcq(cs_held, "MMLU computer_security", "forget")}
-    out = {"n": {k: len(v) for k, v in sets.items()}, "second": {k: second.info[k] for k in ("n_features", "tau", "heldout")},
-           "trigger_rates": {}, "cloze_prob": {}}
+    mcqs = {
+        "WMDP-bio": _mcq(
+            _sample(embedded.wmdp_records("heldout"), len(cs_held), options.seed + 4), "WMDP-bio", "forget"
+        ),
+        "MMLU computer_security": _mcq(cs_held, "MMLU computer_security", "forget"),
+    }
+    out = {
+        "n": {k: len(v) for k, v in sets.items()},
+        "second": {k: second.info[k] for k in ("n_features", "tau", "heldout")},
+        "trigger_rates": {},
+        "cloze_prob": {},
+    }
     with torch.no_grad():
         for label, model in (("biology only", one), ("biology + computer_security", None)):
             if model is None:
                 model = one
                 model.add_guardrail(second.guardrail, second.sae_state)
-            decisions = {name: guard_decisions(model, tokenizer, prompts, desc=f"sequential: {name}") for name, prompts in sets.items()}
-            out["trigger_rates"][label] = {name: {g: float(d["fired"].double().mean()) for g, d in dec.items()}
-                                           for name, dec in decisions.items()}
-            out["cloze_prob"][label] = {name: _mcq_numbers(score_set(model, tokenizer, m, eo, letters=False), m.answers)["cloze_prob"]
-                                        for name, m in mcqs.items()}
+            decisions = {
+                name: guard_decisions(model, tokenizer, prompts, desc=f"sequential: {name}")
+                for name, prompts in sets.items()
+            }
+            out["trigger_rates"][label] = {
+                name: {g: float(d["fired"].double().mean()) for g, d in dec.items()} for name, dec in decisions.items()
+            }
+            out["cloze_prob"][label] = {
+                name: _mcq_numbers(score_set(model, tokenizer, m, eo, letters=False), m.answers)["cloze_prob"]
+                for name, m in mcqs.items()
+            }
         with one.guardrails_disabled():
-            out["cloze_prob"]["base"] = {name: _mcq_numbers(score_set(one, tokenizer, m, eo, letters=False), m.answers)["cloze_prob"]
-                                         for name, m in mcqs.items()}
+            out["cloze_prob"]["base"] = {
+                name: _mcq_numbers(score_set(one, tokenizer, m, eo, letters=False), m.answers)["cloze_prob"]
+                for name, m in mcqs.items()
+            }
     return out
 
 
@@ -500,21 +682,40 @@ def write_plots(record: dict, rho: dict, tau: float, folder: Path) -> None:
     table = record["table"]
     series = []
     for name, row in table.items():
-        series.append({"label": name, "x": [row["retain"]["cloze_prob"]], "y": [row["forget"]["cloze_prob"]],
-                       "marker": {"base": "*", "RMU": "D", "static": "s"}.get(name, "o")})
-    plot_tradeoff(series, folder / "tradeoff.png", xlabel="retain (MMLU non-bio): correct-answer per-token probability",
-                  ylabel="forget (WMDP-bio): correct-answer per-token probability",
-                  title="Held-out forget vs retain, SmolLM2-135M",
-                  vlines=[(0.99 * table["base"]["retain"]["cloze_prob"], "99% of base retain")])
-    plot_rho_histograms({"WMDP-bio (held-out)": rho["bio"], "MMLU non-bio (held-out)": rho["mmlu_nonbio"],
-                         "WikiText (held-out)": rho["wikitext"]}, tau, folder / "rho.png",
-                        title="DSG score rho on held-out prompts")
+        series.append(
+            {
+                "label": name,
+                "x": [row["retain"]["cloze_prob"]],
+                "y": [row["forget"]["cloze_prob"]],
+                "marker": {"base": "*", "RMU": "D", "static": "s"}.get(name, "o"),
+            }
+        )
+    plot_tradeoff(
+        series,
+        folder / "tradeoff.png",
+        xlabel="retain (MMLU non-bio): correct-answer per-token probability",
+        ylabel="forget (WMDP-bio): correct-answer per-token probability",
+        title="Held-out forget vs retain, SmolLM2-135M",
+        vlines=[(0.99 * table["base"]["retain"]["cloze_prob"], "99% of base retain")],
+    )
+    plot_rho_histograms(
+        {
+            "WMDP-bio (held-out)": rho["bio"],
+            "MMLU non-bio (held-out)": rho["mmlu_nonbio"],
+            "WikiText (held-out)": rho["wikitext"],
+        },
+        tau,
+        folder / "rho.png",
+        title="DSG score rho on held-out prompts",
+    )
     fig = _figure(6.0, 4.2)
     ax = fig.add_subplot()
     rel = record["relearning"]
     for name, ys in rel["curves"].items():
         ax.plot(rel["steps"], ys, marker="o", label=name)
-    ax.set_xlabel(f"fine-tuning steps on forget text (batch {rel['batch']} x {rel['seq_len']} tokens, lr {rel['lr']:g})")
+    ax.set_xlabel(
+        f"fine-tuning steps on forget text (batch {rel['batch']} x {rel['seq_len']} tokens, lr {rel['lr']:g})"
+    )
     ax.set_ylabel("WMDP-bio correct-answer per-token probability")
     ax.set_title("Relearning attack (guards applied at test time)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -546,7 +747,9 @@ def plot_dilution(dil: dict, path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("attack success")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Dilution attack on {dil['n']} held-out WMDP-bio prompts: fired prompts that no longer fire", fontsize=10)
+    fig.suptitle(
+        f"Dilution attack on {dil['n']} held-out WMDP-bio prompts: fired prompts that no longer fire", fontsize=10
+    )
     _save(fig, path)
 
 
@@ -564,8 +767,11 @@ def _either(words: list[str]) -> str:
 def dilution_layout(block: dict) -> tuple[list[dict], list[str], list[int]]:
     """(fillers [{"tag", "name"}], placements, factors) of a results.json dilution block; a block written
     before placements and fillers existed: WikiText in front."""
-    return (block.get("fillers") or [{"tag": "", "name": "WikiText"}], block.get("placements") or ["prefix"],
-            list(block["factors"]))
+    return (
+        block.get("fillers") or [{"tag": "", "name": "WikiText"}],
+        block.get("placements") or ["prefix"],
+        list(block["factors"]),
+    )
 
 
 def dilution_table(block: dict, entries: dict) -> list[str]:
@@ -574,100 +780,178 @@ def dilution_table(block: dict, entries: dict) -> list[str]:
     from ..evaluation.report import cell_key
 
     fillers, placements, factors = dilution_layout(block)
-    lines = ["| guardrail | fires undiluted | filler | placement | " + " | ".join(f"{k}x" for k in factors) + " | max |",
-             "|---|---:|---|---|" + "---:|" * (len(factors) + 1)]
+    lines = [
+        "| guardrail | fires undiluted | filler | placement | " + " | ".join(f"{k}x" for k in factors) + " | max |",
+        "|---|---:|---|---|" + "---:|" * (len(factors) + 1),
+    ]
     for name, by in entries.items():
         for filler in fillers:
             for placement in placements:
                 cells = [by[cell_key(placement, k, filler["tag"])]["attack_success"] for k in factors]
                 known = [c for c in cells if c is not None]
-                lines.append(f"| {name} | {_f(by['undiluted_trigger_rate'])} | {filler['name']} | {PLACEMENT_WORDS[placement]} | "
-                             + " | ".join(_f(c) for c in cells)
-                             + f" | {_f(max(known) if known else None)} |")
+                lines.append(
+                    f"| {name} | {_f(by['undiluted_trigger_rate'])} | {filler['name']} | {PLACEMENT_WORDS[placement]} | "
+                    + " | ".join(_f(c) for c in cells)
+                    + f" | {_f(max(known) if known else None)} |"
+                )
     return lines
 
 
 def dilution_section(dil: dict) -> list[str]:
     """The results page's "Dilution attack" heading, its sentence and the table of every cell."""
     fillers, placements, _ = dilution_layout(dil)
-    return ["## Dilution attack", "",
-            f"{dil['n']} held-out WMDP-bio prompts with k times their length of filler from "
-            + _either([f["name"] for f in fillers]) + ", put " + _either([PLACEMENT_WORDS[p] for p in placements])
-            + " (every cell on the same prompts; a split prompt is its first half of tokens, the filler, the rest). "
-            "Attack success: of the prompts that fire undiluted, the fraction that no longer fire; *max*: the "
-            "highest of the row.", "", *dilution_table(dil, dil["by_guardrail"])]
+    return [
+        "## Dilution attack",
+        "",
+        f"{dil['n']} held-out WMDP-bio prompts with k times their length of filler from "
+        + _either([f["name"] for f in fillers])
+        + ", put "
+        + _either([PLACEMENT_WORDS[p] for p in placements])
+        + " (every cell on the same prompts; a split prompt is its first half of tokens, the filler, the rest). "
+        "Attack success: of the prompts that fire undiluted, the fraction that no longer fire; *max*: the "
+        "highest of the row.",
+        "",
+        *dilution_table(dil, dil["by_guardrail"]),
+    ]
 
 
 def results_markdown(record: dict, sweep: bool = True) -> str:
     t, n, tm = record["table"], record["table_n"], record["timings"]
-    lines = ["# Results on the embedded default", "",
-             "SmolLM2-135M-Instruct, the shipped TopK SAE at layer 6, forget = biology. Every number below was "
-             f"measured by `{record['command']}` (written by it into this page); all questions and texts are "
-             "held out from the build, the SAE's training and calibration.", "",
-             "## Forget / retain", "",
-             f"Held-out: {n['forget']} WMDP-bio questions (forget), {n['retain']} non-biology MMLU questions (retain), "
-             f"{n['text']} WikiText paragraphs. *cloze p*: mean per-token probability of the correct answer's text; "
-             "*letter p*: probability of the correct letter among A-D; *acc*: letter accuracy (SmolLM2-135M is near "
-             "chance here, 0.25); *fires*: trigger rate.", "",
-             "| model | forget cloze p ↓ | forget letter p | forget acc | forget fires | retain cloze p ↑ | retain letter p | retain acc | retain fires | WikiText NLL ↓ |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Results on the embedded default",
+        "",
+        "SmolLM2-135M-Instruct, the shipped TopK SAE at layer 6, forget = biology. Every number below was "
+        f"measured by `{record['command']}` (written by it into this page); all questions and texts are "
+        "held out from the build, the SAE's training and calibration.",
+        "",
+        "## Forget / retain",
+        "",
+        f"Held-out: {n['forget']} WMDP-bio questions (forget), {n['retain']} non-biology MMLU questions (retain), "
+        f"{n['text']} WikiText paragraphs. *cloze p*: mean per-token probability of the correct answer's text; "
+        "*letter p*: probability of the correct letter among A-D; *acc*: letter accuracy (SmolLM2-135M is near "
+        "chance here, 0.25); *fires*: trigger rate.",
+        "",
+        "| model | forget cloze p ↓ | forget letter p | forget acc | forget fires | retain cloze p ↑ | retain letter p | retain acc | retain fires | WikiText NLL ↓ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, row in t.items():
         f, r = row["forget"], row["retain"]
-        lines.append(f"| {name} | {_f(f['cloze_prob'])} | {_f(f['choice_prob'])} | {_f(f['accuracy'])} | "
-                     f"{_f(f.get('trigger_rate'))} | {_f(r['cloze_prob'])} | {_f(r['choice_prob'])} | {_f(r['accuracy'])} | "
-                     f"{_f(r.get('trigger_rate'))} | {_f(row['text_nll'])} |")
-    lines += ["", f"Cost: the DSG build (rows, one statistics pass, selection and calibration of all three guarded "
-              f"variants) took {tm['dsg_build_s']:.0f} s; RMU ({record['rmu']['steps']} steps) took {tm['rmu_s']:.0f} s: "
-              f"ratio {tm['build_over_rmu']:.2f}.", "", "![trade-off](tradeoff.png)", "",
-              "## Held-out trigger rates", "", "| prompts | n | " + " | ".join(record["guardrails"]) + " |",
-              "|---|---:|" + "---:|" * len(record["guardrails"])]
+        lines.append(
+            f"| {name} | {_f(f['cloze_prob'])} | {_f(f['choice_prob'])} | {_f(f['accuracy'])} | "
+            f"{_f(f.get('trigger_rate'))} | {_f(r['cloze_prob'])} | {_f(r['choice_prob'])} | {_f(r['accuracy'])} | "
+            f"{_f(r.get('trigger_rate'))} | {_f(row['text_nll'])} |"
+        )
+    lines += [
+        "",
+        f"Cost: the DSG build (rows, one statistics pass, selection and calibration of all three guarded "
+        f"variants) took {tm['dsg_build_s']:.0f} s; RMU ({record['rmu']['steps']} steps) took {tm['rmu_s']:.0f} s: "
+        f"ratio {tm['build_over_rmu']:.2f}.",
+        "",
+        "![trade-off](tradeoff.png)",
+        "",
+        "## Held-out trigger rates",
+        "",
+        "| prompts | n | " + " | ".join(record["guardrails"]) + " |",
+        "|---|---:|" + "---:|" * len(record["guardrails"]),
+    ]
     for set_name, row in record["trigger_rates"].items():
         lines.append(f"| {set_name} | {row['n']} | " + " | ".join(_f(row[g]) for g in record["guardrails"]) + " |")
     dil = record["dilution"]
     lines += ["", "![rho](rho.png)", "", *dilution_section(dil)]
-    lines += ["", "![dilution](dilution.png)", "", "### Window size", "",
-              "The window score's τ is calibrated per window size like ρ's (95th percentile of retain rows); its held-out "
-              "trigger rates:", "",
-              "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "![dilution](dilution.png)",
+        "",
+        "### Window size",
+        "",
+        "The window score's τ is calibrated per window size like ρ's (95th percentile of retain rows); its held-out "
+        "trigger rates:",
+        "",
+        "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, a in record["window_ablation"].items():
         r = a["trigger_rates"]
-        lines.append(f"| {name} | {a['tau']:.3f} | " + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext")) + " |")
-    lines += ["", "and its dilution attack success, on the same prompts and cells:", "",
-              *dilution_table(dil, {name: a["dilution"] for name, a in record["window_ablation"].items()})]
+        lines.append(
+            f"| {name} | {a['tau']:.3f} | "
+            + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext"))
+            + " |"
+        )
+    lines += [
+        "",
+        "and its dilution attack success, on the same prompts and cells:",
+        "",
+        *dilution_table(dil, {name: a["dilution"] for name, a in record["window_ablation"].items()}),
+    ]
     rel = record["relearning"]
-    lines += ["", "## Relearning attack", "",
-              f"The base weights (and RMU's) fine-tuned on forget text (AdamW, lr {rel['lr']:g}, batch {rel['batch']} x "
-              f"{rel['seq_len']} tokens); the guardrails applied at test time. Forget score: cloze p on {rel['n']} held-out "
-              "WMDP-bio questions.", "", "| model | " + " | ".join(f"k={k}" for k in rel["steps"]) + " |",
-              "|---|" + "---:|" * len(rel["steps"])]
+    lines += [
+        "",
+        "## Relearning attack",
+        "",
+        f"The base weights (and RMU's) fine-tuned on forget text (AdamW, lr {rel['lr']:g}, batch {rel['batch']} x "
+        f"{rel['seq_len']} tokens); the guardrails applied at test time. Forget score: cloze p on {rel['n']} held-out "
+        "WMDP-bio questions.",
+        "",
+        "| model | " + " | ".join(f"k={k}" for k in rel["steps"]) + " |",
+        "|---|" + "---:|" * len(rel["steps"]),
+    ]
     for name, ys in rel["curves"].items():
         lines.append(f"| {name} | " + " | ".join(_f(y) for y in ys) + " |")
     seq = record["sequential"]
-    lines += ["", "![relearning](relearning.png)", "", "## Sequential unlearning", "",
-              "A second guardrail (MMLU computer_security, built on the DSG model with `--add-to` semantics) stacked on "
-              "the biology one. Trigger rates per guardrail:", "",
-              "| model | prompts | n | biology | computer_security |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "![relearning](relearning.png)",
+        "",
+        "## Sequential unlearning",
+        "",
+        "A second guardrail (MMLU computer_security, built on the DSG model with `--add-to` semantics) stacked on "
+        "the biology one. Trigger rates per guardrail:",
+        "",
+        "| model | prompts | n | biology | computer_security |",
+        "|---|---|---:|---:|---:|",
+    ]
     for label, by_set in seq["trigger_rates"].items():
         for set_name, by_g in by_set.items():
-            lines.append(f"| {label} | {set_name} | {seq['n'][set_name]} | {_f(by_g.get('biology'))} | "
-                         f"{_f(by_g.get('computer_security'))} |")
-    lines += ["", "Forget scores (cloze p) per topic:", "", "| model | " + " | ".join(seq["cloze_prob"]["base"]) + " |",
-              "|---|" + "---:|" * len(seq["cloze_prob"]["base"])]
+            lines.append(
+                f"| {label} | {set_name} | {seq['n'][set_name]} | {_f(by_g.get('biology'))} | "
+                f"{_f(by_g.get('computer_security'))} |"
+            )
+    lines += [
+        "",
+        "Forget scores (cloze p) per topic:",
+        "",
+        "| model | " + " | ".join(seq["cloze_prob"]["base"]) + " |",
+        "|---|" + "---:|" * len(seq["cloze_prob"]["base"]),
+    ]
     for label in ("base", "biology only", "biology + computer_security"):
         lines.append(f"| {label} | " + " | ".join(_f(v) for v in seq["cloze_prob"][label].values()) + " |")
     if sweep:
         ch = record["sweep"]["chosen"]
-        lines += ["", "## Sweep", "", f"`dsg sweep` on {record['sweep']['n']['forget']} + {record['sweep']['n']['retain']} "
-                  "held-out questions (metric cloze p, rule: lowest forget with retain >= 99% of base). Chosen:", "",
-                  "| mode | N | c | ratio pct | forget | retain |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Sweep",
+            "",
+            f"`dsg sweep` on {record['sweep']['n']['forget']} + {record['sweep']['n']['retain']} "
+            "held-out questions (metric cloze p, rule: lowest forget with retain >= 99% of base). Chosen:",
+            "",
+            "| mode | N | c | ratio pct | forget | retain |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for which, p in ch.items():
             if p is None:
                 lines.append(f"| {which} | (none keeps retain) | | | | |")
             else:
-                lines.append(f"| {which}: {p['mode']} | {p['n_features']} | {p['clamp']:g} | {p['ratio_percentile'] or ''} | "
-                             f"{_f(p['forget']['score'])} | {_f(p['retain']['score'])} |")
-        lines += ["", f"Base: forget {_f(record['sweep']['base']['forget'])}, retain {_f(record['sweep']['base']['retain'])}. "
-                  "Every grid point: [sweep/sweep.json](sweep/sweep.json).", "", "![sweep](sweep/tradeoff.png)"]
+                lines.append(
+                    f"| {which}: {p['mode']} | {p['n_features']} | {p['clamp']:g} | {p['ratio_percentile'] or ''} | "
+                    f"{_f(p['forget']['score'])} | {_f(p['retain']['score'])} |"
+                )
+        lines += [
+            "",
+            f"Base: forget {_f(record['sweep']['base']['forget'])}, retain {_f(record['sweep']['base']['retain'])}. "
+            "Every grid point: [sweep/sweep.json](sweep/sweep.json).",
+            "",
+            "![sweep](sweep/tradeoff.png)",
+        ]
     lines += ["", f"Total wall time: {tm['total_s'] / 60:.1f} min.", ""]
     return "\n".join(lines)
 

@@ -30,8 +30,10 @@ def check_dilution(guardrails: list[dict]) -> list[dict]:
     """The dynamic ones of `guardrails` (config.json or report "guardrails" entries); `--dilution` needs one."""
     measured = [g for g in guardrails if g.get("mode", "dynamic") == "dynamic"]
     if not measured:
-        raise DSGError("--dilution: this model has no dynamic guardrail (static guardrails clamp at every token "
-                       "and take no decision that filler could dilute)")
+        raise DSGError(
+            "--dilution: this model has no dynamic guardrail (static guardrails clamp at every token "
+            "and take no decision that filler could dilute)"
+        )
     return measured
 
 
@@ -47,22 +49,31 @@ def _fired(model, tokenizer, sequences: list, options, desc: str) -> dict:
     from .evaluate import _Decisions, _forward, _pad_id
 
     decisions = _Decisions(len(sequences))
-    for index, _, recorded in _forward(model, sequences, [1] * len(sequences), pad_id=_pad_id(tokenizer),
-                                       batch_size=options.batch_size, desc=desc, record=True, progress=options.progress):
+    for index, _, recorded in _forward(
+        model,
+        sequences,
+        [1] * len(sequences),
+        pad_id=_pad_id(tokenizer),
+        batch_size=options.batch_size,
+        desc=desc,
+        record=True,
+        progress=options.progress,
+    ):
         decisions.add(index, recorded)
     return decisions.fired
 
 
-def measure_dilution(model, tokenizer, forget, filler_texts: list[str], filler_name: str, options,
-                     guardrails: list[dict]) -> Dilution:
+def measure_dilution(
+    model, tokenizer, forget, filler_texts: list[str], filler_name: str, options, guardrails: list[dict]
+) -> Dilution:
     """The dilution block for the forget set `forget` (an `evaluation.McqSet`), filler from `filler_texts`.
 
     `guardrails`: the report's "guardrails" entries (name, mode, score); only dynamic ones are measured.
     """
     import numpy as np
 
-    from .evaluate import letter_sequences, mcq_texts
     from ..embedded.results import DILUTIONS, attack_success, dilution_grid, filler_tokens
+    from .evaluate import letter_sequences, mcq_texts
 
     measured = check_dilution(guardrails)
     filler = filler_tokens(tokenizer, filler_texts)
@@ -73,11 +84,20 @@ def measure_dilution(model, tokenizer, forget, filler_texts: list[str], filler_n
     bos = tokenizer.bos_token_id
     offsets = np.random.default_rng(SEED).integers(0, len(filler), size=len(sequences))
     before = _fired(model, tokenizer, sequences, options, f"{forget.label} dilution: none")
-    by_guardrail = {g["name"]: {"score": g.get("score", "fraction"),
-                                "undiluted_trigger_rate": float(before[g["name"]].mean())} for g in measured}
+    by_guardrail = {
+        g["name"]: {"score": g.get("score", "fraction"), "undiluted_trigger_rate": float(before[g["name"]].mean())}
+        for g in measured
+    }
     for _, _, key, diluted in dilution_grid(sequences, filler, offsets, bos, PLACEMENTS, DILUTIONS):
         after = _fired(model, tokenizer, diluted, options, f"{forget.label} dilution: {key}")
         for g in measured:
             by_guardrail[g["name"]][key] = attack_success(before[g["name"]], after[g["name"]])
-    return {"dataset": forget.label, "filler": filler_name, "n": len(sequences), "factors": list(DILUTIONS),
-            "placements": list(PLACEMENTS), "seed": SEED, "by_guardrail": by_guardrail}
+    return {
+        "dataset": forget.label,
+        "filler": filler_name,
+        "n": len(sequences),
+        "factors": list(DILUTIONS),
+        "placements": list(PLACEMENTS),
+        "seed": SEED,
+        "by_guardrail": by_guardrail,
+    }

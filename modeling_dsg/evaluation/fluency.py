@@ -33,8 +33,14 @@ import time
 
 NGRAM_REPEAT = 3  # n of the repeated n-gram share
 NGRAM_DISTINCT = 2  # n of distinct-n
-SUMMARY_KEYS = ("nll_per_token", "repeated_3gram_share", "distinct_2", "answer_leak_rate", "answer_only_leak_rate",
-                "mean_new_tokens")
+SUMMARY_KEYS = (
+    "nll_per_token",
+    "repeated_3gram_share",
+    "distinct_2",
+    "answer_leak_rate",
+    "answer_only_leak_rate",
+    "mean_new_tokens",
+)
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -52,7 +58,7 @@ def normalize(text: str) -> str:
 
 def ngrams(tokens, n: int) -> list[tuple]:
     tokens = list(tokens)
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def repeated_ngram_share(tokens, n: int = NGRAM_REPEAT) -> float | None:
@@ -76,7 +82,10 @@ def answer_leaked(generation: str, answer: str) -> bool:
 def answer_only_leaked(generation: str, choices, answer: int) -> bool:
     """The correct choice's text appears and no other choice's text does."""
     return answer_leaked(generation, choices[answer]) and not any(
-        answer_leaked(generation, c) for j, c in enumerate(choices) if j != answer and normalize(c) != normalize(choices[answer]))
+        answer_leaked(generation, c)
+        for j, c in enumerate(choices)
+        if j != answer and normalize(c) != normalize(choices[answer])
+    )
 
 
 def _mean(values) -> float | None:
@@ -87,8 +96,10 @@ def _mean(values) -> float | None:
 def text_metrics(texts, records=None) -> dict:
     """Repetition (and, with `records` {choices, answer} per text, answer leak) over decoded generations."""
     tokens = [words(t) for t in texts]
-    out = {"repeated_3gram_share": _mean(repeated_ngram_share(t, NGRAM_REPEAT) for t in tokens),
-           "distinct_2": _mean(distinct_n(t, NGRAM_DISTINCT) for t in tokens)}
+    out = {
+        "repeated_3gram_share": _mean(repeated_ngram_share(t, NGRAM_REPEAT) for t in tokens),
+        "distinct_2": _mean(distinct_n(t, NGRAM_DISTINCT) for t in tokens),
+    }
     if records is not None:
         leaks = [answer_leaked(t, r["choices"][r["answer"]]) for t, r in zip(texts, records)]
         only = [answer_only_leaked(t, r["choices"], r["answer"]) for t, r in zip(texts, records)]
@@ -102,8 +113,11 @@ def nll_summary(sums, counts) -> dict:
     """Micro-averaged NLL per token over generations (summed NLL [n], token counts [n]), and the per-generation mean."""
     total = float(sum(counts))
     per = [s / c for s, c in zip(sums, counts) if c]
-    return {"nll_per_token": float(sum(sums)) / total if total else None, "nll_per_generation_mean": _mean(per),
-            "n_tokens": int(total)}
+    return {
+        "nll_per_token": float(sum(sums)) / total if total else None,
+        "nll_per_generation_mean": _mean(per),
+        "n_tokens": int(total),
+    }
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -134,8 +148,8 @@ def _left_padded(sequences, pad_id: int):
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -146,8 +160,16 @@ def prompt_fired(model, tokenizer, sequences, *, batch_size: int = 8) -> list[bo
     fired = [False] * len(sequences)
     if not getattr(model, "guards", None):
         return fired
-    for index, _, decisions in _forward(model, sequences, [1] * len(sequences), pad_id=_pad_id(tokenizer), batch_size=batch_size,
-                                        desc="fluency: which prompts fire", record=True, progress=False):
+    for index, _, decisions in _forward(
+        model,
+        sequences,
+        [1] * len(sequences),
+        pad_id=_pad_id(tokenizer),
+        batch_size=batch_size,
+        desc="fluency: which prompts fire",
+        record=True,
+        progress=False,
+    ):
         for _, (_, f) in decisions.items():
             for b, i in enumerate(index):
                 fired[i] = fired[i] or bool(f[b])
@@ -166,12 +188,18 @@ def greedy_generate(model, tokenizer, sequences, *, max_new_tokens: int = 32, ba
     generated, fired = [], []
     device = _device(model)
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         ids, mask = _left_padded(chunk, pad)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, return_dict_in_generate=True)
-        new = out.sequences[:, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                return_dict_in_generate=True,
+            )
+        new = out.sequences[:, ids.shape[1] :].tolist()
         for row in new:
             cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
             generated.append(row[:cut])
@@ -189,8 +217,15 @@ def base_nll(model, tokenizer, sequences, generated, *, batch_size: int = 8):
     from .evaluate import _base, target_logprobs
 
     with _base(model):
-        sums, counts, _ = target_logprobs(model, tokenizer, [(s + g)[:-1] for s, g in zip(sequences, generated)],
-                                          generated, batch_size=batch_size, desc="fluency: base NLL", progress=False)
+        sums, counts, _ = target_logprobs(
+            model,
+            tokenizer,
+            [(s + g)[:-1] for s, g in zip(sequences, generated)],
+            generated,
+            batch_size=batch_size,
+            desc="fluency: base NLL",
+            progress=False,
+        )
     return [-float(x) for x in sums], [int(c) for c in counts]
 
 
@@ -205,9 +240,22 @@ def generation_block(model, tokenizer, sequences, generated, records, *, batch_s
     return out
 
 
-def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *, max_new_tokens: int = 32,
-                    chat: bool = True, batch_size: int = 8, n_examples: int = 3, forget_label: str = "forget",
-                    retain_label: str = "retain", base_cache: dict | None = None, forget_fire: bool = False) -> dict:
+def measure_fluency(
+    model,
+    tokenizer,
+    forget_records,
+    retain_records,
+    n: int,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool = True,
+    batch_size: int = 8,
+    n_examples: int = 3,
+    forget_label: str = "forget",
+    retain_label: str = "retain",
+    base_cache: dict | None = None,
+    forget_fire: bool = False,
+) -> dict:
     """The fluency block (module docstring): {"settings", "sets": {label: {...}}}.
 
     Per set: "n", "scanned" (forget: prompts looked at to find `n` that fire), "fired_on_prompt", "base" and
@@ -248,12 +296,29 @@ def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *,
         else:
             keep = list(range(min(n, len(records))))
             scanned = len(keep)
-            fired = dict(zip(keep, prompt_fired(model, tokenizer, prompt_ids(tokenizer, records[:len(keep)], chat=chat),
-                                                batch_size=batch_size))) if keep else {}
+            fired = (
+                dict(
+                    zip(
+                        keep,
+                        prompt_fired(
+                            model,
+                            tokenizer,
+                            prompt_ids(tokenizer, records[: len(keep)], chat=chat),
+                            batch_size=batch_size,
+                        ),
+                    )
+                )
+                if keep
+                else {}
+            )
         recs = [records[i] for i in keep]
         seqs_k = prompt_ids(tokenizer, recs, chat=chat) if recs else []
-        entry = {"role": role, "n": len(keep), "scanned": scanned,
-                 "fired_on_prompt": sum(fired[i] for i in keep) / len(keep) if keep else None}
+        entry = {
+            "role": role,
+            "n": len(keep),
+            "scanned": scanned,
+            "fired_on_prompt": sum(fired[i] for i in keep) / len(keep) if keep else None,
+        }
         if not keep:
             sets[label] = entry
             continue
@@ -264,60 +329,96 @@ def measure_fluency(model, tokenizer, forget_records, retain_records, n: int, *,
             from .evaluate import _base
 
             with _base(model):
-                base_ids, _ = greedy_generate(model, tokenizer, seqs_k, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            base = {"ids": base_ids, **generation_block(model, tokenizer, seqs_k, base_ids, recs, batch_size=batch_size)}
+                base_ids, _ = greedy_generate(
+                    model, tokenizer, seqs_k, max_new_tokens=max_new_tokens, batch_size=batch_size
+                )
+            base = {
+                "ids": base_ids,
+                **generation_block(model, tokenizer, seqs_k, base_ids, recs, batch_size=batch_size),
+            }
             if base_cache is not None:
                 base_cache[key] = base
-        dsg_ids, gen_fired = greedy_generate(model, tokenizer, seqs_k, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        dsg_ids, gen_fired = greedy_generate(
+            model, tokenizer, seqs_k, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
         dsg = generation_block(model, tokenizer, seqs_k, dsg_ids, recs, batch_size=batch_size)
-        entry.update({
-            "base": {k: v for k, v in base.items() if k != "ids"}, "dsg": dsg,
-            "nll_added": None if dsg["nll_per_token"] is None or base["nll_per_token"] is None
-            else dsg["nll_per_token"] - base["nll_per_token"],
-            "fired_in_generation": sum(gen_fired) / len(gen_fired),
-            "identical_to_base": sum(a == b for a, b in zip(dsg_ids, base["ids"])) / len(keep),
-            "examples": [{"question": r["question"], "answer": r["choices"][r["answer"]], "base": base["texts"][j],
-                          "dsg": dsg["texts"][j], "fired": bool(gen_fired[j])}
-                         for j, r in enumerate(recs[:n_examples])],
-        })
+        entry.update(
+            {
+                "base": {k: v for k, v in base.items() if k != "ids"},
+                "dsg": dsg,
+                "nll_added": None
+                if dsg["nll_per_token"] is None or base["nll_per_token"] is None
+                else dsg["nll_per_token"] - base["nll_per_token"],
+                "fired_in_generation": sum(gen_fired) / len(gen_fired),
+                "identical_to_base": sum(a == b for a, b in zip(dsg_ids, base["ids"])) / len(keep),
+                "examples": [
+                    {
+                        "question": r["question"],
+                        "answer": r["choices"][r["answer"]],
+                        "base": base["texts"][j],
+                        "dsg": dsg["texts"][j],
+                        "fired": bool(gen_fired[j]),
+                    }
+                    for j, r in enumerate(recs[:n_examples])
+                ],
+            }
+        )
         sets[label] = entry
-    return {"settings": {"n": n, "max_new_tokens": max_new_tokens, "chat": chat, "decoding": "greedy",
-                         "prompt": "lm-eval letter prompt" + (" as a chat user turn" if chat else ""),
-                         "repeat_n": NGRAM_REPEAT, "distinct_n": NGRAM_DISTINCT},
-            "sets": sets, "seconds": time.perf_counter() - start}
+    return {
+        "settings": {
+            "n": n,
+            "max_new_tokens": max_new_tokens,
+            "chat": chat,
+            "decoding": "greedy",
+            "prompt": "lm-eval letter prompt" + (" as a chat user turn" if chat else ""),
+            "repeat_n": NGRAM_REPEAT,
+            "distinct_n": NGRAM_DISTINCT,
+        },
+        "sets": sets,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def summary_lines(block: dict) -> list[str]:
     """The fluency block as Markdown lines (a table and the examples)."""
+
     def f(x, d=3):
         return "n/a" if x is None else f"{x:.{d}f}"
 
     def cell(t, width=160):
         t = " ".join(str(t).split()).replace("|", "\\|")
-        return t if len(t) <= width else t[:width - 3] + "..."
+        return t if len(t) <= width else t[: width - 3] + "..."
 
     s = block["settings"]
-    lines = ["## Fluency of generated answers", "",
-             f"Greedy generations ({s['max_new_tokens']} new tokens, {s['prompt']}) on forget prompts that fire and on "
-             "retain prompts. NLL: the base model's per-token NLL of the generated text (lower: more fluent); the "
-             "base column is the base model's own answers. Repetition on words: repeated 3-gram share (lower is "
-             "better), distinct-2 (higher is better). Leak: the correct choice's text appears in the answer.", "",
-             "| set | n | fired | model | NLL/token ↓ | repeated 3-grams ↓ | distinct-2 ↑ | answer leak | only the answer | new tokens |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Fluency of generated answers",
+        "",
+        f"Greedy generations ({s['max_new_tokens']} new tokens, {s['prompt']}) on forget prompts that fire and on "
+        "retain prompts. NLL: the base model's per-token NLL of the generated text (lower: more fluent); the "
+        "base column is the base model's own answers. Repetition on words: repeated 3-gram share (lower is "
+        "better), distinct-2 (higher is better). Leak: the correct choice's text appears in the answer.",
+        "",
+        "| set | n | fired | model | NLL/token ↓ | repeated 3-grams ↓ | distinct-2 ↑ | answer leak | only the answer | new tokens |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, e in block["sets"].items():
         if "base" not in e:
             lines.append(f"| {cell(label)} | 0 | | (no prompt fired) | | | | | | |")
             continue
         for who in ("base", "dsg"):
             m = e[who]
-            lines.append(f"| {cell(label)} | {e['n']} | {f(e['fired_in_generation'], 2) if who == 'dsg' else ''} | "
-                         f"{'base' if who == 'base' else 'DSG'} | {f(m['nll_per_token'])} | {f(m['repeated_3gram_share'])} | "
-                         f"{f(m['distinct_2'])} | {f(m['answer_leak_rate'], 2)} | {f(m['answer_only_leak_rate'], 2)} | "
-                         f"{f(m['mean_new_tokens'], 1)} |")
+            lines.append(
+                f"| {cell(label)} | {e['n']} | {f(e['fired_in_generation'], 2) if who == 'dsg' else ''} | "
+                f"{'base' if who == 'base' else 'DSG'} | {f(m['nll_per_token'])} | {f(m['repeated_3gram_share'])} | "
+                f"{f(m['distinct_2'])} | {f(m['answer_leak_rate'], 2)} | {f(m['answer_only_leak_rate'], 2)} | "
+                f"{f(m['mean_new_tokens'], 1)} |"
+            )
     for label, e in block["sets"].items():
         if e.get("examples"):
             lines += ["", f"Examples ({cell(label)}):", "", "| question | answer | base | DSG |", "|---|---|---|---|"]
             for x in e["examples"]:
-                lines.append(f"| {cell(x['question'], 100)} | {cell(x['answer'], 40)} | {cell(x['base'])} | "
-                             f"{cell(x['dsg'])}{' (fired)' if x['fired'] else ''} |")
+                lines.append(
+                    f"| {cell(x['question'], 100)} | {cell(x['answer'], 40)} | {cell(x['base'])} | "
+                    f"{cell(x['dsg'])}{' (fired)' if x['fired'] else ''} |"
+                )
     return lines

@@ -44,8 +44,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -119,8 +119,10 @@ def choice_metrics_by_group(scores, references, groups: Sequence, lengths=None) 
     g = np.asarray([str(x) for x in groups], dtype=object)
     if g.shape != r.shape:
         raise ValueError(f"groups must have {len(r)} entries, got {len(g)}")
-    return {name: choice_metrics(s[g == name], r[g == name], None if ln is None else ln[g == name])
-            for name in sorted(set(g.tolist()))}
+    return {
+        name: choice_metrics(s[g == name], r[g == name], None if ln is None else ln[g == name])
+        for name in sorted(set(g.tolist()))
+    }
 
 
 def correct_loglikelihood(sums, lengths) -> dict:
@@ -147,8 +149,7 @@ def token_nll(nll_sums, token_counts) -> dict:
     mean = float(sums.sum() / total) if total else float("nan")
     with np.errstate(over="ignore"):  # an NLL past ~709 nats (a refusing row: ~3.4e38) has perplexity inf
         perplexity = float(np.exp(mean)) if total else float("nan")
-    return {"nll_per_token": mean, "perplexity": perplexity,
-            "n_tokens": total, "n_texts": int(len(counts))}
+    return {"nll_per_token": mean, "perplexity": perplexity, "n_tokens": total, "n_texts": int(len(counts))}
 
 
 # ------------------------------------------------------------------------------- trigger rates
@@ -208,18 +209,22 @@ def permute_record(record: dict, perm: Sequence[int]) -> dict:
 class KnownFilter:
     """The outcome of `known_filter`: which questions are known, and how many survived each round."""
 
-    kept: np.ndarray                       # [n] bool
-    permutations: list                     # the permutations used, in order
+    kept: np.ndarray  # [n] bool
+    permutations: list  # the permutations used, in order
     survivors: list = field(default_factory=list)  # after round i (permutation i), how many remain
-    scored: int = 0                        # how many (question, permutation) prompts were scored
+    scored: int = 0  # how many (question, permutation) prompts were scored
 
     @property
     def n_kept(self) -> int:
         return int(self.kept.sum())
 
 
-def known_filter(records: Sequence[dict], score_fn: Callable[[list], np.ndarray], permutations: int = ALL_PERMUTATIONS,
-                 first_scores=None) -> KnownFilter:
+def known_filter(
+    records: Sequence[dict],
+    score_fn: Callable[[list], np.ndarray],
+    permutations: int = ALL_PERMUTATIONS,
+    first_scores=None,
+) -> KnownFilter:
     """The questions a model answers correctly under all of the first `permutations` permutations.
 
     `score_fn(records)` returns [m, 4] letter scores for a list of (permuted) MCQ records; a question is
@@ -258,6 +263,15 @@ def summarize(values) -> dict:
     if not v.size:
         return {"n": 0}
     q = np.percentile(v, [5, 25, 50, 75, 95])
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "p5": float(q[0]),
-            "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]), "p95": float(q[4]),
-            "max": float(v.max()), "n": int(v.size)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "p5": float(q[0]),
+        "p25": float(q[1]),
+        "p50": float(q[2]),
+        "p75": float(q[3]),
+        "p95": float(q[4]),
+        "max": float(v.max()),
+        "n": int(v.size),
+    }

@@ -10,8 +10,8 @@ safe in threads and without a display). Each function writes one PNG and returns
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 DPI = 120
 COLORS = ["#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
@@ -33,8 +33,9 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_rho_histograms(rho: Mapping[str, Sequence[float]], tau: float, path, *, title: str | None = None,
-                        bins: int = 30) -> Path:
+def plot_rho_histograms(
+    rho: Mapping[str, Sequence[float]], tau: float, path, *, title: str | None = None, bins: int = 30
+) -> Path:
     """Histograms of rho in [0, 1] for each labelled data set (as fractions of that set), and a dashed
     vertical line at tau: sequences to its right fire."""
     import numpy as np
@@ -50,8 +51,14 @@ def plot_rho_histograms(rho: Mapping[str, Sequence[float]], tau: float, path, *,
         v = v[np.isfinite(v)]
         if not v.size:
             continue
-        ax.hist(v, bins=edges, weights=np.full(v.size, 1.0 / v.size), alpha=0.55, color=COLORS[i % len(COLORS)],
-                label=f"{label} (n = {v.size})")
+        ax.hist(
+            v,
+            bins=edges,
+            weights=np.full(v.size, 1.0 / v.size),
+            alpha=0.55,
+            color=COLORS[i % len(COLORS)],
+            label=f"{label} (n = {v.size})",
+        )
     ax.axvline(tau, color="black", linestyle="--", linewidth=1.2, label=f"tau = {tau:.3f}")
     ax.set_xlabel("rho (fraction of tokens with a selected feature active)")
     ax.set_ylabel("fraction of sequences")
@@ -72,8 +79,13 @@ def plot_trigger_rates(rates: Mapping[str, Mapping[str, tuple]], path, *, title:
     for yi, (dataset, subject, rate, n) in zip(y, rows):
         value = 0.0 if rate is None else float(rate)
         ax.barh(yi, value, color=colors[dataset], label=dataset)
-        ax.text(min(value, 1.0) + 0.01, yi, f"{100 * value:.0f}% of {n}" if rate is not None else "n/a",
-                va="center", fontsize=7)
+        ax.text(
+            min(value, 1.0) + 0.01,
+            yi,
+            f"{100 * value:.0f}% of {n}" if rate is not None else "n/a",
+            va="center",
+            fontsize=7,
+        )
     ax.set_yticks(y)
     ax.set_yticklabels([subject.replace("_", " ") for _, subject, _, _ in rows], fontsize=7)
     for label, (dataset, *_) in zip(ax.get_yticklabels(), rows):
@@ -88,8 +100,16 @@ def plot_trigger_rates(rates: Mapping[str, Mapping[str, tuple]], path, *, title:
     return _save(fig, path)
 
 
-def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, title: str | None = None,
-                  vlines: Sequence[tuple] = (), hlines: Sequence[tuple] = ()) -> Path:
+def plot_tradeoff(
+    series: Sequence[Mapping],
+    path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    vlines: Sequence[tuple] = (),
+    hlines: Sequence[tuple] = (),
+) -> Path:
     """Forget metric (y) against retain metric (x).
 
     `series` is a list of {"label": str, "x": number or list, "y": number or list, optional "annotations":
@@ -113,8 +133,14 @@ def plot_tradeoff(series: Sequence[Mapping], path, *, xlabel: str, ylabel: str, 
         elif x.size == 1:
             ax.scatter(x, y, s=60, color=color, marker=marker, label=s.get("label"), zorder=3)
             if not s.get("annotations"):  # a lone point shows its values
-                ax.annotate(f"({x[0]:.3g}, {y[0]:.3g})", (x[0], y[0]), textcoords="offset points", xytext=(6, -10),
-                            fontsize=7, color=color)
+                ax.annotate(
+                    f"({x[0]:.3g}, {y[0]:.3g})",
+                    (x[0], y[0]),
+                    textcoords="offset points",
+                    xytext=(6, -10),
+                    fontsize=7,
+                    color=color,
+                )
         else:
             ax.plot(x, y, color=color, marker=marker, markersize=4, label=s.get("label"))
         for xi, yi, text in zip(x, y, s.get("annotations") or []):

@@ -77,10 +77,10 @@ class TriggerRate(TypedDict):
 
 
 class DilutionStep(TypedDict):
-    fired_before: int            # prompts that fired undiluted
-    evaded: int                  # of those, the ones that no longer fire with the filler
+    fired_before: int  # prompts that fired undiluted
+    evaded: int  # of those, the ones that no longer fire with the filler
     attack_success: float | None  # evaded / fired_before (null when none fired)
-    trigger_rate: float          # fired / n with the filler
+    trigger_rate: float  # fired / n with the filler
 
 
 class Dilution(TypedDict):
@@ -100,9 +100,9 @@ class ReportGuardrail(TypedDict):
     score: str
     tau: float
     n_features: int
-    window: NotRequired[int]       # score "window" only
-    action: NotRequired[str]       # "clamp", "refuse" or "monitor"; absent in older reports: "clamp"
-    refusal: NotRequired[str]      # action "refuse" only
+    window: NotRequired[int]  # score "window" only
+    action: NotRequired[str]  # "clamp", "refuse" or "monitor"; absent in older reports: "clamp"
+    refusal: NotRequired[str]  # action "refuse" only
 
 
 class EvalReport(TypedDict, total=False):
@@ -128,11 +128,20 @@ class EvalReport(TypedDict, total=False):
 
 
 # ------------------------------------------------------------------------------------ writing
-def result_row(dataset: str, metric: str, base, dsg, *, n: int, higher_is_better: bool,
-               hub: dict | None = None) -> ResultRow:
+def result_row(
+    dataset: str, metric: str, base, dsg, *, n: int, higher_is_better: bool, hub: dict | None = None
+) -> ResultRow:
     """A results row without baselines yet (`add_baselines` fills "baselines")."""
-    return {"dataset": dataset, "metric": metric, "base": base, "dsg": dsg, "n": n,
-            "higher_is_better": higher_is_better, "baselines": {}, **(hub or {})}
+    return {
+        "dataset": dataset,
+        "metric": metric,
+        "base": base,
+        "dsg": dsg,
+        "n": n,
+        "higher_is_better": higher_is_better,
+        "baselines": {},
+        **(hub or {}),
+    }
 
 
 def cell_key(placement: str, factor: int, filler: str = "") -> str:
@@ -179,11 +188,20 @@ def dilution_rows(block: dict) -> list[dict]:
     rows = []
     for name, entry in block["by_guardrail"].items():
         steps = [(p, f, key, entry[key]) for p, f, key in dilution_cells(block)]
-        rows.append({"guardrail": name, "score": entry["score"], "undiluted_trigger_rate": entry["undiluted_trigger_rate"],
-                     "fired_before": steps[0][3]["fired_before"] if steps else None, "n": block["n"],
-                     "attack_success": [(key, step["attack_success"]) for _, _, key, step in steps],
-                     "by_placement": [(p, [(factor_key(f), step["attack_success"]) for q, f, _, step in steps if q == p])
-                                      for p in dilution_placements(block)]})
+        rows.append(
+            {
+                "guardrail": name,
+                "score": entry["score"],
+                "undiluted_trigger_rate": entry["undiluted_trigger_rate"],
+                "fired_before": steps[0][3]["fired_before"] if steps else None,
+                "n": block["n"],
+                "attack_success": [(key, step["attack_success"]) for _, _, key, step in steps],
+                "by_placement": [
+                    (p, [(factor_key(f), step["attack_success"]) for q, f, _, step in steps if q == p])
+                    for p in dilution_placements(block)
+                ],
+            }
+        )
     return rows
 
 
@@ -208,8 +226,11 @@ def _check_row(row, where: str, baselines: list) -> None:
     for key in MODELS:
         _need(_is_number(row.get(key)), where, f"{key!r} must be a number or null")
     _need("n" not in row or _is_count(row["n"]), where, "'n' must be a count")
-    _need("higher_is_better" not in row or isinstance(row["higher_is_better"], bool), where,
-          "'higher_is_better' must be true or false")
+    _need(
+        "higher_is_better" not in row or isinstance(row["higher_is_better"], bool),
+        where,
+        "'higher_is_better' must be true or false",
+    )
     values = row.get("baselines", {})
     _need(isinstance(values, dict), where, "'baselines' must be an object")
     for name, value in values.items():
@@ -223,8 +244,14 @@ def _check_rates(rates, where: str) -> None:
         _need(isinstance(per_guard, dict), f"{where}[{dataset!r}]", "must be an object {guardrail: {rate, fired, n}}")
         for guard, value in per_guard.items():
             here = f"{where}[{dataset!r}][{guard!r}]"
-            _need(isinstance(value, dict) and _is_number(value.get("rate")) and _is_count(value.get("n"))
-                  and _is_count(value.get("fired")), here, "must be {rate: number or null, fired: count, n: count}")
+            _need(
+                isinstance(value, dict)
+                and _is_number(value.get("rate"))
+                and _is_count(value.get("n"))
+                and _is_count(value.get("fired")),
+                here,
+                "must be {rate: number or null, fired: count, n: count}",
+            )
 
 
 def _check_dilution(block, where: str) -> None:
@@ -233,24 +260,39 @@ def _check_dilution(block, where: str) -> None:
         _need(isinstance(block.get(key), str), where, f"needs a string {key!r}")
     _need(_is_count(block.get("n")), where, "'n' must be a count")
     factors = block.get("factors")
-    _need(isinstance(factors, list) and all(_is_count(f) and f > 0 for f in factors), where,
-          "'factors' must be a list of positive integers")
+    _need(
+        isinstance(factors, list) and all(_is_count(f) and f > 0 for f in factors),
+        where,
+        "'factors' must be a list of positive integers",
+    )
     placements = block.get("placements", ["prefix"])
-    _need(isinstance(placements, list) and placements and all(p in PLACEMENTS for p in placements)
-          and len(set(placements)) == len(placements), where,
-          f"'placements' must be a list of distinct placements ({', '.join(PLACEMENTS)})")
+    _need(
+        isinstance(placements, list)
+        and placements
+        and all(p in PLACEMENTS for p in placements)
+        and len(set(placements)) == len(placements),
+        where,
+        f"'placements' must be a list of distinct placements ({', '.join(PLACEMENTS)})",
+    )
     by_guardrail = block.get("by_guardrail")
     _need(isinstance(by_guardrail, dict), where, "'by_guardrail' must be an object")
     for guard, entry in by_guardrail.items():
         here = f"{where}.by_guardrail[{guard!r}]"
         _need(isinstance(entry, dict) and isinstance(entry.get("score"), str), here, "needs a string 'score'")
-        _need(_is_number(entry.get("undiluted_trigger_rate")), here, "'undiluted_trigger_rate' must be a number or null")
+        _need(
+            _is_number(entry.get("undiluted_trigger_rate")), here, "'undiluted_trigger_rate' must be a number or null"
+        )
         for _, _, key in dilution_cells(block):
             step = entry.get(key)
-            _need(isinstance(step, dict) and _is_count(step.get("fired_before")) and _is_count(step.get("evaded"))
-                  and _is_number(step.get("attack_success")) and _is_number(step.get("trigger_rate")),
-                  f"{here}[{key!r}]",
-                  "must be {fired_before: count, evaded: count, attack_success: number or null, trigger_rate: number}")
+            _need(
+                isinstance(step, dict)
+                and _is_count(step.get("fired_before"))
+                and _is_count(step.get("evaded"))
+                and _is_number(step.get("attack_success"))
+                and _is_number(step.get("trigger_rate")),
+                f"{here}[{key!r}]",
+                "must be {fired_before: count, evaded: count, attack_success: number or null, trigger_rate: number}",
+            )
 
 
 def check_report(report, where: str = "report.json") -> dict:
@@ -261,15 +303,24 @@ def check_report(report, where: str = "report.json") -> dict:
     """
     _need(isinstance(report, dict), where, "must hold a JSON object")
     version = report.get("schema_version", 1)
-    _need(isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= SCHEMA_VERSION, where,
-          f"schema_version {version!r} is not one this version of modeling_dsg reads (1 to {SCHEMA_VERSION}); "
-          "re-run `dsg eval` or update modeling_dsg")
+    _need(
+        isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= SCHEMA_VERSION,
+        where,
+        f"schema_version {version!r} is not one this version of modeling_dsg reads (1 to {SCHEMA_VERSION}); "
+        "re-run `dsg eval` or update modeling_dsg",
+    )
     baselines = report.get("baselines", [])
-    _need(isinstance(baselines, list) and all(isinstance(b, str) for b in baselines), where,
-          "'baselines' must be a list of names")
+    _need(
+        isinstance(baselines, list) and all(isinstance(b, str) for b in baselines),
+        where,
+        "'baselines' must be a list of names",
+    )
     models = report.get("baseline_models", {})
-    _need(isinstance(models, dict) and all(isinstance(v, str) for v in models.values()), where,
-          "'baseline_models' must be an object {name: folder}")
+    _need(
+        isinstance(models, dict) and all(isinstance(v, str) for v in models.values()),
+        where,
+        "'baseline_models' must be an object {name: folder}",
+    )
     results = report.get("results", [])
     _need(isinstance(results, list), where, "'results' must be a list of rows")
     for i, row in enumerate(results):

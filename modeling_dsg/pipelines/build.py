@@ -45,21 +45,21 @@ FEATURES_FILE = "features.json"
 class BuildOptions:
     """Every knob of a build, with the paper's defaults."""
 
-    name: str = "forget"              # the topic; unique within a model
-    mode: str = "dynamic"             # "dynamic" (DSG) or "static" (seed baseline)
-    layer: int | None = None          # default: the layer in the SAE's hook name
-    n_features: int = 20              # N
-    clamp: float = 500.0              # c: selected features are set to -c
-    ratio_percentile: float = 95.0    # dynamic: keep features with forget/retain ratio >= this percentile
+    name: str = "forget"  # the topic; unique within a model
+    mode: str = "dynamic"  # "dynamic" (DSG) or "static" (seed baseline)
+    layer: int | None = None  # default: the layer in the SAE's hook name
+    n_features: int = 20  # N
+    clamp: float = 500.0  # c: selected features are set to -c
+    ratio_percentile: float = 95.0  # dynamic: keep features with forget/retain ratio >= this percentile
     importance_percentile: float = 5.0  # dynamic: and forget importance >= this percentile
     static_retain_freq: float = 0.01  # static: drop features firing on >= this fraction of retain tokens
     threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows (the paper's rule)
-    target_fpr: float | None = None   # instead: the smallest tau whose retain firing rate has a one-sided 95%
-                                      # Clopper-Pearson upper bound <= target_fpr (selection.calibrate_fpr)
-    score: str = "fraction"           # "fraction" (the paper's rho) or "window" (dilution-robust)
-    window: int = 32                  # window size for score "window"
-    action: str = "clamp"             # what a fired guardrail does: configuration_dsg.ACTIONS
-    refusal: str | None = None        # action "refuse": the refusal text (None: configuration_dsg.DEFAULT_REFUSAL)
+    target_fpr: float | None = None  # instead: the smallest tau whose retain firing rate has a one-sided 95%
+    # Clopper-Pearson upper bound <= target_fpr (selection.calibrate_fpr)
+    score: str = "fraction"  # "fraction" (the paper's rho) or "window" (dilution-robust)
+    window: int = 32  # window size for score "window"
+    action: str = "clamp"  # what a fired guardrail does: configuration_dsg.ACTIONS
+    refusal: str | None = None  # action "refuse": the refusal text (None: configuration_dsg.DEFAULT_REFUSAL)
     seq_len: int = 1024
     min_chars: int = 50
     max_docs: int | None = 1024
@@ -67,10 +67,10 @@ class BuildOptions:
     heldout_fraction: float = 0.2
     batch_size: int = 8
     seed: int = 0
-    top_tokens: int = 8               # top-activating tokens kept per feature in features.json
+    top_tokens: int = 8  # top-activating tokens kept per feature in features.json
     slim: bool = False
     device: str = "cpu"
-    measure_speedup: bool = False     # time the truncated forward against a full forward (one batch)
+    measure_speedup: bool = False  # time the truncated forward against a full forward (one batch)
 
 
 @dataclass
@@ -91,11 +91,18 @@ def guardrail_sae(sae, source: str) -> tuple[dict, dict]:
     if arch not in ("standard", "jumprelu", "topk", "gated"):
         raise DSGError(f"SAE architecture {arch!r} is not supported (standard, jumprelu, topk, gated)")
     if getattr(cfg, "normalize_activations", "none") not in ("none", "constant_norm_rescale", "layer_norm"):
-        raise DSGError(f"SAE input normalisation {cfg.normalize_activations!r} is not supported; fold it into "
-                       "the weights first (sae-lens: fold_activation_norm_scaling_factor)")
-    spec = {"architecture": arch, "d_in": int(cfg.d_in), "d_sae": int(cfg.d_sae),
-            "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
-            "normalize_activations": getattr(cfg, "normalize_activations", "none"), "source": source}
+        raise DSGError(
+            f"SAE input normalisation {cfg.normalize_activations!r} is not supported; fold it into "
+            "the weights first (sae-lens: fold_activation_norm_scaling_factor)"
+        )
+    spec = {
+        "architecture": arch,
+        "d_in": int(cfg.d_in),
+        "d_sae": int(cfg.d_sae),
+        "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
+        "normalize_activations": getattr(cfg, "normalize_activations", "none"),
+        "source": source,
+    }
     if arch == "topk":
         spec["k"] = int(cfg.k)
         spec["rescale_acts_by_decoder_norm"] = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False))
@@ -148,13 +155,25 @@ def _check_options(options: BuildOptions) -> None:
     from ..runtime.configuration_dsg import ACTIONS, MAX_CLAMP, MAX_WINDOW
 
     checks = [
-        (isinstance(options.name, str) and options.name.strip() != "", f"--name must be a non-empty topic name, got {options.name!r}"),
+        (
+            isinstance(options.name, str) and options.name.strip() != "",
+            f"--name must be a non-empty topic name, got {options.name!r}",
+        ),
         (options.mode in ("dynamic", "static"), f"unknown mode {options.mode!r} (dynamic or static)"),
         (options.n_features >= 1, f"--n-features must be at least 1, got {options.n_features}"),
-        (options.clamp > 0 and options.clamp != float("inf"), f"--clamp must be a finite number > 0, got {options.clamp}"),
-        (options.clamp <= MAX_CLAMP, f"--clamp must be at most {MAX_CLAMP:g} (the model config's bound; the paper uses "
-                                     f"500), got {options.clamp:g}"),
-        (0 < options.static_retain_freq <= 1, f"--static-retain-freq must be in (0, 1], got {options.static_retain_freq}"),
+        (
+            options.clamp > 0 and options.clamp != float("inf"),
+            f"--clamp must be a finite number > 0, got {options.clamp}",
+        ),
+        (
+            options.clamp <= MAX_CLAMP,
+            f"--clamp must be at most {MAX_CLAMP:g} (the model config's bound; the paper uses "
+            f"500), got {options.clamp:g}",
+        ),
+        (
+            0 < options.static_retain_freq <= 1,
+            f"--static-retain-freq must be in (0, 1], got {options.static_retain_freq}",
+        ),
         (0 <= options.heldout_fraction < 1, f"--heldout-fraction must be in [0, 1), got {options.heldout_fraction}"),
         (options.seq_len >= 2, f"--seq-len must be at least 2, got {options.seq_len}"),
         (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
@@ -163,10 +182,14 @@ def _check_options(options: BuildOptions) -> None:
         (options.score in ("fraction", "window"), f"unknown --score {options.score!r} (fraction or window)"),
         (2 <= options.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {options.window}"),
         (options.action in ACTIONS, f"unknown --action {options.action!r} (one of {', '.join(ACTIONS)})"),
-        (options.refusal is None or options.action == "refuse",
-         f"--refusal is only valid with --action refuse (the action is {options.action!r})"),
-        (options.refusal is None or (isinstance(options.refusal, str) and options.refusal.strip() != ""),
-         f"--refusal must be a non-empty text, got {options.refusal!r}"),
+        (
+            options.refusal is None or options.action == "refuse",
+            f"--refusal is only valid with --action refuse (the action is {options.action!r})",
+        ),
+        (
+            options.refusal is None or (isinstance(options.refusal, str) and options.refusal.strip() != ""),
+            f"--refusal must be a non-empty text, got {options.refusal!r}",
+        ),
     ]
     if options.target_fpr is not None:
         checks.append((0 < options.target_fpr < 1, f"--target-fpr must be between 0 and 1, got {options.target_fpr}"))
@@ -181,8 +204,9 @@ def _check_options(options: BuildOptions) -> None:
 def check_sae_options(options: BuildOptions, d_sae: int, flag: str = "--n-features") -> None:
     """Options that depend on the SAE: N cannot exceed its number of features."""
     if options.n_features > d_sae:
-        raise DSGError(f"{flag} {options.n_features} is more than the SAE has features (d_sae = {d_sae}); "
-                       f"pass at most {d_sae}")
+        raise DSGError(
+            f"{flag} {options.n_features} is more than the SAE has features (d_sae = {d_sae}); pass at most {d_sae}"
+        )
 
 
 def refusal_token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]:
@@ -193,8 +217,10 @@ def refusal_token_ids(tokenizer, text: str, vocab_size: int | None) -> list[int]
         raise DSGError(f"--refusal {text!r} tokenizes to no tokens")
     bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
     if bad:
-        raise DSGError(f"--refusal {text!r}: token id {bad[0]} is outside the model's vocabulary (size {vocab_size}); "
-                       "the tokenizer does not match the model")
+        raise DSGError(
+            f"--refusal {text!r}: token id {bad[0]} is outside the model's vocabulary (size {vocab_size}); "
+            "the tokenizer does not match the model"
+        )
     return ids
 
 
@@ -223,8 +249,10 @@ def check_refusal(model, tokenizer, options: BuildOptions) -> None:
     if eos is None:
         eos = getattr(model.config.get_text_config(), "eos_token_id", None)
     if eos is None or eos == []:
-        raise DSGError("--action refuse needs the model's eos_token_id (a refusal ends with end of sequence); "
-                       "its config and generation config have none")
+        raise DSGError(
+            "--action refuse needs the model's eos_token_id (a refusal ends with end of sequence); "
+            "its config and generation config have none"
+        )
 
 
 def _token_text(tokenizer, ids) -> str:
@@ -236,16 +264,26 @@ def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> dict
     top = []
     for row, pos, value in store.top_activations(index, k):
         ids = rows.input_ids[row]
-        left = _token_text(tokenizer, ids[max(0, pos - context):pos].tolist())
+        left = _token_text(tokenizer, ids[max(0, pos - context) : pos].tolist())
         token = _token_text(tokenizer, [int(ids[pos])])
-        right = _token_text(tokenizer, ids[pos + 1:pos + 4].tolist())
-        top.append({"token": token, "activation": round(float(value), 4),
-                    "context": f"{left}[[{token}]]{right}".replace("\n", " ")})
-    return {"index": int(index),
-            "forget_mean": float(stats.forget_mean[index]), "retain_mean": float(stats.retain_mean[index]),
-            "forget_freq": float(stats.forget_freq[index]), "retain_freq": float(stats.retain_freq[index]),
-            "importance": float(stats.importance_forget[index]), "ratio": float(stats.ratio[index]),
-            "top_tokens": top}
+        right = _token_text(tokenizer, ids[pos + 1 : pos + 4].tolist())
+        top.append(
+            {
+                "token": token,
+                "activation": round(float(value), 4),
+                "context": f"{left}[[{token}]]{right}".replace("\n", " "),
+            }
+        )
+    return {
+        "index": int(index),
+        "forget_mean": float(stats.forget_mean[index]),
+        "retain_mean": float(stats.retain_mean[index]),
+        "forget_freq": float(stats.forget_freq[index]),
+        "retain_freq": float(stats.retain_freq[index]),
+        "importance": float(stats.importance_forget[index]),
+        "ratio": float(stats.ratio[index]),
+        "top_tokens": top,
+    }
 
 
 @dataclass
@@ -256,22 +294,30 @@ class Statistics:
     layer: int
     sae_spec: dict
     sae_state: dict
-    forget_rows: object                 # rows.Rows of the forget build split (for features.json)
-    stores: dict                        # "forget", "retain" (+ "heldout forget", "heldout retain")
-    stats: object                       # selection.FeatureStats of forget vs retain
+    forget_rows: object  # rows.Rows of the forget build split (for features.json)
+    stores: dict  # "forget", "retain" (+ "heldout forget", "heldout retain")
+    stats: object  # selection.FeatureStats of forget vs retain
     timings: dict = field(default_factory=dict)
-    options: object = None              # the BuildOptions of the pass
-    vocab_size: int | None = None       # the model's vocabulary size (bounds a refusal's token ids)
+    options: object = None  # the BuildOptions of the pass
+    vocab_size: int | None = None  # the model's vocabulary size (bounds a refusal's token ids)
 
 
-def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
-                      sae_source: str = "", sae_layer: int | None = None) -> Statistics:
+def gather_statistics(
+    model,
+    tokenizer,
+    sae,
+    forget_texts,
+    retain_texts,
+    options: BuildOptions,
+    sae_source: str = "",
+    sae_layer: int | None = None,
+) -> Statistics:
     """Rows, then one forward through block `layer` that stores every counted token's SAE activations."""
     import torch
 
-    from ..data import rows as rows_mod
     from ..analysis import selection
     from ..analysis.stats import collect, full_forward_speedup
+    from ..data import rows as rows_mod
 
     _check_options(options)
     hidden = model.config.get_text_config().hidden_size
@@ -282,32 +328,48 @@ def gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options
     timings = {}
 
     start = time.perf_counter()
-    kw = dict(seq_len=options.seq_len, min_chars=options.min_chars, max_docs=options.max_docs,
-              packing=options.packing, seed=options.seed)
+    kw = dict(
+        seq_len=options.seq_len,
+        min_chars=options.min_chars,
+        max_docs=options.max_docs,
+        packing=options.packing,
+        seed=options.seed,
+    )
     forget = _corpus_step("forget", rows_mod.build_rows, forget_texts, tokenizer, **kw)
     retain = _corpus_step("retain", rows_mod.build_rows, retain_texts, tokenizer, **kw)
     forget, retain = rows_mod.balance(forget, retain, seed=options.seed)
     forget, forget_held = _corpus_step("forget", rows_mod.split, forget, options.heldout_fraction, seed=options.seed)
-    retain, retain_held = _corpus_step("retain", rows_mod.split, retain, options.heldout_fraction, seed=options.seed + 1)
+    retain, retain_held = _corpus_step(
+        "retain", rows_mod.split, retain, options.heldout_fraction, seed=options.seed + 1
+    )
     timings["rows_s"] = time.perf_counter() - start
 
     # The full SAE, in our plain-torch form, encodes for the statistics pass (same math as at run time).
     encode = sae_encoder(spec, state, layer, options.device)
-    kw = dict(batch_size=options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer), device=options.device)
+    kw = dict(
+        batch_size=options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer), device=options.device
+    )
 
     start = time.perf_counter()
     corpora = [("forget", forget), ("retain", retain)]
     if len(forget_held):  # heldout_fraction = 0: no held-out rows, no held-out trigger rates
         corpora += [("heldout forget", forget_held), ("heldout retain", retain_held)]
     with torch.no_grad():
-        stores = {name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw) for name, rows in corpora}
+        stores = {
+            name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw) for name, rows in corpora
+        }
     timings["statistics_s"] = time.perf_counter() - start
     tokens = sum(s.n_tokens for s in stores.values())
     timings["statistics_tokens"] = tokens
     timings["statistics_tokens_per_s"] = tokens / max(timings["statistics_s"], 1e-9)
     if options.measure_speedup:
-        timings["truncated_forward"] = full_forward_speedup(model, layer, forget.select(torch.arange(min(len(forget), options.batch_size))),
-                                                            batch_size=options.batch_size, device=options.device)
+        timings["truncated_forward"] = full_forward_speedup(
+            model,
+            layer,
+            forget.select(torch.arange(min(len(forget), options.batch_size))),
+            batch_size=options.batch_size,
+            device=options.device,
+        )
     start = time.perf_counter()
     stats = selection.FeatureStats.from_stores(stores["forget"], stores["retain"])
     timings["feature_stats_s"] = time.perf_counter() - start
@@ -318,8 +380,19 @@ def sae_encoder(spec: dict, state: dict, layer: int, device):
     """The full SAE's encode, in our plain-torch form (the same math as the guard at run time)."""
     from ..runtime.guard_dsg import DSGGuard
 
-    probe = DSGGuard({"name": "probe", "layer": layer, "mode": "dynamic", "features": [0], "clamp": 1.0,
-                      "threshold": 0.0, "score": "fraction", "sae": {**spec, "slim": False}}, 0)
+    probe = DSGGuard(
+        {
+            "name": "probe",
+            "layer": layer,
+            "mode": "dynamic",
+            "features": [0],
+            "clamp": 1.0,
+            "threshold": 0.0,
+            "score": "fraction",
+            "sae": {**spec, "slim": False},
+        },
+        0,
+    )
     probe.sae.load_state_dict(state)
     return probe.to(device).sae.encode
 
@@ -343,8 +416,9 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
     stats, stores = statistics.stats, statistics.stores
     start = time.perf_counter()
     if options.mode == "dynamic":
-        features = selection.select_dynamic(stats, options.n_features, options.ratio_percentile,
-                                            options.importance_percentile)
+        features = selection.select_dynamic(
+            stats, options.n_features, options.ratio_percentile, options.importance_percentile
+        )
     else:
         features = selection.select_static(stats, options.n_features, options.static_retain_freq)
     timings = {"selection_s": time.perf_counter() - start}
@@ -367,10 +441,18 @@ def calibration_record(retain_rho, tau: float, options: BuildOptions) -> dict:
 
     n = int(retain_rho.numel())
     fired = int((retain_rho > tau).sum())
-    rule = {"rule": "target_fpr", "target_fpr": options.target_fpr} if options.target_fpr is not None else \
-        {"rule": "percentile", "threshold_percentile": options.threshold_percentile}
-    return {**rule, "retain_rows": n, "retain_fired": fired, "retain_fpr": fired / max(n, 1),
-            "retain_fpr_upper95": selection.clopper_pearson_upper(fired, n) if n else 1.0}
+    rule = (
+        {"rule": "target_fpr", "target_fpr": options.target_fpr}
+        if options.target_fpr is not None
+        else {"rule": "percentile", "threshold_percentile": options.threshold_percentile}
+    )
+    return {
+        **rule,
+        "retain_rows": n,
+        "retain_fired": fired,
+        "retain_fpr": fired / max(n, 1),
+        "retain_fpr_upper95": selection.clopper_pearson_upper(fired, n) if n else 1.0,
+    }
 
 
 def heldout_summary(rho: dict, tau: float, statistics: Statistics) -> dict:
@@ -378,22 +460,41 @@ def heldout_summary(rho: dict, tau: float, statistics: Statistics) -> dict:
     from ..analysis import selection
 
     stores = statistics.stores
-    heldout = {"forget_trigger_rate": None, "retain_trigger_rate": None,
-               "n_forget": stores["heldout forget"].n_rows if "heldout forget" in stores else 0,
-               "n_retain": stores["heldout retain"].n_rows if "heldout retain" in stores else 0, "auroc": None}
+    heldout = {
+        "forget_trigger_rate": None,
+        "retain_trigger_rate": None,
+        "n_forget": stores["heldout forget"].n_rows if "heldout forget" in stores else 0,
+        "n_retain": stores["heldout retain"].n_rows if "heldout retain" in stores else 0,
+        "auroc": None,
+    }
     if "heldout forget" in rho:
-        heldout.update(forget_trigger_rate=selection.trigger_rate(rho["heldout forget"], tau),
-                       retain_trigger_rate=selection.trigger_rate(rho["heldout retain"], tau),
-                       auroc=selection.auroc(rho["heldout forget"], rho["heldout retain"]))
+        heldout.update(
+            forget_trigger_rate=selection.trigger_rate(rho["heldout forget"], tau),
+            retain_trigger_rate=selection.trigger_rate(rho["heldout retain"], tau),
+            auroc=selection.auroc(rho["heldout forget"], rho["heldout retain"]),
+        )
     return heldout
 
 
-def guardrail_from(statistics: Statistics, features: list[int], tau: float, options: BuildOptions,
-                   refusal: tuple[str, list[int]] | None = None) -> dict:
+def guardrail_from(
+    statistics: Statistics,
+    features: list[int],
+    tau: float,
+    options: BuildOptions,
+    refusal: tuple[str, list[int]] | None = None,
+) -> dict:
     """The guardrail config; `refusal` (text, token ids: `refusal_for`) is needed for action "refuse"."""
-    guardrail = {"name": options.name, "layer": statistics.layer, "mode": options.mode, "features": list(features),
-                 "clamp": float(options.clamp), "threshold": float(tau), "score": options.score,
-                 "action": options.action, "sae": {**statistics.sae_spec, "slim": False}}
+    guardrail = {
+        "name": options.name,
+        "layer": statistics.layer,
+        "mode": options.mode,
+        "features": list(features),
+        "clamp": float(options.clamp),
+        "threshold": float(tau),
+        "score": options.score,
+        "action": options.action,
+        "sae": {**statistics.sae_spec, "slim": False},
+    }
     if options.score == "window":
         guardrail["window"] = options.window
     if options.action == "refuse":
@@ -403,8 +504,16 @@ def guardrail_from(statistics: Statistics, features: list[int], tau: float, opti
     return guardrail
 
 
-def build_guardrail(model, tokenizer, sae, forget_texts, retain_texts, options: BuildOptions,
-                    sae_source: str = "", sae_layer: int | None = None) -> GuardrailBuild:
+def build_guardrail(
+    model,
+    tokenizer,
+    sae,
+    forget_texts,
+    retain_texts,
+    options: BuildOptions,
+    sae_source: str = "",
+    sae_layer: int | None = None,
+) -> GuardrailBuild:
     """Select features and calibrate tau for one topic. `model` is the base (or a DSG model for --add-to)."""
     statistics = gather_statistics(model, tokenizer, sae, forget_texts, retain_texts, options, sae_source, sae_layer)
     return guardrail_build(statistics, options, tokenizer, sae_source)
@@ -418,21 +527,39 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
     features, tau, rho, timings = select_and_calibrate(statistics, options)
     timings = {**statistics.timings, **timings}
     stores = statistics.stores
-    report = [_feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
-              for i in features]
-    info = {"name": options.name, "mode": options.mode, "action": options.action,
-            **({"refusal": refusal[0], "refusal_ids": refusal[1]} if refusal else {}),
-            "sae": sae_source, "layer": statistics.layer, "n_features": len(features), "clamp": float(options.clamp),
-            "ratio_percentile": options.ratio_percentile, "importance_percentile": options.importance_percentile,
-            "threshold_percentile": options.threshold_percentile, "tau": float(tau),
-            "calibration": calibration_record(rho["retain"], tau, options),
-            "rows": {"forget": stores["forget"].n_rows, "retain": stores["retain"].n_rows,
-                     "seq_len": statistics.forget_rows.seq_len, "packing": options.packing},
-            "tokens": {name: store.n_tokens for name, store in stores.items()},
-            "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
-            "heldout": heldout_summary(rho, tau, statistics), "timings": timings,
-            "options": asdict(options)}
-    return GuardrailBuild(guardrail_from(statistics, features, tau, options, refusal), statistics.sae_state, report, info)
+    report = [
+        _feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
+        for i in features
+    ]
+    info = {
+        "name": options.name,
+        "mode": options.mode,
+        "action": options.action,
+        **({"refusal": refusal[0], "refusal_ids": refusal[1]} if refusal else {}),
+        "sae": sae_source,
+        "layer": statistics.layer,
+        "n_features": len(features),
+        "clamp": float(options.clamp),
+        "ratio_percentile": options.ratio_percentile,
+        "importance_percentile": options.importance_percentile,
+        "threshold_percentile": options.threshold_percentile,
+        "tau": float(tau),
+        "calibration": calibration_record(rho["retain"], tau, options),
+        "rows": {
+            "forget": stores["forget"].n_rows,
+            "retain": stores["retain"].n_rows,
+            "seq_len": statistics.forget_rows.seq_len,
+            "packing": options.packing,
+        },
+        "tokens": {name: store.n_tokens for name, store in stores.items()},
+        "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
+        "heldout": heldout_summary(rho, tau, statistics),
+        "timings": timings,
+        "options": asdict(options),
+    }
+    return GuardrailBuild(
+        guardrail_from(statistics, features, tau, options, refusal), statistics.sae_state, report, info
+    )
 
 
 def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
@@ -459,8 +586,21 @@ def assemble(base, tokenizer, builds: list[GuardrailBuild], existing=None):
 # `local_files_only` in every tokenizer it loads from disk and writes them back on save (and `from_pretrained`
 # keyword arguments end up there too). A Hub user must never inherit them: `local_files_only: true` would
 # stop their tokenizer from fetching files.
-TOKENIZER_LOAD_KEYS = ("is_local", "local_files_only", "_commit_hash", "_from_auto", "cache_dir", "force_download",
-                       "proxies", "token", "revision", "subfolder", "trust_remote_code", "code_revision", "gguf_file")
+TOKENIZER_LOAD_KEYS = (
+    "is_local",
+    "local_files_only",
+    "_commit_hash",
+    "_from_auto",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "code_revision",
+    "gguf_file",
+)
 
 
 def context_length(config) -> int | None:
@@ -496,21 +636,39 @@ def save_tokenizer(tokenizer, out, config=None) -> dict:
     return cfg
 
 
-def write_folder(model, tokenizer, out: Path, builds: list[GuardrailBuild], base_spec: str,
-                 previous: dict | None = None, slim: bool = False):
+def write_folder(
+    model,
+    tokenizer,
+    out: Path,
+    builds: list[GuardrailBuild],
+    base_spec: str,
+    previous: dict | None = None,
+    slim: bool = False,
+):
     """Save the model, tokenizer, features.json and dsg_build.json into `out` (an empty folder)."""
     previous = previous or {}
     model.save_pretrained(out, slim=slim)
     save_tokenizer(tokenizer, out, model.config)
     features = previous.get("features") or {}
     features["guardrails"] = list(features.get("guardrails") or []) + [
-        {"name": b.guardrail["name"], "layer": b.guardrail["layer"], "mode": b.guardrail["mode"], "features": b.features}
-        for b in builds]
+        {
+            "name": b.guardrail["name"],
+            "layer": b.guardrail["layer"],
+            "mode": b.guardrail["mode"],
+            "features": b.features,
+        }
+        for b in builds
+    ]
     (out / FEATURES_FILE).write_text(json.dumps(features, indent=2))
     record = previous.get("build") or {"base_model": base_spec}
     record["guardrails"] = list(record.get("guardrails") or []) + [
-        {**b.info, "forget_sources": b.info.get("forget_sources", []), "retain_sources": b.info.get("retain_sources", [])}
-        for b in builds]
+        {
+            **b.info,
+            "forget_sources": b.info.get("forget_sources", []),
+            "retain_sources": b.info.get("retain_sources", []),
+        }
+        for b in builds
+    ]
     (out / BUILD_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -526,7 +684,8 @@ def _read_previous(folder: Path) -> dict:
 # ------------------------------------------------------------------------------ features.json / dsg_build.json
 def _kind(value) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )
 
 
 def _shown(value) -> str:
@@ -606,18 +765,36 @@ def read_record(path) -> dict | None:
     return RECORD_CHECKS[path.name](read_json_file(path, what), path)
 
 
-def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOptions | None = None,
-          add_to: str | None = None, overwrite: bool = False, text_field: str | None = None) -> dict:
+def build(
+    base: str | None,
+    sae: str,
+    forget,
+    retain,
+    out,
+    *,
+    options: BuildOptions | None = None,
+    add_to: str | None = None,
+    overwrite: bool = False,
+    text_field: str | None = None,
+) -> dict:
     """The Python API of `dsg build`. Returns the build record of the new guardrail."""
+    from ..data.sources import load_base_model, load_sae, sae_layer
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
-    from ..data.sources import load_base_model, load_sae, sae_layer
 
     options = options or BuildOptions()
     _check_options(options)
-    out = prepare_output(out, overwrite, inputs={"the --base model": base, "the --sae folder": sae,
-                                                 "the --forget source": forget, "the --retain source": retain,
-                                                 "the --add-to folder": add_to})
+    out = prepare_output(
+        out,
+        overwrite,
+        inputs={
+            "the --base model": base,
+            "the --sae folder": sae,
+            "the --forget source": forget,
+            "the --retain source": retain,
+            "the --add-to folder": add_to,
+        },
+    )
     if add_to is None and base is None:
         raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
     # The cheap inputs first (texts, SAE), so that a bad one fails before a large model is loaded.
@@ -635,8 +812,9 @@ def build(base: str | None, sae: str, forget, retain, out, *, options: BuildOpti
         model, tokenizer = load_base_model(base, device=options.device)
         base_spec = base
     check_refusal(model, tokenizer, options)  # a refusal the model cannot write fails before the statistics pass
-    result = build_guardrail(model, tokenizer, sae_obj, forget_texts, retain_texts, options,
-                             sae_source=sae, sae_layer=sae_layer(sae_obj))
+    result = build_guardrail(
+        model, tokenizer, sae_obj, forget_texts, retain_texts, options, sae_source=sae, sae_layer=sae_layer(sae_obj)
+    )
     result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
     model = assemble(model, tokenizer, [result], existing=existing)
     check_build_finite(model, [result])
@@ -654,12 +832,16 @@ def check_build_finite(model, builds: list[GuardrailBuild]) -> None:
     check_finite(model.state_dict().items(), "the built model (nothing was written)")
     for b in builds:
         numbers = [("tau", b.guardrail.get("threshold"))] + [
-            (f"feature #{f['index']} {key}", f.get(key)) for f in b.features
-            for key in ("forget_mean", "retain_mean", "forget_freq", "retain_freq", "importance", "ratio")]
+            (f"feature #{f['index']} {key}", f.get(key))
+            for f in b.features
+            for key in ("forget_mean", "retain_mean", "forget_freq", "retain_freq", "importance", "ratio")
+        ]
         for name, value in numbers:
             if isinstance(value, float) and not math.isfinite(value):
-                raise DSGError(f"guardrail {b.guardrail['name']!r}: {name} is {value} (the statistics are not "
-                               "finite; nothing was written)")
+                raise DSGError(
+                    f"guardrail {b.guardrail['name']!r}: {name} is {value} (the statistics are not "
+                    "finite; nothing was written)"
+                )
 
 
 def _load_existing(folder, options):
@@ -686,13 +868,27 @@ def _load_existing(folder, options):
 # ------------------------------------------------------------------------------------- the CLI
 def configure_parser(p, sweep: bool = False):
     """`dsg build`'s options; with `sweep`, those `dsg sweep` shares (the grid replaces mode, N, c, ratio)."""
-    p.add_argument("--base", required=sweep, metavar="MODEL",
-                   help="Hub id, local folder or .gguf file" + ("" if sweep else " (not needed with --add-to)"))
+    p.add_argument(
+        "--base",
+        required=sweep,
+        metavar="MODEL",
+        help="Hub id, local folder or .gguf file" + ("" if sweep else " (not needed with --add-to)"),
+    )
     p.add_argument("--sae", required=True, metavar="SAE", help="sae-lens folder or RELEASE:SAE_ID")
-    p.add_argument("--forget", required=True, nargs="+", metavar="SRC", help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument(
+        "--forget",
+        required=True,
+        nargs="+",
+        metavar="SRC",
+        help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]",
+    )
     p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="the sweep's report folder to write" if sweep else "the model folder to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the sweep's report folder to write" if sweep else "the model folder to write",
+    )
     if not sweep:
         p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -706,26 +902,45 @@ def configure_parser(p, sweep: bool = False):
         p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
     p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
     p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
-    p.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile,
-                   help="tau = this percentile of rho over retain rows (the paper's rule; default 95)")
-    p.add_argument("--target-fpr", type=float, default=d.target_fpr,
-                   help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
-                        "upper bound <= this (e.g. 0.02)")
+    p.add_argument(
+        "--threshold-percentile",
+        type=float,
+        default=d.threshold_percentile,
+        help="tau = this percentile of rho over retain rows (the paper's rule; default 95)",
+    )
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=d.target_fpr,
+        help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
+        "upper bound <= this (e.g. 0.02)",
+    )
     if not sweep:
         from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
 
-        p.add_argument("--action", choices=ACTIONS, default=d.action,
-                       help="what the guardrail does when it fires: clamp (the paper's edit), refuse (answer with "
-                            "--refusal, then end of sequence) or monitor (decide and report, edit nothing)")
-        p.add_argument("--refusal", metavar="TEXT",
-                       help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})")
-    p.add_argument("--score", choices=["fraction", "window"], default=d.score,
-                   help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens")
+        p.add_argument(
+            "--action",
+            choices=ACTIONS,
+            default=d.action,
+            help="what the guardrail does when it fires: clamp (the paper's edit), refuse (answer with "
+            "--refusal, then end of sequence) or monitor (decide and report, edit nothing)",
+        )
+        p.add_argument(
+            "--refusal", metavar="TEXT", help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})"
+        )
+    p.add_argument(
+        "--score",
+        choices=["fraction", "window"],
+        default=d.score,
+        help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens",
+    )
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--min-chars", type=int, default=d.min_chars)
     p.add_argument("--max-docs", type=int, default=d.max_docs)
-    p.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks")
+    p.add_argument(
+        "--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks"
+    )
     p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -739,39 +954,74 @@ def configure_parser(p, sweep: bool = False):
 
 def options_from_args(args) -> BuildOptions:
     d = BuildOptions()
-    return BuildOptions(name=args.name, mode=getattr(args, "mode", d.mode), layer=args.layer,
-                        n_features=getattr(args, "n_features", d.n_features), clamp=getattr(args, "clamp", d.clamp),
-                        ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
-                        importance_percentile=args.importance_percentile, static_retain_freq=args.static_retain_freq,
-                        threshold_percentile=args.threshold_percentile, target_fpr=args.target_fpr,
-                        score=args.score, window=args.window,
-                        action=getattr(args, "action", d.action), refusal=getattr(args, "refusal", d.refusal),
-                        seq_len=args.seq_len,
-                        min_chars=args.min_chars, max_docs=args.max_docs, packing=args.packing,
-                        heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, seed=args.seed,
-                        slim=getattr(args, "slim", False), device=args.device,
-                        measure_speedup=getattr(args, "measure_speedup", False))
+    return BuildOptions(
+        name=args.name,
+        mode=getattr(args, "mode", d.mode),
+        layer=args.layer,
+        n_features=getattr(args, "n_features", d.n_features),
+        clamp=getattr(args, "clamp", d.clamp),
+        ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
+        importance_percentile=args.importance_percentile,
+        static_retain_freq=args.static_retain_freq,
+        threshold_percentile=args.threshold_percentile,
+        target_fpr=args.target_fpr,
+        score=args.score,
+        window=args.window,
+        action=getattr(args, "action", d.action),
+        refusal=getattr(args, "refusal", d.refusal),
+        seq_len=args.seq_len,
+        min_chars=args.min_chars,
+        max_docs=args.max_docs,
+        packing=args.packing,
+        heldout_fraction=args.heldout_fraction,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        slim=getattr(args, "slim", False),
+        device=args.device,
+        measure_speedup=getattr(args, "measure_speedup", False),
+    )
 
 
 def run(args):
-    info = build(args.base, args.sae, args.forget, args.retain, args.out, options=options_from_args(args),
-                 add_to=args.add_to, overwrite=args.overwrite, text_field=args.text_field)
+    info = build(
+        args.base,
+        args.sae,
+        args.forget,
+        args.retain,
+        args.out,
+        options=options_from_args(args),
+        add_to=args.add_to,
+        overwrite=args.overwrite,
+        text_field=args.text_field,
+    )
     held = info["heldout"]
-    print(f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
-          f"action {info['action']}" + (f" (refusal {info['refusal']!r})" if info.get("refusal") is not None else ""))
+    print(
+        f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
+        f"action {info['action']}" + (f" (refusal {info['refusal']!r})" if info.get("refusal") is not None else "")
+    )
     if held["forget_trigger_rate"] is None:
         print("held-out trigger rate: none measured (--heldout-fraction 0)")
     else:
-        print(f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
-              f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}")
+        print(
+            f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
+            f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}"
+        )
     if info["n_features"] < args.n_features:
         import sys
 
-        filters = ("the ratio and importance percentile filters" if info["mode"] == "dynamic"
-                   else "the retain-frequency filter")
-        print(f"dsg: warning: only {info['n_features']} of the {args.n_features} features asked for (--n-features) pass "
-              f"{filters}; the guardrail uses {info['n_features']}", file=sys.stderr)
+        filters = (
+            "the ratio and importance percentile filters"
+            if info["mode"] == "dynamic"
+            else "the retain-frequency filter"
+        )
+        print(
+            f"dsg: warning: only {info['n_features']} of the {args.n_features} features asked for (--n-features) pass "
+            f"{filters}; the guardrail uses {info['n_features']}",
+            file=sys.stderr,
+        )
     t = info["timings"]
-    print(f"statistics pass {t['statistics_s']:.1f} s ({t['statistics_tokens_per_s']:.0f} tokens/s), "
-          f"selection {t['selection_s'] * 1000:.1f} ms, calibration {t['calibration_s'] * 1000:.1f} ms")
+    print(
+        f"statistics pass {t['statistics_s']:.1f} s ({t['statistics_tokens_per_s']:.0f} tokens/s), "
+        f"selection {t['selection_s'] * 1000:.1f} ms, calibration {t['calibration_s'] * 1000:.1f} ms"
+    )
     print(f"wrote {Path(args.out).resolve()}")

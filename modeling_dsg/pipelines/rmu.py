@@ -91,12 +91,12 @@ MLP_OUTPUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h
 class RMUOptions:
     """Every knob of an RMU run (see the module docstring for the reasons behind the defaults)."""
 
-    layer: int | None = None                    # default: round(7 * n_layers / 32)
+    layer: int | None = None  # default: round(7 * n_layers / 32)
     update_layers: tuple[int, ...] | None = None  # default: (layer - 2, layer - 1, layer), those >= 0
     update_params: tuple[str, ...] | None = None  # module names inside a block; default: the MLP output projection
-    steering_coeff: float | None = None         # c; default: multiplier * mean forget activation norm
+    steering_coeff: float | None = None  # c; default: multiplier * mean forget activation norm
     multiplier: float = 3.0
-    norm_rows: int = 32                         # forget rows used to measure the mean activation norm
+    norm_rows: int = 32  # forget rows used to measure the mean activation norm
     alpha: float = 100.0
     lr: float = 1e-3
     steps: int = 60
@@ -106,7 +106,7 @@ class RMUOptions:
     max_docs: int | None = 1024
     packing: bool = True
     seed: int = 0
-    device: str | None = None                   # move the model there first (run_rmu loads it there; default "cpu")
+    device: str | None = None  # move the model there first (run_rmu loads it there; default "cpu")
 
 
 def default_layer(n_layers: int) -> int:
@@ -128,8 +128,10 @@ def _check_options(options: RMUOptions) -> None:
         (options.lr > 0, f"lr must be > 0, got {options.lr}"),
         (options.alpha >= 0, f"alpha must be >= 0, got {options.alpha}"),
         (options.multiplier > 0, f"multiplier must be > 0, got {options.multiplier}"),
-        (options.steering_coeff is None or options.steering_coeff > 0,
-         f"steering_coeff must be > 0, got {options.steering_coeff}"),
+        (
+            options.steering_coeff is None or options.steering_coeff > 0,
+            f"steering_coeff must be > 0, got {options.steering_coeff}",
+        ),
         (options.norm_rows >= 1, f"norm_rows must be at least 1, got {options.norm_rows}"),
         (options.max_docs is None or options.max_docs >= 1, f"max_docs must be at least 1, got {options.max_docs}"),
     ]
@@ -197,8 +199,10 @@ def resolve_update_params(model, options: RMUOptions) -> tuple[int, list[int], d
             raise DSGError("update_layers is empty: name at least one layer to update")
         bad = [i for i in update if not 0 <= i <= layer]
         if bad:
-            raise DSGError(f"update layers {bad} are out of range: they must be in 0..{layer} (the layer "
-                           f"whose output RMU steers; later layers cannot change it)")
+            raise DSGError(
+                f"update layers {bad} are out of range: they must be in 0..{layer} (the layer "
+                f"whose output RMU steers; later layers cannot change it)"
+            )
 
     names = options.update_params
     if isinstance(names, str):
@@ -206,8 +210,10 @@ def resolve_update_params(model, options: RMUOptions) -> tuple[int, list[int], d
     if names is None:
         names = _default_params(blocks[layer])
         if names is None:
-            raise DSGError(f"cannot find the MLP output projection in {type(blocks[layer]).__name__} "
-                           f"(tried {', '.join(MLP_OUTPUT_NAMES)}); pass update_params")
+            raise DSGError(
+                f"cannot find the MLP output projection in {type(blocks[layer]).__name__} "
+                f"(tried {', '.join(MLP_OUTPUT_NAMES)}); pass update_params"
+            )
     if not names:
         raise DSGError("update_params is empty: name at least one module inside a block, e.g. mlp.down_proj")
 
@@ -253,8 +259,15 @@ def _rows(texts, tokenizer, options: RMUOptions, corpus: str):
         if not texts:
             raise DSGError(f"{corpus} corpus is empty")
         try:
-            rows = build_rows(texts, tokenizer, seq_len=options.seq_len, min_chars=options.min_chars,
-                              max_docs=options.max_docs, packing=options.packing, seed=options.seed)
+            rows = build_rows(
+                texts,
+                tokenizer,
+                seq_len=options.seq_len,
+                min_chars=options.min_chars,
+                max_docs=options.max_docs,
+                packing=options.packing,
+                seed=options.seed,
+            )
         except DSGError as err:
             raise DSGError(f"{corpus} corpus: {err}") from None
     if len(rows) == 0 or int(rows.attention_mask.sum()) == 0:
@@ -355,7 +368,9 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
         u = steering_vector(d, options.seed).to(device)
         norm = None
         if options.steering_coeff is None:
-            order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(options.seed))[: options.norm_rows]
+            order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(options.seed))[
+                : options.norm_rows
+            ]
             total, count = 0.0, 0
             with torch.no_grad():
                 for i in range(0, len(order), options.batch_size):
@@ -392,9 +407,11 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
             retain_loss = _masked_mse(h_r.float() - h_r_frozen.float(), r_keep)
             loss = forget_loss + options.alpha * retain_loss
             if not torch.isfinite(loss):  # diverged: stop at once (run_rmu then writes nothing)
-                raise DSGError(f"RMU diverged at step {len(losses['forget']) + 1}: the loss is {loss.item():g} "
-                               f"(lr {options.lr:g}, c = {coeff:.4g}, alpha {options.alpha:g}); lower --lr or "
-                               "--steering-coeff")
+                raise DSGError(
+                    f"RMU diverged at step {len(losses['forget']) + 1}: the loss is {loss.item():g} "
+                    f"(lr {options.lr:g}, c = {coeff:.4g}, alpha {options.alpha:g}); lower --lr or "
+                    "--steering-coeff"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -405,8 +422,11 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
                 losses["forget_norm"].append(norms.mean().item())
             tokens["forget"] += int(f_mask.sum())
             tokens["retain"] += int(r_mask.sum())
-            bar.set_postfix(forget=f"{losses['forget'][-1]:.4g}", retain=f"{losses['retain'][-1]:.3g}",
-                            norm=f"{losses['forget_norm'][-1]:.4g}")
+            bar.set_postfix(
+                forget=f"{losses['forget'][-1]:.4g}",
+                retain=f"{losses['retain'][-1]:.3g}",
+                norm=f"{losses['forget_norm'][-1]:.4g}",
+            )
         train_s = time.perf_counter() - train_start
     finally:
         for name, p in model.named_parameters():
@@ -425,8 +445,13 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
         "forget_activation_norm": norm,
         "alpha": options.alpha,
         "steps": options.steps,
-        "rows": {"forget": len(forget), "retain": len(retain), "seq_len": forget.seq_len,
-                 "forget_passes": forget_batches.passes, "retain_passes": retain_batches.passes},
+        "rows": {
+            "forget": len(forget),
+            "retain": len(retain),
+            "seq_len": forget.seq_len,
+            "forget_passes": forget_batches.passes,
+            "retain_passes": retain_batches.passes,
+        },
         "tokens": {**tokens, "total": n_tokens},
         "losses": losses,
         "wall_s": time.perf_counter() - start,
@@ -451,30 +476,43 @@ def _load_sources(specs, text_field=None) -> tuple[list[str], list[str]]:
     return texts, specs
 
 
-def run_rmu(base: str, forget, retain, out, options: RMUOptions | None = None, overwrite: bool = False,
-            text_field: str | None = None) -> dict:
+def run_rmu(
+    base: str,
+    forget,
+    retain,
+    out,
+    options: RMUOptions | None = None,
+    overwrite: bool = False,
+    text_field: str | None = None,
+) -> dict:
     """Load `base` (folder, .gguf or Hub id) and the texts, run RMU, save a plain HF model folder.
 
     `forget` / `retain`: one text source or a list (`sources.load_texts`). The folder holds the
     unlearned model, its tokenizer and `rmu.json` (the `rmu_unlearn` record plus the sources and the
     total wall time including loading); it is written atomically. Returns that record.
     """
+    from ..data.sources import load_base_model
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
-    from ..data.sources import load_base_model
 
     options = options or RMUOptions()
     _check_options(options)
-    out_path = prepare_output(out, overwrite, inputs={"the --base model": base, "the --forget source": forget,
-                                                      "the --retain source": retain})
+    out_path = prepare_output(
+        out, overwrite, inputs={"the --base model": base, "the --forget source": forget, "the --retain source": retain}
+    )
     start = time.perf_counter()
     forget_texts, forget_specs = _load_sources(forget, text_field)  # cheap inputs first
     retain_texts, retain_specs = _load_sources(retain, text_field)
     model, tokenizer = load_base_model(base, device=options.device or "cpu")
     load_s = time.perf_counter() - start
     info = rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options)
-    info.update(base_model=str(base), forget_sources=forget_specs, retain_sources=retain_specs,
-                load_s=load_s, total_s=time.perf_counter() - start)
+    info.update(
+        base_model=str(base),
+        forget_sources=forget_specs,
+        retain_sources=retain_specs,
+        load_s=load_s,
+        total_s=time.perf_counter() - start,
+    )
     check_rmu_finite(model, info)
     with atomic_output_dir(out_path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -489,8 +527,10 @@ def check_rmu_finite(model, info: dict) -> None:
 
     from ..data.sources import check_finite
 
-    hint = (f"RMU diverged (lr {info['options']['lr']:g}, c = {info['steering_coeff']:.4g}, alpha {info['alpha']:g}); "
-            "lower --lr or --steering-coeff. Nothing was written")
+    hint = (
+        f"RMU diverged (lr {info['options']['lr']:g}, c = {info['steering_coeff']:.4g}, alpha {info['alpha']:g}); "
+        "lower --lr or --steering-coeff. Nothing was written"
+    )
     try:
         check_finite(model.state_dict().items(), "the unlearned model")
     except DSGError as err:
@@ -505,16 +545,39 @@ def check_rmu_finite(model, info: dict) -> None:
 def configure_parser(p) -> None:
     d = RMUOptions()
     p.add_argument("--base", required=True, metavar="MODEL", help="Hub id, local folder or .gguf file")
-    p.add_argument("--forget", required=True, nargs="+", metavar="SRC", help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument(
+        "--forget",
+        required=True,
+        nargs="+",
+        metavar="SRC",
+        help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]",
+    )
     p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
     p.add_argument("--out", required=True, metavar="DIR", help="the unlearned model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--layer", type=int, help="the layer whose output is steered (default: round(7 * n_layers / 32))")
-    p.add_argument("--update-layers", type=int, nargs="+", metavar="L", help="blocks whose weights train (default: layer-2..layer)")
-    p.add_argument("--update-params", nargs="+", metavar="NAME",
-                   help="modules inside a block whose weight trains (default: the MLP output projection, e.g. mlp.down_proj)")
-    p.add_argument("--steering-coeff", type=float, help="absolute c (default: --multiplier x mean forget activation norm)")
-    p.add_argument("--multiplier", type=float, default=d.multiplier, help=f"c / mean forget activation norm (default {d.multiplier})")
+    p.add_argument(
+        "--update-layers",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="blocks whose weights train (default: layer-2..layer)",
+    )
+    p.add_argument(
+        "--update-params",
+        nargs="+",
+        metavar="NAME",
+        help="modules inside a block whose weight trains (default: the MLP output projection, e.g. mlp.down_proj)",
+    )
+    p.add_argument(
+        "--steering-coeff", type=float, help="absolute c (default: --multiplier x mean forget activation norm)"
+    )
+    p.add_argument(
+        "--multiplier",
+        type=float,
+        default=d.multiplier,
+        help=f"c / mean forget activation norm (default {d.multiplier})",
+    )
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"retain weight (default {d.alpha:g})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--steps", type=int, default=d.steps)
@@ -522,26 +585,49 @@ def configure_parser(p) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--min-chars", type=int, default=d.min_chars)
     p.add_argument("--max-docs", type=int, default=d.max_docs)
-    p.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks")
+    p.add_argument(
+        "--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
     p.add_argument("--device", default="cpu")
 
 
 def options_from_args(args) -> RMUOptions:
-    return RMUOptions(layer=args.layer, update_layers=tuple(args.update_layers) if args.update_layers else None,
-                      update_params=tuple(args.update_params) if args.update_params else None,
-                      steering_coeff=args.steering_coeff, multiplier=args.multiplier, alpha=args.alpha, lr=args.lr,
-                      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, min_chars=args.min_chars,
-                      max_docs=args.max_docs, packing=args.packing, seed=args.seed, device=args.device)
+    return RMUOptions(
+        layer=args.layer,
+        update_layers=tuple(args.update_layers) if args.update_layers else None,
+        update_params=tuple(args.update_params) if args.update_params else None,
+        steering_coeff=args.steering_coeff,
+        multiplier=args.multiplier,
+        alpha=args.alpha,
+        lr=args.lr,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        min_chars=args.min_chars,
+        max_docs=args.max_docs,
+        packing=args.packing,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
 def run(args):
-    info = run_rmu(args.base, args.forget, args.retain, args.out, options_from_args(args),
-                   overwrite=args.overwrite, text_field=args.text_field)
+    info = run_rmu(
+        args.base,
+        args.forget,
+        args.retain,
+        args.out,
+        options_from_args(args),
+        overwrite=args.overwrite,
+        text_field=args.text_field,
+    )
     f, r = info["losses"]["forget"], info["losses"]["retain"]
-    print(f"RMU at layer {info['layer']}, updating {len(info['updated_parameters'])} weights "
-          f"({info['n_updated_parameters']:,} parameters), c = {info['steering_coeff']:.4g}, alpha = {info['alpha']:g}")
+    print(
+        f"RMU at layer {info['layer']}, updating {len(info['updated_parameters'])} weights "
+        f"({info['n_updated_parameters']:,} parameters), c = {info['steering_coeff']:.4g}, alpha = {info['alpha']:g}"
+    )
     print(f"forget term {f[0]:.4g} -> {f[-1]:.4g}, retain term {r[0]:.3g} -> {r[-1]:.3g} over {info['steps']} steps")
     print(f"training {info['train_s']:.1f} s ({info['tokens_per_s']:.0f} tokens/s), total {info['total_s']:.1f} s")
     print(f"wrote {Path(args.out).resolve()}")
@@ -559,8 +645,9 @@ def token_nll(model, tokenizer, texts, *, batch_size: int = 8, max_len: int = 51
     try:
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_len).to(device)
+                enc = tokenizer(
+                    texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_len
+                ).to(device)
                 logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1].float()
                 target, mask = enc.input_ids[:, 1:], enc.attention_mask[:, 1:].bool()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -576,8 +663,8 @@ def measure_embedded(options: RMUOptions | None = None, n_eval: int = 32) -> dic
     per-token NLL of base and RMU model on the first `n_eval` prompts of each held-out set."""
     import copy
 
-    from ..embedded import data as embedded
     from ..data.sources import load_base_model
+    from ..embedded import data as embedded
 
     start = time.perf_counter()
     model, tokenizer = load_base_model(str(embedded.gguf_path()))
@@ -606,13 +693,19 @@ def _main(argv=None) -> None:  # python -m modeling_dsg.pipelines.rmu [--n-eval 
     f, n = info["losses"]["forget"], info["losses"]["forget_norm"]
     print(f"torch threads {torch.get_num_threads()}; model load {result['load_s']:.1f} s")
     print(f"RMU: layer {info['layer']}, weights {', '.join(info['updated_parameters'])}")
-    print(f"c = {info['steering_coeff']:.1f} ({info['options']['multiplier']} x mean forget norm "
-          f"{info['forget_activation_norm']:.1f}), alpha {info['alpha']:g}, lr {info['options']['lr']:g}")
-    print(f"{info['steps']} steps, {info['tokens']['total']} tokens ({info['tokens']['forget']} forget + "
-          f"{info['tokens']['retain']} retain): training {info['train_s']:.1f} s, {info['tokens_per_s']:.0f} tokens/s, "
-          f"rmu_unlearn wall {info['wall_s']:.1f} s")
-    print(f"forget term {f[0]:.1f} -> {sum(f[-5:]) / 5:.1f} (mean of the last 5); forget norm {n[0]:.1f} -> "
-          f"{sum(n[-5:]) / 5:.1f}; retain term max {max(info['losses']['retain']):.4g}, last {info['losses']['retain'][-1]:.4g}")
+    print(
+        f"c = {info['steering_coeff']:.1f} ({info['options']['multiplier']} x mean forget norm "
+        f"{info['forget_activation_norm']:.1f}), alpha {info['alpha']:g}, lr {info['options']['lr']:g}"
+    )
+    print(
+        f"{info['steps']} steps, {info['tokens']['total']} tokens ({info['tokens']['forget']} forget + "
+        f"{info['tokens']['retain']} retain): training {info['train_s']:.1f} s, {info['tokens_per_s']:.0f} tokens/s, "
+        f"rmu_unlearn wall {info['wall_s']:.1f} s"
+    )
+    print(
+        f"forget term {f[0]:.1f} -> {sum(f[-5:]) / 5:.1f} (mean of the last 5); forget norm {n[0]:.1f} -> "
+        f"{sum(n[-5:]) / 5:.1f}; retain term max {max(info['losses']['retain']):.4g}, last {info['losses']['retain'][-1]:.4g}"
+    )
     print(f"held-out per-token NLL, first {result['n_eval']} prompts of each set ({result['eval_s']:.0f} s):")
     for name, v in result["nll"].items():
         print(f"  {name:12s} base {v['base']:.3f}  rmu {v['rmu']:.3f}  delta {v['delta']:+.3f}")

@@ -49,24 +49,30 @@ class SweepOptions:
     modes: tuple = ("dynamic", "static")
     n_features: tuple = (5, 10, 20, 40)
     clamps: tuple = (50.0, 200.0, 500.0)
-    ratio_percentiles: tuple = (90.0, 95.0, 99.0)   # dynamic only
+    ratio_percentiles: tuple = (90.0, 95.0, 99.0)  # dynamic only
     metric: str = "accuracy"
     retain_floor: float = 0.99
-    limit: int | None = 100                          # questions per set
+    limit: int | None = 100  # questions per set
     chat: bool = False
     preamble: bool = False
     batch_size: int = 8
     progress: bool = True
-    build: object = None                             # BuildOptions for rows, statistics and calibration
+    build: object = None  # BuildOptions for rows, statistics and calibration
 
     def grid(self) -> list[dict]:
         points = []
         for mode in self.modes:
-            for ratio in (self.ratio_percentiles if mode == "dynamic" else (None,)):
+            for ratio in self.ratio_percentiles if mode == "dynamic" else (None,):
                 for n in self.n_features:
                     for clamp in self.clamps:
-                        points.append({"mode": mode, "n_features": int(n), "clamp": float(clamp),
-                                       "ratio_percentile": None if ratio is None else float(ratio)})
+                        points.append(
+                            {
+                                "mode": mode,
+                                "n_features": int(n),
+                                "clamp": float(clamp),
+                                "ratio_percentile": None if ratio is None else float(ratio),
+                            }
+                        )
         return points
 
 
@@ -74,22 +80,37 @@ def check_options(o: SweepOptions) -> None:
     from ..runtime.configuration_dsg import MAX_CLAMP
 
     checks = [
-        (len(o.modes) > 0 and set(o.modes) <= {"dynamic", "static"}, f"--modes must be dynamic and/or static, got {list(o.modes)}"),
-        (len(o.n_features) > 0 and all(int(n) >= 1 for n in o.n_features), f"--n-features must be integers >= 1, got {list(o.n_features)}"),
-        (len(o.clamps) > 0 and all(0 < float(c) < float("inf") for c in o.clamps), f"--clamps must be finite numbers > 0, got {list(o.clamps)}"),
-        (all(float(c) <= MAX_CLAMP for c in o.clamps), f"--clamps must be at most {MAX_CLAMP:g} (the model config's bound), "
-                                                        f"got {list(o.clamps)}"),
-        (len(o.ratio_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.ratio_percentiles),
-         f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}"),
+        (
+            len(o.modes) > 0 and set(o.modes) <= {"dynamic", "static"},
+            f"--modes must be dynamic and/or static, got {list(o.modes)}",
+        ),
+        (
+            len(o.n_features) > 0 and all(int(n) >= 1 for n in o.n_features),
+            f"--n-features must be integers >= 1, got {list(o.n_features)}",
+        ),
+        (
+            len(o.clamps) > 0 and all(0 < float(c) < float("inf") for c in o.clamps),
+            f"--clamps must be finite numbers > 0, got {list(o.clamps)}",
+        ),
+        (
+            all(float(c) <= MAX_CLAMP for c in o.clamps),
+            f"--clamps must be at most {MAX_CLAMP:g} (the model config's bound), got {list(o.clamps)}",
+        ),
+        (
+            len(o.ratio_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.ratio_percentiles),
+            f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}",
+        ),
         (o.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {o.metric!r}"),
         (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
         (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
         (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
         # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
         # afterwards with `dsg build --action` from the chosen N (and their scores are not the clamp's)
-        (o.build is None or getattr(o.build, "action", "clamp") == "clamp",
-         f"dsg sweep scores the clamp action only (got action {getattr(o.build, 'action', None)!r}); build a refuse or "
-         "monitor model with `dsg build --action` from the chosen point"),
+        (
+            o.build is None or getattr(o.build, "action", "clamp") == "clamp",
+            f"dsg sweep scores the clamp action only (got action {getattr(o.build, 'action', None)!r}); build a refuse or "
+            "monitor model with `dsg build --action` from the chosen point",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -139,12 +160,14 @@ def _rows(sequences, pad_id: int):
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return Rows(ids, mask)
 
 
-def score_set(model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = "") -> dict:
+def score_set(
+    model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = ""
+) -> dict:
     """`evaluation.score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
     "decisions" are then those on the cloze inputs."""
     from ..evaluation import evaluate as ev
@@ -152,9 +175,17 @@ def score_set(model, tokenizer, mcq, eval_options, *, letters: bool = True, reco
     if letters:
         return ev.score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
     contexts, continuations = ev.mcq_texts(tokenizer, mcq, eval_options)["cloze"]
-    sums, counts, decisions = ev.continuation_logprobs(model, tokenizer, contexts, continuations, chat=eval_options.chat,
-                                                       batch_size=eval_options.batch_size, record=record,
-                                                       desc=f"{mcq.label} {tag} cloze", progress=eval_options.progress)
+    sums, counts, decisions = ev.continuation_logprobs(
+        model,
+        tokenizer,
+        contexts,
+        continuations,
+        chat=eval_options.chat,
+        batch_size=eval_options.batch_size,
+        record=record,
+        desc=f"{mcq.label} {tag} cloze",
+        progress=eval_options.progress,
+    )
     return {"cloze_correct": sums, "cloze_correct_tokens": counts.astype(float), "decisions": decisions}
 
 
@@ -162,9 +193,9 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
     """Base scores of `mcq` (model = the DSG model, guardrails off) and its inputs' SAE activations."""
     import torch
 
+    from ..analysis.stats import collect
     from ..evaluation import evaluate as ev
     from .build import counted_exclusions, sae_encoder
-    from ..analysis.stats import collect
 
     timings = {}
     start = time.perf_counter()
@@ -175,19 +206,29 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
     start = time.perf_counter()
     texts = ev.mcq_texts(tokenizer, mcq, eval_options)
     encode = sae_encoder(statistics.sae_spec, statistics.sae_state, statistics.layer, build_options.device)
-    kw = dict(batch_size=build_options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer),
-              device=build_options.device)
+    kw = dict(
+        batch_size=build_options.batch_size,
+        ignore_token_ids=counted_exclusions(model, tokenizer),
+        device=build_options.device,
+    )
     pad = ev._pad_id(tokenizer)
     letter_store = cloze_store = None
     with torch.no_grad(), model.guardrails_disabled():
         if letters:
             letter_seqs = ev.letter_sequences(tokenizer, texts["letter"], chat=eval_options.chat)[0]
-            letter_store = collect(model.model, statistics.layer, encode, _rows(letter_seqs, pad),
-                                   desc=f"{mcq.label}: activations", **kw)
+            letter_store = collect(
+                model.model, statistics.layer, encode, _rows(letter_seqs, pad), desc=f"{mcq.label}: activations", **kw
+            )
         if "cloze" in texts:
             cloze_seqs = ev.cloze_sequences(tokenizer, *texts["cloze"], chat=eval_options.chat)[0]
-            cloze_store = collect(model.model, statistics.layer, encode, _rows(cloze_seqs, pad),
-                                  desc=f"{mcq.label}: cloze activations", **kw)
+            cloze_store = collect(
+                model.model,
+                statistics.layer,
+                encode,
+                _rows(cloze_seqs, pad),
+                desc=f"{mcq.label}: cloze activations",
+                **kw,
+            )
     timings["activations_s"] = time.perf_counter() - start
     return EvalSet(mcq, base, letter_store, cloze_store, timings)
 
@@ -195,6 +236,7 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
 def predicted_fired(eval_set: EvalSet, features, tau: float, options) -> tuple:
     """Per question: does the guardrail fire on its letter input, on its cloze input (rho > tau)?
     (None for an input kind the set does not score.)"""
+
     def fired(store):
         return None if store is None else (store.row_scores(features, options.score, options.window) > tau).numpy()
 
@@ -218,14 +260,20 @@ def score_point(model, tokenizer, eval_set: EvalSet, features, tau, build_option
     if len(rescore):
         subset = copy.copy(eval_set.mcq)
         subset.records = [eval_set.mcq.records[i] for i in rescore]
-        dsg = score_set(model, tokenizer, subset, eval_options, letters=letter_fired is not None, record=True, tag="DSG")
+        dsg = score_set(
+            model, tokenizer, subset, eval_options, letters=letter_fired is not None, record=True, tag="DSG"
+        )
         for key in ("letter", "cloze_correct", "cloze_correct_tokens"):
             if key in dsg:
                 scores[key][rescore] = dsg[key]
         recorded = next(iter(dsg["decisions"].values()))["fired"]
         mismatches = int((recorded != primary[rescore]).sum())
-    return {"scores": scores, "trigger_rate": float(primary.mean()), "rescored": int(len(rescore)),
-            "decision_mismatches": mismatches}
+    return {
+        "scores": scores,
+        "trigger_rate": float(primary.mean()),
+        "rescored": int(len(rescore)),
+        "decision_mismatches": mismatches,
+    }
 
 
 # ------------------------------------------------------------------------------------ the rule
@@ -239,10 +287,15 @@ def choose(points: list[dict], base_retain: float, floor: float) -> dict | None:
 
 def frontier(points: list[dict]) -> list[dict]:
     """The points no other point beats on both scores (higher retain and lower forget), by retain score."""
-    front = [p for p in points
-             if not any((q["retain"]["score"] >= p["retain"]["score"] and q["forget"]["score"] < p["forget"]["score"])
-                        or (q["retain"]["score"] > p["retain"]["score"] and q["forget"]["score"] <= p["forget"]["score"])
-                        for q in points)]
+    front = [
+        p
+        for p in points
+        if not any(
+            (q["retain"]["score"] >= p["retain"]["score"] and q["forget"]["score"] < p["forget"]["score"])
+            or (q["retain"]["score"] > p["retain"]["score"] and q["forget"]["score"] <= p["forget"]["score"])
+            for q in points
+        )
+    ]
     return sorted(front, key=lambda p: p["retain"]["score"])
 
 
@@ -255,17 +308,24 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     """Run the grid on an assembled DSG model (`model`, whose guardrails are replaced point by point)."""
     from tqdm.auto import tqdm
 
-    from .build import BuildOptions, guardrail_from, heldout_summary, select_and_calibrate
     from ..evaluation.evaluate import EvalOptions
+    from .build import BuildOptions, guardrail_from, heldout_summary, select_and_calibrate
 
     check_options(options)
     build_options = options.build or BuildOptions()
-    eval_options = EvalOptions(chat=options.chat, preamble=options.preamble, batch_size=options.batch_size,
-                               cloze="correct" if options.metric == "cloze_prob" else "none",
-                               known_filter=False, progress=False)
+    eval_options = EvalOptions(
+        chat=options.chat,
+        preamble=options.preamble,
+        batch_size=options.batch_size,
+        cloze="correct" if options.metric == "cloze_prob" else "none",
+        known_filter=False,
+        progress=False,
+    )
     letters = options.metric != "cloze_prob"  # cloze_prob needs the cloze inputs only
-    sets = {role: prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, letters=letters)
-            for role, mcq in (("forget", forget_mcq), ("retain", retain_mcq))}
+    sets = {
+        role: prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, letters=letters)
+        for role, mcq in (("forget", forget_mcq), ("retain", retain_mcq))
+    }
     base = {role: set_score(options.metric, s.base, s.mcq.answers) for role, s in sets.items()}
     name = build_options.name
     for guard in list(model.guards):
@@ -273,8 +333,13 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     points, selections = [], {}
     start = time.perf_counter()
     for point in tqdm(options.grid(), desc="sweep", unit="point", disable=not options.progress):
-        bo = dataclasses.replace(build_options, mode=point["mode"], n_features=point["n_features"],
-                                 clamp=point["clamp"], ratio_percentile=point["ratio_percentile"] or build_options.ratio_percentile)
+        bo = dataclasses.replace(
+            build_options,
+            mode=point["mode"],
+            n_features=point["n_features"],
+            clamp=point["clamp"],
+            ratio_percentile=point["ratio_percentile"] or build_options.ratio_percentile,
+        )
         key = (bo.mode, bo.n_features, bo.ratio_percentile)
         if key not in selections:
             try:
@@ -293,21 +358,33 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
                 result[role] = {"score": set_score(options.metric, scored.pop("scores"), s.mcq.answers), **scored}
         finally:
             model.remove_guardrail(name)
-        points.append({**point, "features": features, "tau": tau, "heldout": heldout_summary(rho, tau, statistics),
-                       **result})
+        points.append(
+            {**point, "features": features, "tau": tau, "heldout": heldout_summary(rho, tau, statistics), **result}
+        )
     grid_s = time.perf_counter() - start
     scored = [p for p in points if "error" not in p]
-    chosen = {mode: choose([p for p in scored if p["mode"] == mode], base["retain"], options.retain_floor)
-              for mode in options.modes}
+    chosen = {
+        mode: choose([p for p in scored if p["mode"] == mode], base["retain"], options.retain_floor)
+        for mode in options.modes
+    }
     chosen["overall"] = choose(scored, base["retain"], options.retain_floor)
-    timings = {"grid_s": grid_s, **{f"{role}: {k}": v for role, s in sets.items() for k, v in s.timings.items()},
-               "statistics": statistics.timings}
-    return {"metric": options.metric, "retain_floor": options.retain_floor,
-            "base": base, "n": {role: len(s.mcq.records) for role, s in sets.items()},
-            "datasets": {role: s.mcq.source for role, s in sets.items()},
-            "points": points, "chosen": chosen, "timings": timings,
-            "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "build"},
-            "build_options": dataclasses.asdict(build_options)}
+    timings = {
+        "grid_s": grid_s,
+        **{f"{role}: {k}": v for role, s in sets.items() for k, v in s.timings.items()},
+        "statistics": statistics.timings,
+    }
+    return {
+        "metric": options.metric,
+        "retain_floor": options.retain_floor,
+        "base": base,
+        "n": {role: len(s.mcq.records) for role, s in sets.items()},
+        "datasets": {role: s.mcq.source for role, s in sets.items()},
+        "points": points,
+        "chosen": chosen,
+        "timings": timings,
+        "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "build"},
+        "build_options": dataclasses.asdict(build_options),
+    }
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -320,40 +397,80 @@ def write_plot(result: dict, path) -> Path:
         pts = [p for p in result["points"] if p["mode"] == mode and "error" not in p]
         if not pts:
             continue
-        series.append({"label": f"{'DSG (dynamic)' if mode == 'dynamic' else 'static clamping'}: all points",
-                       "x": [p["retain"]["score"] for p in pts], "y": [p["forget"]["score"] for p in pts],
-                       "marker": markers[mode], "scatter": True, "color": "#1f77b4" if mode == "dynamic" else "#7f7f7f"})
+        series.append(
+            {
+                "label": f"{'DSG (dynamic)' if mode == 'dynamic' else 'static clamping'}: all points",
+                "x": [p["retain"]["score"] for p in pts],
+                "y": [p["forget"]["score"] for p in pts],
+                "marker": markers[mode],
+                "scatter": True,
+                "color": "#1f77b4" if mode == "dynamic" else "#7f7f7f",
+            }
+        )
         front = frontier(pts)
         chosen = result["chosen"].get(mode)
-        series.append({"color": "#d62728" if mode == "dynamic" else "#2ca02c", "label": f"{mode}: frontier", "x": [p["retain"]["score"] for p in front],
-                       "y": [p["forget"]["score"] for p in front], "marker": markers[mode],
-                       "annotations": [f"N{p['n_features']} c{p['clamp']:g}" if p is chosen or p == chosen else ""
-                                       for p in front]})
-    series.append({"label": "base model", "x": [result["base"]["retain"]], "y": [result["base"]["forget"]],
-                   "marker": "*", "color": "black"})
+        series.append(
+            {
+                "color": "#d62728" if mode == "dynamic" else "#2ca02c",
+                "label": f"{mode}: frontier",
+                "x": [p["retain"]["score"] for p in front],
+                "y": [p["forget"]["score"] for p in front],
+                "marker": markers[mode],
+                "annotations": [
+                    f"N{p['n_features']} c{p['clamp']:g}" if p is chosen or p == chosen else "" for p in front
+                ],
+            }
+        )
+    series.append(
+        {
+            "label": "base model",
+            "x": [result["base"]["retain"]],
+            "y": [result["base"]["forget"]],
+            "marker": "*",
+            "color": "black",
+        }
+    )
     floor = result["retain_floor"] * result["base"]["retain"]
     metric = result["metric"].replace("_", " ")
-    return plot_tradeoff(series, path, xlabel=f"retain {metric}", ylabel=f"forget {metric}",
-                         title="dsg sweep: forget against retain", vlines=[(floor, f"{result['retain_floor']:.0%} of base retain")])
+    return plot_tradeoff(
+        series,
+        path,
+        xlabel=f"retain {metric}",
+        ylabel=f"forget {metric}",
+        title="dsg sweep: forget against retain",
+        vlines=[(floor, f"{result['retain_floor']:.0%} of base retain")],
+    )
 
 
 def summary_markdown(result: dict) -> str:
     m = result["metric"]
-    lines = [f"# dsg sweep ({m})", "",
-             f"Base model: forget {result['base']['forget']:.4f}, retain {result['base']['retain']:.4f} "
-             f"({result['n']['forget']} forget and {result['n']['retain']} retain questions). Rule: the lowest forget "
-             f"score with retain >= {result['retain_floor']:.0%} of base.", "",
-             "| choice | mode | N | c | ratio pct | tau | forget | retain | fires on forget | fires on retain |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# dsg sweep ({m})",
+        "",
+        f"Base model: forget {result['base']['forget']:.4f}, retain {result['base']['retain']:.4f} "
+        f"({result['n']['forget']} forget and {result['n']['retain']} retain questions). Rule: the lowest forget "
+        f"score with retain >= {result['retain_floor']:.0%} of base.",
+        "",
+        "| choice | mode | N | c | ratio pct | tau | forget | retain | fires on forget | fires on retain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for which, p in result["chosen"].items():
         if p is None:
             lines.append(f"| {which} | (no point keeps retain) | | | | | | | | |")
             continue
         ratio = "" if p["ratio_percentile"] is None else f"{p['ratio_percentile']:g}"
-        lines.append(f"| {which} | {p['mode']} | {p['n_features']} | {p['clamp']:g} | {ratio} | {p['tau']:.3f} | "
-                     f"{p['forget']['score']:.4f} | {p['retain']['score']:.4f} | {p['forget']['trigger_rate']:.3f} | "
-                     f"{p['retain']['trigger_rate']:.3f} |")
-    lines += ["", f"All {len(result['points'])} grid points are in {SWEEP_FILE}.", "", f"![trade-off]({PLOT_FILE})", ""]
+        lines.append(
+            f"| {which} | {p['mode']} | {p['n_features']} | {p['clamp']:g} | {ratio} | {p['tau']:.3f} | "
+            f"{p['forget']['score']:.4f} | {p['retain']['score']:.4f} | {p['forget']['trigger_rate']:.3f} | "
+            f"{p['retain']['trigger_rate']:.3f} |"
+        )
+    lines += [
+        "",
+        f"All {len(result['points'])} grid points are in {SWEEP_FILE}.",
+        "",
+        f"![trade-off]({PLOT_FILE})",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -366,28 +483,57 @@ def write_outputs(result: dict, folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ the command
-def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: str, out, *,
-              options: SweepOptions | None = None, save_best=None, overwrite: bool = False, text_field=None) -> dict:
+def run_sweep(
+    base: str,
+    sae: str,
+    forget,
+    retain,
+    forget_mcq: str,
+    retain_mcq: str,
+    out,
+    *,
+    options: SweepOptions | None = None,
+    save_best=None,
+    overwrite: bool = False,
+    text_field=None,
+) -> dict:
     """The Python API of `dsg sweep`."""
     import torch
 
-    from .build import (BuildOptions, _check_options, _texts, assemble, check_build_finite, check_sae_options,
-                        gather_statistics, guardrail_build, guardrail_sae, write_folder)
+    from ..data.sources import load_base_model, load_sae, sae_layer
     from ..evaluation.evaluate import load_mcq
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
-    from ..data.sources import load_base_model, load_sae, sae_layer
+    from .build import (
+        BuildOptions,
+        _check_options,
+        _texts,
+        assemble,
+        check_build_finite,
+        check_sae_options,
+        gather_statistics,
+        guardrail_build,
+        guardrail_sae,
+        write_folder,
+    )
 
     options = options or SweepOptions()
     options.build = options.build or BuildOptions()
     check_options(options)
     _check_options(options.build)
-    inputs = {"the --base model": base, "the --sae folder": sae, "the --forget source": forget,
-              "the --retain source": retain, "the --forget-mcq source": forget_mcq, "the --retain-mcq source": retain_mcq}
+    inputs = {
+        "the --base model": base,
+        "the --sae folder": sae,
+        "the --forget source": forget,
+        "the --retain source": retain,
+        "the --forget-mcq source": forget_mcq,
+        "the --retain-mcq source": retain_mcq,
+    }
     out = prepare_output(out, overwrite, inputs={**inputs, "the --save-best folder": save_best})
     if save_best:
-        save_best = prepare_output(save_best, overwrite, inputs={**inputs, "the sweep's --out folder": out},
-                                   flag="--save-best")
+        save_best = prepare_output(
+            save_best, overwrite, inputs={**inputs, "the sweep's --out folder": out}, flag="--save-best"
+        )
     forget_set = load_mcq(forget_mcq, "forget", limit=options.limit)
     retain_set = load_mcq(retain_mcq, "retain", limit=options.limit)
     forget_texts, forget_sources = _texts(forget, text_field)
@@ -395,12 +541,14 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
     sae_model = load_sae(sae, device="cpu")
     guardrail_sae(sae_model, sae)  # an architecture the guard cannot run fails before the model is loaded
     for n in options.n_features:
-        check_sae_options(dataclasses.replace(options.build, n_features=int(n)), int(sae_model.cfg.d_sae),
-                          "--n-features-grid")
+        check_sae_options(
+            dataclasses.replace(options.build, n_features=int(n)), int(sae_model.cfg.d_sae), "--n-features-grid"
+        )
     model, tokenizer = load_base_model(base, device=options.build.device)
     with torch.no_grad():
-        statistics = gather_statistics(model, tokenizer, sae_model, forget_texts, retain_texts, options.build,
-                                       sae, sae_layer(sae_model))
+        statistics = gather_statistics(
+            model, tokenizer, sae_model, forget_texts, retain_texts, options.build, sae, sae_layer(sae_model)
+        )
         dsg = assemble(model, tokenizer, [])
         result = sweep_model(dsg, tokenizer, statistics, forget_set, retain_set, options)
     result["sources"] = {"base": base, "sae": sae, "forget": forget_sources, "retain": retain_sources}
@@ -408,8 +556,13 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
         write_outputs(result, tmp)
     best = result["chosen"]["overall"]
     if save_best and best is not None:
-        bo = dataclasses.replace(options.build, mode=best["mode"], n_features=best["n_features"], clamp=best["clamp"],
-                                 ratio_percentile=best["ratio_percentile"] or options.build.ratio_percentile)
+        bo = dataclasses.replace(
+            options.build,
+            mode=best["mode"],
+            n_features=best["n_features"],
+            clamp=best["clamp"],
+            ratio_percentile=best["ratio_percentile"] or options.build.ratio_percentile,
+        )
         build = guardrail_build(statistics, bo, tokenizer, sae)
         build.info.update(forget_sources=forget_sources, retain_sources=retain_sources, sweep=str(out))
         best_model = assemble(model, tokenizer, [build])
@@ -417,8 +570,10 @@ def run_sweep(base: str, sae: str, forget, retain, forget_mcq: str, retain_mcq: 
         with atomic_output_dir(save_best, overwrite=overwrite) as tmp:
             write_folder(best_model, tokenizer, tmp, [build], base)
     elif save_best:
-        raise DSGError(f"no grid point keeps the retain score at {options.retain_floor:.0%} of the base model's; "
-                       f"nothing saved to {save_best} (the sweep itself is in {out})")
+        raise DSGError(
+            f"no grid point keeps the retain score at {options.retain_floor:.0%} of the base model's; "
+            f"nothing saved to {save_best} (the sweep itself is in {out})"
+        )
     return result
 
 
@@ -427,16 +582,26 @@ def configure_parser(p):
 
     build_parser(p, sweep=True)
     d = SweepOptions()
-    p.add_argument("--forget-mcq", required=True, metavar="SRC", help="forget-side questions to score (WMDP/MMLU schema)")
+    p.add_argument(
+        "--forget-mcq", required=True, metavar="SRC", help="forget-side questions to score (WMDP/MMLU schema)"
+    )
     p.add_argument("--retain-mcq", required=True, metavar="SRC", help="retain-side questions to score")
     p.add_argument("--modes", nargs="+", default=list(d.modes), choices=["dynamic", "static"])
     p.add_argument("--n-features-grid", dest="n_grid", nargs="+", type=int, default=list(d.n_features), metavar="N")
     p.add_argument("--clamps", nargs="+", type=float, default=list(d.clamps), metavar="C")
     p.add_argument("--ratio-percentiles", nargs="+", type=float, default=list(d.ratio_percentiles), metavar="P")
-    p.add_argument("--metric", choices=METRICS, default=d.metric,
-                   help="what forget and retain scores are (default: letter accuracy, the paper's)")
-    p.add_argument("--retain-floor", type=float, default=d.retain_floor,
-                   help="keep retain >= this fraction of the base model's (default 0.99)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=d.metric,
+        help="what forget and retain scores are (default: letter accuracy, the paper's)",
+    )
+    p.add_argument(
+        "--retain-floor",
+        type=float,
+        default=d.retain_floor,
+        help="keep retain >= this fraction of the base model's (default 0.99)",
+    )
     p.add_argument("--limit", type=int, default=d.limit, help="questions per set (default 100)")
     p.add_argument("--chat", action="store_true", help="prompts through the tokenizer's chat template")
     p.add_argument("--preamble", action="store_true", help="the lm-eval preamble before each question")
@@ -446,11 +611,31 @@ def configure_parser(p):
 def run(args):
     from .build import options_from_args
 
-    options = SweepOptions(modes=tuple(args.modes), n_features=tuple(args.n_grid), clamps=tuple(args.clamps),
-                           ratio_percentiles=tuple(args.ratio_percentiles), metric=args.metric,
-                           retain_floor=args.retain_floor, limit=args.limit, chat=args.chat, preamble=args.preamble,
-                           batch_size=args.batch_size, build=options_from_args(args))
-    result = run_sweep(args.base, args.sae, args.forget, args.retain, args.forget_mcq, args.retain_mcq, args.out,
-                       options=options, save_best=args.save_best, overwrite=args.overwrite, text_field=args.text_field)
+    options = SweepOptions(
+        modes=tuple(args.modes),
+        n_features=tuple(args.n_grid),
+        clamps=tuple(args.clamps),
+        ratio_percentiles=tuple(args.ratio_percentiles),
+        metric=args.metric,
+        retain_floor=args.retain_floor,
+        limit=args.limit,
+        chat=args.chat,
+        preamble=args.preamble,
+        batch_size=args.batch_size,
+        build=options_from_args(args),
+    )
+    result = run_sweep(
+        args.base,
+        args.sae,
+        args.forget,
+        args.retain,
+        args.forget_mcq,
+        args.retain_mcq,
+        args.out,
+        options=options,
+        save_best=args.save_best,
+        overwrite=args.overwrite,
+        text_field=args.text_field,
+    )
     print(summary_markdown(result), end="")
     print(f"wrote {Path(args.out).expanduser().resolve()}")

@@ -57,7 +57,13 @@ def decoder_layers_path(model) -> str:
     """Dotted module path of the decoder-layer list: `model.layers` (Llama, Qwen, Gemma...) or `transformer.h`."""
     import torch
 
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    for path in (
+        "model.layers",
+        "model.language_model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+    ):
         mod = model
         try:
             for part in path.split("."):
@@ -106,19 +112,33 @@ def truncate_model(model, last_layer: int):
     return small.to(next(model.parameters()).device).eval()
 
 
-def check_train_options(*, width: int, k: int, architecture: str = "topk", lr: float = 4e-4, seq_len: int = 128,
-                        batch_tokens: int = 4096, tokens: int | None = None, n_checkpoints: int = 0) -> None:
+def check_train_options(
+    *,
+    width: int,
+    k: int,
+    architecture: str = "topk",
+    lr: float = 4e-4,
+    seq_len: int = 128,
+    batch_tokens: int = 4096,
+    tokens: int | None = None,
+    n_checkpoints: int = 0,
+) -> None:
     """Refuse bad training options before anything is loaded (each a `DSGError` naming the flag)."""
     import math
 
     from ..runtime.configuration_dsg import MAX_D_SAE
 
     checks = [
-        (architecture in ARCHITECTURES, f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})"),
+        (
+            architecture in ARCHITECTURES,
+            f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})",
+        ),
         (1 <= width <= MAX_D_SAE, f"--width must be between 1 and {MAX_D_SAE}, got {width}"),
         (k >= 1, f"--k must be at least 1, got {k}"),
-        (architecture not in TOPK_FAMILY or k <= width,
-         f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most --width features active"),
+        (
+            architecture not in TOPK_FAMILY or k <= width,
+            f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most --width features active",
+        ),
         (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"--lr must be a finite number > 0, got {lr}"),
         (seq_len >= 2, f"--seq-len must be at least 2, got {seq_len}"),
         (batch_tokens >= 1, f"--batch-tokens must be at least 1, got {batch_tokens}"),
@@ -146,8 +166,8 @@ def pack_rows(texts, tokenizer, seq_len: int, seed: int = 0) -> list[list[int]]:
 # -------------------------------------------------------------------------------------- training
 def _sae_config(architecture: str, d_in: int, width: int, k: int):
     from sae_lens import (
-        GatedTrainingSAEConfig,
         BatchTopKTrainingSAEConfig,
+        GatedTrainingSAEConfig,
         JumpReLUTrainingSAEConfig,
         StandardTrainingSAEConfig,
         TopKTrainingSAEConfig,
@@ -225,8 +245,16 @@ def train_saes(
             raise DSGError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
     if width <= 0 or k <= 0 or seq_len < 2 or batch_tokens <= 0:
         raise DSGError("width, k and batch-tokens must be positive and seq-len at least 2")
-    check_train_options(width=width, k=k, architecture=architecture, lr=lr, seq_len=seq_len,
-                        batch_tokens=batch_tokens, tokens=tokens, n_checkpoints=n_checkpoints)
+    check_train_options(
+        width=width,
+        k=k,
+        architecture=architecture,
+        lr=lr,
+        seq_len=seq_len,
+        batch_tokens=batch_tokens,
+        tokens=tokens,
+        n_checkpoints=n_checkpoints,
+    )
     rows = pack_rows(texts, tokenizer, seq_len, seed=seed)
     per_row = seq_len - 1  # position 0 is skipped
     available = len(rows) * per_row
@@ -279,7 +307,9 @@ def train_saes(
     return {L: Path(workdir) / f"layer{L}" for L in layers}
 
 
-def evaluate_sae(sae, model, tokenizer, texts, layer: int, *, seq_len: int = 128, max_tokens: int = 20000, batch_rows: int = 8) -> dict:
+def evaluate_sae(
+    sae, model, tokenizer, texts, layer: int, *, seq_len: int = 128, max_tokens: int = 20000, batch_rows: int = 8
+) -> dict:
     """Reconstruction metrics of a sae-lens `SAE` at `layers[layer]` on `texts` (packed rows, position 0 skipped).
 
     explained_variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 ; l0 = mean number of
@@ -396,10 +426,24 @@ def train_sae(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         work = Path(tmp) / "_work"
         folders = train_saes(
-            model, tokenizer, texts, [layer], width, architecture=architecture, k=k, tokens=tokens,
-            seq_len=seq_len, lr=lr, batch_tokens=batch_tokens, device=device, seed=seed,
-            model_name=model_name, autocast=autocast, checkpoint_dir=checkpoint_dir,
-            n_checkpoints=n_checkpoints, workdir=work,
+            model,
+            tokenizer,
+            texts,
+            [layer],
+            width,
+            architecture=architecture,
+            k=k,
+            tokens=tokens,
+            seq_len=seq_len,
+            lr=lr,
+            batch_tokens=batch_tokens,
+            device=device,
+            seed=seed,
+            model_name=model_name,
+            autocast=autocast,
+            checkpoint_dir=checkpoint_dir,
+            n_checkpoints=n_checkpoints,
+            workdir=work,
         )
         for item in folders[layer].iterdir():
             item.rename(Path(tmp) / item.name)
@@ -423,7 +467,9 @@ def train_sae(
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
             "k": k if architecture in TOPK_FAMILY else None,
-            "training_tokens": tokens if tokens is not None else len(pack_rows(texts, tokenizer, seq_len, seed)) * (seq_len - 1),
+            "training_tokens": tokens
+            if tokens is not None
+            else len(pack_rows(texts, tokenizer, seq_len, seed)) * (seq_len - 1),
             "seq_len": seq_len,
             "lr": lr,
             "batch_tokens": batch_tokens,
@@ -433,7 +479,9 @@ def train_sae(
             "train_wall_s": round(time.time() - start, 1),
         }
         if eval_texts is not None:
-            metrics.update(evaluate_sae(sae, model, tokenizer, eval_texts, layer, seq_len=seq_len, max_tokens=eval_tokens))
+            metrics.update(
+                evaluate_sae(sae, model, tokenizer, eval_texts, layer, seq_len=seq_len, max_tokens=eval_tokens)
+            )
         (Path(tmp) / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -443,9 +491,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="model: local folder, .gguf file or Hub id")
     parser.add_argument("--layer", type=int, required=True, help="decoder layer whose output the SAE reads")
     parser.add_argument("--width", type=int, default=4096, help="number of SAE features (default 4096)")
-    parser.add_argument("--text", nargs="+", required=True, metavar="SRC",
-                        help="training text sources: .txt, .jsonl, .parquet, a Hub data set NAME[:CONFIG][@SPLIT], or "
-                             "'embedded:sae' (the embedded default's SAE training text, build splits only)")
+    parser.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        metavar="SRC",
+        help="training text sources: .txt, .jsonl, .parquet, a Hub data set NAME[:CONFIG][@SPLIT], or "
+        "'embedded:sae' (the embedded default's SAE training text, build splits only)",
+    )
     parser.add_argument("--out", required=True, help="output folder (sae-lens format)")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="topk")
     parser.add_argument("--k", type=int, default=32, help="active features per token for topk (default 32)")
@@ -453,14 +506,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--eval-text", nargs="*", default=None, metavar="SRC",
-                        help="held-out text for the final metrics (explained variance, L0, CE increase); same sources as "
-                             "--text, plus 'embedded:heldout-wikitext'")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast for the model forward and the SAE matmuls (weights stay float32); "
-                             "about 2.5x faster on CPUs with AVX512-BF16 or AMX")
-    parser.add_argument("--checkpoints", type=int, default=0, metavar="N",
-                        help="save N evenly spaced training checkpoints under --checkpoint-dir")
+    parser.add_argument(
+        "--eval-text",
+        nargs="*",
+        default=None,
+        metavar="SRC",
+        help="held-out text for the final metrics (explained variance, L0, CE increase); same sources as "
+        "--text, plus 'embedded:heldout-wikitext'",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the model forward and the SAE matmuls (weights stay float32); "
+        "about 2.5x faster on CPUs with AVX512-BF16 or AMX",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save N evenly spaced training checkpoints under --checkpoint-dir",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="folder for --checkpoints (kept after the run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
@@ -490,11 +556,26 @@ def run(args) -> int:
         raise DSGError("--checkpoints needs --checkpoint-dir")
     from ..outputs import prepare_output
 
-    prepare_output(args.out, args.overwrite, inputs={
-        "the --base model": args.base, "the --text source": args.text, "the --eval-text source": args.eval_text,
-        "the --checkpoint-dir folder": args.checkpoint_dir})
-    check_train_options(width=args.width, k=args.k, architecture=args.architecture, lr=args.lr, seq_len=args.seq_len,
-                        batch_tokens=args.batch_tokens, tokens=args.tokens, n_checkpoints=args.checkpoints)
+    prepare_output(
+        args.out,
+        args.overwrite,
+        inputs={
+            "the --base model": args.base,
+            "the --text source": args.text,
+            "the --eval-text source": args.eval_text,
+            "the --checkpoint-dir folder": args.checkpoint_dir,
+        },
+    )
+    check_train_options(
+        width=args.width,
+        k=args.k,
+        architecture=args.architecture,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        batch_tokens=args.batch_tokens,
+        tokens=args.tokens,
+        n_checkpoints=args.checkpoints,
+    )
     texts = _texts(args.text)
     eval_texts = _texts(args.eval_text) if args.eval_text else None
     from ..data.sources import load_base_model
@@ -502,10 +583,25 @@ def run(args) -> int:
     model, tok = load_base_model(args.base, device=args.device)
     print(f"training a {args.architecture} SAE (width {args.width}) on layer {args.layer} of {args.base}", flush=True)
     metrics = train_sae(
-        model, tok, texts, args.layer, args.width, out=args.out, architecture=args.architecture, k=args.k,
-        tokens=args.tokens, seq_len=args.seq_len, lr=args.lr, batch_tokens=args.batch_tokens,
-        device=args.device, seed=args.seed, model_name=str(args.base), overwrite=args.overwrite, autocast=args.bf16,
-        checkpoint_dir=args.checkpoint_dir, n_checkpoints=args.checkpoints,
+        model,
+        tok,
+        texts,
+        args.layer,
+        args.width,
+        out=args.out,
+        architecture=args.architecture,
+        k=args.k,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        batch_tokens=args.batch_tokens,
+        device=args.device,
+        seed=args.seed,
+        model_name=str(args.base),
+        overwrite=args.overwrite,
+        autocast=args.bf16,
+        checkpoint_dir=args.checkpoint_dir,
+        n_checkpoints=args.checkpoints,
         eval_texts=eval_texts,
     )
     print(json.dumps(metrics, indent=2))

@@ -43,8 +43,16 @@ import re
 from pathlib import Path
 
 from ..errors import DSGError
+from ..evaluation.report import (
+    MODELS,
+    check_report,
+    dilution_placements,
+    dilution_rows,
+    factor_key,
+    model_columns,
+    row_value,
+)
 from ..paths import PACKAGE_DIR, SHIPPED
-from ..evaluation.report import MODELS, check_report, dilution_placements, dilution_rows, factor_key, model_columns, row_value
 
 TEMPLATE_PATH = PACKAGE_DIR / SHIPPED["card_template"]
 TAGS = ["unlearning", "sparse-autoencoder", "dsg"]
@@ -56,7 +64,7 @@ CONTEXT_CHARS = 80
 # How each guardrail score (config "score") is described in the card; an unknown score is named only.
 SCORE_TEXT = {
     "fraction": "the fraction of its real tokens (not padding, not BOS) at which any selected feature is active "
-                "(score `fraction`, the paper's)",
+    "(score `fraction`, the paper's)",
 }
 
 # What each action (config "action") is called in the card; an unknown action is named only.
@@ -72,13 +80,17 @@ def when_fired(action: str, *, clamp=None, refusal: str | None = None, minus: st
     card and `dsg explain` both say it). `clamp` is the clamp value as shown, `refusal` the refusal text as
     shown (quoted by the caller)."""
     if action == "clamp":
-        return (f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
-                "model's from the first flagged token on, and may read as degraded or off-topic text")
+        return (
+            f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
+            "model's from the first flagged token on, and may read as degraded or off-topic text"
+        )
     if action == "refuse":
         return f"the answer is exactly the refusal {refusal}, then end of sequence; nothing else is generated"
     if action == "monitor":
-        return ("nothing changes: the answer is the base model's, token for token; the decision is only reported, "
-                "on the model outputs (`guardrail_decisions`)")
+        return (
+            "nothing changes: the answer is the base model's, token for token; the decision is only reported, "
+            "on the model outputs (`guardrail_decisions`)"
+        )
     return f"action `{action}` (not one this version of modeling_dsg describes)"
 
 
@@ -166,7 +178,7 @@ def fmt(x, digits: int = 3, missing: str = NOT_MEASURED) -> str:
     v = _num(x)
     if v is None:
         return missing
-    if v != 0 and abs(v) < 10 ** -digits or abs(v) >= 1e6:  # huge: e.g. a refusing row's log-likelihood
+    if v != 0 and abs(v) < 10**-digits or abs(v) >= 1e6:  # huge: e.g. a refusing row's log-likelihood
         return f"{v:.2e}"
     return f"{v:.{digits}f}"
 
@@ -220,12 +232,25 @@ def _gguf_metadata_string(path: Path, key: str) -> str | None:
     """
     import struct
 
-    from gguf import GGUF_MAGIC, GGUFValueType as T
+    from gguf import GGUF_MAGIC
+    from gguf import GGUFValueType as T
 
-    fixed = {T.UINT8: 1, T.INT8: 1, T.UINT16: 2, T.INT16: 2, T.UINT32: 4, T.INT32: 4, T.FLOAT32: 4,
-             T.BOOL: 1, T.UINT64: 8, T.INT64: 8, T.FLOAT64: 8}
+    fixed = {
+        T.UINT8: 1,
+        T.INT8: 1,
+        T.UINT16: 2,
+        T.INT16: 2,
+        T.UINT32: 4,
+        T.INT32: 4,
+        T.FLOAT32: 4,
+        T.BOOL: 1,
+        T.UINT64: 8,
+        T.INT64: 8,
+        T.FLOAT64: 8,
+    }
     try:
         with open(path, "rb") as f:
+
             def read(fmt):
                 return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
 
@@ -302,14 +327,20 @@ def resolve_base(config: dict, build: dict, base_model: str | None = None, licen
         hub_id = known[0]
 
     lic, lic_from = license, "as given when publishing" if license else None
-    for value, source in ((config.get("license"), "recorded in config.json"), (build.get("license"), "recorded in dsg_build.json")):
+    for value, source in (
+        (config.get("license"), "recorded in config.json"),
+        (build.get("license"), "recorded in dsg_build.json"),
+    ):
         if lic is None and isinstance(value, str) and value:
             lic, lic_from = value, source
     for path in local:
         if lic is not None:
             break
         if path.is_dir() and (path / "README.md").is_file():
-            lic, lic_from = _license_from_card(path / "README.md"), f"read from the base model's card, `{path.name}/README.md`"
+            lic, lic_from = (
+                _license_from_card(path / "README.md"),
+                f"read from the base model's card, `{path.name}/README.md`",
+            )
         elif path.is_file() and path.suffix == ".gguf":
             lic, lic_from = _license_from_gguf(path), f"read from the base GGUF file's metadata, `{path.name}`"
     if lic is None and hub_id:
@@ -369,20 +400,23 @@ def _feature_rows(config_features: list, feature_stats: dict, max_tokens: int) -
         f = stats.get(index, {})
         tokens = [t for t in (f.get("top_tokens") or []) if isinstance(t, dict) and "token" in t][:max_tokens]
         top = ", ".join(
-            md_token(t["token"]) + (f" ({fmt(t.get('activation'), 1)})" if _num(t.get("activation")) is not None else "")
+            md_token(t["token"])
+            + (f" ({fmt(t.get('activation'), 1)})" if _num(t.get("activation")) is not None else "")
             for t in tokens
         )
         context = next((_short(t["context"]) for t in tokens if t.get("context")), "")
-        rows.append({
-            "index": index,
-            "forget_mean": fmt(f.get("forget_mean")),
-            "retain_mean": fmt(f.get("retain_mean")),
-            "forget_freq": pct(f.get("forget_freq")),
-            "retain_freq": pct(f.get("retain_freq")),
-            "ratio": _ratio(f.get("ratio")),
-            "top_tokens": top or NOT_MEASURED,
-            "context": context,
-        })
+        rows.append(
+            {
+                "index": index,
+                "forget_mean": fmt(f.get("forget_mean")),
+                "retain_mean": fmt(f.get("retain_mean")),
+                "forget_freq": pct(f.get("forget_freq")),
+                "retain_freq": pct(f.get("retain_freq")),
+                "ratio": _ratio(f.get("ratio")),
+                "top_tokens": top or NOT_MEASURED,
+                "context": context,
+            }
+        )
     return rows
 
 
@@ -409,38 +443,47 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
         action = g.get("action") or "clamp"
         refusal = g.get("refusal") if isinstance(g.get("refusal"), str) else None
         clamp = fmt(g.get("clamp", b.get("clamp")), 1, missing=NOT_RECORDED)
-        views.append({
-            "name": name,
-            "mode": mode,
-            "action": md_cell(action),
-            "action_text": ACTION_TEXT.get(action, f"`{md_cell(action)}`"),
-            "refusal": md_cell(refusal) if refusal is not None else None,
-            "when_fired": md_cell(when_fired(action, clamp=clamp, refusal=f'"{md_cell(refusal)}"' if refusal else None)),
-            "dynamic": mode != "static",
-            "layer": layer if layer is not None else NOT_RECORDED,
-            "sae_source": short_source(sae_source) if sae_source else NOT_RECORDED,
-            "sae_architecture": arch_text or NOT_RECORDED,
-            "d_in": fmt(sae.get("d_in"), missing=NOT_RECORDED),
-            "d_sae": fmt(sae.get("d_sae"), missing=NOT_RECORDED),
-            "forget_sources": [short_source(s) for s in (b.get("forget_sources") or [])],
-            "retain_sources": [short_source(s) for s in (b.get("retain_sources") or [])],
-            "n_features": len(g.get("features") or []) or b.get("n_features") or NOT_RECORDED,
-            "clamp": clamp,
-            "score": g.get("score") or "fraction",
-            "score_text": SCORE_TEXT.get(g.get("score") or "fraction", f"the `{g.get('score')}` score"),
-            "tau": fmt(tau, 4, missing=NOT_RECORDED),
-            "ratio_percentile": fmt(b.get("ratio_percentile"), 0, missing=NOT_RECORDED),
-            "threshold_percentile": fmt(b.get("threshold_percentile"), 0, missing=None),
-            "rho_rows": [r for r in (_summary_row("forget", rho.get("forget")), _summary_row("retain", rho.get("retain"))) if r],
-            "heldout_forget": pct(held.get("forget_trigger_rate")),
-            "heldout_retain": pct(held.get("retain_trigger_rate")),
-            "heldout_n_forget": fmt(held.get("n_forget"), missing="?"),
-            "heldout_n_retain": fmt(held.get("n_retain"), missing="?"),
-            "has_heldout": _num(held.get("forget_trigger_rate")) is not None or _num(held.get("retain_trigger_rate")) is not None,
-            "retain_trigger_rate": _num(held.get("retain_trigger_rate")),
-            "features": _feature_rows(list(g.get("features") or []), fs, max_tokens),
-            "has_feature_stats": bool(fs.get("features")),
-        })
+        views.append(
+            {
+                "name": name,
+                "mode": mode,
+                "action": md_cell(action),
+                "action_text": ACTION_TEXT.get(action, f"`{md_cell(action)}`"),
+                "refusal": md_cell(refusal) if refusal is not None else None,
+                "when_fired": md_cell(
+                    when_fired(action, clamp=clamp, refusal=f'"{md_cell(refusal)}"' if refusal else None)
+                ),
+                "dynamic": mode != "static",
+                "layer": layer if layer is not None else NOT_RECORDED,
+                "sae_source": short_source(sae_source) if sae_source else NOT_RECORDED,
+                "sae_architecture": arch_text or NOT_RECORDED,
+                "d_in": fmt(sae.get("d_in"), missing=NOT_RECORDED),
+                "d_sae": fmt(sae.get("d_sae"), missing=NOT_RECORDED),
+                "forget_sources": [short_source(s) for s in (b.get("forget_sources") or [])],
+                "retain_sources": [short_source(s) for s in (b.get("retain_sources") or [])],
+                "n_features": len(g.get("features") or []) or b.get("n_features") or NOT_RECORDED,
+                "clamp": clamp,
+                "score": g.get("score") or "fraction",
+                "score_text": SCORE_TEXT.get(g.get("score") or "fraction", f"the `{g.get('score')}` score"),
+                "tau": fmt(tau, 4, missing=NOT_RECORDED),
+                "ratio_percentile": fmt(b.get("ratio_percentile"), 0, missing=NOT_RECORDED),
+                "threshold_percentile": fmt(b.get("threshold_percentile"), 0, missing=None),
+                "rho_rows": [
+                    r
+                    for r in (_summary_row("forget", rho.get("forget")), _summary_row("retain", rho.get("retain")))
+                    if r
+                ],
+                "heldout_forget": pct(held.get("forget_trigger_rate")),
+                "heldout_retain": pct(held.get("retain_trigger_rate")),
+                "heldout_n_forget": fmt(held.get("n_forget"), missing="?"),
+                "heldout_n_retain": fmt(held.get("n_retain"), missing="?"),
+                "has_heldout": _num(held.get("forget_trigger_rate")) is not None
+                or _num(held.get("retain_trigger_rate")) is not None,
+                "retain_trigger_rate": _num(held.get("retain_trigger_rate")),
+                "features": _feature_rows(list(g.get("features") or []), fs, max_tokens),
+                "has_feature_stats": bool(fs.get("features")),
+            }
+        )
     return views
 
 
@@ -453,21 +496,38 @@ def _results_view(report: dict) -> dict:
     keys = [k for k, _ in columns]
     delta = "base" in keys and "dsg" in keys
     split = sum(k in MODELS for k in keys)  # base and DSG come first, the baselines after "DSG − base"
-    header = [h for _, h in columns[:split]] + (["DSG − base"] if delta else []) + [md_cell(h) for _, h in columns[split:]]
+    header = (
+        [h for _, h in columns[:split]] + (["DSG − base"] if delta else []) + [md_cell(h) for _, h in columns[split:]]
+    )
     results = []
     for r in rows:
         arrow = {True: " ↑", False: " ↓"}.get(r.get("higher_is_better"), "")
         cells = [fmt(row_value(r, k)) for k in keys]
         if delta:
             b, d = _num(r.get("base")), _num(r.get("dsg"))
-            cells.insert(split, NOT_MEASURED if b is None or d is None else f"{d - b:+.2e}" if abs(d - b) >= 1e6
-                         else f"{d - b:+.3f}")
-        results.append({"dataset": md_cell(r["dataset"]), "metric": md_cell(f"{r['metric']}{arrow}"),
-                        "n": fmt(r.get("n"), missing=""), "cells": cells})
+            cells.insert(
+                split,
+                NOT_MEASURED if b is None or d is None else f"{d - b:+.2e}" if abs(d - b) >= 1e6 else f"{d - b:+.3f}",
+            )
+        results.append(
+            {
+                "dataset": md_cell(r["dataset"]),
+                "metric": md_cell(f"{r['metric']}{arrow}"),
+                "n": fmt(r.get("n"), missing=""),
+                "cells": cells,
+            }
+        )
     sources = report.get("baseline_models") or {}
-    baselines = [{"name": md_cell(name), "source": short_source(sources[name]) if name in sources else None}
-                 for name in report.get("baselines") or []]
-    return {"results_header": header, "results": results, "show_n": any(r["n"] for r in results), "baselines": baselines}
+    baselines = [
+        {"name": md_cell(name), "source": short_source(sources[name]) if name in sources else None}
+        for name in report.get("baselines") or []
+    ]
+    return {
+        "results_header": header,
+        "results": results,
+        "show_n": any(r["n"] for r in results),
+        "baselines": baselines,
+    }
 
 
 def _trigger_view(report: dict, guardrail_names: list[str]) -> dict:
@@ -484,8 +544,11 @@ def _trigger_view(report: dict, guardrail_names: list[str]) -> dict:
     return {"trigger_header": names, "trigger_rows": rows}
 
 
-PLACEMENT_PHRASES = {"prefix": "in front of the prompt (prefix)", "suffix": "after it (suffix)",
-                     "split": "between its two halves of tokens (split)"}
+PLACEMENT_PHRASES = {
+    "prefix": "in front of the prompt (prefix)",
+    "suffix": "after it (suffix)",
+    "split": "between its two halves of tokens (split)",
+}
 
 
 def _dilution_view(report: dict) -> dict | None:
@@ -502,17 +565,38 @@ def _dilution_view(report: dict) -> dict | None:
         none_fired = row["fired_before"] == 0  # attack success is null: nothing to evade
         fired = f"{pct(row['undiluted_trigger_rate'])} ({row['fired_before']} of {row['n']})"
         for placement, steps in row["by_placement"]:
-            rows.append({"guardrail": name, "score": score, "fired": fired, "placement": placement,
-                         "cells": ["none fired" if none_fired else pct(v) for _, v in steps]})
+            rows.append(
+                {
+                    "guardrail": name,
+                    "score": score,
+                    "fired": fired,
+                    "placement": placement,
+                    "cells": ["none fired" if none_fired else pct(v) for _, v in steps],
+                }
+            )
         if not none_fired:
             steps = ", ".join(f"{key}: {pct(v)}" for key, v in row["attack_success"])
             lines.append(f"guardrail `{name}` (score `{score}`): {steps}")
-    where = ("put in front" if placements == ["prefix"] else
-             "put " + ", ".join(PLACEMENT_PHRASES[p] for p in placements[:-1]) + (" or " if len(placements) > 1 else "")
-             + PLACEMENT_PHRASES[placements[-1]] + ",")
-    return {"dataset": md_cell(block["dataset"]), "filler": md_cell(block["filler"]), "n": block["n"],
-            "factors": [factor_key(f) for f in block["factors"]], "placements": placements,
-            "show_placement": placements != ["prefix"], "where": where, "rows": rows, "lines": lines}
+    where = (
+        "put in front"
+        if placements == ["prefix"]
+        else "put "
+        + ", ".join(PLACEMENT_PHRASES[p] for p in placements[:-1])
+        + (" or " if len(placements) > 1 else "")
+        + PLACEMENT_PHRASES[placements[-1]]
+        + ","
+    )
+    return {
+        "dataset": md_cell(block["dataset"]),
+        "filler": md_cell(block["filler"]),
+        "n": block["n"],
+        "factors": [factor_key(f) for f in block["factors"]],
+        "placements": placements,
+        "show_placement": placements != ["prefix"],
+        "where": where,
+        "rows": rows,
+        "lines": lines,
+    }
 
 
 def eval_view(report: dict, guardrail_names: list[str]) -> dict:
@@ -529,16 +613,18 @@ def eval_results(report: dict, model_name: str) -> list:
     for r in report.get("results") or []:
         if not isinstance(r, dict) or _num(r.get("dsg")) is None or "dataset" not in r or "metric" not in r:
             continue
-        out.append(EvalResult(
-            task_type="text-generation",
-            dataset_type=str(r.get("dataset_id") or r["dataset"]),
-            dataset_name=str(r["dataset"]),
-            dataset_config=r.get("dataset_config"),
-            dataset_split=r.get("dataset_split"),
-            metric_type=str(r["metric"]),
-            metric_name=f"{r['metric']} ({model_name})",
-            metric_value=_num(r["dsg"]),
-        ))
+        out.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=str(r.get("dataset_id") or r["dataset"]),
+                dataset_name=str(r["dataset"]),
+                dataset_config=r.get("dataset_config"),
+                dataset_split=r.get("dataset_split"),
+                metric_type=str(r["metric"]),
+                metric_name=f"{r['metric']} ({model_name})",
+                metric_value=_num(r["dsg"]),
+            )
+        )
     return out
 
 
@@ -554,8 +640,9 @@ def _hub_datasets(build: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ card
-def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_model: str | None = None,
-                 license: str | None = None) -> tuple[dict, dict]:
+def card_context(
+    model_dir, repo_id: str | None = None, *, eval_dir=None, base_model: str | None = None, license: str | None = None
+) -> tuple[dict, dict]:
     """(metadata kwargs for `ModelCardData`, template variables) for a model folder."""
     folder = load_folder(model_dir, eval_dir)
     config, build, report = folder["config"], folder["build"], folder["report"]
@@ -593,7 +680,9 @@ def card_context(model_dir, repo_id: str | None = None, *, eval_dir=None, base_m
         "has_build": bool(build),
         "has_features": bool(folder["features"]),
         "transformers_range": supported_transformers(),
-        "max_retain_trigger": pct(max((v["retain_trigger_rate"] for v in views if v["retain_trigger_rate"] is not None), default=None)),
+        "max_retain_trigger": pct(
+            max((v["retain_trigger_rate"] for v in views if v["retain_trigger_rate"] is not None), default=None)
+        ),
     }
     return metadata, variables
 
@@ -602,21 +691,35 @@ def action_variables(views: list[dict]) -> dict:
     """The template's action-dependent sentences: which actions the guardrails take (`any_clamp`, `any_refuse`,
     `any_monitor`), the intro's `goal` and `intro_action`, and `false_positive_text` for Limitations."""
     actions = {v["action"] for v in views} or {"clamp"}
-    effects = {"clamp": "the topic's SAE features are clamped to a large negative value",
-               "refuse": "the model answers with a fixed refusal instead",
-               "monitor": "the decision is reported and nothing is edited (monitor)"}
+    effects = {
+        "clamp": "the topic's SAE features are clamped to a large negative value",
+        "refuse": "the model answers with a fixed refusal instead",
+        "monitor": "the decision is reported and nothing is edited (monitor)",
+    }
     intro = [effects.get(a, f"action `{a}` acts") for a in ("clamp", "refuse", "monitor") if a in actions]
     intro += [f"action `{a}` acts" for a in sorted(actions - set(effects))]
-    harms = {frozenset(): None, frozenset({"clamp"}): "that answer is degraded",
-             frozenset({"refuse"}): "that prompt is refused",
-             frozenset({"clamp", "refuse"}): "that answer is degraded (`clamp`) or refused (`refuse`)"}
+    harms = {
+        frozenset(): None,
+        frozenset({"clamp"}): "that answer is degraded",
+        frozenset({"refuse"}): "that prompt is refused",
+        frozenset({"clamp", "refuse"}): "that answer is degraded (`clamp`) or refused (`refuse`)",
+    }
     harm = harms[frozenset(actions & {"clamp", "refuse"})]
     return {
-        "any_clamp": "clamp" in actions, "any_refuse": "refuse" in actions, "any_monitor": "monitor" in actions,
-        "goal": "detect, without editing anything, prompts about" if actions == {"monitor"} else "suppress its knowledge of",
-        "intro_action": intro[0] if len(intro) == 1 else "it acts as each guardrail's action says: " + ", or ".join(intro),
-        "false_positive_text": harm or ("nothing changes for the user (monitor), but the reported decision counts a "
-                                        "prompt that was not about the topic"),
+        "any_clamp": "clamp" in actions,
+        "any_refuse": "refuse" in actions,
+        "any_monitor": "monitor" in actions,
+        "goal": "detect, without editing anything, prompts about"
+        if actions == {"monitor"}
+        else "suppress its knowledge of",
+        "intro_action": intro[0]
+        if len(intro) == 1
+        else "it acts as each guardrail's action says: " + ", or ".join(intro),
+        "false_positive_text": harm
+        or (
+            "nothing changes for the user (monitor), but the reported decision counts a "
+            "prompt that was not about the topic"
+        ),
     }
 
 
@@ -640,8 +743,15 @@ def default_template() -> Path:
     return TEMPLATE_PATH
 
 
-def render_card(model_dir, repo_id: str | None = None, *, eval_dir=None, base_model: str | None = None,
-                license: str | None = None, template_path=None):
+def render_card(
+    model_dir,
+    repo_id: str | None = None,
+    *,
+    eval_dir=None,
+    base_model: str | None = None,
+    license: str | None = None,
+    template_path=None,
+):
     """Render the model card of a DSG model folder as a `huggingface_hub.ModelCard`.
 
     Args:

@@ -49,10 +49,10 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .cards import check_dsg_folder, read_json, render_card
 from ..errors import DSGError
 from ..outputs import prepare_output
 from ..paths import atomic_output_dir
+from .cards import check_dsg_folder, read_json, render_card
 
 HUB_TIMEOUT_S = 3.0
 WHOAMI_TIMEOUT_S = 10.0
@@ -62,9 +62,18 @@ MODEL_FILES = ("config.json", "generation_config.json")
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
-    "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
 )
 DSG_FILES = ("features.json", "dsg_build.json")
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
@@ -95,10 +104,18 @@ print(json.dumps({"class": type(model).__name__, "module": module, "logits_shape
 # ----------------------------------------------------------------------------------------- inputs
 def check_repo_id(repo_id) -> str:
     """Accept OWNER/NAME as the Hub names repos; anything else is a `DSGError`."""
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id \
-            or repo_id.endswith(".git") or len(repo_id) > 96:
-        raise DSGError(f"bad repo id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.'; "
-                       f"no '--' or '..'; at most 96 characters)")
+    if (
+        not isinstance(repo_id, str)
+        or not _REPO_ID.match(repo_id)
+        or ".." in repo_id
+        or "--" in repo_id
+        or repo_id.endswith(".git")
+        or len(repo_id) > 96
+    ):
+        raise DSGError(
+            f"bad repo id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.'; "
+            f"no '--' or '..'; at most 96 characters)"
+        )
     return repo_id
 
 
@@ -137,7 +154,11 @@ def custom_code(model_dir: Path, config: dict) -> list[str]:
     differ = []
     for name in code_files(model_dir, config):
         shipped = RUNTIME_DIR / name
-        if name not in SHIPPED_CODE or not shipped.is_file() or (model_dir / name).read_bytes() != shipped.read_bytes():
+        if (
+            name not in SHIPPED_CODE
+            or not shipped.is_file()
+            or (model_dir / name).read_bytes() != shipped.read_bytes()
+        ):
             differ.append(name)
     return differ
 
@@ -147,9 +168,11 @@ def check_code(model_dir: Path, config: dict, allow_custom_code: bool = False) -
     differ = custom_code(model_dir, config)
     if differ and not allow_custom_code:
         names = ", ".join(differ)
-        raise DSGError(f"{model_dir}: its code ({names}) is not byte-identical to the code modeling_dsg "
-                       f"{_version()} ships; verifying would run it and the Hub would serve it to every user. "
-                       "Rebuild the folder with this version, or pass --allow-custom-code to publish it as it is")
+        raise DSGError(
+            f"{model_dir}: its code ({names}) is not byte-identical to the code modeling_dsg "
+            f"{_version()} ships; verifying would run it and the Hub would serve it to every user. "
+            "Rebuild the folder with this version, or pass --allow-custom-code to publish it as it is"
+        )
     return differ
 
 
@@ -162,7 +185,12 @@ def _version() -> str:
 def check_verify_timeout(seconds) -> float:
     import math
 
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
         raise DSGError(f"--verify-timeout must be a finite number of seconds > 0, got {seconds}")
     return float(seconds)
 
@@ -232,28 +260,37 @@ def stage(model_dir, out_dir, repo_id: str, *, eval_dir=None, base_model=None, l
     config = check_dsg_folder(model_dir)
     eval_dir = Path(eval_dir) if eval_dir is not None else model_dir / "eval"
     if eval_dir != model_dir / "eval" and not eval_dir.is_dir():
-        raise DSGError(f"evaluation folder {eval_dir} " + ("is a file, not a folder" if eval_dir.exists() else "does not exist"))
+        raise DSGError(
+            f"evaluation folder {eval_dir} " + ("is a file, not a folder" if eval_dir.exists() else "does not exist")
+        )
     for rel in source_files(model_dir, config):
         _link_or_copy(model_dir / rel, out_dir / rel, link=rel.endswith(".safetensors"))
     for path in eval_files(eval_dir):
         _link_or_copy(path, out_dir / "eval" / path.name, link=False)
     card = render_card(model_dir, repo_id, eval_dir=eval_dir, base_model=base_model, license=license)
     card.save(out_dir / "README.md")
-    return {p.relative_to(out_dir).as_posix(): p.stat().st_size
-            for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    return {p.relative_to(out_dir).as_posix(): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------ verify
 def _clean_env(modules_cache: str) -> dict:
     """The environment of the verification subprocess: offline, its own module cache, no path to this package."""
     env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-             if p and not (Path(p) / "modeling_dsg" / "__init__.py").is_file()]
+    paths = [
+        p
+        for p in env.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not (Path(p) / "modeling_dsg" / "__init__.py").is_file()
+    ]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if not paths:
         env.pop("PYTHONPATH")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=modules_cache,
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_MODULES_CACHE=modules_cache,
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     return env
 
 
@@ -272,11 +309,19 @@ def verify(staged, timeout: float = VERIFY_TIMEOUT_S) -> dict:
     with tempfile.TemporaryDirectory(prefix="dsg-verify-") as work:
         cmd = [sys.executable, "-c", VERIFY_SCRIPT, str(staged)]
         try:
-            proc = subprocess.run(cmd, cwd=work, env=_clean_env(str(Path(work) / "modules")),
-                                  capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                cmd,
+                cwd=work,
+                env=_clean_env(str(Path(work) / "modules")),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
-            raise DSGError(f"verification did not finish within {timeout:g} s: loading {staged} with "
-                           f"trust_remote_code took too long (raise --verify-timeout)") from None
+            raise DSGError(
+                f"verification did not finish within {timeout:g} s: loading {staged} with "
+                f"trust_remote_code took too long (raise --verify-timeout)"
+            ) from None
     if proc.returncode != 0:
         raise DSGError(f"the staged folder does not load with trust_remote_code: {_last_error_line(proc.stderr)}")
     try:
@@ -346,34 +391,50 @@ def check_hub(api, token: str, repo_id: str, *, timeout: float = HUB_TIMEOUT_S) 
     try:
         _bounded(connect, timeout + 1.0, f"the Hub at {endpoint}")
     except OSError as err:
-        raise DSGError(f"cannot reach the Hugging Face Hub at {endpoint} ({err.strerror or err}); "
-                       f"check the network or HF_ENDPOINT. Nothing was uploaded") from None
+        raise DSGError(
+            f"cannot reach the Hugging Face Hub at {endpoint} ({err.strerror or err}); "
+            f"check the network or HF_ENDPOINT. Nothing was uploaded"
+        ) from None
     try:
         who = _bounded(lambda: api.whoami(token=token), WHOAMI_TIMEOUT_S, f"the Hub at {endpoint}")
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
-            raise DSGError("the Hub rejected the token (HTTP %s): log in again with `hf auth login` or set "
-                           "HF_TOKEN to a token with write access" % status) from None
+            raise DSGError(
+                "the Hub rejected the token (HTTP %s): log in again with `hf auth login` or set "
+                "HF_TOKEN to a token with write access" % status
+            ) from None
         raise DSGError(f"the Hub at {endpoint} answered with an error: {err}") from None
     except DSGError:
         raise
     except Exception as err:  # network errors of every kind: one clear line
-        raise DSGError(f"cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {err}). "
-                       f"Nothing was uploaded") from None
+        raise DSGError(
+            f"cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {err}). Nothing was uploaded"
+        ) from None
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise DSGError("the token is read-only: create one with write access (https://huggingface.co/settings/tokens)")
     owner = repo_id.split("/")[0]
     namespaces = {who.get("name")} | {o.get("name") for o in who.get("orgs") or [] if isinstance(o, dict)}
     if who.get("name") and owner not in namespaces:
-        raise DSGError(f"the token belongs to {who.get('name')!r}, who cannot create repos under {owner!r} "
-                       f"(their namespaces: {', '.join(sorted(n for n in namespaces if n))})")
+        raise DSGError(
+            f"the token belongs to {who.get('name')!r}, who cannot create repos under {owner!r} "
+            f"(their namespaces: {', '.join(sorted(n for n in namespaces if n))})"
+        )
     return who
 
 
-def upload(api, staged: Path, files: list[str], repo_id: str, *, token: str, private: bool,
-           revision: str | None, commit_message: str) -> dict:
+def upload(
+    api,
+    staged: Path,
+    files: list[str],
+    repo_id: str,
+    *,
+    token: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str,
+) -> dict:
     """Create the repo if needed and add every staged file in one commit; return what happened."""
     from huggingface_hub import CommitOperationAdd
 
@@ -386,8 +447,9 @@ def upload(api, staged: Path, files: list[str], repo_id: str, *, token: str, pri
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model", token=token)
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(staged / rel)) for rel in files]
-        info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
-                                 repo_type="model", token=token)
+        info = api.create_commit(
+            repo_id, operations, commit_message=commit_message, revision=revision, repo_type="model", token=token
+        )
     except Exception as err:
         note = ""
         if not existed:
@@ -401,10 +463,23 @@ def upload(api, staged: Path, files: list[str], repo_id: str, *, token: str, pri
 
 
 # --------------------------------------------------------------------------------------------- API
-def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run=None,
-            token: str | None = None, api=None, overwrite: bool = False, eval_dir=None,
-            base_model: str | None = None, license: str | None = None, commit_message: str | None = None,
-            verify_timeout: float = VERIFY_TIMEOUT_S, allow_custom_code: bool = False) -> dict:
+def publish(
+    model_dir,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run=None,
+    token: str | None = None,
+    api=None,
+    overwrite: bool = False,
+    eval_dir=None,
+    base_model: str | None = None,
+    license: str | None = None,
+    commit_message: str | None = None,
+    verify_timeout: float = VERIFY_TIMEOUT_S,
+    allow_custom_code: bool = False,
+) -> dict:
     """Stage, verify and (unless `dry_run`) upload a DSG model folder. See the module docstring.
 
     Args:
@@ -436,13 +511,25 @@ def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | N
     result = {"repo_id": repo_id, "private": bool(private), "revision": revision, "dry_run": dry_run is not None}
 
     if dry_run is not None:
-        staging = prepare_output(dry_run, overwrite, flag="--dry-run", kind="staging folder", empty_ok=True,
-                                 inputs={"the model folder": model_dir, "the --eval folder": eval_dir})
+        staging = prepare_output(
+            dry_run,
+            overwrite,
+            flag="--dry-run",
+            kind="staging folder",
+            empty_ok=True,
+            inputs={"the model folder": model_dir, "the --eval folder": eval_dir},
+        )
         with atomic_output_dir(staging, overwrite=True) as tmp:
             files = stage(model_dir, tmp, repo_id, eval_dir=eval_dir, base_model=base_model, license=license)
             verified = verify(tmp, verify_timeout)
-        return {**result, "staging": str(staging), "files": files, "total_bytes": sum(files.values()),
-                "verified": verified, "custom_code": custom}
+        return {
+            **result,
+            "staging": str(staging),
+            "files": files,
+            "total_bytes": sum(files.values()),
+            "verified": verified,
+            "custom_code": custom,
+        }
 
     token = find_token(token)
     api = api if api is not None else HfApi(endpoint=_endpoint())
@@ -458,12 +545,20 @@ def publish(model_dir, repo_id: str, *, private: bool = False, revision: str | N
         verified = verify(staged, verify_timeout)
         topics = ", ".join(g.get("name", "?") for g in check_dsg_folder(model_dir).get("guardrails") or [])
         message = commit_message or f"Upload DSG model ({topics or 'no guardrails'}) with dsg publish"
-        uploaded = upload(api, staged, list(files), repo_id, token=token, private=private, revision=revision,
-                          commit_message=message)
+        uploaded = upload(
+            api, staged, list(files), repo_id, token=token, private=private, revision=revision, commit_message=message
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {**result, "staging": None, "files": files, "total_bytes": sum(files.values()), "verified": verified,
-            "custom_code": custom, **uploaded}
+    return {
+        **result,
+        "staging": None,
+        "files": files,
+        "total_bytes": sum(files.values()),
+        "verified": verified,
+        "custom_code": custom,
+        **uploaded,
+    }
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -488,37 +583,74 @@ def configure_parser(parser) -> None:
     parser.add_argument("model_dir", metavar="DIR", help="the DSG model folder written by `dsg build`")
     parser.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the Hub model repo to publish to")
     parser.add_argument("--private", action="store_true", help="create the repo private (default public)")
-    parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)")
-    parser.add_argument("--dry-run", metavar="STAGING", help="stage and verify into STAGING, print the files, upload nothing")
+    parser.add_argument(
+        "--revision", metavar="BRANCH", help="commit to this branch (created if missing; default main)"
+    )
+    parser.add_argument(
+        "--dry-run", metavar="STAGING", help="stage and verify into STAGING, print the files, upload nothing"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty STAGING folder")
     parser.add_argument("--token", help="Hub token (default: $HF_TOKEN or the saved `hf auth login`)")
-    parser.add_argument("--eval", dest="eval_dir", metavar="EVAL_DIR",
-                        help="the `dsg eval` output folder with report.json and plots (default DIR/eval)")
-    parser.add_argument("--base-model", metavar="HUB_ID", help="the base model's Hub id, if DIR only records a local path")
-    parser.add_argument("--license", metavar="ID", help="license id for the card (default: the base model's, where known)")
+    parser.add_argument(
+        "--eval",
+        dest="eval_dir",
+        metavar="EVAL_DIR",
+        help="the `dsg eval` output folder with report.json and plots (default DIR/eval)",
+    )
+    parser.add_argument(
+        "--base-model", metavar="HUB_ID", help="the base model's Hub id, if DIR only records a local path"
+    )
+    parser.add_argument(
+        "--license", metavar="ID", help="license id for the card (default: the base model's, where known)"
+    )
     parser.add_argument("--commit-message", metavar="MSG", help="the commit message")
-    parser.add_argument("--verify-timeout", type=float, default=VERIFY_TIMEOUT_S, metavar="S",
-                        help=f"seconds allowed for the load check (default {VERIFY_TIMEOUT_S:g})")
-    parser.add_argument("--allow-custom-code", action="store_true",
-                        help="publish (and run, to verify) code files that differ from the ones this package ships")
+    parser.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=VERIFY_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds allowed for the load check (default {VERIFY_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--allow-custom-code",
+        action="store_true",
+        help="publish (and run, to verify) code files that differ from the ones this package ships",
+    )
 
 
 def run(args) -> int:
-    result = publish(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
-                     dry_run=args.dry_run, token=args.token, overwrite=args.overwrite, eval_dir=args.eval_dir,
-                     base_model=args.base_model, license=args.license, commit_message=args.commit_message,
-                     verify_timeout=args.verify_timeout, allow_custom_code=args.allow_custom_code)
+    result = publish(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        token=args.token,
+        overwrite=args.overwrite,
+        eval_dir=args.eval_dir,
+        base_model=args.base_model,
+        license=args.license,
+        commit_message=args.commit_message,
+        verify_timeout=args.verify_timeout,
+        allow_custom_code=args.allow_custom_code,
+    )
     if result["custom_code"]:
-        print(f"note: published code that differs from modeling_dsg's own: {', '.join(result['custom_code'])} "
-              "(--allow-custom-code)")
+        print(
+            f"note: published code that differs from modeling_dsg's own: {', '.join(result['custom_code'])} "
+            "(--allow-custom-code)"
+        )
     v = result["verified"]
-    print(f"verified: {v.get('class')} loads with trust_remote_code in a clean process "
-          f"({v.get('seconds')} s, logits {v.get('logits_shape')})")
+    print(
+        f"verified: {v.get('class')} loads with trust_remote_code in a clean process "
+        f"({v.get('seconds')} s, logits {v.get('logits_shape')})"
+    )
     if result["dry_run"]:
         print(f"dry run: staged in {result['staging']}, nothing uploaded to {result['repo_id']}")
     print(format_listing(result))
     if not result["dry_run"]:
         visibility = "private" if result["private"] else "public"
         made = f"created {visibility} repo" if result["created_repo"] else "existing repo"
-        print(f"uploaded {len(result['files'])} files in one commit to {made} {result['repo_id']}: {result['commit_url']}")
+        print(
+            f"uploaded {len(result['files'])} files in one commit to {made} {result['repo_id']}: {result['commit_url']}"
+        )
     return 0

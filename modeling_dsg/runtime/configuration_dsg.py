@@ -95,8 +95,11 @@ def validate_sae(sae: dict, where: str, hidden_size: int | None = None) -> dict:
         if not isinstance(sae[key], bool):
             _fail(where, f"sae.{key} must be true or false, got {sae[key]!r}")
     if sae["normalize_activations"] not in NORMALIZATIONS:
-        _fail(where, f"sae.normalize_activations {sae['normalize_activations']!r} is not supported "
-                     f"(expected one of {', '.join(NORMALIZATIONS)})")
+        _fail(
+            where,
+            f"sae.normalize_activations {sae['normalize_activations']!r} is not supported "
+            f"(expected one of {', '.join(NORMALIZATIONS)})",
+        )
     if arch == "topk":
         k = sae.get("k")
         if not _is_int(k):
@@ -125,8 +128,20 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
     if not isinstance(name, str) or not name.strip():
         _fail(where, "needs a non-empty 'name' (the topic)")
     where = f"guardrail {index} ({name!r})"
-    unknown = set(g) - {"name", "layer", "mode", "features", "clamp", "threshold", "score", "window", "sae",
-                        "action", "refusal", "refusal_ids"}
+    unknown = set(g) - {
+        "name",
+        "layer",
+        "mode",
+        "features",
+        "clamp",
+        "threshold",
+        "score",
+        "window",
+        "sae",
+        "action",
+        "refusal",
+        "refusal_ids",
+    }
     if unknown:
         _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
     layer = g.get("layer")
@@ -157,8 +172,11 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
             _fail(where, "'refusal' must be a non-empty string")
         ids = g.get("refusal_ids")
         if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
-            _fail(where, "action 'refuse' needs 'refusal_ids': the refusal's token ids, a non-empty list of "
-                         "non-negative integers")
+            _fail(
+                where,
+                "action 'refuse' needs 'refusal_ids': the refusal's token ids, a non-empty list of "
+                "non-negative integers",
+            )
         g["refusal_ids"] = list(ids)
     else:
         for key in ("refusal", "refusal_ids"):

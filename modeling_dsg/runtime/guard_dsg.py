@@ -57,7 +57,7 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     n_new = counted.sum(-1)
     seq = torch.cat([tail.to(torch.int32), compact.to(torch.int32)], dim=1)  # [B, window - 1 + T]
     csum = torch.nn.functional.pad(seq.cumsum(1), (1, 0))
-    sums = csum[:, window:window + length] - csum[:, :length]  # the window ending at compact position i
+    sums = csum[:, window : window + length] - csum[:, :length]  # the window ending at compact position i
     pos = torch.arange(length, device=flags.device)
     full = (pos < n_new.unsqueeze(1)) & (seen.unsqueeze(1) + pos + 1 >= window)
     fractions = torch.where(full, sums.double() / window, torch.full_like(sums, -1, dtype=torch.float64))
@@ -105,7 +105,7 @@ class DSGGuard(nn.Module):
         self.feature_mask.copy_(mask)
         self.tau.fill_(self.threshold)
 
-    def slimmed(self) -> "DSGGuard":
+    def slimmed(self) -> DSGGuard:
         """A copy of this guardrail that stores only its selected features' slices of the SAE."""
         guardrail = self.guardrail_config()
         guardrail["sae"]["slim"] = True
@@ -114,8 +114,16 @@ class DSGGuard(nn.Module):
         return slim
 
     def guardrail_config(self) -> dict:
-        config = {"name": self.name, "layer": self.layer, "mode": self.mode, "features": list(self.features),
-                  "clamp": self.clamp, "threshold": self.threshold, "score": self.score, "sae": dict(self.sae_config)}
+        config = {
+            "name": self.name,
+            "layer": self.layer,
+            "mode": self.mode,
+            "features": list(self.features),
+            "clamp": self.clamp,
+            "threshold": self.threshold,
+            "score": self.score,
+            "sae": dict(self.sae_config),
+        }
         if self.score == "window":
             config["window"] = self.window
         config["action"] = self.action
@@ -126,9 +134,13 @@ class DSGGuard(nn.Module):
     def initial_state(self, batch: int, device) -> tuple:
         """A row's running state before its first token: (flagged, seen, fired, best window, last flags)."""
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return (zeros, zeros, torch.zeros(batch, dtype=torch.bool, device=device),
-                torch.full((batch,), -1.0, dtype=torch.float64, device=device),
-                torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device))
+        return (
+            zeros,
+            zeros,
+            torch.zeros(batch, dtype=torch.bool, device=device),
+            torch.full((batch,), -1.0, dtype=torch.float64, device=device),
+            torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device),
+        )
 
     def check_loaded(self):
         """Raise if loaded tensors disagree with the config or hold NaN/inf."""
@@ -144,13 +156,17 @@ class DSGGuard(nn.Module):
         if self.feature_mask.device.type != "meta":
             stored = self.feature_mask.nonzero().flatten().tolist()
             if stored != sorted(self.features):
-                raise ValueError(f"{where}: the checkpoint's feature_mask selects {len(stored)} features "
-                                 f"that differ from the config's {len(self.features)} features")
+                raise ValueError(
+                    f"{where}: the checkpoint's feature_mask selects {len(stored)} features "
+                    f"that differ from the config's {len(self.features)} features"
+                )
         if self.tau.device.type != "meta":
             tolerance = 4 * torch.finfo(self.tau.dtype).eps * max(1.0, abs(self.threshold))
             if not abs(float(self.tau) - self.threshold) <= tolerance:  # NaN fails this too
-                raise ValueError(f"{where}: the checkpoint's tau {float(self.tau)} differs from the config's "
-                                 f"threshold {self.threshold}")
+                raise ValueError(
+                    f"{where}: the checkpoint's tau {float(self.tau)} differs from the config's "
+                    f"threshold {self.threshold}"
+                )
 
     def forward(self, hidden, counted, state):
         """Decide and edit. Returns (delta in hidden's dtype or None when no token is edited, new state,
@@ -159,8 +175,10 @@ class DSGGuard(nn.Module):
         x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
         if not bool(torch.isfinite(acts).all()):  # [B, T, N]: a small check, and NaN would read as "not fired"
-            raise ValueError(f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
-                             f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them")
+            raise ValueError(
+                f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
+                f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
+            )
         active = (acts > 0) & counted.unsqueeze(-1)
         flags = active.any(-1)  # [B, T]
         if self.score == "window":
@@ -188,8 +206,10 @@ class DSGGuard(nn.Module):
             delta = delta * out_scale
         delta = delta.to(hidden.dtype)
         if not bool(torch.isfinite(delta).all()):
-            raise ValueError(f"DSG: guardrail {self.index} ({self.name!r}): the edit overflows {hidden.dtype} "
-                             f"(clamp {self.clamp:g}); lower the clamp or run the base in a wider dtype")
+            raise ValueError(
+                f"DSG: guardrail {self.index} ({self.name!r}): the edit overflows {hidden.dtype} "
+                f"(clamp {self.clamp:g}); lower the clamp or run the base in a wider dtype"
+            )
         return delta, state, rho, acts, flags
 
     def hook(self, module, args, output):
@@ -214,8 +234,17 @@ class DSGGuard(nn.Module):
             call.rho[self.index] = rho
         record = _RECORD.get()
         if record is not None:
-            record.append({"guardrail": self.name, "index": self.index, "rho": rho, "fired": fired,
-                           "flags": flags, "acts": acts, "counted": counted})
+            record.append(
+                {
+                    "guardrail": self.name,
+                    "index": self.index,
+                    "rho": rho,
+                    "fired": fired,
+                    "flags": flags,
+                    "acts": acts,
+                    "counted": counted,
+                }
+            )
         if delta is None:
             return None  # the block's output stands as it is
         hidden = hidden + delta.to(hidden.device)

@@ -40,15 +40,26 @@ logger = logging.get_logger("transformers.dsg")
 # Inside `generate`: where each forward leaves its decisions, for the output of `generate` to carry.
 _GENERATE: contextvars.ContextVar = contextvars.ContextVar("dsg_generate", default=None)
 
-_PACKED = ("DSG: packed inputs (continuous batching, `generate_batch`, or several sequences packed into one row) "
-           "are not supported: the guardrails decide per row, so one request's text would switch the guard on or "
-           "off for another. Use `generate` or a pipeline (one row per request); to serve, a server that calls "
-           "`generate` per request (`dsg serve` in the modeling_dsg package).")
+_PACKED = (
+    "DSG: packed inputs (continuous batching, `generate_batch`, or several sequences packed into one row) "
+    "are not supported: the guardrails decide per row, so one request's text would switch the guard on or "
+    "off for another. Use `generate` or a pipeline (one row per request); to serve, a server that calls "
+    "`generate` per request (`dsg serve` in the modeling_dsg package)."
+)
 
 # Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
 # Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...
-_LAYER_PATHS = ("layers", "h", "blocks", "model.layers", "transformer.h", "gpt_neox.layers", "decoder.layers",
-                "model.model.layers", "model.transformer.h")
+_LAYER_PATHS = (
+    "layers",
+    "h",
+    "blocks",
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "decoder.layers",
+    "model.model.layers",
+    "model.transformer.h",
+)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -124,7 +135,8 @@ class GuardedCache:
                     f"DSG: the KV cache is being cut back by {removed} token(s) inside a forward call the "
                     "guardrails already judged (assisted or speculative decoding, prompt lookup). Their "
                     "decisions cannot be taken back there; generate without an assistant model or "
-                    "prompt_lookup_num_tokens.")
+                    "prompt_lookup_num_tokens."
+                )
             (self._dsg_state, self._dsg_tokens), self._dsg_previous = previous, None
         super().crop(tokens_to_remove)
 
@@ -212,13 +224,16 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             if keys:
                 what = "guardrail" if all(k.startswith("guards.") for k in keys) else "model"
                 shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-                raise ValueError(f"DSG checkpoint: {kind} {what} tensor(s) {shown} (the weights do not match "
-                                 "config.json)")
+                raise ValueError(
+                    f"DSG checkpoint: {kind} {what} tensor(s) {shown} (the weights do not match config.json)"
+                )
         mismatched = [m if isinstance(m, tuple) else (m,) for m in info.get("mismatched_keys", ())]
         refused = [m for m in mismatched if not ignore_mismatched or str(m[0]).startswith("guards.")]
         if refused:
-            described = "; ".join(f"{m[0]} has shape {tuple(m[1])}, expected {tuple(m[2])}" if len(m) == 3 else str(m[0])
-                                  for m in refused)
+            described = "; ".join(
+                f"{m[0]} has shape {tuple(m[1])}, expected {tuple(m[2])}" if len(m) == 3 else str(m[0])
+                for m in refused
+            )
             raise ValueError(f"DSG checkpoint: tensor(s) with the wrong shape: {described}")
         for guard in model.guards:
             guard.check_loaded()
@@ -340,8 +355,19 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model.get_decoder()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        cache=None,
+        **kwargs,
+    ):
         """The base model's forward with the guardrails acting at their layers. The KV cache may be passed
         as `cache` or `past_key_values` (both names work on every transformers release)."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -368,9 +394,17 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         call = GuardCall(counted, state)
         token = _CALL.set(call)
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                             logits_to_keep=logits_to_keep, **{self._cache_argument: cache}, **kwargs)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_argument: cache},
+                **kwargs,
+            )
         finally:
             _CALL.reset(token)
         refusing = [g for g in self.guards if g.action == "refuse" and g.index in state]
@@ -381,8 +415,11 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if logger.isEnabledFor(logging.INFO):
             self._log_decisions(call, previous, length if cache is None else cache._dsg_tokens)
         # every guardrail's decision per row, after this call (running rho; fired is sticky)
-        out.guardrail_decisions = {g.name: {"fired": state[g.index][2], "rho": call.rho[g.index], "action": g.action}
-                                   for g in self.guards if g.index in state}
+        out.guardrail_decisions = {
+            g.name: {"fired": state[g.index][2], "rho": call.rho[g.index], "action": g.action}
+            for g in self.guards
+            if g.index in state
+        }
         trace = _GENERATE.get()
         if trace is not None:
             trace["decisions"] = out.guardrail_decisions
@@ -405,9 +442,16 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             before = previous[guard.index][2].tolist() if guard.index in previous else None
             for row, (now, rho) in enumerate(zip(fired, call.rho[guard.index].tolist())):
                 if before is None or (now and not before[row]):
-                    logger.info("DSG guardrail %r (%s) row %d: rho %.4f, tau %.4f -> %s after %d tokens",
-                                guard.name, guard.action, row, rho, guard.threshold,
-                                "FIRED" if now else "not fired", position)
+                    logger.info(
+                        "DSG guardrail %r (%s) row %d: rho %.4f, tau %.4f -> %s after %d tokens",
+                        guard.name,
+                        guard.action,
+                        row,
+                        rho,
+                        guard.threshold,
+                        "FIRED" if now else "not fired",
+                        position,
+                    )
 
     def _eos_token_id(self) -> int:
         eos = getattr(self.generation_config, "eos_token_id", None)
@@ -432,8 +476,9 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             return logits
         eos = self._eos_token_id()
         longest = max(len(g.refusal_ids) for g in guards)
-        table = torch.tensor([g.refusal_ids + [eos] * (longest + 1 - len(g.refusal_ids)) for g in guards],
-                             device=logits.device)  # [G, longest + 1]: the refusal, then end of sequence
+        table = torch.tensor(
+            [g.refusal_ids + [eos] * (longest + 1 - len(g.refusal_ids)) for g in guards], device=logits.device
+        )  # [G, longest + 1]: the refusal, then end of sequence
         which = fired.int().argmax(0)  # the first refusing guardrail that fired, per row
         written = previous.clamp(min=0)
         next_token = table[which, written.clamp(max=longest)]
@@ -452,13 +497,17 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
         if use_cache is False and any(g.action == "refuse" for g in self.guards):
-            raise ValueError("DSG: the 'refuse' action needs the KV cache (it keeps how much of the refusal "
-                             "each row has written); generate with use_cache=True")
+            raise ValueError(
+                "DSG: the 'refuse' action needs the KV cache (it keeps how much of the refusal "
+                "each row has written); generate with use_cache=True"
+            )
         for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
             if kwargs.get(name) is not None or getattr(config, name, None) is not None:
-                raise ValueError(f"DSG: `{name}` (assisted or speculative decoding) is not supported: the "
-                                 "guardrails' decisions on rejected draft tokens cannot be taken back. "
-                                 "Generate without it.")
+                raise ValueError(
+                    f"DSG: `{name}` (assisted or speculative decoding) is not supported: the "
+                    "guardrails' decisions on rejected draft tokens cannot be taken back. "
+                    "Generate without it."
+                )
         trace: dict = {}
         token = _GENERATE.set(trace)
         try:
@@ -468,5 +517,6 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if hasattr(result, "sequences") and "decisions" in trace:
             result.guardrail_decisions = trace["decisions"]
         return result
+
 
 __all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "GuardedCache", "cache_argument", "decoder_layers", "guarded_cache"]

@@ -55,7 +55,7 @@ class SparseAutoencoder(nn.Module):
         """Return x' (the encoder input) and the per-token factor that maps SAE-space deltas back."""
         scale = None
         if self.normalize_activations == "constant_norm_rescale":
-            coeff = (self.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
+            coeff = (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
             x, scale = x * coeff, 1.0 / coeff
         elif self.normalize_activations == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
@@ -203,7 +203,9 @@ class TopKSAE(SparseAutoencoder):
         pre = self._pre(x)
         kth = pre.topk(self.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         selected = pre.index_select(-1, index)
-        return torch.where(selected >= kth, selected.relu(), torch.zeros((), dtype=selected.dtype, device=selected.device))
+        return torch.where(
+            selected >= kth, selected.relu(), torch.zeros((), dtype=selected.dtype, device=selected.device)
+        )
 
     def decoder_rows(self, index):
         rows = super().decoder_rows(index)

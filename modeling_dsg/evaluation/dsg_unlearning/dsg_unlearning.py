@@ -65,12 +65,13 @@ class DsgUnlearning(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": datasets.Sequence(datasets.Value("float64")),
-                "references": datasets.Value("int64"),
-            }),
-            reference_urls=["https://arxiv.org/abs/2504.08192",
-                            "https://github.com/EleutherAI/lm-evaluation-harness"],
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float64")),
+                    "references": datasets.Value("int64"),
+                }
+            ),
+            reference_urls=["https://arxiv.org/abs/2504.08192", "https://github.com/EleutherAI/lm-evaluation-harness"],
         )
 
     def _compute(self, predictions, references, groups=None, lengths=None):
