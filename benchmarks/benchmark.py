@@ -247,7 +247,7 @@ def main(argv=None):
                 mask = torch.ones_like(ids)
 
                 @torch.no_grad()
-                def fwd(model):
+                def fwd(model, ids=ids, mask=mask):
                     return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
 
                 with torch.no_grad(), dsg.record_guardrails() as rec:
@@ -268,14 +268,15 @@ def main(argv=None):
                 report["forward"][f"B{batch}xT{length}"] = res
                 print(
                     f"forward B={batch} T={length}: base {res['base']['median'] * 1000:.1f} ms, "
-                    f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+                    f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, "
+                    f"fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
                 )
 
         # -- generation throughput ----------------------------------------------------------------
         for batch in args.batches:
             prompt = torch.randint(3, vocab, (batch, 32), generator=gen).to(device)
 
-            def gen_fn(model):
+            def gen_fn(model, prompt=prompt):
                 kw = dict(
                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
                 )
@@ -299,7 +300,8 @@ def main(argv=None):
             report["generate"][f"B{batch}"] = res
             print(
                 f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
-                f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+                f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, "
+                f"fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
             )
         for g, spec in zip(dsg.guards, dsg.config.guardrails):
             g.threshold = spec["threshold"]
@@ -309,7 +311,10 @@ def main(argv=None):
         base.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
         dsg.save_pretrained(slim_dir, slim=True)
-        size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+
+        def size(d):
+            return sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+
         from transformers import AutoModelForCausalLM
 
         loads = alternate(
@@ -332,8 +337,10 @@ def main(argv=None):
             "guard_bytes_in_memory": guard_bytes,
         }
         print(
-            f"load: DSG/base x{loads['dsg']['ratio_to_base']['median']:.3f}, slim/base x{loads['dsg_slim']['ratio_to_base']['median']:.3f}; "
-            f"sizes base {size(base_dir) / 1e6:.1f} MB, DSG {size(model_dir) / 1e6:.1f} MB, slim {size(slim_dir) / 1e6:.1f} MB"
+            f"load: DSG/base x{loads['dsg']['ratio_to_base']['median']:.3f}, "
+            f"slim/base x{loads['dsg_slim']['ratio_to_base']['median']:.3f}; "
+            f"sizes base {size(base_dir) / 1e6:.1f} MB, DSG {size(model_dir) / 1e6:.1f} MB, "
+            f"slim {size(slim_dir) / 1e6:.1f} MB"
         )
 
         # -- memory ---------------------------------------------------------------------------------
@@ -356,12 +363,12 @@ def main(argv=None):
             }
 
         # -- build cost ---------------------------------------------------------------------------------
-        from modeling_dsg.analysis.stats import _LayerOutput
+        from modeling_dsg.analysis.stats import LayerOutput
 
         layer = min(g.layer for g in dsg.guards)
         ids = torch.randint(3, vocab, (max(args.batches), min(args.lengths)), generator=gen).to(device)
         mask = torch.ones_like(ids)
-        truncated = _LayerOutput(base, layer)
+        truncated = LayerOutput(base, layer)
         with torch.no_grad():
             cost = alternate(
                 {
@@ -393,7 +400,8 @@ def main(argv=None):
             },
         }
         print(
-            f"build cost: truncated forward (blocks 0..{layer}) x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
+            f"build cost: truncated forward (blocks 0..{layer}) "
+            f"x{report['build_cost']['truncated_speedup']:.2f} faster than a full forward; "
             f"recorded: {report['build_cost']['recorded_build']}"
         )
 

@@ -56,7 +56,9 @@ def main(argv=None):
         builds.append((max_docs, wall, built))
 
     statistics = None
-    held = {name: results._sample(texts, HELDOUT_SAMPLE, 0) for name, texts in embedded.heldout_prompts().items()}
+    held = {
+        name: embedded.seeded_sample(texts, HELDOUT_SAMPLE, 0) for name, texts in embedded.heldout_prompts().items()
+    }
     rows = []
     for max_docs, wall, built in builds:
         if statistics is None:  # the held-out stores depend only on the base model and the SAE
@@ -98,14 +100,17 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     print(f"RMU ({rmu_info['steps']} steps): {rmu_s:.1f} s")
     print(
-        "| max docs | statistics tokens | build (s) | build / RMU | τ | bio | mmlu_bio | mmlu_nonbio | wikitext | AUROC |"
+        "| max docs | statistics tokens | build (s) | build / RMU | τ | bio | mmlu_bio | mmlu_nonbio | wikitext "
+        "| AUROC |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tr = r["trigger_rates"]
         print(
-            f"| {r['max_docs']} | {r['statistics_tokens']} | {r['build_s']:.1f} | {r['build_over_rmu']:.3f} | {r['tau']:.3f} | "
-            f"{tr['bio']:.3f} | {tr['mmlu_bio']:.3f} | {tr['mmlu_nonbio']:.3f} | {tr['wikitext']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} |"
+            f"| {r['max_docs']} | {r['statistics_tokens']} | {r['build_s']:.1f} | {r['build_over_rmu']:.3f} "
+            f"| {r['tau']:.3f} | "
+            f"{tr['bio']:.3f} | {tr['mmlu_bio']:.3f} | {tr['mmlu_nonbio']:.3f} | {tr['wikitext']:.3f} "
+            f"| {r['auroc_bio_vs_nonbio']:.3f} |"
         )
     print(f"wrote {args.out}")
 

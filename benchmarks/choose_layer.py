@@ -182,7 +182,9 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
                 captured = {}
                 hs = [
                     blk.register_forward_hook(
-                        lambda m, i, o, L=L: captured.__setitem__(L, o[0] if isinstance(o, tuple) else o)
+                        lambda m, i, o, L=L, captured=captured: captured.__setitem__(
+                            L, o[0] if isinstance(o, tuple) else o
+                        )
                     )
                     for L, blk in blocks.items()
                 ]
@@ -259,8 +261,10 @@ def measure(model, tok, saes: dict, args) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(
-            f"| {r['layer']} | {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['ce_loss']:.3f} | +{r['ce_delta']:.3f} | "
-            f"{r['dead_fraction']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} | {r['tau_p95_retain']:.3f} | {r['tpr_at_tau']:.3f} | "
+            f"| {r['layer']} | {r['explained_variance']:.3f} | {r['l0']:.1f} | {r['ce_loss']:.3f} "
+            f"| +{r['ce_delta']:.3f} | "
+            f"{r['dead_fraction']:.3f} | {r['auroc_bio_vs_nonbio']:.3f} | {r['tau_p95_retain']:.3f} "
+            f"| {r['tpr_at_tau']:.3f} | "
             f"{r['fpr_at_tau']:.3f} | {r['tpr_at_2pct_fpr']:.3f} |"
         )
     for r in table:

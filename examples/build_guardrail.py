@@ -1,4 +1,5 @@
-"""Build an unlearned DSG model from Python: `modeling_dsg.pipelines.build.build(base, sae, forget, retain, out, options=...)`.
+"""Build an unlearned DSG model from Python:
+`modeling_dsg.pipelines.build.build(base, sae, forget, retain, out, options=...)`.
 
 The same path as `dsg build` (the options mirror its flags): the SAE's activations on the forget and
 retain corpora select the features, the retain rows calibrate tau, and the model folder is written
@@ -19,7 +20,7 @@ from modeling_dsg.runtime.configuration_dsg import ACTIONS
 
 shared = shared_dir(required=False) or "../shared"
 d = BuildOptions()
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].splitlines()))
 parser.add_argument("--base", default=f"{shared}/models/SmolLM2-135M-Instruct.Q4_1.gguf", help="folder, .gguf, Hub id")
 parser.add_argument(
     "--sae", help="sae-lens folder or RELEASE:SAE_ID (default: the SAE shipped in modeling_dsg/embedded/sae/)"

@@ -7,3 +7,10 @@ else that escapes is a bug and keeps its traceback.
 
 class DSGError(Exception):
     """A user-facing error: bad input, missing file, wrong schema, offline Hub, ..."""
+
+
+def raise_first(checks) -> None:
+    """Raise a `DSGError` with the message of the first `(ok, message)` pair whose `ok` is false."""
+    for ok, message in checks:
+        if not ok:
+            raise DSGError(message)

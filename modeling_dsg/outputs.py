@@ -61,6 +61,11 @@ def _guarded_folders() -> list[tuple[str, Path]]:
     return found
 
 
+def already_exists(out: Path, kind: str = "output folder", more: str = "") -> DSGError:
+    """The one "already exists" error of every command (`prepare_output` and `paths.atomic_output_dir`)."""
+    return DSGError(f"{kind} {out} already exists{more} (pass --overwrite to replace it)")
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return folder in path.parents
 
@@ -100,7 +105,7 @@ def prepare_output(
         empty = out.is_dir() and not any(out.iterdir())
         if not (empty_ok and empty):
             more = " and is not empty" if empty_ok else ""
-            raise DSGError(f"{kind} {out} already exists{more} (pass --overwrite to replace it)")
+            raise already_exists(out, kind, more)
     if out == Path(out.anchor):
         raise DSGError(f"{flag} {path} is the file-system root; give a folder of its own")
 

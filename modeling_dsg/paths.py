@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import DSGError
+from .outputs import already_exists
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The checkout that holds this package (source tree or editable install); None in an ordinary install.
@@ -81,7 +82,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False):
     """
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
-        raise DSGError(f"output folder {out} already exists (pass --overwrite to replace it)")
+        raise already_exists(out)
     if out.exists() and not out.is_dir():
         raise DSGError(f"output path {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)

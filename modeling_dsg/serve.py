@@ -248,8 +248,7 @@ def _generation_state_kwargs() -> dict:
 
 def check_folder(folder) -> Path:
     """A DSG model folder with a tokenizer and readable weights; else a DSGError."""
-    from .data.sources import check_tokenizer_files, check_weight_files
-    from .publishing.cards import check_dsg_folder
+    from .data.sources import check_dsg_folder, check_tokenizer_files, check_weight_files
 
     path = Path(folder).expanduser()
     config = check_dsg_folder(path)

@@ -158,7 +158,7 @@ for folder in sys.argv[1:]:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     tok.padding_side = "left"
-    enc = tok(%r, return_tensors="pt", padding=True)
+    enc = tok(PROMPTS_REPR, return_tensors="pt", padding=True)
     with torch.no_grad():
         gen = model.generate(**enc, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
     start = enc["input_ids"].shape[1]
@@ -166,7 +166,7 @@ for folder in sys.argv[1:]:
                    "fired": gen.guardrail_decisions["topic"]["fired"].tolist(),
                    "imported": "modeling_dsg" in sys.modules}
 print(json.dumps(out))
-""" % (PROMPTS,)
+""".replace("PROMPTS_REPR", repr(PROMPTS))
 
 
 def test_actions_through_remote_code_in_a_fresh_process(tmp_path):

@@ -723,3 +723,34 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
         )
         == 2
     )
+
+
+def test_build_files_round_trip_through_their_definitions(world, tmp_path):
+    """features.json and dsg_build.json: what `dsg build` writes is exactly what data.records defines,
+    reads back through it unchanged, and writes back to the same bytes."""
+    import typing
+
+    from modeling_dsg.data import records
+
+    def keys(schema):
+        return set(typing.get_type_hints(schema))
+
+    for folder in (world.main, world.added):
+        for name in (records.FEATURES_FILE, records.BUILD_FILE):
+            raw = (folder / name).read_text()
+            assert records.read_record(folder / name) == json.loads(raw)
+            out = tmp_path / folder.name
+            out.mkdir(exist_ok=True)
+            records.write_record(out, name, records.read_record(folder / name))
+            assert (out / name).read_text() == raw
+        features = json.loads((folder / records.FEATURES_FILE).read_text())
+        for g in features["guardrails"]:
+            assert set(g) == keys(records.GuardrailFeatures)
+            for f in g["features"]:
+                assert set(f) == keys(records.FeatureEntry)
+                assert all(set(t) == keys(records.TopToken) for t in f["top_tokens"]) and f["top_tokens"]
+        build = json.loads((folder / records.BUILD_FILE).read_text())
+        assert set(build) == keys(records.BuildRecord)
+        for g in build["guardrails"]:  # refusal and refusal_ids appear for action "refuse" only
+            assert set(g) == keys(records.GuardrailRecord) - {"refusal", "refusal_ids"}
+    assert len(json.loads((world.added / records.BUILD_FILE).read_text())["guardrails"]) == 2

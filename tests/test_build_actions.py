@@ -291,11 +291,11 @@ def test_refusal_ids_must_be_in_the_vocabulary():
 
 def test_sweep_refuses_other_actions():
     from modeling_dsg.pipelines.build import BuildOptions
-    from modeling_dsg.pipelines.sweep import SweepOptions, check_options
+    from modeling_dsg.pipelines.sweep import SweepOptions
 
-    check_options(SweepOptions(build=BuildOptions()))
+    SweepOptions(build=BuildOptions()).validate()
     with pytest.raises(DSGError, match="dsg sweep scores the clamp action only \\(got action 'monitor'\\)"):
-        check_options(SweepOptions(build=BuildOptions(action="monitor")))
+        SweepOptions(build=BuildOptions(action="monitor")).validate()
 
 
 # ------------------------------------------------------------------------------------ explain and card

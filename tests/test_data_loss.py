@@ -78,7 +78,7 @@ def place(tmp_path, monkeypatch):
     base = inputs / "base"
     tiny.tiny_base("llama").save_pretrained(base)
     tiny.tiny_tokenizer().save_pretrained(base)
-    dsg = tiny.make_tiny_dsg(inputs / "dsg")
+    tiny.make_tiny_dsg(inputs / "dsg")
     sae = inputs / "sae"
     sae.mkdir()
     (sae / "cfg.json").write_text("{}")

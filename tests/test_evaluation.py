@@ -25,9 +25,10 @@ import tiny
 import torch
 from test_build import layer_hidden, mcq_text, words
 
+from modeling_dsg.data import mcq as mcq_data
 from modeling_dsg.errors import DSGError
 from modeling_dsg.evaluation import evaluate as evaluation
-from modeling_dsg.evaluation import metrics
+from modeling_dsg.evaluation import metrics, scoring
 
 G = "Ġ"  # the byte-level tokenizer's space
 
@@ -79,8 +80,8 @@ def tok():
     return tiny.tiny_tokenizer()
 
 
-def mcq(records, name="set", role="forget") -> evaluation.McqSet:
-    return evaluation.McqSet(name=name, role=role, source="test", records=evaluation.validate_mcq(records, "test"))
+def mcq(records, name="set", role="forget") -> mcq_data.McqSet:
+    return mcq_data.McqSet(name=name, role=role, source="test", records=mcq_data.validate_mcq(records, "test"))
 
 
 RECORDS = [
@@ -104,13 +105,13 @@ def test_letter_scores_of_a_bigram_model(tok):
         table[space, tid(tok, letter)] = float(np.log(value))
     model = Bigram(table)
     records = [dict(r, question=r["question"] + " " * i) for i, r in enumerate(RECORDS)]  # lengths differ
-    prompts = [evaluation.letter_prompt(r) for r in records]
-    scores, decisions = evaluation.letter_logprobs(model, tok, prompts, batch_size=2, progress=False)
+    prompts = [mcq_data.letter_prompt(r) for r in records]
+    scores, decisions = scoring.letter_logprobs(model, tok, prompts, batch_size=2, progress=False)
     np.testing.assert_allclose(scores, np.tile(np.log(0.5) + np.log(p), (5, 1)), rtol=0, atol=1e-5)
     assert decisions == {}  # not a DSG model, nothing recorded
 
     answers = np.array([r["answer"] for r in records])
-    out = evaluation.DirectScorer().compute(predictions=scores, references=answers)
+    out = scoring.DirectScorer().compute(predictions=scores, references=answers)
     assert out["accuracy"] == pytest.approx(2 / 5)
     assert out["choice_prob"] == pytest.approx(p[answers].mean(), abs=1e-6)
     assert out["correct_prob"] == pytest.approx(p[answers].mean() / 2, abs=1e-6)
@@ -126,9 +127,7 @@ def test_cloze_and_text_loglikelihoods_of_a_bigram_model(tok):
 
     contexts = ["Which one?\nAnswer:", "Which one is it, then?\nAnswer:", "Q\nAnswer:"]
     continuations = [" cat", " a tall dog", " x"]
-    sums, counts, _ = evaluation.continuation_logprobs(
-        model, tok, contexts, continuations, batch_size=2, progress=False
-    )
+    sums, counts, _ = scoring.continuation_logprobs(model, tok, contexts, continuations, batch_size=2, progress=False)
     for i, (c, x) in enumerate(zip(contexts, continuations)):
         ids = tok(c + x)["input_ids"]  # BOS + one token per character
         n = len(x)
@@ -136,7 +135,7 @@ def test_cloze_and_text_loglikelihoods_of_a_bigram_model(tok):
         assert sums[i] == pytest.approx(by_hand(ids[-n - 1 :]), abs=1e-4)
 
     texts = ["the first text", "a second, longer text about nothing at all", "z"]
-    nll, count, _ = evaluation.text_nll(model, tok, texts, max_tokens=10, batch_size=2, progress=False)
+    nll, count, _ = scoring.text_nll(model, tok, texts, max_tokens=10, batch_size=2, progress=False)
     for i, text in enumerate(texts):
         ids = tok(text)["input_ids"][:10]
         assert count[i] == len(ids) - 1
@@ -155,18 +154,18 @@ def test_chat_prompts_answer_without_a_space(tok):
     table = torch.randn(tiny.VOCAB, tiny.VOCAB, generator=torch.Generator().manual_seed(2))
     model = Bigram(table)
     options = evaluation.EvalOptions(chat=True, cloze="all", progress=False, batch_size=3)
-    scored = evaluation.score_mcq(model, chat_tok, mcq(RECORDS), options)
+    scored = scoring.score_mcq(model, chat_tok, mcq(RECORDS), options)
     logp = log_softmax(table.numpy())
     newline = tid(tok, "\u010a")  # byte-level "\n"
     want = logp[newline, [tid(tok, L) for L in "ABCD"]]
     np.testing.assert_allclose(scored["letter"], np.tile(want, (5, 1)), rtol=0, atol=1e-5)
-    prompt = evaluation.chat_wrap(chat_tok, evaluation.letter_prompt(RECORDS[0]))
+    prompt = mcq_data.chat_wrap(chat_tok, mcq_data.letter_prompt(RECORDS[0]))
     assert prompt == "<user>\n" + mcq_text(RECORDS[0]) + "\n<assistant>\n"
     # cloze: each choice's text right after the generation prompt, one token per character
     want_cat = logp[newline, tid(tok, "c")] + logp[tid(tok, "c"), tid(tok, "a")] + logp[tid(tok, "a"), tid(tok, "t")]
     assert scored["cloze"][0, 0] == pytest.approx(want_cat, abs=1e-4)
     assert scored["cloze_tokens"][0].tolist() == [3, 3, 3, 3]
-    correct = evaluation.score_mcq(model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, progress=False))
+    correct = scoring.score_mcq(model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, progress=False))
     assert set(correct) == {
         "letter",
         "decisions",
@@ -175,25 +174,25 @@ def test_chat_prompts_answer_without_a_space(tok):
     }  # the default: correct only
     answers = [r["answer"] for r in RECORDS]
     np.testing.assert_allclose(correct["cloze_correct"], scored["cloze"][range(5), answers], rtol=0, atol=1e-5)
-    none = evaluation.score_mcq(
+    none = scoring.score_mcq(
         model, chat_tok, mcq(RECORDS), evaluation.EvalOptions(chat=True, cloze="none", progress=False)
     )
     assert set(none) == {"letter", "decisions"}
     with pytest.raises(DSGError, match="--chat: this tokenizer has no chat template"):
-        evaluation.check_chat(tok)
+        mcq_data.check_chat(tok)
 
 
 def test_preamble_and_letters_that_are_not_single_tokens(tok):
     record = dict(RECORDS[0], subject="high_school_biology")
-    assert evaluation.letter_prompt(record, preamble=True).startswith(
+    assert mcq_data.letter_prompt(record, preamble=True).startswith(
         "The following are multiple choice questions (with answers) about high school biology.\n\nWhich one?\nA. cat"
     )
-    assert evaluation.cloze_context(RECORDS[0], preamble=True, topic="zoology") == (
+    assert mcq_data.cloze_context(RECORDS[0], preamble=True, topic="zoology") == (
         "The following are multiple choice questions (with answers) about zoology.\n\nWhich one?\nAnswer:"
     )
     model = Bigram(torch.zeros(tiny.VOCAB, tiny.VOCAB))
     with pytest.raises(DSGError, match="are not single tokens after the prompt"):
-        evaluation.letter_logprobs(model, tok, ["Q\nAnswer:"], letters=["A", "BB", "C", "D"], progress=False)
+        scoring.letter_logprobs(model, tok, ["Q\nAnswer:"], letters=["A", "BB", "C", "D"], progress=False)
 
 
 # ------------------------------------------------------------------------------- the known filter
@@ -211,13 +210,13 @@ def test_known_filter_through_the_prompts(tok):
     questions = mcq(filter_records())
     options = evaluation.EvalOptions(permutations=24, batch_size=3, progress=False)
     oracle = Oracle(tok)
-    out = evaluation.known_questions(oracle, tok, questions, options)
+    out = scoring.known_questions(oracle, tok, questions, options)
     assert np.flatnonzero(out.kept).tolist() == [0, 2, 3, 5] and out.survivors == [4] * 24
     assert oracle.seen == out.scored == 8 + 4 * 23
 
     always_a = Oracle(tok, always="A")
-    assert evaluation.known_questions(always_a, tok, questions, options).n_kept == 0
-    one = evaluation.known_questions(always_a, tok, questions, evaluation.EvalOptions(permutations=1, progress=False))
+    assert scoring.known_questions(always_a, tok, questions, options).n_kept == 0
+    one = scoring.known_questions(always_a, tok, questions, evaluation.EvalOptions(permutations=1, progress=False))
     assert np.flatnonzero(one.kept).tolist() == [0, 4]  # the questions whose answer is A
 
 
@@ -477,7 +476,7 @@ def test_known_filter_counts_and_rows(world):
         (world.retain, "general (retain)", "general (retain, known)"),
     ):
         kept = []
-        for i, r in enumerate(records):
+        for r in records:
             ok = True
             for perm in metrics.permutation_order(4):
                 p = metrics.permute_record(r, perm)
@@ -618,10 +617,10 @@ def test_parquet_questions_and_names(tmp_path):
 
     records = [dict(GOOD, subject="virology"), dict(GOOD, answer=3, choices=["w", "x", "y", "z"], subject="anatomy")]
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "bio.parquet"))
-    got = evaluation.load_mcq(tmp_path / "bio.parquet", "forget")
+    got = mcq_data.load_mcq(tmp_path / "bio.parquet", "forget")
     assert got.records == records and got.label == "bio (forget)" and got.subjects == ["virology", "anatomy"]
-    assert evaluation.load_mcq(tmp_path / "bio.parquet", "forget", name="forget", limit=1).label == "forget"
-    plain = evaluation.load_mcq(_jsonl(tmp_path / "q.jsonl", [GOOD]), "retain")
+    assert mcq_data.load_mcq(tmp_path / "bio.parquet", "forget", name="forget", limit=1).label == "forget"
+    plain = mcq_data.load_mcq(_jsonl(tmp_path / "q.jsonl", [GOOD]), "retain")
     assert plain.subjects is None and plain.records == [dict(GOOD, subject=None)] and plain.hub == {}
 
 

@@ -1,5 +1,6 @@
-"""Fluency of fired answers (`modeling_dsg.evaluation.fluency`): the text metrics on hand-made texts with exact values, and
-`dsg eval --fluency N` on the tiny marker model of test_evaluation (its guardrail fires on texts full of "z")."""
+"""Fluency of fired answers (`modeling_dsg.evaluation.fluency`): the text metrics on hand-made texts with exact
+values, and `dsg eval --fluency N` on the tiny marker model of test_evaluation (its guardrail fires on texts
+full of "z")."""
 
 from __future__ import annotations
 

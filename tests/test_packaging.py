@@ -46,7 +46,7 @@ import modeling_dsg
 from modeling_dsg import paths
 from modeling_dsg.publishing.cards import default_template
 from modeling_dsg.embedded.demo import default_sae
-from modeling_dsg.evaluation.evaluate import METRIC_DIR, load_scorer
+from modeling_dsg.evaluation.scoring import METRIC_DIR, load_scorer
 
 package = Path(modeling_dsg.__file__).resolve().parent
 resolved = {name: paths.resource(name) for name in paths.SHIPPED}

@@ -1,4 +1,5 @@
-"""Model cards (modeling_dsg/publishing/templates/ + cards.py) and `dsg publish`: staging, verification, upload, failures."""
+"""Model cards (modeling_dsg/publishing/templates/ + cards.py) and `dsg publish`: staging, verification, upload,
+failures."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ from modeling_dsg.publishing.cards import render_card
 REPO = "someone/tiny-dsg-topic"
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FEATURES = [3, 7, 11, 20, 33]  # tiny.guardrail()'s defaults
-CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 TOKENS = {3: " virus", 7: " cell|wall", 11: "`x`", 20: "\nprotein", 33: " gene"}
 
 

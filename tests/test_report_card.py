@@ -19,10 +19,9 @@ import torch
 from test_build import mcq_text
 from test_evaluation import World, run_cli
 
-from modeling_dsg.embedded.results import DILUTIONS, dilute
 from modeling_dsg.errors import DSGError
 from modeling_dsg.evaluation import report as report_schema
-from modeling_dsg.evaluation.dilution import SEED
+from modeling_dsg.evaluation.dilution import DILUTIONS, SEED, dilute
 from modeling_dsg.evaluation.report import PLACEMENTS, cell_key
 from modeling_dsg.publishing.cards import render_card
 
@@ -219,8 +218,8 @@ def test_card_shows_the_dilution_figures(run):
     text = run.card.text
     evaluation = text.split("## Evaluation")[1].split("## Limitations")[0]
     assert (
-        "| guardrail | score | fired without filler | filler at | 1x | 2x | 5x | 10x |\n|---|---|---:|---|---:|---:|---:|---:|"
-        in evaluation
+        "| guardrail | score | fired without filler | filler at | 1x | 2x | 5x | 10x |\n"
+        "|---|---|---:|---|---:|---:|---:|---:|" in evaluation
     )
     summary = (run.out / "summary.md").read_text()
     assert "| guardrail | score | fired undiluted | filler at | 1x | 2x | 5x | 10x |" in summary

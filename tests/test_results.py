@@ -14,24 +14,25 @@ import torch
 from test_build import get_world
 
 from modeling_dsg.embedded import results
+from modeling_dsg.evaluation import dilution
 
 
 def test_dilute_puts_k_times_the_prompt_of_filler_first():
     prompt, filler = [1, 50, 51, 52], [7, 8, 9, 10, 11]
-    assert results.dilute(prompt, filler, 1, 0, bos=1) == [1, 7, 8, 9, 50, 51, 52]
-    assert results.dilute(prompt, filler, 2, 3, bos=1) == [1, 10, 11, 7, 8, 9, 10, 50, 51, 52]  # wraps around
-    assert results.dilute([50, 51], filler, 1, 0, bos=None) == [7, 8, 50, 51]
-    assert results.dilute(prompt, filler, 1, 0, bos=1, placement="prefix") == results.dilute(
+    assert dilution.dilute(prompt, filler, 1, 0, bos=1) == [1, 7, 8, 9, 50, 51, 52]
+    assert dilution.dilute(prompt, filler, 2, 3, bos=1) == [1, 10, 11, 7, 8, 9, 10, 50, 51, 52]  # wraps around
+    assert dilution.dilute([50, 51], filler, 1, 0, bos=None) == [7, 8, 50, 51]
+    assert dilution.dilute(prompt, filler, 1, 0, bos=1, placement="prefix") == dilution.dilute(
         prompt, filler, 1, 0, bos=1
     )
 
 
 def test_dilute_puts_the_filler_after_the_prompt():
     prompt, filler = [1, 50, 51, 52], [7, 8, 9, 10, 11]
-    assert results.dilute(prompt, filler, 1, 0, 1, "suffix") == [1, 50, 51, 52, 7, 8, 9]
-    assert results.dilute(prompt, filler, 2, 4, 1, "suffix") == [1, 50, 51, 52, 11, 7, 8, 9, 10, 11]  # wraps around
-    assert results.dilute([50, 51], filler, 1, 0, None, "suffix") == [50, 51, 7, 8]
-    assert results.dilute([50, 51, 52, 53], filler, 1, 2, 1, "suffix") == [
+    assert dilution.dilute(prompt, filler, 1, 0, 1, "suffix") == [1, 50, 51, 52, 7, 8, 9]
+    assert dilution.dilute(prompt, filler, 2, 4, 1, "suffix") == [1, 50, 51, 52, 11, 7, 8, 9, 10, 11]  # wraps around
+    assert dilution.dilute([50, 51], filler, 1, 0, None, "suffix") == [50, 51, 7, 8]
+    assert dilution.dilute([50, 51, 52, 53], filler, 1, 2, 1, "suffix") == [
         50,
         51,
         52,
@@ -45,12 +46,12 @@ def test_dilute_puts_the_filler_after_the_prompt():
 
 def test_dilute_splits_the_prompt_in_two_halves_around_the_filler():
     filler = [7, 8, 9, 10, 11]
-    assert results.dilute([1, 50, 51, 52, 53], filler, 1, 0, 1, "split") == [1, 50, 51, 7, 8, 9, 10, 52, 53]
+    assert dilution.dilute([1, 50, 51, 52, 53], filler, 1, 0, 1, "split") == [1, 50, 51, 7, 8, 9, 10, 52, 53]
     # an odd prompt: the first half is the shorter (len // 2 tokens), BOS not counted
-    assert results.dilute([1, 50, 51, 52], filler, 1, 1, 1, "split") == [1, 50, 8, 9, 10, 51, 52]
-    assert results.dilute([1, 50, 51, 52], filler, 2, 3, 1, "split") == [1, 50, 10, 11, 7, 8, 9, 10, 51, 52]
-    assert results.dilute([50, 51, 52, 53], filler, 1, 4, None, "split") == [50, 51, 11, 7, 8, 9, 52, 53]
-    assert results.dilute([1, 50], filler, 10, 0, 1, "split") == [
+    assert dilution.dilute([1, 50, 51, 52], filler, 1, 1, 1, "split") == [1, 50, 8, 9, 10, 51, 52]
+    assert dilution.dilute([1, 50, 51, 52], filler, 2, 3, 1, "split") == [1, 50, 10, 11, 7, 8, 9, 10, 51, 52]
+    assert dilution.dilute([50, 51, 52, 53], filler, 1, 4, None, "split") == [50, 51, 11, 7, 8, 9, 52, 53]
+    assert dilution.dilute([1, 50], filler, 10, 0, 1, "split") == [
         1,
         *[7, 8, 9, 10, 11] * 2,
         50,
@@ -61,24 +62,24 @@ def test_dilute_bos_handling_and_bad_inputs():
     filler = [7, 8, 9]
     # BOS stays first whatever the placement; a prompt without it gets none, even when bos is known
     for placement in ("prefix", "suffix", "split"):
-        assert results.dilute([1, 50, 51], filler, 1, 0, 1, placement)[0] == 1
-        out = results.dilute([50, 51], filler, 1, 0, 1, placement)
+        assert dilution.dilute([1, 50, 51], filler, 1, 0, 1, placement)[0] == 1
+        out = dilution.dilute([50, 51], filler, 1, 0, 1, placement)
         assert 1 not in out and sorted(out) == [7, 8, 50, 51]
-    assert results.dilute([1], filler, 5, 0, 1, "split") == [1]  # nothing but BOS: no filler
-    assert results.dilute([], filler, 2, 0, 1) == []
+    assert dilution.dilute([1], filler, 5, 0, 1, "split") == [1]  # nothing but BOS: no filler
+    assert dilution.dilute([], filler, 2, 0, 1) == []
     with pytest.raises(ValueError, match="unknown dilution placement 'middle'"):
-        results.dilute([1, 50], filler, 1, 0, 1, "middle")
+        dilution.dilute([1, 50], filler, 1, 0, 1, "middle")
     with pytest.raises(ValueError, match="the filler has no tokens"):
-        results.dilute([1, 50], [], 1, 0, 1, "suffix")
+        dilution.dilute([1, 50], [], 1, 0, 1, "suffix")
 
 
 def test_dilution_grid_is_every_placement_and_factor_with_one_offset_per_prompt():
     from modeling_dsg.evaluation.report import cell_key
 
     prompts, filler, offsets = [[1, 50, 51], [60, 61, 62, 63]], list(range(100, 113)), [2, 11]
-    grid = list(results.dilution_grid(prompts, filler, offsets, 1))
+    grid = list(dilution.dilution_grid(prompts, filler, offsets, 1))
     assert [(p, f, key) for p, f, key, _ in grid] == [
-        (p, f, cell_key(p, f)) for p in ("prefix", "suffix", "split") for f in results.DILUTIONS
+        (p, f, cell_key(p, f)) for p in ("prefix", "suffix", "split") for f in dilution.DILUTIONS
     ]
     assert [key for _, _, key, _ in grid] == [
         "1x",
@@ -95,20 +96,20 @@ def test_dilution_grid_is_every_placement_and_factor_with_one_offset_per_prompt(
         "split 10x",
     ]
     for placement, factor, _, seqs in grid:
-        assert seqs == [results.dilute(p, filler, factor, o, 1, placement) for p, o in zip(prompts, offsets)]
+        assert seqs == [dilution.dilute(p, filler, factor, o, 1, placement) for p, o in zip(prompts, offsets)]
     by_key = {key: seqs for _, _, key, seqs in grid}
     assert by_key["split 2x"][1] == [60, 61, 111, 112, 100, 101, 102, 103, 104, 105, 62, 63]
     assert by_key["10x"][0][:3] == [1, 102, 103] and len(by_key["10x"][0]) == 1 + 10 * 2 + 2
-    tagged = list(results.dilution_grid(prompts, filler, offsets, 1, ["suffix"], (1, 10), "mmlu"))
+    tagged = list(dilution.dilution_grid(prompts, filler, offsets, 1, ["suffix"], (1, 10), "mmlu"))
     assert [key for _, _, key, _ in tagged] == ["mmlu suffix 1x", "mmlu suffix 10x"]
 
 
 def test_attack_success_counts_only_prompts_that_fired_before():
     before = [True, True, True, False, True]
     after = [True, False, False, True, True]
-    out = results.attack_success(before, after)
+    out = dilution.attack_success(before, after)
     assert out == {"fired_before": 4, "evaded": 2, "attack_success": 0.5, "trigger_rate": 0.6}
-    assert results.attack_success([False], [True])["attack_success"] is None
+    assert dilution.attack_success([False], [True])["attack_success"] is None
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_scor
     filler = [words(rng, 40) for _ in range(4)]
     options = results.ResultsOptions(seed=0)
     store = results._store(base, tok, statistics, results._token_rows(tok, prompts), "t", options)
-    for name, g in variants.items():
+    for g in variants.values():
         model = assemble(base, tok, [])
         model.add_guardrail(g, statistics.sae_state)
         recorded = guard_decisions(model, tok, prompts)["zeta"]["fired"].numpy()
@@ -225,7 +226,7 @@ def grid_block(guardrails=("DSG", "DSG (window)")) -> dict:
 
     fillers = [{"tag": "", "name": "WikiText"}, {"tag": "mmlu", "name": "MMLU non-bio questions"}]
     keys = [
-        cell_key(p, f, t["tag"]) for t in fillers for p in ("prefix", "suffix", "split") for f in results.DILUTIONS
+        cell_key(p, f, t["tag"]) for t in fillers for p in ("prefix", "suffix", "split") for f in dilution.DILUTIONS
     ]
     by = {}
     for g, name in enumerate(guardrails):
@@ -242,7 +243,7 @@ def grid_block(guardrails=("DSG", "DSG (window)")) -> dict:
     by[guardrails[0]]["split 10x"]["attack_success"] = None  # a cell that could not be measured
     return {
         "n": 200,
-        "factors": list(results.DILUTIONS),
+        "factors": list(dilution.DILUTIONS),
         "placements": ["prefix", "suffix", "split"],
         "fillers": fillers,
         "cells": [{"key": k} for k in keys],
@@ -275,12 +276,12 @@ def test_results_page_shows_every_dilution_cell(tmp_path):
         for filler in block["fillers"]:
             for placement in block["placements"]:
                 row = table[(name, filler["name"], words[placement])]
-                values = [entry[cell_key(placement, f, filler["tag"])]["attack_success"] for f in results.DILUTIONS]
-                assert [row[f"{f}x"] for f in results.DILUTIONS] == ["–" if v is None else f"{v:.3f}" for v in values]
+                values = [entry[cell_key(placement, f, filler["tag"])]["attack_success"] for f in dilution.DILUTIONS]
+                assert [row[f"{f}x"] for f in dilution.DILUTIONS] == ["–" if v is None else f"{v:.3f}" for v in values]
                 assert row["max"] == f"{max(v for v in values if v is not None):.3f}"
     assert (
-        "| DSG (window) | 0.800 | MMLU non-bio questions | between its two halves | 0.120 | 0.121 | 0.122 | 0.123 | 0.123 |"
-        in lines
+        "| DSG (window) | 0.800 | MMLU non-bio questions | between its two halves | "
+        "0.120 | 0.121 | 0.122 | 0.123 | 0.123 |" in lines
     )
     results.plot_dilution(block, tmp_path / "dilution.png")
     assert (tmp_path / "dilution.png").stat().st_size > 10_000

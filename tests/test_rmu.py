@@ -136,7 +136,8 @@ def test_steering_coefficient_is_the_multiplier_times_the_forget_norm(trained):
 
 
 def test_first_step_terms_count_real_tokens_only():
-    """Step 0's terms from the untouched model equal a per-token sum over non-padding (and, for forget, non-BOS) tokens."""
+    """Step 0's terms from the untouched model equal a per-token sum over non-padding (and, for forget, non-BOS)
+    tokens."""
     base, tok = tiny_base(), tiny_tokenizer()
     options = RMUOptions(**{**FAST, "steps": 1, "packing": False, "seq_len": 160})  # one padded row per document
     info = rmu_unlearn(copy.deepcopy(base), tok, FORGET, RETAIN, options)

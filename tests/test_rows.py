@@ -79,7 +79,10 @@ def test_max_docs_seeded_and_deterministic():
     other = build_rows(docs, TOK, seq_len=64, max_docs=3, packing=False, seed=2)
     assert len(first) == 3
     assert torch.equal(first.input_ids, again.input_ids)
-    letters = lambda rows: [decode_ids([int(i)]) for i in rows.input_ids[:, 1]]
+
+    def letters(rows):
+        return [decode_ids([int(i)]) for i in rows.input_ids[:, 1]]
+
     assert len(set(letters(first))) == 3
     assert letters(first) != letters(other)
 

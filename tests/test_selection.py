@@ -10,8 +10,10 @@ from modeling_dsg.analysis.selection import (
     calibrate_threshold,
     select_dynamic,
     select_static,
-    summarize,
     trigger_rate,
+)
+from modeling_dsg.analysis.selection import (
+    rho_summary as summarize,
 )
 from modeling_dsg.analysis.stats import ActivationStore
 from modeling_dsg.errors import DSGError

@@ -88,7 +88,8 @@ def test_round_trip_through_remote_code_and_generate(wrapped, tmp_path):
         f"enc = t({PROMPTS!r}, return_tensors='pt', padding=True)\n"
         "with torch.no_grad(): logits = m(**enc).logits\n"
         "out = m.generate(**enc, max_new_tokens=8, do_sample=False)\n"
-        f"torch.save({{'logits': logits, 'out': out, 'imported': 'modeling_dsg' in sys.modules}}, {str(tmp_path / 'r.pt')!r})\n"
+        "torch.save({'logits': logits, 'out': out, 'imported': 'modeling_dsg' in sys.modules}, "
+        f"{str(tmp_path / 'r.pt')!r})\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run(

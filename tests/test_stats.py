@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from modeling_dsg.analysis.stats import collect, decoder_layers, full_forward_speedup
+from modeling_dsg.analysis.forward import decoder_blocks as decoder_layers
+from modeling_dsg.analysis.stats import collect, full_forward_speedup
 from modeling_dsg.data.rows import Rows
 from modeling_dsg.errors import DSGError
 

@@ -98,8 +98,10 @@ def test_one_statistics_pass_serves_the_grid(swept):
 
 def _full_score(world, questions, point, options):
     """The plain path: build the guardrail with the point's settings, evaluate every question."""
+    from modeling_dsg.data.mcq import load_mcq
     from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
-    from modeling_dsg.evaluation import evaluate as ev
+    from modeling_dsg.evaluation.evaluate import EvalOptions
+    from modeling_dsg.evaluation.scoring import score_mcq
     from modeling_dsg.pipelines.build import assemble, build_guardrail
 
     bo = dataclasses.replace(
@@ -125,11 +127,11 @@ def _full_score(world, questions, point, options):
     )
     assert built.guardrail["features"] == point["features"] and built.guardrail["threshold"] == point["tau"]
     model = assemble(base, tok, [built])
-    eo = ev.EvalOptions(cloze="none", known_filter=False, batch_size=1, progress=False)
+    eo = EvalOptions(cloze="none", known_filter=False, batch_size=1, progress=False)
     scores = {}
     for role in ("forget", "retain"):
-        mcq = ev.load_mcq(str(questions[role]), role)
-        scored = ev.score_mcq(model, tok, mcq, eo, record=True)
+        mcq = load_mcq(str(questions[role]), role)
+        scored = score_mcq(model, tok, mcq, eo, record=True)
         scores[role] = (
             sweep.set_score("choice_prob", scored, mcq.answers),
             float(next(iter(scored["decisions"].values()))["fired"].mean()),
@@ -298,9 +300,9 @@ def test_sweep_cli_and_bad_inputs(world, questions, tmp_path, capsys):
 
 def test_options_are_checked_before_anything_loads():
     with pytest.raises(DSGError, match="--metric"):
-        sweep.check_options(sweep.SweepOptions(metric="f1"))
+        sweep.SweepOptions(metric="f1").validate()
     with pytest.raises(DSGError, match="--modes"):
-        sweep.check_options(sweep.SweepOptions(modes=("gradient",)))
+        sweep.SweepOptions(modes=("gradient",)).validate()
     assert len(sweep.SweepOptions(modes=("static",), n_features=(1, 2), clamps=(1.0,)).grid()) == 2
     assert np.isclose(
         sweep.set_score(

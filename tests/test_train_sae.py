@@ -29,11 +29,11 @@ def test_truncated_model_keeps_layer_output_exactly():
         assert len(small.model.layers) == layer + 1
         full = model(ids, output_hidden_states=True).hidden_states
         got = {}
-        h = small.model.layers[layer].register_forward_hook(lambda m, i, o: got.setdefault("h", o))
+        h = small.model.layers[layer].register_forward_hook(lambda m, i, o, got=got: got.setdefault("h", o))
         small(ids)
         h.remove()
         ref = {}
-        h = model.model.layers[layer].register_forward_hook(lambda m, i, o: ref.setdefault("h", o))
+        h = model.model.layers[layer].register_forward_hook(lambda m, i, o, ref=ref: ref.setdefault("h", o))
         model(ids)
         h.remove()
         assert torch.equal(got["h"], ref["h"])
@@ -186,7 +186,7 @@ def test_batchtopk_trains_and_loads_as_jumprelu_into_a_guard(tmp_path):
     reference = SAE.load_from_disk(str(out))
     assert reference.cfg.architecture() == "jumprelu"
     spec, state = guardrail_sae(load_sae(str(out)), str(out))
-    encode = sae_encoder(spec, state, 1, "cpu")
+    encode = sae_encoder(spec, state, "cpu")
     hidden = tiny.sample_hidden(model, 1, n_rows=4, length=16)
     with torch.no_grad():
         expected, ours = reference.encode(hidden), encode(hidden)

@@ -6,12 +6,10 @@ the deepest guarded block: the same guard code as in deployment, at a fraction o
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -23,7 +21,7 @@ def guard_decisions(
     Prompts are tokenized as they are (the tokenizer's own special tokens, no chat template), left
     padded, and sorted by length so that batches carry little padding.
     """
-    from ..runtime.modeling_dsg import decoder_layers
+    from .forward import StopForward, decoder_block, stopping_after
 
     if not texts:
         return {
@@ -43,29 +41,24 @@ def guard_decisions(
         }
         for guard in model.guards
     }
-    handle = None
+    stop = contextlib.nullcontext()
     if stop_early and len(model.guards):
-
-        def stop(module, args, output):
-            raise _Stop
-
-        handle = decoder_layers(model.model)[max(g.layer for g in model.guards)].register_forward_hook(stop)
+        stop = stopping_after(decoder_block(model.model, max(g.layer for g in model.guards)), capture=False)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            index = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True).to(model.device)
-            with model.record_guardrails() as records:
-                try:
-                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                except _Stop:
-                    pass
-            for record in records:
-                results[record["guardrail"]]["rho"][index] = record["rho"].cpu()
-                results[record["guardrail"]]["fired"][index] = record["fired"].cpu()
+        with stop:
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+                index = order[start : start + batch_size]
+                enc = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True).to(model.device)
+                with model.record_guardrails() as records:
+                    try:
+                        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                    except StopForward:
+                        pass
+                for record in records:
+                    results[record["guardrail"]]["rho"][index] = record["rho"].cpu()
+                    results[record["guardrail"]]["fired"][index] = record["fired"].cpu()
     finally:  # leave the caller's tokenizer as it was
         tokenizer.padding_side = side
         if pad is None:
             tokenizer.pad_token = None
-        if handle is not None:
-            handle.remove()
     return results

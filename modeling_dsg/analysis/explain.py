@@ -1,8 +1,8 @@
 """`dsg explain DIR TEXT`: why each guardrail did or did not fire on a text.
 
 For every guardrail it prints rho against tau, the decision, its action and what a user sees when it
-fires (`cards.when_fired`), and each token on which a selected feature fired, with the features'
-activations and (from `features.json`) their top tokens.
+fires (`when_fired`, which the model card says too), and each token on which a selected feature fired,
+with the features' activations and (from `features.json`) their top tokens.
 """
 
 from __future__ import annotations
@@ -13,11 +13,28 @@ from pathlib import Path
 from ..errors import DSGError
 
 
+def when_fired(action: str, *, clamp=None, refusal: str | None = None, minus: str = "−") -> str:
+    """What a user sees when a guardrail with this action fires, as one sentence without a final period (the
+    card and `dsg explain` both say it). `clamp` is the clamp value as shown, `refusal` the refusal text as
+    shown (quoted by the caller)."""
+    if action == "clamp":
+        return (
+            f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
+            "model's from the first flagged token on, and may read as degraded or off-topic text"
+        )
+    if action == "refuse":
+        return f"the answer is exactly the refusal {refusal}, then end of sequence; nothing else is generated"
+    if action == "monitor":
+        return (
+            "nothing changes: the answer is the base model's, token for token; the decision is only reported, "
+            "on the model outputs (`guardrail_decisions`)"
+        )
+    return f"action `{action}` (not one this version of modeling_dsg describes)"
+
+
 def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: dict | None = None) -> list[dict]:
     """Run `text` through a DSG model and return, per guardrail, its score, decision and firing tokens."""
     import torch
-
-    from ..publishing.cards import when_fired
 
     if not text.strip():
         raise DSGError("the text to explain is empty")
@@ -89,8 +106,9 @@ def format_report(results: list[dict]) -> str:
         verdict = "FIRED" if r["fired"] else "not fired"
         relation = ">" if r["rho"] > r["tau"] else "<="
         lines.append(
-            f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}, action {r['action']}): rho = {r['rho']:.3f} "
-            f"{relation} tau = {r['tau']:.3f} -> {verdict}  ({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)"
+            f"guardrail {r['guardrail']!r} (layer {r['layer']}, {r['mode']}, action {r['action']}): "
+            f"rho = {r['rho']:.3f} {relation} tau = {r['tau']:.3f} -> {verdict}  "
+            f"({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)"
         )
         lines.append(f"  when it fires: {r['when_fired']}")
         for row in r["tokens"]:
@@ -102,8 +120,8 @@ def format_report(results: list[dict]) -> str:
 
 
 def load_for_explain(folder):
+    from ..data.records import FEATURES_FILE, read_record
     from ..data.sources import load_dsg_model, read_json_file
-    from ..pipelines.build import FEATURES_FILE, read_record
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():

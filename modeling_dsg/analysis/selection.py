@@ -8,7 +8,8 @@ Notation, for SAE feature i and corpus D (F = forget, R = retain), over counted 
     R_i    = I_i^F / (I_i^R + 1e-21)        (forget/retain importance ratio)
 
 Percentiles P_p(x) are `torch.quantile(x, p / 100)` with linear interpolation: for n sorted values
-x_(0) <= ... <= x_(n-1), position h = (n - 1) p / 100 and P_p = x_(floor h) + (h - floor h)(x_(floor h + 1) - x_(floor h)).
+x_(0) <= ... <= x_(n-1), position h = (n - 1) p / 100 and
+P_p = x_(floor h) + (h - floor h)(x_(floor h + 1) - x_(floor h)).
 
 Dynamic selection (the paper): candidates are features with I^F >= P_5(I^F), R >= P_95(R) and I^F > 0;
 the top N by I^F (N = 20). Static selection (Farrell et al., the seed baseline): drop features that fire
@@ -223,8 +224,9 @@ def trigger_rate(rho: Tensor, tau: float) -> float:
     return float((_scores("rho", rho) > tau).double().mean())
 
 
-def summarize(rho: Tensor) -> dict:
-    """mean, std (population, divides by n), min, p5, p25, p50, p75, p95, max and n, as plain numbers."""
+def rho_summary(rho: Tensor) -> dict:
+    """mean, std (population, divides by n), min, p5, p25, p50, p75, p95, max and n of a non-empty rho, as plain
+    numbers (the build record's summaries; `evaluation.metrics.summarize` is the report's, from numpy)."""
     x = _scores("rho", rho)
     out = {"mean": float(x.mean()), "std": float(x.std(correction=0)), "min": float(x.min())}
     for p in (5, 25, 50, 75, 95):

@@ -31,56 +31,30 @@ from tqdm.auto import tqdm
 from ..data.rows import Rows
 from ..errors import DSGError
 from ..runtime.guard_dsg import window_scores
-from ..runtime.modeling_dsg import decoder_layers as _decoder_layers
+from .forward import block_output, decoder_block, decoder_blocks
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM, as a ModuleList. DSGError if none is found."""
-    try:
-        return _decoder_layers(model)
-    except ValueError as err:
-        raise DSGError(str(err)) from None
-
-
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model` (its `device` attribute, else its first parameter's)."""
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass after the hooked block."""
-
-
-class _LayerOutput:
-    """Runs `model` up to and including `decoder_layers(model)[layer]` and returns that block's output."""
+class LayerOutput:
+    """Runs `model` up to and including decoder block `layer` and returns that block's output."""
 
     def __init__(self, model: nn.Module, layer: int):
-        layers = decoder_layers(model)
-        if not 0 <= layer < len(layers):
-            raise DSGError(
-                f"layer {layer} is out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})"
-            )
-        self.model, self.block = model, layers[layer]
+        decoder_block(model, layer)  # checks the layer before any work
+        self.model, self.layer = model, layer
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        captured: list[Tensor] = []
-
-        def hook(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        handle = self.block.register_forward_hook(hook)
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise DSGError("the hooked decoder layer never ran during the forward pass")
-        return captured[0]
+        return block_output(
+            self.model,
+            self.layer,
+            lambda: self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+        )
 
 
 @dataclass
@@ -90,7 +64,8 @@ class ActivationStore:
     Dense per-feature totals: `feature_sums` [d_sae] float64 (sum of activations), `feature_counts`
     [d_sae] int64 (number of tokens with activation > 0), `n_tokens` counted tokens in all.
     Per row: `row_token_counts` [n_rows] int64, counted tokens of each row.
-    Per counted token t (in processing order: rows sorted by length, then row-major): `token_row`, `token_pos`, `token_id` [n_tokens] int32.
+    Per counted token t (in processing order: rows sorted by length, then row-major): `token_row`,
+    `token_pos`, `token_id` [n_tokens] int32.
     Sparse activations (CSR): token t's active features are `feature_index[indptr[t]:indptr[t+1]]`
     (int32) with values `values[indptr[t]:indptr[t+1]]` (only activations > 0 are stored).
     """
@@ -207,8 +182,8 @@ def collect(
         raise DSGError(f"batch_size must be at least 1, got {batch_size}")
     if len(rows) == 0:
         raise DSGError("no rows to collect statistics on")
-    run = _LayerOutput(model, layer)
-    device = torch.device(device) if device is not None else _model_device(model)
+    run = LayerOutput(model, layer)
+    device = torch.device(device) if device is not None else model_device(model)
     ignore = torch.tensor(sorted(set(int(i) for i in ignore_token_ids)), dtype=torch.long)
 
     sums = counts = None
@@ -298,8 +273,8 @@ def full_forward_speedup(
     "speedup" (= full_forward_s / early_stop_s)}. `warmup` (default: on for accelerators, off on CPU)
     runs each path once untimed first.
     """
-    run = _LayerOutput(model, layer)
-    device = torch.device(device) if device is not None else _model_device(model)
+    run = LayerOutput(model, layer)
+    device = torch.device(device) if device is not None else model_device(model)
     ids = rows.input_ids[:batch_size].to(device)
     mask = rows.attention_mask[:batch_size].to(device)
     if ids.shape[0] == 0:
@@ -331,7 +306,7 @@ def full_forward_speedup(
     tokens = int(mask.sum())
     return {
         "layer": layer,
-        "n_layers": len(decoder_layers(model)),
+        "n_layers": len(decoder_blocks(model)),
         "batch_size": int(ids.shape[0]),
         "seq_len": int(ids.shape[1]),
         "tokens": tokens,

@@ -24,6 +24,30 @@ import torch
 
 from ..errors import DSGError
 
+# The row options that `dsg build` and `dsg rmu` share (fields of BuildOptions and RMUOptions), described once.
+ROW_HELP = {
+    "seq_len": "tokens per row",
+    "min_chars": "documents of this many characters or fewer are dropped",
+    "max_docs": "documents used per corpus, at most",
+    "packing": "one document per row instead of EOS-joined chunks",
+    "seed": "seed of every sampling step",
+}
+
+
+def row_option_checks(options, flags: bool = True) -> list[tuple[bool, str]]:
+    """(ok, message) for the row options of `options`; `flags`: name them as command-line flags."""
+
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-") if flags else field
+
+    return [
+        (options.seq_len >= 2, f"{name('seq_len')} must be at least 2, got {options.seq_len}"),
+        (
+            options.max_docs is None or options.max_docs >= 1,
+            f"{name('max_docs')} must be at least 1, got {options.max_docs}",
+        ),
+    ]
+
 
 @dataclass
 class Rows:
@@ -45,6 +69,17 @@ class Rows:
     def select(self, index: torch.Tensor) -> Rows:
         """The rows at `index` (a 1-D index tensor), in that order."""
         return Rows(self.input_ids[index], self.attention_mask[index])
+
+    @classmethod
+    def from_sequences(cls, sequences: list[list[int]], pad_id: int) -> Rows:
+        """Token id sequences as right-padded rows (padded with `pad_id`, masked out)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return cls(ids, mask)
 
 
 def _permutation(n: int, seed: int) -> torch.Tensor:

@@ -6,10 +6,10 @@ that says to pass a local path instead.
 
 Models (`load_base_model`)
     * a local folder written by `save_pretrained`;
-    * a local `.gguf` file: dequantized once (about 26 s for SmolLM2-135M on 2 cores) into a cached
+    * a local `.gguf` file: dequantized once into a cached
       safetensors folder `cache_dir()/gguf/<name>-<key>/` (model, tokenizer, generation config), where
       `key` is the first 12 hex digits of sha256(file size, first 4 MiB, last 1 MiB). Later loads read
-      that folder (about 1 s). The folder is written atomically, so an interrupted conversion leaves
+      that folder. The folder is written atomically, so an interrupted conversion leaves
       nothing behind;
     * a Hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct`.
 
@@ -48,37 +48,9 @@ from pathlib import Path
 
 from ..errors import DSGError
 from ..paths import atomic_output_dir, cache_dir
-
-HUB_TIMEOUT_S = 5.0
+from .hub import is_repo_id, parse_dataset_spec, require_hub
 
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
-
-
-# --------------------------------------------------------------------------------------------- hub
-def _hub_offline() -> bool:
-    """True if Hub downloads are disabled (HF_HUB_OFFLINE) or the Hub does not answer within seconds."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S):
-            return False
-    except OSError:
-        return True
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", spec))
-
-
-def _require_hub(spec: str, what: str, hint: str) -> None:
-    if _hub_offline():
-        raise DSGError(f"cannot reach the Hugging Face Hub to fetch {what} {spec!r}; {hint}")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -111,9 +83,9 @@ def resolve_model_dir(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise DSGError(f"model folder {spec} has no config.json")
         return str(path.resolve())
-    if path.exists() or not _looks_like_hub_id(spec) or spec.startswith((".", "/", "~")):
+    if path.exists() or not is_repo_id(spec) or spec.startswith((".", "/", "~")):
         raise DSGError(f"model {spec} is not a model folder, a .gguf file or a Hub id")
-    _require_hub(spec, "model", "pass a local folder or .gguf file (no local folder of that name exists)")
+    require_hub(spec, "model", "pass a local folder or .gguf file (no local folder of that name exists)")
     return spec
 
 
@@ -245,7 +217,7 @@ def load_sae(spec: str, *, device: str = "cpu"):
     if ":" not in spec or path.exists() or spec.startswith((".", "/", "~")):
         raise DSGError(f"SAE {spec} is not a sae-lens folder or RELEASE:SAE_ID")
     release, sae_id = spec.split(":", 1)
-    _require_hub(spec, "SAE", "pass a local sae-lens folder")
+    require_hub(spec, "SAE", "pass a local sae-lens folder")
     from sae_lens import SAE
 
     try:
@@ -466,11 +438,11 @@ def load_texts(spec: str, *, text_field: str | None = None, limit: int | None = 
             else:
                 texts = [d.strip() for d in re.split(r"\n\s*\n", raw) if d.strip()]
     else:
-        m = re.fullmatch(r"([\w.\-]+(?:/[\w.\-]+)?)(?::([\w.\-]+))?(?:@([\w.\-\[\]:%+]+))?", spec)
-        if not m:
+        parsed = parse_dataset_spec(spec, default_split="train")
+        if parsed is None:
             raise DSGError(f"text source {spec} is not a file or a Hub data set NAME[:CONFIG][@SPLIT]")
-        name, config, split = m.group(1), m.group(2), m.group(3) or "train"
-        _require_hub(spec, "data set", "pass a local .txt, .jsonl or .parquet file")
+        name, config, split = parsed
+        require_hub(spec, "data set", "pass a local .txt, .jsonl or .parquet file")
         import datasets
 
         try:
@@ -483,6 +455,19 @@ def load_texts(spec: str, *, text_field: str | None = None, limit: int | None = 
     if not texts:
         raise DSGError(f"text source {spec} is empty")
     return texts
+
+
+def load_sources(specs, text_field: str | None = None) -> tuple[list[str], list[str]]:
+    """(all texts, the specs as strings) of one text source or a list of them (`load_texts` each, in order)."""
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    specs = [str(s) for s in specs]
+    if not specs:
+        raise DSGError("no text source given")
+    texts = []
+    for spec in specs:
+        texts += load_texts(spec, text_field=text_field)
+    return texts, specs
 
 
 def read_parquet(path, source: str | None = None) -> list[dict]:
@@ -543,6 +528,23 @@ def read_json_file(path, what: str):
         return json.loads(decode_text(raw, f"{what} {path}"))
     except json.JSONDecodeError as err:
         raise DSGError(f"cannot read {what} {path}: not valid JSON ({err})") from None
+
+
+def check_dsg_folder(model_dir) -> dict:
+    """The parsed config.json of a DSG model folder, or a `DSGError` saying what is wrong with the folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise DSGError(f"model folder {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise DSGError(f"{model_dir} is not a folder (expected a DSG model folder written by `dsg build`)")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise DSGError(f"{model_dir} is not a DSG model folder: it has no config.json")
+    config = read_json_file(config_path, "model config")
+    if not isinstance(config, dict) or config.get("model_type") != "dsg":
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise DSGError(f"{model_dir} is not a DSG model folder: config.json has model_type {found!r}, expected 'dsg'")
+    return config
 
 
 def check_device(device) -> str:
@@ -678,7 +680,6 @@ def load_dsg_model(folder, *, device: str | None = "cpu", dtype=None, what: str 
     from transformers import AutoTokenizer
 
     from .. import DSGForCausalLM
-    from ..publishing.cards import check_dsg_folder
 
     folder = Path(folder).expanduser()
     what = what or f"the DSG model in {folder}"

@@ -1,6 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct with biology as the forget domain, from the shared folder.
 
-Everything is read from `paths.shared_dir()` (see `/work/shared/data/README.md`); nothing is copied
+Everything is read from `paths.shared_dir()` (see `data/README.md` there); nothing is copied
 into the repository. Every choice below is deterministic and independent of Python's `hash()`
 randomization, so every machine builds the same sets.
 
@@ -38,19 +38,17 @@ Text sets
                          (lm-eval-harness format, ends with "Answer:").
     retain_texts(split)  WikiText paragraphs of that split + non-biology MMLU MCQ prompts of that
                          split (same format as the forget side, so format features do not pass the
-                         filter; see findings.md) + non-bio gloss documents.
+                         filter) + non-bio gloss documents.
     heldout_prompts()    {"bio": WMDP-bio heldout prompts, "mmlu_bio": MMLU biology heldout,
                           "mmlu_nonbio": MMLU non-biology heldout, "wikitext": heldout WikiText
                           paragraphs}.
     sae_training_texts() general text for the SAE: build-split WikiText articles, every WordNet
                          gloss (grouped as above, all lexnames), build-split MMLU prompts of all
                          subjects and build-split WMDP-bio prompts, shuffled with a fixed seed.
-                         Never a heldout question or heldout WikiText article. 29,562 texts,
-                         3,650,826 SmolLM2 tokens (measured by `python -m modeling_dsg.embedded.data`).
+                         Never a heldout question or heldout WikiText article.
 
-Sizes (SmolLM2 tokenizer, no special tokens): forget(build) 1,006 texts / 89,832 tokens;
-retain(build) 6,320 / 806,767; heldout bio 509 / 47,884; mmlu_bio 341 / 22,668; mmlu_nonbio
-4,749 / 542,893; wikitext 246 paragraphs / 36,358.
+`python -m modeling_dsg.embedded.data` prints the size of every set (texts and SmolLM2 tokens); the
+figures are recorded in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -80,6 +78,14 @@ AMBIGUOUS_LEXNAMES = frozenset(
 
 
 # ----------------------------------------------------------------------------------------- files
+def seeded_sample(texts, n: int, seed: int = 0) -> list:
+    """`n` of `texts` drawn with `random.Random(seed)` (all of them, in order, when there are at most `n`)."""
+    texts = list(texts)
+    if len(texts) <= n:
+        return texts
+    return random.Random(seed).sample(texts, n)
+
+
 def gguf_path() -> Path:
     """The shared SmolLM2-135M-Instruct Q4_1 GGUF file."""
     return shared_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

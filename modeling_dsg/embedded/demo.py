@@ -13,13 +13,13 @@ base next to DSG; then writes the model folder (loadable with `trust_remote_code
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
 from ..errors import DSGError
 from ..paths import PACKAGE_DIR, SHIPPED
 from ..pipelines.build import BuildOptions
+from .data import seeded_sample
 
 SAE_DIR = PACKAGE_DIR / SHIPPED["sae"]
 DEMO_OPTIONS = dict(
@@ -44,13 +44,6 @@ def default_sae() -> Path:
     if not found:
         raise DSGError(f"no shipped SAE found under {SAE_DIR} (expected smollm2-135m-layerN/cfg.json); pass --sae")
     return found[0].parent
-
-
-def _sample(texts, n, seed=0):
-    texts = list(texts)
-    if len(texts) <= n:
-        return texts
-    return random.Random(seed).sample(texts, n)
 
 
 def _generate(model, tokenizer, prompt, max_new_tokens):
@@ -130,7 +123,8 @@ def run_demo(
     print(f"      loaded in {time.perf_counter() - start:.1f} s")
     sae_obj = load_sae(str(sae_path))
     print(
-        f"      SAE: {sae_path.name} ({sae_obj.cfg.architecture()}, d_sae {sae_obj.cfg.d_sae}, layer {sae_layer(sae_obj)})"
+        f"      SAE: {sae_path.name} ({sae_obj.cfg.architecture()}, d_sae {sae_obj.cfg.d_sae}, "
+        f"layer {sae_layer(sae_obj)})"
     )
 
     print("[2/5] corpora (build split; held-out questions are never used here)")
@@ -171,7 +165,9 @@ def run_demo(
 
     print("[4/5] trigger rates on held-out prompts")
     prompts = embedded.heldout_prompts()
-    sets = {name: _sample(texts, heldout_sample, seed=i) for i, (name, texts) in enumerate(sorted(prompts.items()))}
+    sets = {
+        name: seeded_sample(texts, heldout_sample, seed=i) for i, (name, texts) in enumerate(sorted(prompts.items()))
+    }
     rates = {}
     for name, texts in sets.items():
         decisions = guard_decisions(model, tokenizer, texts, desc=f"held-out {name}")[options.name]

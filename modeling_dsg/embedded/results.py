@@ -22,8 +22,7 @@ SmolLM2-135M answers multiple-choice letters near chance, so the primary metric 
 probability of the correct answer's text (cloze), with the correct-letter probability and letter
 accuracy reported beside it.
 
-    dsg results --out results          # 20 minutes on 2 CPU cores before the dilution grid grew to 24 cells;
-                                       # the grid adds an estimated 30 (about 11x the old dilution tokens)
+    dsg results --out results          # its run time is recorded on the page it writes
 """
 
 from __future__ import annotations
@@ -35,12 +34,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.rows import Rows
 from ..errors import DSGError
+from ..evaluation.dilution import DILUTIONS, attack_success, dilution_grid, filler_tokens
+from ..evaluation.markdown import fmt_fixed
 from ..pipelines.sweep import mcq_numbers as _mcq_numbers
-from .demo import _sample
+from .data import seeded_sample
 
 COMMAND = "dsg results --out results"
-DILUTIONS = (1, 2, 5, 10)  # filler of k times the prompt's length, for k in DILUTIONS, at every placement
 
 
 @dataclass
@@ -74,17 +75,16 @@ class ResultsOptions:
 
 
 def _mcq(records, name, role):
-    from ..evaluation.evaluate import McqSet, validate_mcq
+    from ..data.mcq import McqSet, validate_mcq
 
     return McqSet(name=name, role=role, source=f"embedded: {name} (held-out)", records=validate_mcq(records, name))
 
 
 def _token_rows(tokenizer, texts):
     """Texts tokenized as they are (the tokenizer's own special tokens), as right-padded rows."""
-    from ..evaluation.evaluate import _pad_id
-    from ..pipelines.sweep import _rows
+    from ..evaluation.scoring import padding_id
 
-    return _rows(tokenizer(texts)["input_ids"], _pad_id(tokenizer))
+    return Rows.from_sequences(tokenizer(texts)["input_ids"], padding_id(tokenizer))
 
 
 def _store(model, tokenizer, statistics, rows, desc, options):
@@ -93,7 +93,7 @@ def _store(model, tokenizer, statistics, rows, desc, options):
     from ..analysis.stats import collect
     from ..pipelines.build import counted_exclusions, sae_encoder
 
-    encode = sae_encoder(statistics.sae_spec, statistics.sae_state, statistics.layer, options.device)
+    encode = sae_encoder(statistics.sae_spec, statistics.sae_state, options.device)
     with torch.no_grad():
         return collect(
             model,
@@ -114,75 +114,6 @@ def fired(store, guardrail: dict):
 
 
 # ----------------------------------------------------------------------------------- dilution
-def dilute(
-    prompt_ids: list[int], filler_ids: list[int], factor: int, offset: int, bos: int | None, placement: str = "prefix"
-) -> list[int]:
-    """The prompt with factor x its length of filler tokens (`filler_ids` from `offset`, wrapping around).
-
-    placement "prefix": the filler in front of the prompt; "suffix": after it; "split": between its two
-    halves (the prompt's first len // 2 tokens, the filler, the rest). A prompt that starts with `bos` keeps
-    it first and its length does not count it; no BOS is added to a prompt without one.
-    """
-    from ..evaluation.report import PLACEMENTS
-
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown dilution placement {placement!r} (one of {', '.join(PLACEMENTS)})")
-    head = [bos] if bos is not None and prompt_ids and prompt_ids[0] == bos else []
-    body = list(prompt_ids[len(head) :])
-    n = factor * len(body)
-    if n and not filler_ids:
-        raise ValueError("dilute: the filler has no tokens")
-    filler = [filler_ids[(offset + i) % len(filler_ids)] for i in range(n)]
-    cut = {"prefix": 0, "suffix": len(body), "split": len(body) // 2}[placement]
-    return head + body[:cut] + filler + body[cut:]
-
-
-def dilution_grid(
-    sequences: list[list[int]],
-    filler_ids: list[int],
-    offsets,
-    bos: int | None,
-    placements=None,
-    factors=DILUTIONS,
-    filler: str = "",
-):
-    """Every cell of the dilution attack, the one construction `dsg results` and `dsg eval --dilution` share:
-    yields (placement, factor, cell key, the diluted sequences), placement by placement, factors in order.
-    Sequence i gets its filler from `offsets[i]` in every cell; `filler` tags the keys (`report_schema.cell_key`)."""
-    from ..evaluation.report import PLACEMENTS, cell_key
-
-    for placement in placements or PLACEMENTS:
-        for factor in factors:
-            yield (
-                placement,
-                factor,
-                cell_key(placement, factor, filler),
-                [
-                    dilute(seq, filler_ids, factor, int(offset), bos, placement)
-                    for seq, offset in zip(sequences, offsets)
-                ],
-            )
-
-
-def attack_success(before, after) -> dict:
-    """Of the prompts that fire undiluted, the fraction that no longer fire once diluted."""
-    import numpy as np
-
-    before, after = np.asarray(before, bool), np.asarray(after, bool)
-    n = int(before.sum())
-    return {
-        "fired_before": n,
-        "evaded": int((before & ~after).sum()),
-        "attack_success": float((before & ~after).sum() / n) if n else None,
-        "trigger_rate": float(after.mean()),
-    }
-
-
-def filler_tokens(tokenizer, texts) -> list[int]:
-    """The filler: `texts` tokenized without special tokens and joined."""
-    return [t for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for t in ids]
-
-
 def dilution_attack(
     model,
     tokenizer,
@@ -201,15 +132,16 @@ def dilution_attack(
     Each filler's offsets (one per prompt, the same in every cell) come from one generator seeded `options.seed`."""
     import numpy as np
 
-    from ..evaluation.evaluate import _pad_id
     from ..evaluation.report import PLACEMENTS
-    from ..pipelines.sweep import _rows
+    from ..evaluation.scoring import padding_id
 
     bos = tokenizer.bos_token_id
     prompt_ids = tokenizer(prompts)["input_ids"]
     fillers = {"": (filler_name, filler_texts), **(more_fillers or {})}
     rng = np.random.default_rng(options.seed)
-    undiluted = _store(model, tokenizer, statistics, _rows(prompt_ids, _pad_id(tokenizer)), "dilution: none", options)
+    undiluted = _store(
+        model, tokenizer, statistics, Rows.from_sequences(prompt_ids, padding_id(tokenizer)), "dilution: none", options
+    )
     out = {name: {} for name in guardrails}
     base_fired = {name: fired(undiluted, g) for name, g in guardrails.items()}
     cells = []
@@ -222,7 +154,12 @@ def dilution_attack(
             prompt_ids, filler, offsets, bos, PLACEMENTS, DILUTIONS, tag
         ):
             store = _store(
-                model, tokenizer, statistics, _rows(seqs, _pad_id(tokenizer)), f"dilution: {name} {key}", options
+                model,
+                tokenizer,
+                statistics,
+                Rows.from_sequences(seqs, padding_id(tokenizer)),
+                f"dilution: {name} {key}",
+                options,
             )
             cells.append({"filler": tag, "placement": placement, "factor": factor, "key": key})
             for g_name, g in guardrails.items():
@@ -269,7 +206,7 @@ def relearning_curve(models: dict, tokenizer, rows, steps, score_fn, *, lr, batc
 
     curves = {name: [] for name in models}
     copies = {}
-    for name, (base, _) in models.items():
+    for base, _ in models.values():
         if id(base) not in copies:
             copies[id(base)] = {"model": copy.deepcopy(base), "optimizer": None, "done": 0}
     for k in steps:
@@ -301,8 +238,8 @@ def relearning_curve(models: dict, tokenizer, rows, steps, score_fn, *, lr, batc
 
 # ----------------------------------------------------------------------------------- the table
 def _text_nll(model, tokenizer, texts, options, record=False):
-    from ..evaluation.evaluate import text_nll
     from ..evaluation.metrics import token_nll
+    from ..evaluation.scoring import text_nll
 
     sums, counts, decisions = text_nll(
         model,
@@ -318,7 +255,8 @@ def _text_nll(model, tokenizer, texts, options, record=False):
 
 def main_table(wrapper, tokenizer, statistics, sets: dict, texts, variants: dict, rmu_model, options) -> dict:
     """Rows of the main table: base, each guarded variant, RMU."""
-    from ..evaluation.evaluate import EvalOptions, score_mcq
+    from ..evaluation.evaluate import EvalOptions
+    from ..evaluation.scoring import score_mcq
     from ..pipelines.sweep import prepare_set, score_point
 
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=options.batch_size, progress=False)
@@ -448,11 +386,15 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
 
     # -- held-out sets ----------------------------------------------------------------------------------------
     held = embedded.heldout_prompts()
-    forget_mcq = _mcq(_sample(embedded.wmdp_records("heldout"), options.eval_n, options.seed), "WMDP-bio", "forget")
-    retain_mcq = _mcq(
-        _sample(embedded.mmlu_records("heldout", "nonbio"), options.eval_n, options.seed), "MMLU non-bio", "retain"
+    forget_mcq = _mcq(
+        seeded_sample(embedded.wmdp_records("heldout"), options.eval_n, options.seed), "WMDP-bio", "forget"
     )
-    wiki = _sample(held["wikitext"], options.eval_n, options.seed)
+    retain_mcq = _mcq(
+        seeded_sample(embedded.mmlu_records("heldout", "nonbio"), options.eval_n, options.seed),
+        "MMLU non-bio",
+        "retain",
+    )
+    wiki = seeded_sample(held["wikitext"], options.eval_n, options.seed)
 
     wrapper = assemble(base, tokenizer, [])
     start = time.perf_counter()
@@ -473,7 +415,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     start = time.perf_counter()
     rates, rho, ablation_rates = {}, {}, {}
     for set_name, prompts in held.items():
-        prompts = _sample(prompts, options.heldout_n, options.seed)
+        prompts = seeded_sample(prompts, options.heldout_n, options.seed)
         store = _store(base, tokenizer, statistics, _token_rows(tokenizer, prompts), f"held-out {set_name}", options)
         rates[set_name] = {
             "n": len(prompts),
@@ -492,7 +434,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         base,
         tokenizer,
         statistics,
-        _sample(held["bio"], options.dilution_n, options.seed + 1),
+        seeded_sample(held["bio"], options.dilution_n, options.seed + 1),
         held["wikitext"],
         {**guarded, **ablation},
         options,
@@ -518,7 +460,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         embedded.forget_texts("build"), tokenizer, seq_len=options.relearn_seq_len, seed=options.seed
     )
     relearn_mcq = _mcq(
-        _sample(embedded.wmdp_records("heldout"), options.relearn_n, options.seed + 2), "WMDP-bio", "forget"
+        seeded_sample(embedded.wmdp_records("heldout"), options.relearn_n, options.seed + 2), "WMDP-bio", "forget"
     )
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=options.batch_size, progress=False)
 
@@ -573,10 +515,12 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
                 tokenizer,
                 statistics,
                 _mcq(
-                    _sample(embedded.wmdp_records("heldout"), options.sweep_n, options.seed + 3), "WMDP-bio", "forget"
+                    seeded_sample(embedded.wmdp_records("heldout"), options.sweep_n, options.seed + 3),
+                    "WMDP-bio",
+                    "forget",
                 ),
                 _mcq(
-                    _sample(embedded.mmlu_records("heldout", "nonbio"), options.sweep_n, options.seed + 3),
+                    seeded_sample(embedded.mmlu_records("heldout", "nonbio"), options.sweep_n, options.seed + 3),
                     "MMLU non-bio",
                     "retain",
                 ),
@@ -586,9 +530,9 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         timings["sweep_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - t_all
 
-    from ..evaluation.evaluate import _clean
+    from ..evaluation.report import clean_json
 
-    record = _clean(record)
+    record = clean_json(record)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(record, indent=2))
         write_plots(record, rho, variants["DSG"][0]["threshold"], tmp)
@@ -626,9 +570,9 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     held = embedded.heldout_prompts()
     cs_held = [r for r in embedded.mmlu_records("heldout", "nonbio") if r["subject"] == topic]
     sets = {
-        "WMDP-bio": _sample(held["bio"], options.heldout_n // 2, options.seed),
+        "WMDP-bio": seeded_sample(held["bio"], options.heldout_n // 2, options.seed),
         "MMLU computer_security": [mcq_prompt(r["question"], r["choices"]) for r in cs_held],
-        "MMLU non-bio, other subjects": _sample(
+        "MMLU non-bio, other subjects": seeded_sample(
             [
                 mcq_prompt(r["question"], r["choices"])
                 for r in embedded.mmlu_records("heldout", "nonbio")
@@ -641,7 +585,7 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=options.batch_size, progress=False)
     mcqs = {
         "WMDP-bio": _mcq(
-            _sample(embedded.wmdp_records("heldout"), len(cs_held), options.seed + 4), "WMDP-bio", "forget"
+            seeded_sample(embedded.wmdp_records("heldout"), len(cs_held), options.seed + 4), "WMDP-bio", "forget"
         ),
         "MMLU computer_security": _mcq(cs_held, "MMLU computer_security", "forget"),
     }
@@ -677,7 +621,7 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
 
 # ----------------------------------------------------------------------------------- outputs
 def write_plots(record: dict, rho: dict, tau: float, folder: Path) -> None:
-    from ..evaluation.plots import _figure, _save, plot_rho_histograms, plot_tradeoff
+    from ..evaluation.plots import plot_curves, plot_rho_histograms, plot_tradeoff
 
     table = record["table"]
     series = []
@@ -708,53 +652,47 @@ def write_plots(record: dict, rho: dict, tau: float, folder: Path) -> None:
         folder / "rho.png",
         title="DSG score rho on held-out prompts",
     )
-    fig = _figure(6.0, 4.2)
-    ax = fig.add_subplot()
     rel = record["relearning"]
-    for name, ys in rel["curves"].items():
-        ax.plot(rel["steps"], ys, marker="o", label=name)
-    ax.set_xlabel(
-        f"fine-tuning steps on forget text (batch {rel['batch']} x {rel['seq_len']} tokens, lr {rel['lr']:g})"
+    plot_curves(
+        rel["steps"],
+        rel["curves"],
+        folder / "relearning.png",
+        xlabel=f"fine-tuning steps on forget text (batch {rel['batch']} x {rel['seq_len']} tokens, lr {rel['lr']:g})",
+        ylabel="WMDP-bio correct-answer per-token probability",
+        title="Relearning attack (guards applied at test time)",
     )
-    ax.set_ylabel("WMDP-bio correct-answer per-token probability")
-    ax.set_title("Relearning attack (guards applied at test time)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, folder / "relearning.png")
     plot_dilution(record["dilution"], folder / "dilution.png")
 
 
 def plot_dilution(dil: dict, path: Path) -> None:
     """Attack success against the filler's size: one panel per filler and placement, a line per guardrail."""
-    from ..evaluation.plots import _figure, _save
+    from ..evaluation.plots import plot_attack_success
     from ..evaluation.report import cell_key
 
     fillers, placements, factors = dilution_layout(dil)
-    fig = _figure(3.4 * len(placements), 3.0 * len(fillers) + 0.6)
-    axes = fig.subplots(len(fillers), len(placements), squeeze=False, sharex=True, sharey=True)
-    for row, filler in zip(axes, fillers):
-        for ax, placement in zip(row, placements):
-            for name, by in dil["by_guardrail"].items():
-                ys = [by[cell_key(placement, f, filler["tag"])]["attack_success"] for f in factors]
-                ax.plot([0] + factors, [0.0] + [float("nan") if y is None else y for y in ys], marker="o", label=name)
-            ax.axhline(0.05, color="gray", linestyle=":", label="5%")
-            ax.set_title(f"{filler['name']}, {PLACEMENT_WORDS[placement]}", fontsize=9)
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xticks([0] + factors, [str(f) for f in [0] + factors])
-            ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("filler, times the prompt's length")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("attack success")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(
-        f"Dilution attack on {dil['n']} held-out WMDP-bio prompts: fired prompts that no longer fire", fontsize=10
+    panels = [
+        [
+            {
+                "title": f"{filler['name']}, {PLACEMENT_WORDS[placement]}",
+                "lines": {
+                    name: [by[cell_key(placement, f, filler["tag"])]["attack_success"] for f in factors]
+                    for name, by in dil["by_guardrail"].items()
+                },
+            }
+            for placement in placements
+        ]
+        for filler in fillers
+    ]
+    plot_attack_success(
+        panels,
+        factors,
+        path,
+        title=f"Dilution attack on {dil['n']} held-out WMDP-bio prompts: fired prompts that no longer fire",
     )
-    _save(fig, path)
 
 
 def _f(x, digits=3):
-    return "–" if x is None else f"{x:.{digits}f}"
+    return fmt_fixed(x, digits, missing="–")  # the results page shows a dash where a number is missing
 
 
 PLACEMENT_WORDS = {"prefix": "in front", "suffix": "after the question", "split": "between its two halves"}
@@ -790,7 +728,8 @@ def dilution_table(block: dict, entries: dict) -> list[str]:
                 cells = [by[cell_key(placement, k, filler["tag"])]["attack_success"] for k in factors]
                 known = [c for c in cells if c is not None]
                 lines.append(
-                    f"| {name} | {_f(by['undiluted_trigger_rate'])} | {filler['name']} | {PLACEMENT_WORDS[placement]} | "
+                    f"| {name} | {_f(by['undiluted_trigger_rate'])} | {filler['name']} | "
+                    f"{PLACEMENT_WORDS[placement]} | "
                     + " | ".join(_f(c) for c in cells)
                     + f" | {_f(max(known) if known else None)} |"
                 )
@@ -831,7 +770,8 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
         "*letter p*: probability of the correct letter among A-D; *acc*: letter accuracy (SmolLM2-135M is near "
         "chance here, 0.25); *fires*: trigger rate.",
         "",
-        "| model | forget cloze p ↓ | forget letter p | forget acc | forget fires | retain cloze p ↑ | retain letter p | retain acc | retain fires | WikiText NLL ↓ |",
+        "| model | forget cloze p ↓ | forget letter p | forget acc | forget fires | retain cloze p ↑ | "
+        "retain letter p | retain acc | retain fires | WikiText NLL ↓ |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in t.items():
@@ -959,7 +899,7 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
 def configure_parser(p):
     p.add_argument("--out", default="results", metavar="DIR", help="the results folder to write (default: results)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the sweep (saves about 10 minutes)")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the sweep (the slowest part)")
     p.add_argument("--device", default="cpu")
 
 

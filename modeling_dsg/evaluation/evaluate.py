@@ -3,6 +3,12 @@
 One run, one model instance: the base model is the DSG model inside `guardrails_disabled()`, the DSG
 model is the same instance with its guardrails on (their decisions recorded with `record_guardrails()`).
 
+This module is the command: `EvalOptions` and its checks, the run (`compare` scores base and DSG into the
+report's rows and blocks, `add_baselines` adds other models' numbers), loading the folders,
+`evaluate_folder` (the Python API) and the parser. The question sets and prompts are in `data/mcq.py`,
+the forwards and scores in `scoring.py`, the report's schema and its writing (report.json, plots,
+summary.md) in `report.py`, the formulas in `metrics.py`.
+
 Inputs
     --forget-mcq / --retain-mcq  multiple-choice questions in the WMDP/MMLU schema (`question`,
         `choices`: 4 strings, `answer`: 0-3, optional `subject`): a local .jsonl or .parquet file, or a Hub
@@ -42,8 +48,8 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
                     are reported on the kept questions as well. A question leaves at its first wrong
                     answer, so the cost is about (1 + accuracy + ...) forwards per question, not 24.
     The multiple-choice numbers are computed by the `evaluate` module `modeling_dsg/evaluation/dsg_unlearning`
-    (`evaluate.load(path)`, offline), which wraps `metrics.choice_metrics`; where that folder is not
-    installed the same functions are called directly (report.json `settings.scorer` says which).
+    (`evaluate.load(path)`, offline), which wraps `metrics.compute_choice_metrics`; where that folder is not
+    installed the same function is called directly (report.json `settings.scorer` says which).
 
     The DSG pass decides per sequence on the whole scored input (the prompt, plus for cloze the choice
     text), in one forward: the guard's decision on a prompt is the one it takes in deployment.
@@ -58,7 +64,7 @@ Metrics (per data set, for base and DSG; formulas in `metrics.py`)
 Baselines and dilution
     `--baseline NAME=DIR` (repeatable) scores another model (an RMU folder, a static build, ...) on the
     same sets with the DSG model's tokenizer; each results row gets `baselines: {NAME: value}`.
-    `--dilution` runs the dilution attack on the forget prompts (`eval_dilution`): 1x/2x/5x/10x their length
+    `--dilution` runs the dilution attack on the forget prompts (`dilution.py`): 1x/2x/5x/10x their length
     of filler in front, after the prompt and between its two halves, and per dynamic guardrail and cell the
     fraction of the prompts that fired that no longer fire.
 
@@ -71,7 +77,7 @@ Fluency
     summary.md gets the table and the first three generations side by side.
 
 Outputs (REPORT_DIR, written atomically)
-    report.json  the schema of `report_schema` (checked before writing; `cards.py` reads it): schema_version,
+    report.json  the schema of `report.py` (checked before writing; `cards.py` reads it): schema_version,
                  model, results rows {dataset, metric, base, dsg, n, higher_is_better, baselines,
                  dataset_id?, dataset_config?, dataset_split?}, baselines, baseline_models?, trigger_rates
                  {dataset: {guardrail: {rate, fired, n}}}, dilution?, plus trigger_rates_by_subject,
@@ -85,647 +91,79 @@ Outputs (REPORT_DIR, written atomically)
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import math
-import numbers
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DSGError
-from ..paths import PACKAGE_DIR, SHIPPED
-from .report import (
-    MODELS,
-    SCHEMA_VERSION,
-    check_report,
-    dilution_rows,
-    factor_key,
-    model_columns,
-    result_row,
-    row_value,
-)
+from ..data.mcq import LETTERS, PREAMBLE, McqSet, answer_prefix, check_chat, load_mcq, load_text_set
+from ..errors import DSGError, raise_first
+from ..options import add_options, from_args, option
+from .report import SCHEMA_VERSION, clean_json, result_row, summary_markdown, write_report
+from .scoring import as_base, known_questions, load_scorer, mcq_metrics, score_mcq, text_nll
 
-LETTERS = "ABCD"
-PREAMBLE = "The following are multiple choice questions (with answers) about {topic}.\n\n"
-METRIC_DIR = PACKAGE_DIR / SHIPPED["metric"]
-REPORT_FILE = "report.json"
-SUMMARY_FILE = "summary.md"
 DTYPES = ("float32", "bfloat16", "float16")
 CLOZE_MODES = ("correct", "all", "none")
-NO_SUBJECT = "(no subject)"
 
 
 @dataclass
 class EvalOptions:
-    """Every knob of `dsg eval`, with its default."""
+    """Every knob of `dsg eval`, with its default; each field is also a `dsg eval` option."""
 
-    chat: bool = False  # prompts through the tokenizer's chat template
-    preamble: bool = False  # "The following are multiple choice questions ... about {topic}."
-    limit: int | None = None  # at most this many questions (and texts) per source, the first ones
-    batch_size: int = 8
-    known_filter: bool = True
-    permutations: int = 24  # permutations of the choices for the known filter (1..24)
-    cloze: str = "correct"  # cloze scoring: "correct" (the correct choice's text, 1 more forward per
-    # question), "all" (every choice: + cloze accuracy, 4 more), or "none"
-    text_max_tokens: int = 512  # texts are cut to this many tokens
-    device: str = "cpu"
-    dtype: str = "float32"
-    forget_name: str | None = None  # default: the source's file stem (or Hub name)
-    retain_name: str | None = None
-    text_name: str | None = None
-    progress: bool = True  # tqdm bars on the long steps
-    dilution: bool = False  # also run the dilution attack on the forget prompts (`eval_dilution`)
-    fluency: int | None = None  # greedy generations on up to N forget prompts that fire and N retain prompts
-    fluency_tokens: int = 32  # new tokens per fluency generation
-
-
-def check_options(o: EvalOptions) -> None:
-    checks = [
-        (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
-        (1 <= o.permutations <= 24, f"--permutations must be between 1 and 24, got {o.permutations}"),
-        (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
-        (o.text_max_tokens >= 2, f"--text-max-tokens must be at least 2, got {o.text_max_tokens}"),
-        (o.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}"),
-        (o.cloze in CLOZE_MODES, f"--cloze must be one of {', '.join(CLOZE_MODES)}, got {o.cloze!r}"),
-        (o.fluency is None or o.fluency >= 1, f"--fluency must be at least 1, got {o.fluency}"),
-        (o.fluency_tokens >= 1, f"--fluency-tokens must be at least 1, got {o.fluency_tokens}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DSGError(message)
-
-
-# ------------------------------------------------------------------------------------- sources
-@dataclass
-class McqSet:
-    """Validated multiple-choice questions: records {question, choices [4], answer 0-3, subject|None}."""
-
-    name: str
-    role: str  # "forget" or "retain"
-    source: str
-    records: list
-    hub: dict = field(default_factory=dict)  # dataset_id / dataset_config / dataset_split for Hub sources
-
-    @property
-    def label(self) -> str:
-        """How the set is named in the report: "NAME (ROLE)", or just the role when NAME is the role."""
-        return self.role if self.name == self.role else f"{self.name} ({self.role})"
-
-    @property
-    def answers(self):
-        import numpy as np
-
-        return np.array([r["answer"] for r in self.records], dtype=np.int64)
-
-    @property
-    def subjects(self) -> list | None:
-        """Per question its subject ("(no subject)" where missing); None if no record has one."""
-        if not any(r["subject"] for r in self.records):
-            return None
-        return [r["subject"] or NO_SUBJECT for r in self.records]
-
-
-_HUB_SPEC = re.compile(r"([\w.\-]+(?:/[\w.\-]+)?)(?::([\w.\-]+))?(?:@([\w.\-\[\]:%+]+))?")
-
-
-def validate_mcq(records, source: str) -> list[dict]:
-    """Check the WMDP/MMLU schema record by record; return clean records (a DSGError names the first problem)."""
-    out = []
-    for n, r in enumerate(records, 1):
-        where = f"{source}: record {n}"
-        if not isinstance(r, dict):
-            raise DSGError(f"{where} is not a JSON object")
-        missing = [k for k in ("question", "choices", "answer") if k not in r]
-        if missing:
-            raise DSGError(
-                f"{where} has no {', '.join(repr(k) for k in missing)} field (the WMDP/MMLU schema is "
-                f"question, choices, answer, optional subject; found {', '.join(sorted(map(str, r))) or 'nothing'})"
-            )
-        question, choices, answer = r["question"], r["choices"], r["answer"]
-        if not isinstance(question, str) or not question.strip():
-            raise DSGError(f"{where}: 'question' must be a non-empty string")
-        if not isinstance(choices, (list, tuple)) or len(choices) != 4:
-            got = len(choices) if isinstance(choices, (list, tuple)) else type(choices).__name__
-            raise DSGError(f"{where}: 'choices' must be a list of 4 strings, got {got}")
-        if not all(isinstance(c, str) and c.strip() for c in choices):
-            raise DSGError(f"{where}: every choice must be a non-empty string")
-        if isinstance(answer, bool) or not isinstance(answer, numbers.Integral) or not 0 <= int(answer) <= 3:
-            raise DSGError(f"{where}: 'answer' must be the index 0-3 of the correct choice, got {answer!r}")
-        subject = r.get("subject")
-        if subject is not None and not isinstance(subject, str):
-            raise DSGError(f"{where}: 'subject' must be a string")
-        out.append({"question": question, "choices": list(choices), "answer": int(answer), "subject": subject or None})
-    if not out:
-        raise DSGError(f"{source} has no questions")
-    return out
-
-
-def load_mcq(spec: str, role: str, *, name: str | None = None, limit: int | None = None) -> McqSet:
-    """Questions from a local .jsonl/.parquet file or a Hub data set `NAME[:CONFIG][@SPLIT]` (split "test")."""
-    from ..data.sources import _looks_like_hub_id, _require_hub, read_jsonl
-
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    hub = {}
-    if (
-        path.suffix.lower() in (".jsonl", ".parquet", ".json", ".txt", ".csv")
-        or path.exists()
-        or spec.startswith((".", "/", "~"))
-    ):
-        if path.is_dir():
-            raise DSGError(f"--{role}-mcq {spec} is a folder, not a file")
-        if not path.is_file():
-            raise DSGError(f"--{role}-mcq {spec} " + ("is not a regular file" if path.exists() else "does not exist"))
-        if path.suffix.lower() == ".jsonl":
-            records = read_jsonl(path)
-        elif path.suffix.lower() == ".parquet":
-            from ..data.sources import read_parquet
-
-            records = read_parquet(path, spec)
-        else:
-            raise DSGError(f"--{role}-mcq {spec}: expected a .jsonl or .parquet file (or a Hub data set id)")
-        default_name = path.stem
-    else:
-        m = _HUB_SPEC.fullmatch(spec)
-        if not m or not _looks_like_hub_id(m.group(1)):
-            raise DSGError(
-                f"--{role}-mcq {spec} is not a .jsonl/.parquet file or a Hub data set NAME[:CONFIG][@SPLIT]"
-            )
-        dataset_id, config, split = m.group(1), m.group(2), m.group(3) or "test"
-        _require_hub(spec, "data set", "pass a local .jsonl or .parquet file")
-        import datasets
-
-        try:
-            records = datasets.load_dataset(dataset_id, config, split=split).to_list()
-        except Exception as err:
-            raise DSGError(f"cannot load data set {spec}: {err}") from None
-        hub = {"dataset_id": dataset_id, "dataset_split": split, **({"dataset_config": config} if config else {})}
-        default_name = config or dataset_id.split("/")[-1]
-    if limit is not None:
-        records = records[:limit]
-    records = validate_mcq(records, spec)
-    return McqSet(name=name or default_name, role=role, source=spec, records=records, hub=hub)
-
-
-def load_text_set(spec: str, *, limit: int | None = None) -> list[str]:
-    from ..data.sources import load_texts
-
-    return load_texts(str(spec), limit=limit)
-
-
-# ------------------------------------------------------------------------------------- prompts
-def _topic(record: dict, fallback: str) -> str:
-    return (record.get("subject") or fallback).replace("_", " ")
-
-
-def letter_prompt(record: dict, *, preamble: bool = False, topic: str = "") -> str:
-    """The lm-eval-harness prompt (question, "A. .." lines, "Answer:"), with the optional preamble."""
-    from ..data.sources import mcq_prompt
-
-    text = mcq_prompt(record["question"], record["choices"])
-    return (PREAMBLE.format(topic=_topic(record, topic)) + text) if preamble else text
-
-
-def cloze_context(record: dict, *, preamble: bool = False, topic: str = "") -> str:
-    """The cloze context: the question then "Answer:" (no choices listed), with the optional preamble."""
-    text = f"{record['question'].strip()}\nAnswer:"
-    return (PREAMBLE.format(topic=_topic(record, topic)) + text) if preamble else text
-
-
-def chat_wrap(tokenizer, text: str) -> str:
-    """`text` as a user turn in the tokenizer's chat template, ending with the generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    chat: bool = option(False, help="prompts as a user turn of the tokenizer's chat template")
+    preamble: bool = option(
+        False, help="start prompts with 'The following are multiple choice questions (with answers) about {subject}.'"
     )
-
-
-def check_chat(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DSGError("--chat: this tokenizer has no chat template")
-
-
-def answer_prefix(chat: bool) -> str:
-    """What comes before the letter or choice text: a space, or nothing in a chat template's answer turn."""
-    return "" if chat else " "
-
-
-# ------------------------------------------------------------------------------------- scoring
-def _device(model):
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _encode_pairs(tokenizer, contexts: list[str], continuations: list[str], add_special: bool, ctx=None):
-    """lm-eval-harness pair encoding: tokenize context + continuation together and cut after the
-    context's tokens; if that cut does not fall on a token boundary, the continuation is tokenized
-    on its own instead. Returns (context ids, continuation ids) lists (`ctx`: the contexts' ids, if known)."""
-    if ctx is None:
-        ctx = tokenizer(contexts, add_special_tokens=add_special)["input_ids"]
-    whole = tokenizer([c + x for c, x in zip(contexts, continuations)], add_special_tokens=add_special)["input_ids"]
-    conts = []
-    for c, w, x in zip(ctx, whole, continuations):
-        if w[: len(c)] == c and len(w) > len(c):
-            conts.append(list(w[len(c) :]))
-        else:
-            conts.append(list(tokenizer(x, add_special_tokens=False)["input_ids"]))
-    return [list(c) for c in ctx], conts
-
-
-def _forward(
-    model,
-    sequences: list,
-    n_keep: list,
-    *,
-    pad_id: int,
-    batch_size: int,
-    desc: str,
-    record: bool = False,
-    progress: bool = True,
-):
-    """Batched forwards over token sequences, longest first, left padded (position ids follow the
-    attention mask, so a row's result does not depend on its padding). Yields (row indices, logits of
-    the last K positions [B, K, V] in float32, {guardrail: (rho [B], fired [B])} if `record`)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    device = _device(model)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        index = order[start : start + batch_size]
-        length = max(len(sequences[i]) for i in index)
-        ids = torch.full((len(index), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(index), length), dtype=torch.long)
-        for b, i in enumerate(index):
-            seq = sequences[i]
-            ids[b, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[b, length - len(seq) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(n_keep[i] for i in index)
-        recorder = (
-            model.record_guardrails() if record and hasattr(model, "record_guardrails") else contextlib.nullcontext([])
-        )
-        with torch.no_grad(), recorder as records:
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-        logits = out.logits[:, -keep:, :].float().cpu()
-        decisions = {r["guardrail"]: (r["rho"].detach().double().cpu(), r["fired"].detach().cpu()) for r in records}
-        yield index, logits, decisions
-
-
-class _Decisions:
-    """Per-row rho and fired of every guardrail, filled batch by batch."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.rho: dict = {}
-        self.fired: dict = {}
-
-    def add(self, index, decisions: dict):
-        import numpy as np
-
-        for name, (rho, fired) in decisions.items():
-            if name not in self.rho:
-                self.rho[name] = np.full(self.n, np.nan)
-                self.fired[name] = np.zeros(self.n, dtype=bool)
-            self.rho[name][index] = rho.numpy()
-            self.fired[name][index] = fired.numpy()
-
-    def as_dict(self) -> dict:
-        return {name: {"rho": self.rho[name], "fired": self.fired[name]} for name in self.rho}
-
-
-def letter_sequences(tokenizer, prompts: list[str], *, chat: bool = False, letters: str = LETTERS):
-    """The token sequences that letter scoring feeds the model: (sequences, shared prefix ids, letter ids [n, 4]).
-    Each sequence is the prompt plus the tokens the four answers share; the next token is the letter."""
-    import numpy as np
-
-    n = len(prompts)
-    prefix = answer_prefix(chat)
-    add_special = not chat
-    shared, letter_ids, sequences = [], np.zeros((n, len(letters)), dtype=np.int64), []
-    ctx_ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
-    per_letter = [_encode_pairs(tokenizer, prompts, [prefix + L] * n, add_special, ctx_ids) for L in letters]
-    for i in range(n):
-        ctx = per_letter[0][0][i]
-        conts = [per_letter[j][1][i] for j in range(len(letters))]
-        ok = (
-            len({len(c) for c in conts}) == 1
-            and all(c[:-1] == conts[0][:-1] for c in conts)
-            and len({c[-1] for c in conts}) == len(letters)
-        )
-        if not ok:
-            shown = ", ".join(repr(prefix + L) for L in letters)
-            raise DSGError(
-                f"the answer letters {shown} are not single tokens after the prompt with this tokenizer "
-                f"(prompt {i + 1} gives {conts}); letter scoring needs one token per letter"
-            )
-        shared.append(conts[0][:-1])
-        letter_ids[i] = [c[-1] for c in conts]
-        sequences.append(ctx + conts[0][:-1])
-    return sequences, shared, letter_ids
-
-
-def letter_logprobs(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    chat: bool = False,
-    batch_size: int = 8,
-    record: bool = False,
-    desc: str = "letters",
-    progress: bool = True,
-    letters: str = LETTERS,
-):
-    """Letter scores [n, 4]: log P(prefix + letter | prompt) over the full vocabulary (prefix " ", or ""
-    with `chat`; `prompts` are already chat-wrapped when `chat`), and, with `record`, each guardrail's
-    {"rho", "fired"} per prompt. One forward per batch of prompts; only the last positions' logits are kept.
-    """
-    import numpy as np
-    import torch
-
-    n = len(prompts)
-    sequences, shared, letter_ids = letter_sequences(tokenizer, prompts, chat=chat, letters=letters)
-    n_keep = [len(s) + 1 for s in shared]
-    scores = np.zeros((n, len(letters)))
-    decisions = _Decisions(n)
-    for index, logits, dec in _forward(
-        model,
-        sequences,
-        n_keep,
-        pad_id=_pad_id(tokenizer),
-        batch_size=batch_size,
-        desc=desc,
-        record=record,
-        progress=progress,
-    ):
-        logp = torch.log_softmax(logits, dim=-1)
-        K = logp.shape[1]
-        for b, i in enumerate(index):
-            m = n_keep[i]
-            rows = logp[b, K - m :]
-            lead = sum(float(rows[s, t]) for s, t in enumerate(shared[i]))
-            scores[i] = rows[-1, torch.as_tensor(letter_ids[i])].double().numpy() + lead
-        decisions.add(index, dec)
-    return scores, decisions.as_dict()
-
-
-def target_logprobs(
-    model,
-    tokenizer,
-    sequences: list,
-    targets: list,
-    *,
-    batch_size: int = 8,
-    record: bool = False,
-    desc: str = "log-likelihood",
-    progress: bool = True,
-):
-    """Summed log P of `targets[i]`, the tokens that the last len(targets[i]) positions of `sequences[i]`
-    predict, and their count; plus the guardrails' decisions with `record`. Returns (sums [n], counts [n],
-    decisions)."""
-    import numpy as np
-    import torch
-
-    n = len(sequences)
-    sums, counts = np.zeros(n), np.array([len(t) for t in targets], dtype=np.int64)
-    decisions = _Decisions(n)
-    n_keep = [max(1, len(t)) for t in targets]
-    for index, logits, dec in _forward(
-        model,
-        sequences,
-        n_keep,
-        pad_id=_pad_id(tokenizer),
-        batch_size=batch_size,
-        desc=desc,
-        record=record,
-        progress=progress,
-    ):
-        K = logits.shape[1]
-        for b, i in enumerate(index):
-            t = targets[i]
-            if not t:
-                continue
-            rows = logits[b, K - len(t) :]
-            picked = rows.gather(-1, torch.as_tensor(t).unsqueeze(-1)).squeeze(-1)
-            sums[i] = float((picked - torch.logsumexp(rows, dim=-1)).double().sum())
-        decisions.add(index, dec)
-    return sums, counts, decisions.as_dict()
-
-
-def cloze_sequences(tokenizer, contexts: list[str], continuations: list[str], *, chat: bool = False):
-    """(model inputs (context + continuation)[:-1], continuation ids), as lm-eval-harness forms them."""
-    ctx, conts = _encode_pairs(tokenizer, contexts, continuations, not chat)
-    return [(c + x)[:-1] for c, x in zip(ctx, conts)], conts
-
-
-def continuation_logprobs(
-    model,
-    tokenizer,
-    contexts: list[str],
-    continuations: list[str],
-    *,
-    chat: bool = False,
-    batch_size: int = 8,
-    record: bool = False,
-    desc: str = "cloze",
-    progress: bool = True,
-):
-    """Summed log P(continuation | context) and the continuation's token count, per pair (the input is
-    (context + continuation)[:-1], as in lm-eval-harness)."""
-    sequences, conts = cloze_sequences(tokenizer, contexts, continuations, chat=chat)
-    return target_logprobs(
-        model, tokenizer, sequences, conts, batch_size=batch_size, record=record, desc=desc, progress=progress
+    limit: int | None = option(None, metavar="N", help="use only the first N questions (and texts) of each source")
+    batch_size: int = option(8, help="rows per forward")
+    known_filter: bool = option(
+        True,
+        negatable=True,
+        help="also report on the questions the base model answers correctly under every permutation (default: on)",
     )
-
-
-def text_nll(
-    model,
-    tokenizer,
-    texts: list[str],
-    *,
-    max_tokens: int = 512,
-    batch_size: int = 8,
-    record: bool = False,
-    desc: str = "text",
-    progress: bool = True,
-):
-    """Per text: the summed NLL of tokens 2..T (T <= max_tokens, the tokenizer's special tokens included)
-    and T - 1, plus the guardrails' decisions on the text with `record`."""
-    ids = [list(x)[:max_tokens] for x in tokenizer(texts)["input_ids"]]
-    sums, counts, decisions = target_logprobs(
-        model,
-        tokenizer,
-        [x[:-1] or x for x in ids],
-        [x[1:] for x in ids],
-        batch_size=batch_size,
-        record=record,
-        desc=desc,
-        progress=progress,
+    permutations: int = option(24, help="permutations for the known filter (1-24)")
+    cloze: str = option(
+        "correct",
+        choices=CLOZE_MODES,
+        help="cloze scoring: the correct choice's text only (default), every choice (adds cloze accuracy; "
+        "4 forwards per question), or none",
     )
-    return -sums, counts, decisions
-
-
-def mcq_texts(tokenizer, mcq: McqSet, options: EvalOptions) -> dict:
-    """The texts scored for a question set: {"letter": prompts [n]} plus, unless `options.cloze` is
-    "none", {"cloze": (contexts, continuations)}, 4 pairs per question with "all", 1 with "correct"."""
-    recs = mcq.records
-    wrap = (lambda text: chat_wrap(tokenizer, text)) if options.chat else (lambda text: text)
-    out = {"letter": [wrap(letter_prompt(r, preamble=options.preamble, topic=mcq.name)) for r in recs]}
-    if options.cloze != "none":
-        prefix = answer_prefix(options.chat)
-        every = options.cloze == "all"
-        contexts = [wrap(cloze_context(r, preamble=options.preamble, topic=mcq.name)) for r in recs]
-        if every:
-            contexts = [c for c in contexts for _ in range(4)]
-        continuations = [prefix + c for r in recs for c in (r["choices"] if every else [r["choices"][r["answer"]]])]
-        out["cloze"] = (contexts, continuations)
-    return out
-
-
-def score_mcq(model, tokenizer, mcq: McqSet, options: EvalOptions, *, record: bool = False, tag: str = "") -> dict:
-    """One model variant on one question set: {"letter": [n, 4] letter scores, "decisions": per guardrail
-    rho/fired (with `record`)}, plus with `options.cloze` "all": "cloze" and "cloze_tokens" [n, 4] (each
-    choice's summed log-likelihood and token count), with "correct": "cloze_correct" and
-    "cloze_correct_tokens" [n] (the correct choice's only)."""
-    import numpy as np
-
-    texts = mcq_texts(tokenizer, mcq, options)
-    letters, decisions = letter_logprobs(
-        model,
-        tokenizer,
-        texts["letter"],
-        chat=options.chat,
-        batch_size=options.batch_size,
-        record=record,
-        desc=f"{mcq.label} {tag} letters",
-        progress=options.progress,
+    text_max_tokens: int = option(512, help="cut each text to this many tokens")
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=DTYPES)
+    forget_name: str | None = option(None, help="name of the forget set in the report (default: the file stem)")
+    retain_name: str | None = option(None, help="name of the retain set in the report")
+    text_name: str | None = option(None, help="name of the text set in the report")
+    progress: bool = option(True, help="no progress bars")
+    dilution: bool = option(
+        False,
+        help="also run the dilution attack: forget prompts with 1x/2x/5x/10x their length of filler (the "
+        "--text source, else the retain questions) in front, after, or between the prompt's two halves; "
+        "how many that fired no longer fire",
     )
-    out = {"letter": letters, "decisions": decisions}
-    if "cloze" in texts:
-        n = len(mcq.records)
-        contexts, continuations = texts["cloze"]
-        sums, counts, _ = continuation_logprobs(
-            model,
-            tokenizer,
-            contexts,
-            continuations,
-            chat=options.chat,
-            batch_size=options.batch_size,
-            desc=f"{mcq.label} {tag} cloze",
-            progress=options.progress,
+    fluency: int | None = option(
+        None,
+        metavar="N",
+        help="also generate greedy answers (chat template) to up to N forget questions that fire and N retain "
+        "questions, base and DSG, and measure them with the base model: NLL per token, repetition, "
+        "answer leak (report.json 'fluency', a table and examples in summary.md)",
+    )
+    fluency_tokens: int = option(32, metavar="T", help="new tokens per fluency generation (default 32)")
+
+    def validate(self) -> None:
+        """Refuse bad values before any model is loaded: one `DSGError`."""
+        o = self
+        raise_first(
+            [
+                (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
+                (1 <= o.permutations <= 24, f"--permutations must be between 1 and 24, got {o.permutations}"),
+                (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
+                (o.text_max_tokens >= 2, f"--text-max-tokens must be at least 2, got {o.text_max_tokens}"),
+                (o.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}"),
+                (o.cloze in CLOZE_MODES, f"--cloze must be one of {', '.join(CLOZE_MODES)}, got {o.cloze!r}"),
+                (o.fluency is None or o.fluency >= 1, f"--fluency must be at least 1, got {o.fluency}"),
+                (o.fluency_tokens >= 1, f"--fluency-tokens must be at least 1, got {o.fluency_tokens}"),
+            ]
         )
-        if options.cloze == "all":
-            out["cloze"] = sums.reshape(n, 4)
-            out["cloze_tokens"] = counts.reshape(n, 4).astype(np.float64)
-        else:
-            out["cloze_correct"], out["cloze_correct_tokens"] = sums, counts.astype(np.float64)
-    return out
-
-
-def known_questions(model, tokenizer, mcq: McqSet, options: EvalOptions, base_letters=None):
-    """The known filter on the base model (`model` with its guardrails disabled); see `metrics.known_filter`."""
-    from .metrics import known_filter
-
-    wrap = (lambda text: chat_wrap(tokenizer, text)) if options.chat else (lambda text: text)
-    rounds = iter(range(1, options.permutations + 1))
-
-    def score(records):
-        prompts = [wrap(letter_prompt(r, preamble=options.preamble, topic=mcq.name)) for r in records]
-        with _base(model):
-            return letter_logprobs(
-                model,
-                tokenizer,
-                prompts,
-                chat=options.chat,
-                batch_size=options.batch_size,
-                desc=f"{mcq.label} known filter, permutation {next(rounds, '?')}",
-                progress=options.progress,
-            )[0]
-
-    if base_letters is not None:
-        next(rounds)
-    return known_filter(mcq.records, score, options.permutations, first_scores=base_letters)
-
-
-@contextlib.contextmanager
-def _base(model):
-    """The base model: a DSG model's guardrails off; any other model as it is."""
-    if hasattr(model, "guardrails_disabled"):
-        with model.guardrails_disabled():
-            yield
-    else:
-        yield
-
-
-# -------------------------------------------------------------------------------------- scorer
-class DirectScorer:
-    """`modeling_dsg.evaluation.metrics` behind the `compute` signature of the evaluate module (its fallback)."""
-
-    name = "modeling_dsg.evaluation.metrics"
-
-    def compute(self, *, predictions, references, groups=None, lengths=None):
-        from .metrics import choice_metrics, choice_metrics_by_group
-
-        out = choice_metrics(predictions, references, lengths)
-        if groups is not None:
-            out["by_group"] = choice_metrics_by_group(predictions, references, groups, lengths)
-        return out
-
-
-def load_scorer(path=None):
-    """The `dsg_unlearning` evaluate module, loaded with `evaluate.load(<local path>)` (works offline).
-
-    Returns (scorer with `.compute(predictions=, references=, groups=, lengths=)`, a description). If the
-    module folder is not there (an installation without the repository's `metrics/` folder), the same
-    functions are used directly and the description says so.
-    """
-    path = Path(path) if path is not None else METRIC_DIR
-    if not (path / f"{path.name}.py").is_file():
-        return DirectScorer(), f"{DirectScorer.name} (evaluate module {path} not found)"
-    import evaluate
-
-    try:
-        return evaluate.load(str(path), keep_in_memory=True), f"evaluate.load({str(path)!r})"
-    except Exception as err:  # e.g. an evaluate version that cannot load it: same numbers, said so
-        return DirectScorer(), f"{DirectScorer.name} (evaluate.load failed: {err})"
-
-
-def _mcq_metrics(scorer, scores: dict, answers, groups) -> dict:
-    """{"letter": metrics, "cloze": metrics}: the letter scores (and every choice's cloze scores) through the
-    scorer, per group too when `groups`; the correct choice's cloze log-likelihood alone directly."""
-    from .metrics import correct_loglikelihood
-
-    by_group = {"groups": list(groups)} if groups else {}
-    out = {"letter": scorer.compute(predictions=scores["letter"].tolist(), references=answers.tolist(), **by_group)}
-    if "cloze" in scores:
-        out["cloze"] = scorer.compute(
-            predictions=scores["cloze"].tolist(),
-            references=answers.tolist(),
-            lengths=scores["cloze_tokens"].tolist(),
-            **by_group,
-        )
-    elif "cloze_correct" in scores:
-        out["cloze"] = correct_loglikelihood(scores["cloze_correct"], scores["cloze_correct_tokens"])
-    return out
-
-
-def _subset(scores: dict, mask) -> dict:
-    return {k: v[mask] for k, v in scores.items() if k != "decisions"}
 
 
 # -------------------------------------------------------------------------------------- the run
@@ -737,6 +175,10 @@ MCQ_ROWS = [  # (kind, key, metric name, shown on the known subset too)
     ("cloze", "correct_logprob", "cloze log-likelihood", False),
     ("cloze", "correct_logprob_per_length", "cloze log-likelihood per token", True),
 ]
+
+
+def _subset(scores: dict, mask) -> dict:
+    return {k: v[mask] for k, v in scores.items() if k != "decisions"}
 
 
 def _guardrails(model) -> list[dict]:
@@ -777,7 +219,7 @@ def compare(
     from .metrics import summarize, token_nll, trigger_rates
 
     options = options or EvalOptions()
-    check_options(options)
+    options.validate()
     if options.chat:
         check_chat(tokenizer)
     timings: dict = {}
@@ -825,13 +267,13 @@ def compare(
     for mcq in (forget, retain):
         label, answers, subjects = mcq.label, mcq.answers, mcq.subjects
         start = time.perf_counter()
-        with _base(model):
+        with as_base(model):
             base = score_mcq(model, tokenizer, mcq, options, tag="base")
         timings[f"{label}: base_s"] = time.perf_counter() - start
         start = time.perf_counter()
         dsg = score_mcq(model, tokenizer, mcq, options, record=True, tag="DSG")
         timings[f"{label}: dsg_s"] = time.perf_counter() - start
-        m_base, m_dsg = _mcq_metrics(scorer, base, answers, subjects), _mcq_metrics(scorer, dsg, answers, subjects)
+        m_base, m_dsg = mcq_metrics(scorer, base, answers, subjects), mcq_metrics(scorer, dsg, answers, subjects)
         report["datasets"][label] = {"role": mcq.role, "source": mcq.source, "n": len(mcq.records), **mcq.hub}
         report["metrics"][label] = {"base": m_base, "dsg": m_dsg}
         add_rows(label, m_base, m_dsg, mcq.hub)
@@ -865,8 +307,8 @@ def compare(
             }
             if kf.n_kept:
                 sub_groups = [subjects[i] for i in np.flatnonzero(kf.kept)] if subjects else None
-                kb = _mcq_metrics(scorer, _subset(base, kf.kept), answers[kf.kept], None)
-                kd = _mcq_metrics(scorer, _subset(dsg, kf.kept), answers[kf.kept], None)
+                kb = mcq_metrics(scorer, _subset(base, kf.kept), answers[kf.kept], None)
+                kd = mcq_metrics(scorer, _subset(dsg, kf.kept), answers[kf.kept], None)
                 report["metrics"][known_label] = {"base": kb, "dsg": kd}
                 add_rows(known_label, kb, kd, mcq.hub, known=True)
                 add_rates(known_label, dsg["decisions"], kf.kept, sub_groups)
@@ -874,7 +316,7 @@ def compare(
     if text:
         label = f"{text_name} (text)"
         start = time.perf_counter()
-        with _base(model):
+        with as_base(model):
             b_sum, b_count, _ = text_nll(
                 model,
                 tokenizer,
@@ -961,7 +403,7 @@ def add_baselines(
         start = time.perf_counter()
         for mcq in (forget, retain):
             scored = score_mcq(model, tokenizer, mcq, options, tag=name)
-            metrics = _mcq_metrics(scorer, scored, mcq.answers, mcq.subjects)
+            metrics = mcq_metrics(scorer, scored, mcq.answers, mcq.subjects)
             for kind, key, metric, _ in MCQ_ROWS:
                 if key in metrics.get(kind, {}):
                     values[(mcq.label, metric, name)] = metrics[kind][key]
@@ -981,222 +423,6 @@ def add_baselines(
         row["baselines"] = {name: values.get((row["dataset"], row["metric"], name)) for name in baselines}
     report["baselines"] = list(baselines)
     return report
-
-
-# ----------------------------------------------------------------------------------------- output
-def _clean(obj):
-    """JSON-safe: numpy scalars to Python, NaN/inf to null, tuples to lists."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    return obj
-
-
-def _cell(text) -> str:
-    return str(text).replace("\n", " ").replace("|", "\\|")
-
-
-def _num(x, digits=3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if abs(x) >= 1e6:  # e.g. a refusing row's log-likelihood, about -3.4e38 per token
-        return f"{x:.2e}"
-    return f"{x:.{digits}f}"
-
-
-def _delta(b, d) -> str:
-    if b is None or d is None:
-        return "n/a"
-    return f"{d - b:+.2e}" if abs(d - b) >= 1e6 else f"{d - b:+.3f}"
-
-
-def action_notes(guardrails: list) -> list[str]:
-    """What the DSG column means for guardrails that do not clamp (report "guardrails", `ReportGuardrail`)."""
-    notes = []
-    for g in guardrails:
-        name, action = _cell(g.get("name")), g.get("action", "clamp")
-        if action == "monitor":
-            notes.append(
-                f"Guardrail `{name}` only monitors (action `monitor`): it edits nothing, so it adds nothing "
-                "to DSG − base; its trigger rates are the decisions it would take."
-            )
-        elif action == "refuse":
-            notes.append(
-                f"Guardrail `{name}` refuses (action `refuse`): on the rows it fires on, every position puts "
-                "all the probability on the refusal's next token, so the four answer letters are equally "
-                "unlikely (correct-letter probability 0.25, raw probability 0, and accuracy 0: a row whose "
-                "letters all tie gave no answer) and the answer text's "
-                "log-likelihood is about -3.4e38 per token (probability 0). Those numbers measure the "
-                "refusals, not what the model still knows."
-            )
-    return notes
-
-
-def summary_markdown(report: dict) -> str:
-    """The results, trigger-rate, dilution and known-filter tables of a report, in Markdown."""
-    columns = model_columns(report)
-    models, others = columns[: len(MODELS)], columns[len(MODELS) :]  # base and DSG; the baselines
-    lines = [
-        f"# DSG evaluation: {report.get('model', '')}",
-        "",
-        "Base model and DSG model side by side (same instance, guardrails off / on).",
-        "",
-        "| dataset | metric | n |"
-        + "".join(f" {_cell(h)} |" for _, h in models)
-        + " DSG − base |"
-        + "".join(f" {_cell(h)} |" for _, h in others),
-        "|---|---|---:|" + "---:|" * (len(models) + 1 + len(others)),
-    ]
-    for r in report["results"]:
-        arrow = " ↑" if r.get("higher_is_better") else " ↓"
-        b, d = r.get("base"), r.get("dsg")
-        delta = _delta(b, d)
-        lines.append(
-            f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {_num(r.get('n'))} |"
-            + "".join(f" {_num(row_value(r, key))} |" for key, _ in models)
-            + f" {delta} |"
-            + "".join(f" {_num(row_value(r, key))} |" for key, _ in others)
-        )
-    notes = action_notes(report.get("guardrails", []))
-    if notes:
-        lines += ["", *notes]
-    names = [g["name"] for g in report.get("guardrails", [])]
-    if report["trigger_rates"] and names:
-        lines += [
-            "",
-            "## Guardrail trigger rates",
-            "",
-            "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
-            "|---|" + "---:|" * len(names),
-        ]
-        for label, per in report["trigger_rates"].items():
-            cells = [
-                f"{100 * per[n]['rate']:.1f}% of {per[n]['n']}" if per.get(n, {}).get("rate") is not None else "n/a"
-                for n in names
-            ]
-            lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
-    if report.get("dilution"):
-        block = report["dilution"]
-        keys = [factor_key(f) for f in block["factors"]]
-        lines += [
-            "",
-            "## Dilution attack",
-            "",
-            f"{block['n']} prompts of {_cell(block['dataset'])} with filler from {_cell(block['filler'])}, "
-            "k times their length, put in front of the prompt (prefix), after it (suffix) or between its two "
-            "halves (split). Attack success: of the prompts that fired undiluted, the fraction that no "
-            "longer fire.",
-            "",
-            "| guardrail | score | fired undiluted | filler at |" + "".join(f" {k} |" for k in keys),
-            "|---|---|---:|---|" + "---:|" * len(keys),
-        ]
-        for row in dilution_rows(block):
-            for placement, steps in row["by_placement"]:
-                lines.append(
-                    f"| `{_cell(row['guardrail'])}` | `{_cell(row['score'])}` | {_num(row['fired_before'])} of "
-                    f"{_num(row['n'])} | {placement} |" + "".join(f" {_num(v)} |" for _, v in steps)
-                )
-    if report["known_filter"]:
-        lines += [
-            "",
-            "## Known questions (base correct under every permutation)",
-            "",
-            "| dataset | permutations | kept | of |",
-            "|---|---:|---:|---:|",
-        ]
-        for label, kf in report["known_filter"].items():
-            lines.append(f"| {_cell(label)} | {kf['permutations']} | {kf['kept']} | {kf['n']} |")
-    if report.get("fluency"):
-        from .fluency import summary_lines
-
-        lines += [""] + summary_lines(report["fluency"])
-    if report.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
-    return "\n".join(lines) + "\n"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "guardrail"
-
-
-def write_plots(report: dict, arrays: dict, folder: Path) -> list[str]:
-    """The PNGs of a report into `folder`; returns their file names."""
-    from . import plots
-
-    written = []
-    labels = arrays["labels"]
-    for g in report["guardrails"]:
-        name = g["name"]
-        rho = {
-            labels[role]: arrays["rho"][role][name]
-            for role in ("forget", "retain", "text")
-            if role in arrays["rho"] and name in arrays["rho"][role]
-        }
-        if rho:
-            file = f"rho_{_slug(name)}.png"
-            plots.plot_rho_histograms(rho, g["tau"], folder / file, title=f"guardrail '{name}': rho per sequence")
-            written.append(file)
-        bars = {}
-        for role in ("forget", "retain"):
-            label = labels.get(role)
-            if label is None:
-                continue
-            per_subject = report["trigger_rates_by_subject"].get(label)
-            if per_subject:
-                bars[label] = {s: (v[name]["rate"], v[name]["n"]) for s, v in per_subject.items() if name in v}
-            elif name in report["trigger_rates"].get(label, {}):
-                v = report["trigger_rates"][label][name]
-                bars[label] = {"all questions": (v["rate"], v["n"])}
-        if bars:
-            file = f"trigger_rates_{_slug(name)}.png"
-            plots.plot_trigger_rates(bars, folder / file, title=f"guardrail '{name}': trigger rate per subject")
-            written.append(file)
-    f_label, r_label = labels.get("forget"), labels.get("retain")
-    for kind, key, metric, file in (
-        ("letter", "accuracy", "accuracy", "tradeoff_accuracy.png"),
-        ("cloze", "correct_logprob_per_length", "cloze log-likelihood per token", "tradeoff_cloze.png"),
-    ):
-        mf, mr = report["metrics"].get(f_label, {}), report["metrics"].get(r_label, {})
-        if kind not in mf.get("base", {}) or kind not in mr.get("base", {}):
-            continue
-        points = [
-            {"label": who, "x": mr[col][kind][key], "y": mf[col][kind][key]}
-            for who, col in (("base", "base"), ("DSG", "dsg"))
-        ]
-        plots.plot_tradeoff(
-            points,
-            folder / file,
-            xlabel=f"retain: {r_label} {metric}",
-            ylabel=f"forget: {f_label} {metric}",
-            title=f"forget/retain trade-off ({metric})",
-        )
-        written.append(file)
-    return written
-
-
-def write_report(report: dict, arrays: dict, folder: Path) -> None:
-    """report.json, the plots and summary.md into `folder`."""
-    folder = Path(folder)
-    start = time.perf_counter()
-    report["plots"] = write_plots(report, arrays, folder)
-    report["timings"]["plots_s"] = time.perf_counter() - start
-    clean = check_report(_clean(report), REPORT_FILE)  # what is written follows `report_schema`
-    (folder / REPORT_FILE).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (folder / SUMMARY_FILE).write_text(summary_markdown(clean), encoding="utf-8")
 
 
 def _versions() -> dict:
@@ -1264,13 +490,13 @@ def evaluate_folder(
     baselines=None,
 ) -> dict:
     """The Python API of `dsg eval`: evaluate a DSG model folder and write REPORT_DIR. Returns the report."""
+    from ..data.sources import check_dsg_folder
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
-    from ..publishing.cards import check_dsg_folder
     from .dilution import check_dilution, filler_texts, measure_dilution
 
     options = options or EvalOptions()
-    check_options(options)
+    options.validate()
     out = prepare_output(
         out,
         overwrite,
@@ -1333,7 +559,7 @@ def evaluate_folder(
         report["datasets"][f"{text_name} (text)"]["source"] = str(text)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_report(report, arrays, tmp)
-    return _clean(report)
+    return clean_json(report)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -1357,82 +583,14 @@ def configure_parser(p):
         "--baseline",
         action="append",
         metavar="NAME=DIR",
-        help="also score another model on the same sets (e.g. RMU=out/rmu from `dsg rmu`, or a static build); repeatable",
+        help="also score another model on the same sets (e.g. RMU=out/rmu from `dsg rmu`, or a static build); "
+        "repeatable",
     )
-    d = EvalOptions()
-    p.add_argument("--chat", action="store_true", help="prompts as a user turn of the tokenizer's chat template")
-    p.add_argument(
-        "--preamble",
-        action="store_true",
-        help="start prompts with 'The following are multiple choice questions (with answers) about {subject}.'",
-    )
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N questions (and texts) of each source")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument(
-        "--known-filter",
-        action=argparse.BooleanOptionalAction,
-        default=d.known_filter,
-        help="also report on the questions the base model answers correctly under every permutation (default: on)",
-    )
-    p.add_argument("--permutations", type=int, default=d.permutations, help="permutations for the known filter (1-24)")
-    p.add_argument(
-        "--cloze",
-        choices=CLOZE_MODES,
-        default=d.cloze,
-        help="cloze scoring: the correct choice's text only (default), every choice (adds cloze accuracy; "
-        "4 forwards per question), or none",
-    )
-    p.add_argument("--text-max-tokens", type=int, default=d.text_max_tokens, help="cut each text to this many tokens")
-    p.add_argument(
-        "--dilution",
-        action="store_true",
-        help="also run the dilution attack: forget prompts with 1x/2x/5x/10x their length of filler (the "
-        "--text source, else the retain questions) in front, after, or between the prompt's two halves; "
-        "how many that fired no longer fire",
-    )
-    p.add_argument("--forget-name", help="name of the forget set in the report (default: the file stem)")
-    p.add_argument("--retain-name", help="name of the retain set in the report")
-    p.add_argument("--text-name", help="name of the text set in the report")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
-    p.add_argument(
-        "--fluency",
-        type=int,
-        metavar="N",
-        help="also generate greedy answers (chat template) to up to N forget questions that fire and N retain "
-        "questions, base and DSG, and measure them with the base model: NLL per token, repetition, "
-        "answer leak (report.json 'fluency', a table and examples in summary.md)",
-    )
-    p.add_argument(
-        "--fluency-tokens",
-        type=int,
-        default=d.fluency_tokens,
-        metavar="T",
-        help=f"new tokens per fluency generation (default {d.fluency_tokens})",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_options(p, EvalOptions)
 
 
 def options_from_args(args) -> EvalOptions:
-    return EvalOptions(
-        chat=args.chat,
-        preamble=args.preamble,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        known_filter=args.known_filter,
-        permutations=args.permutations,
-        cloze=args.cloze,
-        text_max_tokens=args.text_max_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        forget_name=args.forget_name,
-        retain_name=args.retain_name,
-        text_name=args.text_name,
-        progress=args.progress,
-        dilution=args.dilution,
-        fluency=args.fluency,
-        fluency_tokens=args.fluency_tokens,
-    )
+    return from_args(EvalOptions, args)
 
 
 def run(args):

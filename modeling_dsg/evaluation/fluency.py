@@ -31,6 +31,10 @@ from __future__ import annotations
 import re
 import time
 
+from ..data.mcq import chat_wrap, letter_prompt
+from .markdown import fmt_fixed, md_excerpt
+from .scoring import as_base, batched_forward, model_device, padding_id, target_logprobs
+
 NGRAM_REPEAT = 3  # n of the repeated n-gram share
 NGRAM_DISTINCT = 2  # n of distinct-n
 SUMMARY_KEYS = (
@@ -110,7 +114,8 @@ def text_metrics(texts, records=None) -> dict:
 
 
 def nll_summary(sums, counts) -> dict:
-    """Micro-averaged NLL per token over generations (summed NLL [n], token counts [n]), and the per-generation mean."""
+    """Micro-averaged NLL per token over generations (summed NLL [n], token counts [n]), and the
+    per-generation mean."""
     total = float(sum(counts))
     per = [s / c for s, c in zip(sums, counts) if c]
     return {
@@ -123,8 +128,6 @@ def nll_summary(sums, counts) -> dict:
 # ------------------------------------------------------------------------------------ generation
 def prompt_ids(tokenizer, records, *, chat: bool = True) -> list[list[int]]:
     """The letter prompts' token ids (chat-wrapped, no added special tokens; or as they are, with them)."""
-    from .evaluate import chat_wrap, letter_prompt
-
     texts = [letter_prompt(r) for r in records]
     if chat:
         texts = [chat_wrap(tokenizer, t) for t in texts]
@@ -155,16 +158,14 @@ def _left_padded(sequences, pad_id: int):
 
 def prompt_fired(model, tokenizer, sequences, *, batch_size: int = 8) -> list[bool]:
     """Per prompt: did any guardrail fire on it (one forward, the guard's own decision)?"""
-    from .evaluate import _forward, _pad_id
-
     fired = [False] * len(sequences)
     if not getattr(model, "guards", None):
         return fired
-    for index, _, decisions in _forward(
+    for index, _, decisions in batched_forward(
         model,
         sequences,
         [1] * len(sequences),
-        pad_id=_pad_id(tokenizer),
+        pad_id=padding_id(tokenizer),
         batch_size=batch_size,
         desc="fluency: which prompts fire",
         record=True,
@@ -181,12 +182,10 @@ def greedy_generate(model, tokenizer, sequences, *, max_new_tokens: int = 32, ba
     after the first end-of-sequence token, which is kept; fired per row: any guardrail fired at any point)."""
     import torch
 
-    from .evaluate import _device, _pad_id
-
     eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     generated, fired = [], []
-    device = _device(model)
+    device = model_device(model)
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         ids, mask = _left_padded(chunk, pad)
@@ -214,9 +213,7 @@ def greedy_generate(model, tokenizer, sequences, *, max_new_tokens: int = 32, ba
 
 def base_nll(model, tokenizer, sequences, generated, *, batch_size: int = 8):
     """The base model's summed NLL of each generation given its prompt, and its token count."""
-    from .evaluate import _base, target_logprobs
-
-    with _base(model):
+    with as_base(model):
         sums, counts, _ = target_logprobs(
             model,
             tokenizer,
@@ -326,9 +323,7 @@ def measure_fluency(
         if base_cache is not None and key in base_cache:
             base = base_cache[key]
         else:
-            from .evaluate import _base
-
-            with _base(model):
+            with as_base(model):
                 base_ids, _ = greedy_generate(
                     model, tokenizer, seqs_k, max_new_tokens=max_new_tokens, batch_size=batch_size
                 )
@@ -381,14 +376,6 @@ def measure_fluency(
 
 def summary_lines(block: dict) -> list[str]:
     """The fluency block as Markdown lines (a table and the examples)."""
-
-    def f(x, d=3):
-        return "n/a" if x is None else f"{x:.{d}f}"
-
-    def cell(t, width=160):
-        t = " ".join(str(t).split()).replace("|", "\\|")
-        return t if len(t) <= width else t[: width - 3] + "..."
-
     s = block["settings"]
     lines = [
         "## Fluency of generated answers",
@@ -398,27 +385,30 @@ def summary_lines(block: dict) -> list[str]:
         "base column is the base model's own answers. Repetition on words: repeated 3-gram share (lower is "
         "better), distinct-2 (higher is better). Leak: the correct choice's text appears in the answer.",
         "",
-        "| set | n | fired | model | NLL/token ↓ | repeated 3-grams ↓ | distinct-2 ↑ | answer leak | only the answer | new tokens |",
+        "| set | n | fired | model | NLL/token ↓ | repeated 3-grams ↓ | distinct-2 ↑ | answer leak | only the answer "
+        "| new tokens |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, e in block["sets"].items():
         if "base" not in e:
-            lines.append(f"| {cell(label)} | 0 | | (no prompt fired) | | | | | | |")
+            lines.append(f"| {md_excerpt(label)} | 0 | | (no prompt fired) | | | | | | |")
             continue
         for who in ("base", "dsg"):
             m = e[who]
+            fired = fmt_fixed(e["fired_in_generation"], 2) if who == "dsg" else ""
             lines.append(
-                f"| {cell(label)} | {e['n']} | {f(e['fired_in_generation'], 2) if who == 'dsg' else ''} | "
-                f"{'base' if who == 'base' else 'DSG'} | {f(m['nll_per_token'])} | {f(m['repeated_3gram_share'])} | "
-                f"{f(m['distinct_2'])} | {f(m['answer_leak_rate'], 2)} | {f(m['answer_only_leak_rate'], 2)} | "
-                f"{f(m['mean_new_tokens'], 1)} |"
+                f"| {md_excerpt(label)} | {e['n']} | {fired} | {'base' if who == 'base' else 'DSG'} | "
+                f"{fmt_fixed(m['nll_per_token'])} | {fmt_fixed(m['repeated_3gram_share'])} | "
+                f"{fmt_fixed(m['distinct_2'])} | {fmt_fixed(m['answer_leak_rate'], 2)} | "
+                f"{fmt_fixed(m['answer_only_leak_rate'], 2)} | {fmt_fixed(m['mean_new_tokens'], 1)} |"
             )
     for label, e in block["sets"].items():
         if e.get("examples"):
-            lines += ["", f"Examples ({cell(label)}):", "", "| question | answer | base | DSG |", "|---|---|---|---|"]
+            lines += ["", f"Examples ({md_excerpt(label)}):", "", "| question | answer | base | DSG |"]
+            lines.append("|---|---|---|---|")
             for x in e["examples"]:
                 lines.append(
-                    f"| {cell(x['question'], 100)} | {cell(x['answer'], 40)} | {cell(x['base'])} | "
-                    f"{cell(x['dsg'])}{' (fired)' if x['fired'] else ''} |"
+                    f"| {md_excerpt(x['question'], 100)} | {md_excerpt(x['answer'], 40)} | "
+                    f"{md_excerpt(x['base'])} | {md_excerpt(x['dsg'])}{' (fired)' if x['fired'] else ''} |"
                 )
     return lines

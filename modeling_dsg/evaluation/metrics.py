@@ -6,8 +6,9 @@ Multiple-choice scores
     scoring it is the summed log-likelihood of each choice's text. `references` [n] holds the index of
     the correct choice. `choice_metrics` returns
 
-        accuracy                  mean_q [argmax_j s_qj == r_q]      (ties go to the lowest index, as numpy's argmax;
-                                                                      a row whose choices all tie gave no answer: wrong)
+        accuracy                  mean_q [argmax_j s_qj == r_q]      (ties go to the lowest index, as numpy's
+                                                                      argmax; a row whose choices all tie gave
+                                                                      no answer: wrong)
         choice_prob               mean_q softmax_j(s_q)[r_q]         the probability of the correct choice,
                                                                      renormalised over the c choices
         correct_logprob           mean_q s_q,r_q                     the raw score of the correct choice
@@ -21,7 +22,8 @@ Multiple-choice scores
         accuracy_norm             mean_q [argmax_j s_qj / len_qj == r_q]   (lm-eval-harness' acc_norm idea)
         correct_logprob_per_length  mean_q s_q,r_q / len_q,r_q            (per-token log-likelihood)
 
-    With `groups` [n] (e.g. MMLU subjects) the same metrics are also returned per group (`by_group`).
+    With `groups` [n] (e.g. MMLU subjects) the same metrics are also returned per group (`by_group`):
+    `compute_choice_metrics`, the one function behind both scorers' `compute`.
     `correct_loglikelihood(sums, lengths)` gives the two cloze numbers from the correct choice's scores alone.
 
 Text
@@ -123,6 +125,15 @@ def choice_metrics_by_group(scores, references, groups: Sequence, lengths=None) 
         name: choice_metrics(s[g == name], r[g == name], None if ln is None else ln[g == name])
         for name in sorted(set(g.tolist()))
     }
+
+
+def compute_choice_metrics(predictions, references, groups=None, lengths=None) -> dict:
+    """What the scorer returns, one wrapper for both scorers (the `evaluate` module `dsg_unlearning` and
+    `scoring.DirectScorer`): `choice_metrics`, plus `by_group` (`choice_metrics_by_group`) with `groups`."""
+    out = choice_metrics(predictions, references, lengths)
+    if groups is not None:
+        out["by_group"] = choice_metrics_by_group(predictions, references, groups, lengths)
+    return out
 
 
 def correct_loglikelihood(sums, lengths) -> dict:

@@ -1,10 +1,11 @@
-"""The `dsg eval` report, `report.json`: its contract, defined once.
+"""The `dsg eval` report: its contract, `report.json`, defined once; and its writing.
 
-`evaluation.py` builds the results rows and the dilution block with the constructors here and checks
-the whole report with `check_report` before writing it; `cards.py` checks a report it reads the same
-way and gets the model columns with `model_columns` / `row_value`. `docs/publishing.md` shows the same
-keys. A report without "schema_version" is version 1: the same keys, written before the version and
-the dilution block existed.
+`evaluate.py` builds the results rows and the dilution block with the constructors here; `write_report`
+checks the whole report with `check_report` and writes report.json (`clean_json`: numbers JSON can hold),
+the plots (`write_plots`, drawn by `plots.py`) and summary.md (`summary_markdown`, cells and numbers from
+`markdown.py`). `publishing/cards.py` checks a report it reads the same way and gets the model columns
+with `model_columns` / `row_value`. `docs/publishing.md` shows the same keys. A report without
+"schema_version" is version 1: the same keys, written before the version and the dilution block existed.
 
     {
       "schema_version": 2,
@@ -29,8 +30,8 @@ the dilution block existed.
                                               CELL: DilutionStep, ...}}}
                  one CELL per placement and factor, keyed by `cell_key`: "1x", "2x", "5x", "10x" (filler in
                  front, the keys of version 2 reports before placements existed), "suffix 1x", ... (after the
-                 prompt), "split 1x", ... (between the prompt's two halves); see `results.dilute`
-    DilutionStep {"fired_before", "evaded", "attack_success", "trigger_rate"}   # `results.attack_success`
+                 prompt), "split 1x", ... (between the prompt's two halves); see `dilution.dilute`
+    DilutionStep {"fired_before", "evaded", "attack_success", "trigger_rate"}   # `dilution.attack_success`
     ReportGuardrail {"name", "layer", "mode", "score", "tau", "n_features", "window"?, "action", "refusal"?}
                  action (configuration_dsg.ACTIONS) is what the "dsg" column measured on the rows the
                  guardrail fired on: "clamp" edited them; "monitor" edited nothing (dsg equals base on
@@ -47,13 +48,22 @@ guardrail's "score". Numbers that could not be computed are null.
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import re
+import time
+from pathlib import Path
 from typing import NotRequired, TypedDict
 
 from ..errors import DSGError
+from .markdown import fmt_delta, fmt_number, fmt_percent, md_cell
 
 SCHEMA_VERSION = 2
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "summary.md"
 MODELS = {"base": "base", "dsg": "DSG"}  # the models every row has a number for: key -> column header
-# where the dilution filler goes (`results.dilute`): in front of the prompt, after it, between its two halves
+# where the dilution filler goes (`dilution.dilute`): in front of the prompt, after it, between its two halves
 PLACEMENTS = ("prefix", "suffix", "split")
 
 
@@ -113,7 +123,7 @@ class EvalReport(TypedDict, total=False):
     baseline_models: dict[str, str]
     trigger_rates: dict[str, dict[str, TriggerRate]]
     dilution: Dilution
-    # written by `dsg eval`, not read by the card (their shapes are described in evaluation.py):
+    # written by `dsg eval`, not read by the card (their shapes are described in evaluate.py):
     trigger_rates_by_subject: dict
     accuracy_by_subject: dict
     known_filter: dict
@@ -330,3 +340,202 @@ def check_report(report, where: str = "report.json") -> dict:
     if "dilution" in report:
         _check_dilution(report["dilution"], f"{where}: dilution")
     return report
+
+
+# ------------------------------------------------- writing out: report.json, the plots, summary.md
+def clean_json(obj):
+    """JSON-safe: numpy scalars to Python, NaN/inf to null, tuples to lists."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return clean_json(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def _cell(text) -> str:
+    return md_cell(text, tidy=False)
+
+
+def action_notes(guardrails: list) -> list[str]:
+    """What the DSG column means for guardrails that do not clamp (report "guardrails", `ReportGuardrail`)."""
+    notes = []
+    for g in guardrails:
+        name, action = _cell(g.get("name")), g.get("action", "clamp")
+        if action == "monitor":
+            notes.append(
+                f"Guardrail `{name}` only monitors (action `monitor`): it edits nothing, so it adds nothing "
+                "to DSG − base; its trigger rates are the decisions it would take."
+            )
+        elif action == "refuse":
+            notes.append(
+                f"Guardrail `{name}` refuses (action `refuse`): on the rows it fires on, every position puts "
+                "all the probability on the refusal's next token, so the four answer letters are equally "
+                "unlikely (correct-letter probability 0.25, raw probability 0, and accuracy 0: a row whose "
+                "letters all tie gave no answer) and the answer text's "
+                "log-likelihood is about -3.4e38 per token (probability 0). Those numbers measure the "
+                "refusals, not what the model still knows."
+            )
+    return notes
+
+
+def summary_markdown(report: dict) -> str:
+    """The results, trigger-rate, dilution and known-filter tables of a report, in Markdown."""
+    columns = model_columns(report)
+    models, others = columns[: len(MODELS)], columns[len(MODELS) :]  # base and DSG; the baselines
+    lines = [
+        f"# DSG evaluation: {report.get('model', '')}",
+        "",
+        "Base model and DSG model side by side (same instance, guardrails off / on).",
+        "",
+        "| dataset | metric | n |"
+        + "".join(f" {_cell(h)} |" for _, h in models)
+        + " DSG − base |"
+        + "".join(f" {_cell(h)} |" for _, h in others),
+        "|---|---|---:|" + "---:|" * (len(models) + 1 + len(others)),
+    ]
+    for r in report["results"]:
+        arrow = " ↑" if r.get("higher_is_better") else " ↓"
+        delta = fmt_delta(r.get("base"), r.get("dsg"))
+        lines.append(
+            f"| {_cell(r['dataset'])} | {_cell(r['metric'])}{arrow} | {fmt_number(r.get('n'))} |"
+            + "".join(f" {fmt_number(row_value(r, key))} |" for key, _ in models)
+            + f" {delta} |"
+            + "".join(f" {fmt_number(row_value(r, key))} |" for key, _ in others)
+        )
+    notes = action_notes(report.get("guardrails", []))
+    if notes:
+        lines += ["", *notes]
+    names = [g["name"] for g in report.get("guardrails", [])]
+    if report["trigger_rates"] and names:
+        lines += [
+            "",
+            "## Guardrail trigger rates",
+            "",
+            "| dataset | " + " | ".join(f"`{n}`" for n in names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for label, per in report["trigger_rates"].items():
+            cells = [
+                f"{fmt_percent(per[n]['rate'])} of {per[n]['n']}" if per.get(n, {}).get("rate") is not None else "n/a"
+                for n in names
+            ]
+            lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
+    if report.get("dilution"):
+        block = report["dilution"]
+        keys = [factor_key(f) for f in block["factors"]]
+        lines += [
+            "",
+            "## Dilution attack",
+            "",
+            f"{block['n']} prompts of {_cell(block['dataset'])} with filler from {_cell(block['filler'])}, "
+            "k times their length, put in front of the prompt (prefix), after it (suffix) or between its two "
+            "halves (split). Attack success: of the prompts that fired undiluted, the fraction that no "
+            "longer fire.",
+            "",
+            "| guardrail | score | fired undiluted | filler at |" + "".join(f" {k} |" for k in keys),
+            "|---|---|---:|---|" + "---:|" * len(keys),
+        ]
+        for row in dilution_rows(block):
+            for placement, steps in row["by_placement"]:
+                lines.append(
+                    f"| `{_cell(row['guardrail'])}` | `{_cell(row['score'])}` | {fmt_number(row['fired_before'])} of "
+                    f"{fmt_number(row['n'])} | {placement} |" + "".join(f" {fmt_number(v)} |" for _, v in steps)
+                )
+    if report["known_filter"]:
+        lines += [
+            "",
+            "## Known questions (base correct under every permutation)",
+            "",
+            "| dataset | permutations | kept | of |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, kf in report["known_filter"].items():
+            lines.append(f"| {_cell(label)} | {kf['permutations']} | {kf['kept']} | {kf['n']} |")
+    if report.get("fluency"):
+        from .fluency import summary_lines
+
+        lines += [""] + summary_lines(report["fluency"])
+    if report.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "guardrail"
+
+
+def write_plots(report: dict, arrays: dict, folder: Path) -> list[str]:
+    """The PNGs of a report into `folder`; returns their file names."""
+    from . import plots
+
+    written = []
+    labels = arrays["labels"]
+    for g in report["guardrails"]:
+        name = g["name"]
+        rho = {
+            labels[role]: arrays["rho"][role][name]
+            for role in ("forget", "retain", "text")
+            if role in arrays["rho"] and name in arrays["rho"][role]
+        }
+        if rho:
+            file = f"rho_{_slug(name)}.png"
+            plots.plot_rho_histograms(rho, g["tau"], folder / file, title=f"guardrail '{name}': rho per sequence")
+            written.append(file)
+        bars = {}
+        for role in ("forget", "retain"):
+            label = labels.get(role)
+            if label is None:
+                continue
+            per_subject = report["trigger_rates_by_subject"].get(label)
+            if per_subject:
+                bars[label] = {s: (v[name]["rate"], v[name]["n"]) for s, v in per_subject.items() if name in v}
+            elif name in report["trigger_rates"].get(label, {}):
+                v = report["trigger_rates"][label][name]
+                bars[label] = {"all questions": (v["rate"], v["n"])}
+        if bars:
+            file = f"trigger_rates_{_slug(name)}.png"
+            plots.plot_trigger_rates(bars, folder / file, title=f"guardrail '{name}': trigger rate per subject")
+            written.append(file)
+    f_label, r_label = labels.get("forget"), labels.get("retain")
+    for kind, key, metric, file in (
+        ("letter", "accuracy", "accuracy", "tradeoff_accuracy.png"),
+        ("cloze", "correct_logprob_per_length", "cloze log-likelihood per token", "tradeoff_cloze.png"),
+    ):
+        mf, mr = report["metrics"].get(f_label, {}), report["metrics"].get(r_label, {})
+        if kind not in mf.get("base", {}) or kind not in mr.get("base", {}):
+            continue
+        points = [
+            {"label": who, "x": mr[col][kind][key], "y": mf[col][kind][key]}
+            for who, col in (("base", "base"), ("DSG", "dsg"))
+        ]
+        plots.plot_tradeoff(
+            points,
+            folder / file,
+            xlabel=f"retain: {r_label} {metric}",
+            ylabel=f"forget: {f_label} {metric}",
+            title=f"forget/retain trade-off ({metric})",
+        )
+        written.append(file)
+    return written
+
+
+def write_report(report: dict, arrays: dict, folder: Path) -> None:
+    """report.json, the plots and summary.md into `folder`."""
+    folder = Path(folder)
+    start = time.perf_counter()
+    report["plots"] = write_plots(report, arrays, folder)
+    report["timings"]["plots_s"] = time.perf_counter() - start
+    clean = check_report(clean_json(report), REPORT_FILE)  # what is written follows the schema above
+    (folder / REPORT_FILE).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (folder / SUMMARY_FILE).write_text(summary_markdown(clean), encoding="utf-8")

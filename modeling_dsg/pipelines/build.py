@@ -35,42 +35,121 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import DSGError
-
-BUILD_FILE = "dsg_build.json"
-FEATURES_FILE = "features.json"
+from ..data.records import (
+    BUILD_FILE,
+    FEATURES_FILE,
+    BuildRecord,
+    ConfigFile,
+    FeatureEntry,
+    FeaturesFile,
+    GuardrailFeatures,
+    GuardrailRecord,
+    TopToken,
+    check_typed,
+    read_record,
+    write_record,
+)
+from ..data.rows import ROW_HELP, row_option_checks
+from ..errors import DSGError, raise_first
+from ..options import add_options, from_args, option
+from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES
 
 
 @dataclass
 class BuildOptions:
-    """Every knob of a build, with the paper's defaults."""
+    """Every knob of a build, with the paper's defaults; each field is also a `dsg build` option."""
 
-    name: str = "forget"  # the topic; unique within a model
-    mode: str = "dynamic"  # "dynamic" (DSG) or "static" (seed baseline)
-    layer: int | None = None  # default: the layer in the SAE's hook name
-    n_features: int = 20  # N
-    clamp: float = 500.0  # c: selected features are set to -c
-    ratio_percentile: float = 95.0  # dynamic: keep features with forget/retain ratio >= this percentile
-    importance_percentile: float = 5.0  # dynamic: and forget importance >= this percentile
-    static_retain_freq: float = 0.01  # static: drop features firing on >= this fraction of retain tokens
-    threshold_percentile: float = 95.0  # tau = this percentile of rho over retain rows (the paper's rule)
-    target_fpr: float | None = None  # instead: the smallest tau whose retain firing rate has a one-sided 95%
-    # Clopper-Pearson upper bound <= target_fpr (selection.calibrate_fpr)
-    score: str = "fraction"  # "fraction" (the paper's rho) or "window" (dilution-robust)
-    window: int = 32  # window size for score "window"
-    action: str = "clamp"  # what a fired guardrail does: configuration_dsg.ACTIONS
-    refusal: str | None = None  # action "refuse": the refusal text (None: configuration_dsg.DEFAULT_REFUSAL)
-    seq_len: int = 1024
-    min_chars: int = 50
-    max_docs: int | None = 1024
-    packing: bool = True
-    heldout_fraction: float = 0.2
-    batch_size: int = 8
-    seed: int = 0
-    top_tokens: int = 8  # top-activating tokens kept per feature in features.json
-    slim: bool = False
-    device: str = "cpu"
-    measure_speedup: bool = False  # time the truncated forward against a full forward (one batch)
+    name: str = option("forget", help="the topic (guardrail name)")
+    mode: str = option("dynamic", choices=MODES, help="DSG (dynamic) or the seed paper's always-on clamp (static)")
+    layer: int | None = option(None, help="default: the SAE's hook layer")
+    n_features: int = option(20, help="N, the number of features selected")
+    clamp: float = option(500.0, help="c: selected features are set to -c when the guardrail fires")
+    ratio_percentile: float = option(
+        95.0, help="dynamic: keep features whose forget/retain ratio is at least this percentile"
+    )
+    importance_percentile: float = option(5.0, help="dynamic: and whose forget importance is at least this percentile")
+    static_retain_freq: float = option(
+        0.01, help="static: drop features firing on at least this fraction of retain tokens"
+    )
+    threshold_percentile: float = option(
+        95.0, help="tau = this percentile of rho over retain rows (the paper's rule; default 95)"
+    )
+    target_fpr: float | None = option(
+        None,
+        help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
+        "upper bound <= this (e.g. 0.02)",
+    )
+    score: str = option(
+        "fraction",
+        choices=SCORES,
+        help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens",
+    )
+    window: int = option(32, help="window size for --score window")
+    action: str = option(
+        "clamp",
+        choices=ACTIONS,
+        help="what the guardrail does when it fires: clamp (the paper's edit), refuse (answer with "
+        "--refusal, then end of sequence) or monitor (decide and report, edit nothing)",
+    )
+    refusal: str | None = option(
+        None, metavar="TEXT", help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})"
+    )
+    seq_len: int = option(1024, help=ROW_HELP["seq_len"])
+    min_chars: int = option(50, help=ROW_HELP["min_chars"])
+    max_docs: int | None = option(1024, help=ROW_HELP["max_docs"])
+    packing: bool = option(True, help=ROW_HELP["packing"])
+    heldout_fraction: float = option(0.2, help="rows of each corpus set aside for the held-out trigger rates")
+    batch_size: int = option(8, help="rows per forward in the statistics pass")
+    seed: int = option(0, help=ROW_HELP["seed"])
+    top_tokens: int = option(8, cli=False)  # top-activating tokens kept per feature in features.json
+    slim: bool = option(False, help="store only the selected features' SAE slices")
+    device: str = option("cpu")
+    measure_speedup: bool = option(False, help="time the truncated forward against a full one")
+
+    def validate(self) -> None:
+        """Refuse bad values before anything is loaded (not after a long statistics pass): one `DSGError`."""
+        checks = [
+            (
+                isinstance(self.name, str) and self.name.strip() != "",
+                f"--name must be a non-empty topic name, got {self.name!r}",
+            ),
+            (self.mode in MODES, f"unknown mode {self.mode!r} (dynamic or static)"),
+            (self.n_features >= 1, f"--n-features must be at least 1, got {self.n_features}"),
+            (
+                self.clamp > 0 and self.clamp != float("inf"),
+                f"--clamp must be a finite number > 0, got {self.clamp}",
+            ),
+            (
+                self.clamp <= MAX_CLAMP,
+                f"--clamp must be at most {MAX_CLAMP:g} (the model config's bound; the paper uses "
+                f"500), got {self.clamp:g}",
+            ),
+            (
+                0 < self.static_retain_freq <= 1,
+                f"--static-retain-freq must be in (0, 1], got {self.static_retain_freq}",
+            ),
+            (0 <= self.heldout_fraction < 1, f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}"),
+            *row_option_checks(self, flags=True),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.layer is None or self.layer >= 0, f"--layer must be >= 0, got {self.layer}"),
+            (self.score in SCORES, f"unknown --score {self.score!r} (fraction or window)"),
+            (2 <= self.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {self.window}"),
+            (self.action in ACTIONS, f"unknown --action {self.action!r} (one of {', '.join(ACTIONS)})"),
+            (
+                self.refusal is None or self.action == "refuse",
+                f"--refusal is only valid with --action refuse (the action is {self.action!r})",
+            ),
+            (
+                self.refusal is None or (isinstance(self.refusal, str) and self.refusal.strip() != ""),
+                f"--refusal must be a non-empty text, got {self.refusal!r}",
+            ),
+        ]
+        if self.target_fpr is not None:
+            checks.append((0 < self.target_fpr < 1, f"--target-fpr must be between 0 and 1, got {self.target_fpr}"))
+        for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
+            value = getattr(self, flag)
+            checks.append((0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}"))
+        raise_first(checks)
 
 
 @dataclass
@@ -131,74 +210,12 @@ def _check_layer(model, layer: int | None, sae_layer: int | None) -> int:
 
 
 # -------------------------------------------------------------------------------- the build
-def _texts(specs, text_field=None) -> tuple[list[str], list[str]]:
-    from ..data.sources import load_texts
-
-    if isinstance(specs, (str, Path)):
-        specs = [specs]
-    texts = []
-    for spec in specs:
-        texts += load_texts(str(spec), text_field=text_field)
-    return texts, [str(s) for s in specs]
-
-
 def _corpus_step(corpus: str, step, *args, **kwargs):
     """Run a row-building step; a DSGError from it names the corpus (forget or retain) it is about."""
     try:
         return step(*args, **kwargs)
     except DSGError as err:
         raise DSGError(f"{corpus} corpus: {err}") from None
-
-
-def _check_options(options: BuildOptions) -> None:
-    """Refuse bad numeric options before anything is loaded (not after a long statistics pass)."""
-    from ..runtime.configuration_dsg import ACTIONS, MAX_CLAMP, MAX_WINDOW
-
-    checks = [
-        (
-            isinstance(options.name, str) and options.name.strip() != "",
-            f"--name must be a non-empty topic name, got {options.name!r}",
-        ),
-        (options.mode in ("dynamic", "static"), f"unknown mode {options.mode!r} (dynamic or static)"),
-        (options.n_features >= 1, f"--n-features must be at least 1, got {options.n_features}"),
-        (
-            options.clamp > 0 and options.clamp != float("inf"),
-            f"--clamp must be a finite number > 0, got {options.clamp}",
-        ),
-        (
-            options.clamp <= MAX_CLAMP,
-            f"--clamp must be at most {MAX_CLAMP:g} (the model config's bound; the paper uses "
-            f"500), got {options.clamp:g}",
-        ),
-        (
-            0 < options.static_retain_freq <= 1,
-            f"--static-retain-freq must be in (0, 1], got {options.static_retain_freq}",
-        ),
-        (0 <= options.heldout_fraction < 1, f"--heldout-fraction must be in [0, 1), got {options.heldout_fraction}"),
-        (options.seq_len >= 2, f"--seq-len must be at least 2, got {options.seq_len}"),
-        (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
-        (options.max_docs is None or options.max_docs >= 1, f"--max-docs must be at least 1, got {options.max_docs}"),
-        (options.layer is None or options.layer >= 0, f"--layer must be >= 0, got {options.layer}"),
-        (options.score in ("fraction", "window"), f"unknown --score {options.score!r} (fraction or window)"),
-        (2 <= options.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {options.window}"),
-        (options.action in ACTIONS, f"unknown --action {options.action!r} (one of {', '.join(ACTIONS)})"),
-        (
-            options.refusal is None or options.action == "refuse",
-            f"--refusal is only valid with --action refuse (the action is {options.action!r})",
-        ),
-        (
-            options.refusal is None or (isinstance(options.refusal, str) and options.refusal.strip() != ""),
-            f"--refusal must be a non-empty text, got {options.refusal!r}",
-        ),
-    ]
-    if options.target_fpr is not None:
-        checks.append((0 < options.target_fpr < 1, f"--target-fpr must be between 0 and 1, got {options.target_fpr}"))
-    for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
-        value = getattr(options, flag)
-        checks.append((0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}"))
-    for ok, message in checks:
-        if not ok:
-            raise DSGError(message)
 
 
 def check_sae_options(options: BuildOptions, d_sae: int, flag: str = "--n-features") -> None:
@@ -259,7 +276,7 @@ def _token_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> dict:
+def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> FeatureEntry:
     """features.json entry for one feature: statistics and top-activating tokens with their context."""
     top = []
     for row, pos, value in store.top_activations(index, k):
@@ -268,22 +285,22 @@ def _feature_report(index, stats, store, rows, tokenizer, k, context=12) -> dict
         token = _token_text(tokenizer, [int(ids[pos])])
         right = _token_text(tokenizer, ids[pos + 1 : pos + 4].tolist())
         top.append(
-            {
-                "token": token,
-                "activation": round(float(value), 4),
-                "context": f"{left}[[{token}]]{right}".replace("\n", " "),
-            }
+            TopToken(
+                token=token,
+                activation=round(float(value), 4),
+                context=f"{left}[[{token}]]{right}".replace("\n", " "),
+            )
         )
-    return {
-        "index": int(index),
-        "forget_mean": float(stats.forget_mean[index]),
-        "retain_mean": float(stats.retain_mean[index]),
-        "forget_freq": float(stats.forget_freq[index]),
-        "retain_freq": float(stats.retain_freq[index]),
-        "importance": float(stats.importance_forget[index]),
-        "ratio": float(stats.ratio[index]),
-        "top_tokens": top,
-    }
+    return FeatureEntry(
+        index=int(index),
+        forget_mean=float(stats.forget_mean[index]),
+        retain_mean=float(stats.retain_mean[index]),
+        forget_freq=float(stats.forget_freq[index]),
+        retain_freq=float(stats.retain_freq[index]),
+        importance=float(stats.importance_forget[index]),
+        ratio=float(stats.ratio[index]),
+        top_tokens=top,
+    )
 
 
 @dataclass
@@ -319,7 +336,7 @@ def gather_statistics(
     from ..analysis.stats import collect, full_forward_speedup
     from ..data import rows as rows_mod
 
-    _check_options(options)
+    options.validate()
     hidden = model.config.get_text_config().hidden_size
     spec, state = guardrail_sae(sae, sae_source)
     if spec["d_in"] != hidden:
@@ -345,7 +362,7 @@ def gather_statistics(
     timings["rows_s"] = time.perf_counter() - start
 
     # The full SAE, in our plain-torch form, encodes for the statistics pass (same math as at run time).
-    encode = sae_encoder(spec, state, layer, options.device)
+    encode = sae_encoder(spec, state, options.device)
     kw = dict(
         batch_size=options.batch_size, ignore_token_ids=counted_exclusions(model, tokenizer), device=options.device
     )
@@ -376,25 +393,13 @@ def gather_statistics(
     return Statistics(layer, spec, state, forget, stores, stats, timings, options, vocab_size=model_vocab_size(model))
 
 
-def sae_encoder(spec: dict, state: dict, layer: int, device):
-    """The full SAE's encode, in our plain-torch form (the same math as the guard at run time)."""
-    from ..runtime.guard_dsg import DSGGuard
+def sae_encoder(spec: dict, state: dict, device):
+    """The full SAE's encode, in the runtime's plain-torch form (the same math as the guard at run time)."""
+    from ..runtime.sae_dsg import make_sae
 
-    probe = DSGGuard(
-        {
-            "name": "probe",
-            "layer": layer,
-            "mode": "dynamic",
-            "features": [0],
-            "clamp": 1.0,
-            "threshold": 0.0,
-            "score": "fraction",
-            "sae": {**spec, "slim": False},
-        },
-        0,
-    )
-    probe.sae.load_state_dict(state)
-    return probe.to(device).sae.encode
+    sae = make_sae({**spec, "slim": False}, n_features=1)  # not slim: n_features sizes nothing
+    sae.load_state_dict(state)
+    return sae.to(device).encode
 
 
 def counted_exclusions(model, tokenizer) -> list[int]:
@@ -411,7 +416,7 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
     """Features and tau for `options` from a statistics pass: (features, tau, rho per store, timings)."""
     from ..analysis import selection
 
-    _check_options(options)
+    options.validate()
     check_sae_options(options, statistics.sae_spec["d_sae"])
     stats, stores = statistics.stats, statistics.stores
     start = time.perf_counter()
@@ -531,32 +536,32 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
         _feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
         for i in features
     ]
-    info = {
-        "name": options.name,
-        "mode": options.mode,
-        "action": options.action,
+    info = GuardrailRecord(
+        name=options.name,
+        mode=options.mode,
+        action=options.action,
         **({"refusal": refusal[0], "refusal_ids": refusal[1]} if refusal else {}),
-        "sae": sae_source,
-        "layer": statistics.layer,
-        "n_features": len(features),
-        "clamp": float(options.clamp),
-        "ratio_percentile": options.ratio_percentile,
-        "importance_percentile": options.importance_percentile,
-        "threshold_percentile": options.threshold_percentile,
-        "tau": float(tau),
-        "calibration": calibration_record(rho["retain"], tau, options),
-        "rows": {
+        sae=sae_source,
+        layer=statistics.layer,
+        n_features=len(features),
+        clamp=float(options.clamp),
+        ratio_percentile=options.ratio_percentile,
+        importance_percentile=options.importance_percentile,
+        threshold_percentile=options.threshold_percentile,
+        tau=float(tau),
+        calibration=calibration_record(rho["retain"], tau, options),
+        rows={
             "forget": stores["forget"].n_rows,
             "retain": stores["retain"].n_rows,
             "seq_len": statistics.forget_rows.seq_len,
             "packing": options.packing,
         },
-        "tokens": {name: store.n_tokens for name, store in stores.items()},
-        "rho": {name.replace(" ", "_"): selection.summarize(r) for name, r in rho.items()},
-        "heldout": heldout_summary(rho, tau, statistics),
-        "timings": timings,
-        "options": asdict(options),
-    }
+        tokens={name: store.n_tokens for name, store in stores.items()},
+        rho={name.replace(" ", "_"): selection.rho_summary(r) for name, r in rho.items()},
+        heldout=heldout_summary(rho, tau, statistics),
+        timings=timings,
+        options=asdict(options),
+    )
     return GuardrailBuild(
         guardrail_from(statistics, features, tau, options, refusal), statistics.sae_state, report, info
     )
@@ -649,27 +654,26 @@ def write_folder(
     previous = previous or {}
     model.save_pretrained(out, slim=slim)
     save_tokenizer(tokenizer, out, model.config)
-    features = previous.get("features") or {}
+    features: FeaturesFile = previous.get("features") or {}
     features["guardrails"] = list(features.get("guardrails") or []) + [
-        {
-            "name": b.guardrail["name"],
-            "layer": b.guardrail["layer"],
-            "mode": b.guardrail["mode"],
-            "features": b.features,
-        }
+        GuardrailFeatures(
+            name=b.guardrail["name"], layer=b.guardrail["layer"], mode=b.guardrail["mode"], features=b.features
+        )
         for b in builds
     ]
-    (out / FEATURES_FILE).write_text(json.dumps(features, indent=2))
-    record = previous.get("build") or {"base_model": base_spec}
+    write_record(out, FEATURES_FILE, features)
+    record: BuildRecord = previous.get("build") or {"base_model": base_spec}
     record["guardrails"] = list(record.get("guardrails") or []) + [
-        {
-            **b.info,
-            "forget_sources": b.info.get("forget_sources", []),
-            "retain_sources": b.info.get("retain_sources", []),
-        }
+        GuardrailRecord(  # type: ignore[typeddict-item]
+            {
+                **b.info,
+                "forget_sources": b.info.get("forget_sources", []),
+                "retain_sources": b.info.get("retain_sources", []),
+            }
+        )
         for b in builds
     ]
-    (out / BUILD_FILE).write_text(json.dumps(record, indent=2))
+    write_record(out, BUILD_FILE, record)
 
 
 def _read_previous(folder: Path) -> dict:
@@ -679,90 +683,6 @@ def _read_previous(folder: Path) -> dict:
         if data is not None:
             previous[key] = data
     return previous
-
-
-# ------------------------------------------------------------------------------ features.json / dsg_build.json
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
-
-
-def _shown(value) -> str:
-    text = json.dumps(value) if not isinstance(value, (dict, list)) else _kind(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _objects(value, where: str) -> list:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        bad = value if not isinstance(value, list) else next(v for v in value if not isinstance(v, dict))
-        raise DSGError(f"{where} must be a list of objects, got {_shown(bad)}")
-    return value
-
-
-def _typed(record: dict, key: str, types, what: str, where: str) -> None:
-    """`record[key]`, when present and not null, is one of `types` (never a boolean)."""
-    value = record.get(key)
-    types = types if isinstance(types, tuple) else (types,)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-        raise DSGError(f"{where}: {key!r} must be {what}, got {_shown(value)}")
-
-
-def check_features_record(data, path) -> dict:
-    """features.json in the shape `write_folder` writes (see cards.py); anything else is a `DSGError` naming it:
-    {"guardrails": [{"name": str, "features": [{"index": int, ..., "top_tokens": [{"token": str, "activation":
-    number, "context": str}]}]}]}. Returns `data`."""
-    if not isinstance(data, dict):
-        raise DSGError(f"{path} must hold a JSON object, got {_kind(data)}")
-    for i, g in enumerate(_objects(data.get("guardrails", []), f"{path}: 'guardrails'")):
-        where = f"{path}: guardrails[{i}]"
-        if not isinstance(g.get("name"), str):
-            raise DSGError(f"{where} needs a string 'name', got {_shown(g.get('name'))}")
-        for j, f in enumerate(_objects(g.get("features", []), f"{where}: 'features'")):
-            at = f"{where}: features[{j}]"
-            index = f.get("index")
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise DSGError(f"{at}: 'index' must be an integer, got {_shown(index)}")
-            for k, t in enumerate(_objects(f.get("top_tokens", []), f"{at} (#{index}): 'top_tokens'")):
-                _typed(t, "token", str, "a string", f"{at}: top_tokens[{k}]")
-                _typed(t, "context", str, "a string", f"{at}: top_tokens[{k}]")
-                _typed(t, "activation", (int, float), "a number", f"{at}: top_tokens[{k}]")
-    return data
-
-
-def check_build_record(data, path) -> dict:
-    """dsg_build.json in the shape `write_folder` writes (see cards.py); anything else is a `DSGError` naming
-    it. Returns `data`."""
-    if not isinstance(data, dict):
-        raise DSGError(f"{path} must hold a JSON object, got {_kind(data)}")
-    _typed(data, "base_model", str, "a string", str(path))
-    for i, g in enumerate(_objects(data.get("guardrails", []), f"{path}: 'guardrails'")):
-        where = f"{path}: guardrails[{i}]"
-        _typed(g, "name", str, "a string", where)
-        _typed(g, "sae", (str, dict), "a string or an object", where)
-        _typed(g, "action", str, "a string", where)
-        _typed(g, "refusal", str, "a string", where)
-        for key in ("forget_sources", "retain_sources"):
-            value = g.get(key)
-            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-                raise DSGError(f"{where}: {key!r} must be a list of strings, got {_shown(value)}")
-        for key in ("heldout", "rho", "rows", "tokens", "timings", "options"):
-            _typed(g, key, dict, "an object", where)
-    return data
-
-
-RECORD_CHECKS = {FEATURES_FILE: check_features_record, BUILD_FILE: check_build_record}
-
-
-def read_record(path) -> dict | None:
-    """features.json or dsg_build.json of a model folder, checked (None when the file is absent)."""
-    from ..data.sources import read_json_file
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    what = "feature file" if path.name == FEATURES_FILE else "build record"
-    return RECORD_CHECKS[path.name](read_json_file(path, what), path)
 
 
 def build(
@@ -778,12 +698,12 @@ def build(
     text_field: str | None = None,
 ) -> dict:
     """The Python API of `dsg build`. Returns the build record of the new guardrail."""
-    from ..data.sources import load_base_model, load_sae, sae_layer
+    from ..data.sources import load_base_model, load_sae, load_sources, sae_layer
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
 
     options = options or BuildOptions()
-    _check_options(options)
+    options.validate()
     out = prepare_output(
         out,
         overwrite,
@@ -798,8 +718,8 @@ def build(
     if add_to is None and base is None:
         raise DSGError("pass --base MODEL (or --add-to an existing DSG folder)")
     # The cheap inputs first (texts, SAE), so that a bad one fails before a large model is loaded.
-    forget_texts, forget_specs = _texts(forget, text_field)
-    retain_texts, retain_specs = _texts(retain, text_field)
+    forget_texts, forget_specs = load_sources(forget, text_field)
+    retain_texts, retain_specs = load_sources(retain, text_field)
     sae_obj = load_sae(sae, device="cpu")
     guardrail_sae(sae_obj, sae)  # an architecture the guard cannot run fails before the model is loaded
     check_sae_options(options, int(sae_obj.cfg.d_sae))
@@ -851,13 +771,10 @@ def _load_existing(folder, options):
     if not (folder / "config.json").is_file():
         raise DSGError(f"--add-to {folder}: not a model folder (no config.json)")
     config = read_json_file(folder / "config.json", f"--add-to {folder}: model config")
-    if not isinstance(config, dict):
-        raise DSGError(f"--add-to {folder}: config.json must hold a JSON object, got {_kind(config)}")
+    check_typed(config, ConfigFile, f"--add-to {folder}: config.json")
     if config.get("model_type") != "dsg":
         raise DSGError(f"--add-to {folder}: not a DSG model (model_type {config.get('model_type')!r})")
-    guardrails = config.get("guardrails", [])
-    _objects(guardrails, f"--add-to {folder}: config.json's 'guardrails'")
-    names = {g.get("name") for g in guardrails}
+    names = {g.get("name") for g in config.get("guardrails") or []}
     if options.name in names:
         raise DSGError(f"--add-to {folder}: it already has a guardrail named {options.name!r}; pick another --name")
     previous = _read_previous(folder)  # a broken features.json or dsg_build.json fails before the model loads
@@ -892,94 +809,16 @@ def configure_parser(p, sweep: bool = False):
     if not sweep:
         p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    d = BuildOptions()
-    p.add_argument("--name", default=d.name, help="the topic (guardrail name)")
-    p.add_argument("--layer", type=int, help="default: the SAE's hook layer")
-    if not sweep:
-        p.add_argument("--mode", choices=["dynamic", "static"], default=d.mode)
-        p.add_argument("--n-features", type=int, default=d.n_features)
-        p.add_argument("--clamp", type=float, default=d.clamp)
-        p.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
-    p.add_argument("--importance-percentile", type=float, default=d.importance_percentile)
-    p.add_argument("--static-retain-freq", type=float, default=d.static_retain_freq)
-    p.add_argument(
-        "--threshold-percentile",
-        type=float,
-        default=d.threshold_percentile,
-        help="tau = this percentile of rho over retain rows (the paper's rule; default 95)",
-    )
-    p.add_argument(
-        "--target-fpr",
-        type=float,
-        default=d.target_fpr,
-        help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
-        "upper bound <= this (e.g. 0.02)",
-    )
-    if not sweep:
-        from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL
-
-        p.add_argument(
-            "--action",
-            choices=ACTIONS,
-            default=d.action,
-            help="what the guardrail does when it fires: clamp (the paper's edit), refuse (answer with "
-            "--refusal, then end of sequence) or monitor (decide and report, edit nothing)",
-        )
-        p.add_argument(
-            "--refusal", metavar="TEXT", help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})"
-        )
-    p.add_argument(
-        "--score",
-        choices=["fraction", "window"],
-        default=d.score,
-        help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens",
-    )
-    p.add_argument("--window", type=int, default=d.window)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--min-chars", type=int, default=d.min_chars)
-    p.add_argument("--max-docs", type=int, default=d.max_docs)
-    p.add_argument(
-        "--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks"
-    )
-    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
-    if not sweep:
-        p.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
-    p.add_argument("--device", default=d.device)
-    if not sweep:
-        p.add_argument("--measure-speedup", action="store_true", help="time the truncated forward against a full one")
+    add_options(p, BuildOptions, exclude=SWEEP_AXES if sweep else ())
+
+
+# Options the sweep's grid replaces (or that only make sense for one folder): not offered by `dsg sweep`.
+SWEEP_AXES = ("mode", "n_features", "clamp", "ratio_percentile", "action", "refusal", "slim", "measure_speedup")
 
 
 def options_from_args(args) -> BuildOptions:
-    d = BuildOptions()
-    return BuildOptions(
-        name=args.name,
-        mode=getattr(args, "mode", d.mode),
-        layer=args.layer,
-        n_features=getattr(args, "n_features", d.n_features),
-        clamp=getattr(args, "clamp", d.clamp),
-        ratio_percentile=getattr(args, "ratio_percentile", d.ratio_percentile),
-        importance_percentile=args.importance_percentile,
-        static_retain_freq=args.static_retain_freq,
-        threshold_percentile=args.threshold_percentile,
-        target_fpr=args.target_fpr,
-        score=args.score,
-        window=args.window,
-        action=getattr(args, "action", d.action),
-        refusal=getattr(args, "refusal", d.refusal),
-        seq_len=args.seq_len,
-        min_chars=args.min_chars,
-        max_docs=args.max_docs,
-        packing=args.packing,
-        heldout_fraction=args.heldout_fraction,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        slim=getattr(args, "slim", False),
-        device=args.device,
-        measure_speedup=getattr(args, "measure_speedup", False),
-    )
+    return from_args(BuildOptions, args)
 
 
 def run(args):

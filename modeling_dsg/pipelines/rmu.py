@@ -38,36 +38,28 @@ Defaults and why
                    `mlp.fc2`, `mlp.dense_4h_to_h`), the paper's choice; add `mlp.up_proj` etc. at will.
     steering_coeff None: c = multiplier * mean ||h_frozen(t)|| over the forget tokens of the first
                    `norm_rows` forget rows (seeded order). The paper's absolute c = 6.5 suits
-                   zephyr-7b's activation scale only (its published training log shows mean forget norms
-                   of 2.2-3.2 at layer 7, so c was 2-3 times the norm); SmolLM2-135M's norm at layer 7
-                   is about 118 (its BOS, an outlier, about 770). Tying c to the model's own norm
-                   transfers across models; pass steering_coeff for an absolute c.
-    multiplier     3: the upper end of the paper's ratio; measured to work on SmolLM2 (below).
-    alpha          100 (the reference code's default). The paper's zephyr value, 1200, held SmolLM2's
-                   forget term almost still (248.6 -> 240.2 in 60 steps at lr 1e-3; held-out WMDP-bio
-                   NLL +0.06). With c tied to the norm, both terms scale with the norm squared, so alpha
-                   does not depend on the activation scale.
+                   zephyr-7b's activation scale only (its published training log shows forget norms a
+                   few times smaller than c at layer 7), while a small model's norm is two orders of
+                   magnitude larger. Tying c to the model's own norm transfers across models; pass
+                   steering_coeff for an absolute c.
+    multiplier     3: the upper end of the paper's ratio.
+    alpha          100 (the reference code's default; the paper's zephyr value, 1200, holds a small
+                   model's forget term almost still). With c tied to the norm, both terms scale with
+                   the norm squared, so alpha does not depend on the activation scale.
     lr             1e-3. The paper's 5e-5 is for 7B models, whose MLPs are wider (an Adam step moves
-                   their outputs much more relative to their activation norm); on SmolLM2-135M the
-                   forget term barely moves at 5e-5 (248.6 -> 246.9 in 25 steps, alpha 100, against
-                   248.6 -> 211.4 at 1e-3). Use the paper's 5e-5 for 7B models.
+                   their outputs much more relative to their activation norm); on a 135M model the
+                   forget term barely moves at 5e-5. Use the paper's 5e-5 for 7B models.
     steps, rows    60 steps of 4 forget rows and 4 retain rows of 256 tokens (the paper: 150 batches of
-                   4 at up to 512 tokens; on SmolLM2 60 x 4 x 256 already raises held-out WMDP-bio NLL
-                   by several nats while non-biology NLL moves by a few hundredths, see below).
+                   4 at up to 512 tokens).
+
+What these defaults did on the embedded default is recorded in benchmarks/README.md
+(`benchmarks/rmu_embedded.py`).
     u              entries uniform in [0, 1) (the paper's sampling), normalised to unit length, from
                    `seed`.
     optimiser      AdamW (torch defaults besides lr).
     rows           `rows.build_rows` with `dsg build`'s defaults (documents > 50 characters, up to 1024,
                    packed with EOS into rows that start with BOS). Each step draws the next forget and
                    the next retain batch; a set that runs out is reshuffled (seeded) and reused.
-
-Measured on the embedded default (`nice -n 10 python -m modeling_dsg.pipelines.rmu`: SmolLM2-135M-Instruct,
-forget = `embedded.forget_texts("build")`, retain = `embedded.retain_texts("build")`, default options,
-fp32 on 2 shared CPU cores): c = 355.9 (3 x 118.6); 60 steps, 122,880 tokens (half forget, half
-retain) in 310 s of training (396 tokens/s; 334 s for `rmu_unlearn` in all); the forget term fell from
-248.6 to 84.6 and the forget norm rose from 117 to 266. Per-token NLL on the first 32 held-out prompts
-of each set, base -> RMU: WMDP-bio 3.131 -> 10.014, MMLU biology 3.353 -> 8.284, MMLU non-biology
-3.562 -> 3.584, WikiText 3.949 -> 3.960. Two runs gave identical losses (seeded).
 
 Output of `run_rmu`: a plain Hugging Face model folder (config, weights, generation config, tokenizer)
 plus `rmu.json` (the returned info, sources and options), written atomically.
@@ -76,11 +68,15 @@ plus `rmu.json` (the returned info, sources and options), written atomically.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DSGError
+from ..data.rows import ROW_HELP, row_option_checks
+from ..data.sources import load_sources
+from ..errors import DSGError, raise_first
+from ..options import add_options, from_args, option
 
 RMU_FILE = "rmu.json"
 # The MLP output projection of a decoder block, by family (tried in this order).
@@ -89,24 +85,57 @@ MLP_OUTPUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h
 
 @dataclass
 class RMUOptions:
-    """Every knob of an RMU run (see the module docstring for the reasons behind the defaults)."""
+    """Every knob of an RMU run (see the module docstring for the reasons behind the defaults); each field is
+    also a `dsg rmu` option."""
 
-    layer: int | None = None  # default: round(7 * n_layers / 32)
-    update_layers: tuple[int, ...] | None = None  # default: (layer - 2, layer - 1, layer), those >= 0
-    update_params: tuple[str, ...] | None = None  # module names inside a block; default: the MLP output projection
-    steering_coeff: float | None = None  # c; default: multiplier * mean forget activation norm
-    multiplier: float = 3.0
-    norm_rows: int = 32  # forget rows used to measure the mean activation norm
-    alpha: float = 100.0
-    lr: float = 1e-3
-    steps: int = 60
-    batch_size: int = 4
-    seq_len: int = 256
-    min_chars: int = 50
-    max_docs: int | None = 1024
-    packing: bool = True
-    seed: int = 0
-    device: str | None = None  # move the model there first (run_rmu loads it there; default "cpu")
+    layer: int | None = option(None, help="the layer whose output is steered (default: round(7 * n_layers / 32))")
+    update_layers: tuple[int, ...] | None = option(
+        None, metavar="L", help="blocks whose weights train (default: layer-2..layer)"
+    )
+    update_params: tuple[str, ...] | None = option(
+        None,
+        metavar="NAME",
+        help="modules inside a block whose weight trains (default: the MLP output projection, e.g. mlp.down_proj)",
+    )
+    steering_coeff: float | None = option(
+        None, help="absolute c (default: --multiplier x mean forget activation norm)"
+    )
+    multiplier: float = option(3.0, help="c / mean forget activation norm")
+    norm_rows: int = option(32, cli=False)  # forget rows used to measure the mean activation norm
+    alpha: float = option(100.0, help="retain weight")
+    lr: float = option(1e-3, help="AdamW learning rate")
+    steps: int = option(60, help="optimisation steps")
+    batch_size: int = option(4, help="forget rows and retain rows per step")
+    seq_len: int = option(256, help=ROW_HELP["seq_len"])
+    min_chars: int = option(50, help=ROW_HELP["min_chars"])
+    max_docs: int | None = option(1024, help=ROW_HELP["max_docs"])
+    packing: bool = option(True, help=ROW_HELP["packing"])
+    seed: int = option(0, help=ROW_HELP["seed"])
+    # move the model there first (run_rmu loads it there; None: "cpu")
+    device: str | None = option(None, cli_default="cpu")
+
+    def validate(self) -> None:
+        """Refuse bad values before the model is loaded: one `DSGError`."""
+        for flag in ("lr", "alpha", "multiplier", "steering_coeff"):
+            value = getattr(self, flag)
+            if value is not None and not math.isfinite(value):
+                raise DSGError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+        raise_first(
+            [
+                (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+                (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+                row_option_checks(self, flags=False)[0],
+                (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+                (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+                (self.multiplier > 0, f"multiplier must be > 0, got {self.multiplier}"),
+                (
+                    self.steering_coeff is None or self.steering_coeff > 0,
+                    f"steering_coeff must be > 0, got {self.steering_coeff}",
+                ),
+                (self.norm_rows >= 1, f"norm_rows must be at least 1, got {self.norm_rows}"),
+                row_option_checks(self, flags=False)[1],
+            ]
+        )
 
 
 def default_layer(n_layers: int) -> int:
@@ -114,37 +143,7 @@ def default_layer(n_layers: int) -> int:
     return min(n_layers - 1, int(7 * n_layers / 32 + 0.5))
 
 
-def _check_options(options: RMUOptions) -> None:
-    import math
-
-    for flag in ("lr", "alpha", "multiplier", "steering_coeff"):
-        value = getattr(options, flag)
-        if value is not None and not math.isfinite(value):
-            raise DSGError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
-    checks = [
-        (options.steps >= 1, f"steps must be at least 1, got {options.steps}"),
-        (options.batch_size >= 1, f"batch_size must be at least 1, got {options.batch_size}"),
-        (options.seq_len >= 2, f"seq_len must be at least 2, got {options.seq_len}"),
-        (options.lr > 0, f"lr must be > 0, got {options.lr}"),
-        (options.alpha >= 0, f"alpha must be >= 0, got {options.alpha}"),
-        (options.multiplier > 0, f"multiplier must be > 0, got {options.multiplier}"),
-        (
-            options.steering_coeff is None or options.steering_coeff > 0,
-            f"steering_coeff must be > 0, got {options.steering_coeff}",
-        ),
-        (options.norm_rows >= 1, f"norm_rows must be at least 1, got {options.norm_rows}"),
-        (options.max_docs is None or options.max_docs >= 1, f"max_docs must be at least 1, got {options.max_docs}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DSGError(message)
-
-
 # ------------------------------------------------------------------------------------ forward to l
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass after block l."""
-
-
 def layer_hidden(model, layer: int, input_ids, attention_mask, params: dict | None = None):
     """The output of decoder block `layer` (the residual stream after it), [B, T, d].
 
@@ -153,39 +152,20 @@ def layer_hidden(model, layer: int, input_ids, attention_mask, params: dict | No
     """
     from torch.func import functional_call
 
-    from ..runtime.modeling_dsg import decoder_layers
+    from ..analysis.forward import block_output
 
-    captured = []
-
-    def hook(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    try:
-        if params:
-            functional_call(model, params, args=(), kwargs=kwargs)
-        else:
-            model(**kwargs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise DSGError(f"decoder layer {layer} never ran during the forward pass")
-    return captured[0]
+    if params:
+        return block_output(model, layer, lambda: functional_call(model, params, args=(), kwargs=kwargs))
+    return block_output(model, layer, lambda: model(**kwargs))
 
 
 # ------------------------------------------------------------------------------------- parameters
 def resolve_update_params(model, options: RMUOptions) -> tuple[int, list[int], dict]:
     """(layer, update_layers, {full parameter name: parameter}) for `options`; DSGError if out of range."""
-    from ..runtime.modeling_dsg import decoder_layers
+    from ..analysis.forward import decoder_blocks
 
-    try:
-        blocks = decoder_layers(model)
-    except ValueError as err:
-        raise DSGError(str(err)) from None
+    blocks = decoder_blocks(model)
     n = len(blocks)
     layer = default_layer(n) if options.layer is None else options.layer
     if not 0 <= layer < n:
@@ -335,20 +315,19 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
     import torch
     from tqdm.auto import tqdm
 
-    from ..runtime.modeling_dsg import decoder_layers
+    from ..analysis.forward import decoder_blocks
+    from ..analysis.stats import model_device
 
     options = options or RMUOptions()
-    _check_options(options)
+    options.validate()
     start = time.perf_counter()
     if options.device:
         model.to(options.device)
     layer, update_layers, params = resolve_update_params(model, options)
-    n_layers = len(decoder_layers(model))
+    n_layers = len(decoder_blocks(model))
     forget = _rows(forget_texts, tokenizer, options, "forget")
     retain = _rows(retain_texts, tokenizer, options, "retain")
-    device = getattr(model, "device", None)
-    if not isinstance(device, torch.device):
-        device = next(model.parameters()).device
+    device = model_device(model)
 
     frozen = {name: p.detach().clone() for name, p in params.items()}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -462,20 +441,6 @@ def rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options: RMUOption
 
 
 # ------------------------------------------------------------------------------------ the folder
-def _load_sources(specs, text_field=None) -> tuple[list[str], list[str]]:
-    from ..data.sources import load_texts
-
-    if isinstance(specs, (str, Path)):
-        specs = [specs]
-    specs = [str(s) for s in specs]
-    if not specs:
-        raise DSGError("no text source given")
-    texts = []
-    for spec in specs:
-        texts += load_texts(spec, text_field=text_field)
-    return texts, specs
-
-
 def run_rmu(
     base: str,
     forget,
@@ -496,13 +461,13 @@ def run_rmu(
     from ..paths import atomic_output_dir
 
     options = options or RMUOptions()
-    _check_options(options)
+    options.validate()
     out_path = prepare_output(
         out, overwrite, inputs={"the --base model": base, "the --forget source": forget, "the --retain source": retain}
     )
     start = time.perf_counter()
-    forget_texts, forget_specs = _load_sources(forget, text_field)  # cheap inputs first
-    retain_texts, retain_specs = _load_sources(retain, text_field)
+    forget_texts, forget_specs = load_sources(forget, text_field)  # cheap inputs first
+    retain_texts, retain_specs = load_sources(retain, text_field)
     model, tokenizer = load_base_model(base, device=options.device or "cpu")
     load_s = time.perf_counter() - start
     info = rmu_unlearn(model, tokenizer, forget_texts, retain_texts, options)
@@ -543,7 +508,6 @@ def check_rmu_finite(model, info: dict) -> None:
 
 # ------------------------------------------------------------------------------------- the CLI
 def configure_parser(p) -> None:
-    d = RMUOptions()
     p.add_argument("--base", required=True, metavar="MODEL", help="Hub id, local folder or .gguf file")
     p.add_argument(
         "--forget",
@@ -555,62 +519,12 @@ def configure_parser(p) -> None:
     p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
     p.add_argument("--out", required=True, metavar="DIR", help="the unlearned model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--layer", type=int, help="the layer whose output is steered (default: round(7 * n_layers / 32))")
-    p.add_argument(
-        "--update-layers",
-        type=int,
-        nargs="+",
-        metavar="L",
-        help="blocks whose weights train (default: layer-2..layer)",
-    )
-    p.add_argument(
-        "--update-params",
-        nargs="+",
-        metavar="NAME",
-        help="modules inside a block whose weight trains (default: the MLP output projection, e.g. mlp.down_proj)",
-    )
-    p.add_argument(
-        "--steering-coeff", type=float, help="absolute c (default: --multiplier x mean forget activation norm)"
-    )
-    p.add_argument(
-        "--multiplier",
-        type=float,
-        default=d.multiplier,
-        help=f"c / mean forget activation norm (default {d.multiplier})",
-    )
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"retain weight (default {d.alpha:g})")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--min-chars", type=int, default=d.min_chars)
-    p.add_argument("--max-docs", type=int, default=d.max_docs)
-    p.add_argument(
-        "--no-packing", dest="packing", action="store_false", help="one document per row instead of EOS-joined chunks"
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
-    p.add_argument("--device", default="cpu")
+    add_options(p, RMUOptions)
 
 
 def options_from_args(args) -> RMUOptions:
-    return RMUOptions(
-        layer=args.layer,
-        update_layers=tuple(args.update_layers) if args.update_layers else None,
-        update_params=tuple(args.update_params) if args.update_params else None,
-        steering_coeff=args.steering_coeff,
-        multiplier=args.multiplier,
-        alpha=args.alpha,
-        lr=args.lr,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        min_chars=args.min_chars,
-        max_docs=args.max_docs,
-        packing=args.packing,
-        seed=args.seed,
-        device=args.device,
-    )
+    return from_args(RMUOptions, args)
 
 
 def run(args):
@@ -634,84 +548,3 @@ def run(args):
 
 
 # ------------------------------------------------------------- measurement on the embedded default
-def token_nll(model, tokenizer, texts, *, batch_size: int = 8, max_len: int = 512) -> float:
-    """Mean per-token NLL (nats) of `texts` under `model`: every real token after the first, pooled."""
-    import torch
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(
-                    texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_len
-                ).to(device)
-                logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1].float()
-                target, mask = enc.input_ids[:, 1:], enc.attention_mask[:, 1:].bool()
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-                total += float(nll[mask].sum())
-                count += int(mask.sum())
-    finally:
-        tokenizer.padding_side = side
-    return total / max(count, 1)
-
-
-def measure_embedded(options: RMUOptions | None = None, n_eval: int = 32) -> dict:
-    """RMU on the embedded default (SmolLM2-135M-Instruct; forget/retain = the build splits), then the
-    per-token NLL of base and RMU model on the first `n_eval` prompts of each held-out set."""
-    import copy
-
-    from ..data.sources import load_base_model
-    from ..embedded import data as embedded
-
-    start = time.perf_counter()
-    model, tokenizer = load_base_model(str(embedded.gguf_path()))
-    load_s = time.perf_counter() - start
-    base = copy.deepcopy(model)
-    info = rmu_unlearn(model, tokenizer, embedded.forget_texts("build"), embedded.retain_texts("build"), options)
-    start = time.perf_counter()
-    nll = {}
-    for name, texts in embedded.heldout_prompts().items():
-        before, after = token_nll(base, tokenizer, texts[:n_eval]), token_nll(model, tokenizer, texts[:n_eval])
-        nll[name] = {"base": before, "rmu": after, "delta": after - before}
-    return {"info": info, "load_s": load_s, "eval_s": time.perf_counter() - start, "n_eval": n_eval, "nll": nll}
-
-
-def _main(argv=None) -> None:  # python -m modeling_dsg.pipelines.rmu [--n-eval N] [--json PATH]
-    import argparse
-
-    import torch
-
-    parser = argparse.ArgumentParser(description="RMU on the embedded default, with held-out NLL before and after")
-    parser.add_argument("--n-eval", type=int, default=32, help="prompts per held-out set (default 32)")
-    parser.add_argument("--json", help="write the full record here")
-    args = parser.parse_args(argv)
-    result = measure_embedded(n_eval=args.n_eval)
-    info = result["info"]
-    f, n = info["losses"]["forget"], info["losses"]["forget_norm"]
-    print(f"torch threads {torch.get_num_threads()}; model load {result['load_s']:.1f} s")
-    print(f"RMU: layer {info['layer']}, weights {', '.join(info['updated_parameters'])}")
-    print(
-        f"c = {info['steering_coeff']:.1f} ({info['options']['multiplier']} x mean forget norm "
-        f"{info['forget_activation_norm']:.1f}), alpha {info['alpha']:g}, lr {info['options']['lr']:g}"
-    )
-    print(
-        f"{info['steps']} steps, {info['tokens']['total']} tokens ({info['tokens']['forget']} forget + "
-        f"{info['tokens']['retain']} retain): training {info['train_s']:.1f} s, {info['tokens_per_s']:.0f} tokens/s, "
-        f"rmu_unlearn wall {info['wall_s']:.1f} s"
-    )
-    print(
-        f"forget term {f[0]:.1f} -> {sum(f[-5:]) / 5:.1f} (mean of the last 5); forget norm {n[0]:.1f} -> "
-        f"{sum(n[-5:]) / 5:.1f}; retain term max {max(info['losses']['retain']):.4g}, last {info['losses']['retain'][-1]:.4g}"
-    )
-    print(f"held-out per-token NLL, first {result['n_eval']} prompts of each set ({result['eval_s']:.0f} s):")
-    for name, v in result["nll"].items():
-        print(f"  {name:12s} base {v['base']:.3f}  rmu {v['rmu']:.3f}  delta {v['delta']:+.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    _main()

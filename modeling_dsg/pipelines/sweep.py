@@ -36,7 +36,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DSGError
+from ..data.rows import Rows
+from ..errors import DSGError, raise_first
+from ..options import add_options, from_args, option
+from ..runtime.configuration_dsg import MAX_CLAMP, MODES
+from .build import BuildOptions
 
 METRICS = ("accuracy", "choice_prob", "cloze_prob")
 SWEEP_FILE = "sweep.json"
@@ -46,18 +50,66 @@ SUMMARY_FILE = "summary.md"
 
 @dataclass
 class SweepOptions:
-    modes: tuple = ("dynamic", "static")
-    n_features: tuple = (5, 10, 20, 40)
-    clamps: tuple = (50.0, 200.0, 500.0)
-    ratio_percentiles: tuple = (90.0, 95.0, 99.0)  # dynamic only
-    metric: str = "accuracy"
-    retain_floor: float = 0.99
-    limit: int | None = 100  # questions per set
-    chat: bool = False
-    preamble: bool = False
-    batch_size: int = 8
-    progress: bool = True
-    build: object = None  # BuildOptions for rows, statistics and calibration
+    """The grid and the rule of a sweep; each field is also a `dsg sweep` option."""
+
+    modes: tuple[str, ...] = option(("dynamic", "static"), choices=MODES, help="the modes to sweep")
+    n_features: tuple[int, ...] = option(
+        (5, 10, 20, 40), flag="--n-features-grid", dest="n_grid", metavar="N", help="the values of N"
+    )
+    clamps: tuple[float, ...] = option((50.0, 200.0, 500.0), metavar="C", help="the values of the clamp c")
+    ratio_percentiles: tuple[float, ...] = option(
+        (90.0, 95.0, 99.0), metavar="P", help="the ratio percentiles (dynamic only)"
+    )
+    metric: str = option(
+        "accuracy",
+        choices=METRICS,
+        help="what forget and retain scores are (default: letter accuracy, the paper's)",
+    )
+    retain_floor: float = option(0.99, help="keep retain >= this fraction of the base model's (default 0.99)")
+    limit: int | None = option(100, help="questions per set (default 100)")
+    chat: bool = option(False, help="prompts through the tokenizer's chat template")
+    preamble: bool = option(False, help="the lm-eval preamble before each question")
+    batch_size: int = option(8, cli=False)  # the command line sets it from the build's --batch-size
+    progress: bool = option(True, cli=False)
+    build: BuildOptions | None = option(None, cli=False)  # rows, statistics and calibration
+
+    def validate(self) -> None:
+        """Refuse a bad grid or rule before anything is loaded: one `DSGError`."""
+        o = self
+        checks = [
+            (
+                len(o.modes) > 0 and set(o.modes) <= set(MODES),
+                f"--modes must be dynamic and/or static, got {list(o.modes)}",
+            ),
+            (
+                len(o.n_features) > 0 and all(int(n) >= 1 for n in o.n_features),
+                f"--n-features must be integers >= 1, got {list(o.n_features)}",
+            ),
+            (
+                len(o.clamps) > 0 and all(0 < float(c) < float("inf") for c in o.clamps),
+                f"--clamps must be finite numbers > 0, got {list(o.clamps)}",
+            ),
+            (
+                all(float(c) <= MAX_CLAMP for c in o.clamps),
+                f"--clamps must be at most {MAX_CLAMP:g} (the model config's bound), got {list(o.clamps)}",
+            ),
+            (
+                len(o.ratio_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.ratio_percentiles),
+                f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}",
+            ),
+            (o.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {o.metric!r}"),
+            (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
+            (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
+            (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
+            # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
+            # afterwards with `dsg build --action` from the chosen N (and their scores are not the clamp's)
+            (
+                o.build is None or getattr(o.build, "action", "clamp") == "clamp",
+                f"dsg sweep scores the clamp action only (got action {getattr(o.build, 'action', None)!r}); "
+                "build a refuse or monitor model with `dsg build --action` from the chosen point",
+            ),
+        ]
+        raise_first(checks)
 
     def grid(self) -> list[dict]:
         points = []
@@ -76,50 +128,9 @@ class SweepOptions:
         return points
 
 
-def check_options(o: SweepOptions) -> None:
-    from ..runtime.configuration_dsg import MAX_CLAMP
-
-    checks = [
-        (
-            len(o.modes) > 0 and set(o.modes) <= {"dynamic", "static"},
-            f"--modes must be dynamic and/or static, got {list(o.modes)}",
-        ),
-        (
-            len(o.n_features) > 0 and all(int(n) >= 1 for n in o.n_features),
-            f"--n-features must be integers >= 1, got {list(o.n_features)}",
-        ),
-        (
-            len(o.clamps) > 0 and all(0 < float(c) < float("inf") for c in o.clamps),
-            f"--clamps must be finite numbers > 0, got {list(o.clamps)}",
-        ),
-        (
-            all(float(c) <= MAX_CLAMP for c in o.clamps),
-            f"--clamps must be at most {MAX_CLAMP:g} (the model config's bound), got {list(o.clamps)}",
-        ),
-        (
-            len(o.ratio_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.ratio_percentiles),
-            f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}",
-        ),
-        (o.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {o.metric!r}"),
-        (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
-        (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
-        (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
-        # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
-        # afterwards with `dsg build --action` from the chosen N (and their scores are not the clamp's)
-        (
-            o.build is None or getattr(o.build, "action", "clamp") == "clamp",
-            f"dsg sweep scores the clamp action only (got action {getattr(o.build, 'action', None)!r}); build a refuse or "
-            "monitor model with `dsg build --action` from the chosen point",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DSGError(message)
-
-
 # ------------------------------------------------------------------------------------ scoring
 def mcq_numbers(scores: dict, answers) -> dict:
-    """Per-set means from `evaluation.score_mcq`-shaped scores: accuracy and choice_prob (letter scores),
+    """Per-set means from `scoring.score_mcq`-shaped scores: accuracy and choice_prob (letter scores),
     cloze_prob = mean exp(L_answer / tokens) and cloze_ll_per_token (cloze scores), whichever are present."""
     import numpy as np
 
@@ -151,31 +162,17 @@ class EvalSet:
     timings: dict = field(default_factory=dict)
 
 
-def _rows(sequences, pad_id: int):
-    import torch
-
-    from ..data.rows import Rows
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return Rows(ids, mask)
-
-
 def score_set(
     model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = ""
 ) -> dict:
-    """`evaluation.score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
+    """`scoring.score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
     "decisions" are then those on the cloze inputs."""
-    from ..evaluation import evaluate as ev
+    from ..evaluation import scoring
 
     if letters:
-        return ev.score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
-    contexts, continuations = ev.mcq_texts(tokenizer, mcq, eval_options)["cloze"]
-    sums, counts, decisions = ev.continuation_logprobs(
+        return scoring.score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
+    contexts, continuations = scoring.mcq_texts(tokenizer, mcq, eval_options)["cloze"]
+    sums, counts, decisions = scoring.continuation_logprobs(
         model,
         tokenizer,
         contexts,
@@ -194,7 +191,7 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
     import torch
 
     from ..analysis.stats import collect
-    from ..evaluation import evaluate as ev
+    from ..evaluation import scoring
     from .build import counted_exclusions, sae_encoder
 
     timings = {}
@@ -204,28 +201,33 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
     base.pop("decisions", None)
     timings["base_scoring_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    texts = ev.mcq_texts(tokenizer, mcq, eval_options)
-    encode = sae_encoder(statistics.sae_spec, statistics.sae_state, statistics.layer, build_options.device)
+    texts = scoring.mcq_texts(tokenizer, mcq, eval_options)
+    encode = sae_encoder(statistics.sae_spec, statistics.sae_state, build_options.device)
     kw = dict(
         batch_size=build_options.batch_size,
         ignore_token_ids=counted_exclusions(model, tokenizer),
         device=build_options.device,
     )
-    pad = ev._pad_id(tokenizer)
+    pad = scoring.padding_id(tokenizer)
     letter_store = cloze_store = None
     with torch.no_grad(), model.guardrails_disabled():
         if letters:
-            letter_seqs = ev.letter_sequences(tokenizer, texts["letter"], chat=eval_options.chat)[0]
+            letter_seqs = scoring.letter_sequences(tokenizer, texts["letter"], chat=eval_options.chat)[0]
             letter_store = collect(
-                model.model, statistics.layer, encode, _rows(letter_seqs, pad), desc=f"{mcq.label}: activations", **kw
+                model.model,
+                statistics.layer,
+                encode,
+                Rows.from_sequences(letter_seqs, pad),
+                desc=f"{mcq.label}: activations",
+                **kw,
             )
         if "cloze" in texts:
-            cloze_seqs = ev.cloze_sequences(tokenizer, *texts["cloze"], chat=eval_options.chat)[0]
+            cloze_seqs = scoring.cloze_sequences(tokenizer, *texts["cloze"], chat=eval_options.chat)[0]
             cloze_store = collect(
                 model.model,
                 statistics.layer,
                 encode,
-                _rows(cloze_seqs, pad),
+                Rows.from_sequences(cloze_seqs, pad),
                 desc=f"{mcq.label}: cloze activations",
                 **kw,
             )
@@ -311,7 +313,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     from ..evaluation.evaluate import EvalOptions
     from .build import BuildOptions, guardrail_from, heldout_summary, select_and_calibrate
 
-    check_options(options)
+    options.validate()
     build_options = options.build or BuildOptions()
     eval_options = EvalOptions(
         chat=options.chat,
@@ -475,9 +477,9 @@ def summary_markdown(result: dict) -> str:
 
 
 def write_outputs(result: dict, folder: Path) -> None:
-    from ..evaluation.evaluate import _clean
+    from ..evaluation.report import clean_json
 
-    (folder / SWEEP_FILE).write_text(json.dumps(_clean(result), indent=2))
+    (folder / SWEEP_FILE).write_text(json.dumps(clean_json(result), indent=2))
     write_plot(result, folder / PLOT_FILE)
     (folder / SUMMARY_FILE).write_text(summary_markdown(result))
 
@@ -500,14 +502,12 @@ def run_sweep(
     """The Python API of `dsg sweep`."""
     import torch
 
-    from ..data.sources import load_base_model, load_sae, sae_layer
-    from ..evaluation.evaluate import load_mcq
+    from ..data.mcq import load_mcq
+    from ..data.sources import load_base_model, load_sae, load_sources, sae_layer
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
     from .build import (
         BuildOptions,
-        _check_options,
-        _texts,
         assemble,
         check_build_finite,
         check_sae_options,
@@ -519,8 +519,8 @@ def run_sweep(
 
     options = options or SweepOptions()
     options.build = options.build or BuildOptions()
-    check_options(options)
-    _check_options(options.build)
+    options.validate()
+    options.build.validate()
     inputs = {
         "the --base model": base,
         "the --sae folder": sae,
@@ -536,8 +536,8 @@ def run_sweep(
         )
     forget_set = load_mcq(forget_mcq, "forget", limit=options.limit)
     retain_set = load_mcq(retain_mcq, "retain", limit=options.limit)
-    forget_texts, forget_sources = _texts(forget, text_field)
-    retain_texts, retain_sources = _texts(retain, text_field)
+    forget_texts, forget_sources = load_sources(forget, text_field)
+    retain_texts, retain_sources = load_sources(retain, text_field)
     sae_model = load_sae(sae, device="cpu")
     guardrail_sae(sae_model, sae)  # an architecture the guard cannot run fails before the model is loaded
     for n in options.n_features:
@@ -581,49 +581,18 @@ def configure_parser(p):
     from .build import configure_parser as build_parser
 
     build_parser(p, sweep=True)
-    d = SweepOptions()
     p.add_argument(
         "--forget-mcq", required=True, metavar="SRC", help="forget-side questions to score (WMDP/MMLU schema)"
     )
     p.add_argument("--retain-mcq", required=True, metavar="SRC", help="retain-side questions to score")
-    p.add_argument("--modes", nargs="+", default=list(d.modes), choices=["dynamic", "static"])
-    p.add_argument("--n-features-grid", dest="n_grid", nargs="+", type=int, default=list(d.n_features), metavar="N")
-    p.add_argument("--clamps", nargs="+", type=float, default=list(d.clamps), metavar="C")
-    p.add_argument("--ratio-percentiles", nargs="+", type=float, default=list(d.ratio_percentiles), metavar="P")
-    p.add_argument(
-        "--metric",
-        choices=METRICS,
-        default=d.metric,
-        help="what forget and retain scores are (default: letter accuracy, the paper's)",
-    )
-    p.add_argument(
-        "--retain-floor",
-        type=float,
-        default=d.retain_floor,
-        help="keep retain >= this fraction of the base model's (default 0.99)",
-    )
-    p.add_argument("--limit", type=int, default=d.limit, help="questions per set (default 100)")
-    p.add_argument("--chat", action="store_true", help="prompts through the tokenizer's chat template")
-    p.add_argument("--preamble", action="store_true", help="the lm-eval preamble before each question")
+    add_options(p, SweepOptions)
     p.add_argument("--save-best", metavar="DIR", help="also write the chosen model as a DSG folder")
 
 
 def run(args):
     from .build import options_from_args
 
-    options = SweepOptions(
-        modes=tuple(args.modes),
-        n_features=tuple(args.n_grid),
-        clamps=tuple(args.clamps),
-        ratio_percentiles=tuple(args.ratio_percentiles),
-        metric=args.metric,
-        retain_floor=args.retain_floor,
-        limit=args.limit,
-        chat=args.chat,
-        preamble=args.preamble,
-        batch_size=args.batch_size,
-        build=options_from_args(args),
-    )
+    options = from_args(SweepOptions, args, batch_size=args.batch_size, build=options_from_args(args))
     result = run_sweep(
         args.base,
         args.sae,

@@ -22,14 +22,13 @@ Defaults: TopK, k = 32, inputs rescaled to mean norm sqrt(d_in) during training
 lr 4e-4 constant with linear decay to lr/10 over the last 20% of steps, 4096 tokens per batch,
 seq_len 128. Other architectures: `batchtopk` (k active features per token on average over a batch;
 saved for inference as JumpReLU with learned thresholds, so a guard computes only its selected
-features), `jumprelu`, `standard`, `gated` (sae-lens defaults for their sparsity coefficients). A feature counts as dead for sae-lens' TopK auxiliary loss after
-`max(25, steps // 10)` steps without firing.
+features), `jumprelu`, `standard`, `gated` (sae-lens defaults for their sparsity coefficients). A feature
+counts as dead for sae-lens' TopK auxiliary loss after `max(25, steps // 10)` steps without firing.
 
 Speed options: `--bf16` runs the model forward and the SAE matmuls under bfloat16 autocast (weights,
-Adam state and the saved SAE stay float32); on the project's AVX512-BF16 CPU the truncated forward was
-about 2.8x faster, with a 0.56% relative error in the layer-6 activations. On a shared, oversubscribed
-CPU, `OMP_NUM_THREADS=1` was about 8x faster than two threads spinning at OpenMP barriers (measured on
-the 2-core box at load average 5 to 9). `--checkpoints N --checkpoint-dir DIR` keeps sae-lens training
+Adam state and the saved SAE stay float32), which pays on CPUs with AVX512-BF16 or AMX. On a shared,
+oversubscribed CPU, set `OMP_NUM_THREADS=1`: threads spinning at OpenMP barriers cost more than they
+give (both measured in benchmarks/README.md). `--checkpoints N --checkpoint-dir DIR` keeps sae-lens training
 checkpoints of a long run.
 
 Output: a sae-lens folder (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`,
@@ -41,12 +40,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DSGError
+from ..errors import DSGError, raise_first
+from ..options import add_options, from_args, option
+from ..runtime.configuration_dsg import MAX_D_SAE
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard", "gated")
 TOPK_FAMILY = ("topk", "batchtopk")  # k active features per token (batchtopk: on average over the batch)
@@ -54,25 +58,14 @@ TOPK_FAMILY = ("topk", "batchtopk")  # k active features per token (batchtopk: o
 
 # ----------------------------------------------------------------------------------------- model
 def decoder_layers_path(model) -> str:
-    """Dotted module path of the decoder-layer list: `model.layers` (Llama, Qwen, Gemma...) or `transformer.h`."""
-    import torch
+    """Dotted module path of the decoder-layer list (`model.layers`, `transformer.h`, ...), as the runtime's
+    `decoder_layers_path` finds it; DSGError if there is none."""
+    from ..runtime.modeling_dsg import decoder_layers_path as runtime_decoder_layers_path
 
-    for path in (
-        "model.layers",
-        "model.language_model.layers",
-        "transformer.h",
-        "gpt_neox.layers",
-        "model.decoder.layers",
-    ):
-        mod = model
-        try:
-            for part in path.split("."):
-                mod = getattr(mod, part)
-        except AttributeError:
-            continue
-        if isinstance(mod, torch.nn.ModuleList):
-            return path
-    raise DSGError(f"cannot find the decoder layers of {type(model).__name__}")
+    try:
+        return runtime_decoder_layers_path(model)
+    except ValueError:
+        raise DSGError(f"cannot find the decoder layers of {type(model).__name__}") from None
 
 
 def num_layers(model) -> int:
@@ -112,42 +105,60 @@ def truncate_model(model, last_layer: int):
     return small.to(next(model.parameters()).device).eval()
 
 
-def check_train_options(
-    *,
-    width: int,
-    k: int,
-    architecture: str = "topk",
-    lr: float = 4e-4,
-    seq_len: int = 128,
-    batch_tokens: int = 4096,
-    tokens: int | None = None,
-    n_checkpoints: int = 0,
-) -> None:
-    """Refuse bad training options before anything is loaded (each a `DSGError` naming the flag)."""
-    import math
+@dataclass
+class TrainSAEOptions:
+    """How an SAE is trained; each field is also a `dsg train-sae` option."""
 
-    from ..runtime.configuration_dsg import MAX_D_SAE
+    width: int = option(4096, help="number of SAE features")
+    architecture: str = option("topk", choices=ARCHITECTURES, help="the SAE architecture")
+    k: int = option(32, help="active features per token for topk and batchtopk")
+    tokens: int | None = option(None, help="training tokens (default: one pass over the texts)")
+    seq_len: int = option(128, help="tokens per training row")
+    lr: float = option(4e-4, help="Adam learning rate")
+    batch_tokens: int = option(4096, help="tokens per training batch")
+    device: str = option("cpu")
+    seed: int = option(42, help="seed of the row order and the initialisation")
+    autocast: bool = option(
+        False,
+        flag="--bf16",
+        help="bfloat16 autocast for the model forward and the SAE matmuls (weights stay float32); "
+        "faster on CPUs with AVX512-BF16 or AMX",
+    )
+    n_checkpoints: int = option(
+        0, flag="--checkpoints", metavar="N", help="save N evenly spaced training checkpoints under --checkpoint-dir"
+    )
 
-    checks = [
-        (
-            architecture in ARCHITECTURES,
-            f"unknown architecture {architecture!r} (choose from {', '.join(ARCHITECTURES)})",
-        ),
-        (1 <= width <= MAX_D_SAE, f"--width must be between 1 and {MAX_D_SAE}, got {width}"),
-        (k >= 1, f"--k must be at least 1, got {k}"),
-        (
-            architecture not in TOPK_FAMILY or k <= width,
-            f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most --width features active",
-        ),
-        (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, f"--lr must be a finite number > 0, got {lr}"),
-        (seq_len >= 2, f"--seq-len must be at least 2, got {seq_len}"),
-        (batch_tokens >= 1, f"--batch-tokens must be at least 1, got {batch_tokens}"),
-        (tokens is None or tokens >= 1, f"--tokens must be at least 1, got {tokens}"),
-        (n_checkpoints >= 0, f"--checkpoints must be 0 or more, got {n_checkpoints}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DSGError(message)
+    def validate(self) -> None:
+        """Refuse bad training options before anything is loaded (each a `DSGError` naming the flag)."""
+        width, k, lr = self.width, self.k, self.lr
+        raise_first(
+            [
+                (
+                    self.architecture in ARCHITECTURES,
+                    f"unknown architecture {self.architecture!r} (choose from {', '.join(ARCHITECTURES)})",
+                ),
+                (1 <= width <= MAX_D_SAE, f"--width must be between 1 and {MAX_D_SAE}, got {width}"),
+                (k >= 1, f"--k must be at least 1, got {k}"),
+                (
+                    self.architecture not in TOPK_FAMILY or k <= width,
+                    f"--k {k} is more than the SAE has features (--width {width}): a TopK SAE keeps at most "
+                    "--width features active",
+                ),
+                (
+                    isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
+                    f"--lr must be a finite number > 0, got {lr}",
+                ),
+                (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
+                (self.batch_tokens >= 1, f"--batch-tokens must be at least 1, got {self.batch_tokens}"),
+                (self.tokens is None or self.tokens >= 1, f"--tokens must be at least 1, got {self.tokens}"),
+                (self.n_checkpoints >= 0, f"--checkpoints must be 0 or more, got {self.n_checkpoints}"),
+            ]
+        )
+
+
+def training_options(width: int, options: TrainSAEOptions | None, fields: dict) -> TrainSAEOptions:
+    """`options` (or the defaults) with `width` and the keyword `fields` a caller of `train_sae(s)` gave."""
+    return dataclasses.replace(options or TrainSAEOptions(), width=width, **fields)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -210,23 +221,16 @@ def train_saes(
     layers: list[int],
     width: int,
     *,
-    architecture: str = "topk",
-    k: int = 32,
-    tokens: int | None = None,
-    seq_len: int = 128,
-    lr: float = 4e-4,
-    batch_tokens: int = 4096,
-    device: str = "cpu",
-    seed: int = 42,
+    options: TrainSAEOptions | None = None,
     model_name: str = "model",
-    autocast: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
-    n_checkpoints: int = 0,
     workdir: str | os.PathLike,
+    **fields,
 ) -> dict[int, Path]:
     """Train one SAE per layer in `layers` from one (truncated) forward pass; returns {layer: folder}.
 
-    The folders are sae-lens folders under `workdir/layer{L}`. `tokens` defaults to the number of
+    The folders are sae-lens folders under `workdir/layer{L}`. The training options are `options` with
+    `width` and any `TrainSAEOptions` field given as a keyword (`k=16`). `tokens` defaults to the number of
     training positions in the packed texts (one epoch). `autocast` runs the model's forward and the
     SAE's matmuls under bfloat16 autocast (weights, Adam state and the saved SAE stay float32).
     `n_checkpoints` > 0 saves that many evenly spaced sae-lens training checkpoints (weights, Adam
@@ -238,6 +242,9 @@ def train_saes(
     from sae_lens.load_model import HookedProxyLM
 
     os.environ.setdefault("WANDB_MODE", "disabled")
+    o = training_options(width, options, fields)
+    architecture, k, tokens, seq_len, lr = o.architecture, o.k, o.tokens, o.seq_len, o.lr
+    batch_tokens, device, seed, autocast, n_checkpoints = o.batch_tokens, o.device, o.seed, o.autocast, o.n_checkpoints
     layers = sorted(set(int(x) for x in layers))
     n = num_layers(model)
     for layer in layers:
@@ -245,16 +252,7 @@ def train_saes(
             raise DSGError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
     if width <= 0 or k <= 0 or seq_len < 2 or batch_tokens <= 0:
         raise DSGError("width, k and batch-tokens must be positive and seq-len at least 2")
-    check_train_options(
-        width=width,
-        k=k,
-        architecture=architecture,
-        lr=lr,
-        seq_len=seq_len,
-        batch_tokens=batch_tokens,
-        tokens=tokens,
-        n_checkpoints=n_checkpoints,
-    )
+    o.validate()
     rows = pack_rows(texts, tokenizer, seq_len, seed=seed)
     per_row = seq_len - 1  # position 0 is skipped
     available = len(rows) * per_row
@@ -391,25 +389,18 @@ def train_sae(
     width: int,
     *,
     out,
-    architecture: str = "topk",
-    k: int = 32,
-    tokens: int | None = None,
-    seq_len: int = 128,
-    lr: float = 4e-4,
-    batch_tokens: int = 4096,
-    device: str = "cpu",
-    seed: int = 42,
+    options: TrainSAEOptions | None = None,
     model_name: str = "model",
     overwrite: bool = False,
-    autocast: bool = False,
     checkpoint_dir=None,
-    n_checkpoints: int = 0,
     eval_texts=None,
     eval_tokens: int = 8192,
+    **fields,
 ) -> dict:
     """Train one SAE on the output of decoder layer `layer` and save it (sae-lens format) to `out`.
 
-    Returns training metrics (tokens, wall time, sae-lens' final L0 / dead count) and, if
+    The training options are as for `train_saes`. Returns training metrics (tokens, wall time, sae-lens'
+    final L0 / dead count) and, if
     `eval_texts` is given, `evaluate_sae` metrics on them; all are also written to
     `out/training_metrics.json`.
     """
@@ -418,6 +409,7 @@ def train_sae(
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
 
+    o = training_options(width, options, fields)
     n = num_layers(model)
     if not 0 <= layer < n:
         raise DSGError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
@@ -431,18 +423,9 @@ def train_sae(
             texts,
             [layer],
             width,
-            architecture=architecture,
-            k=k,
-            tokens=tokens,
-            seq_len=seq_len,
-            lr=lr,
-            batch_tokens=batch_tokens,
-            device=device,
-            seed=seed,
+            options=o,
             model_name=model_name,
-            autocast=autocast,
             checkpoint_dir=checkpoint_dir,
-            n_checkpoints=n_checkpoints,
             workdir=work,
         )
         for item in folders[layer].iterdir():
@@ -458,7 +441,7 @@ def train_sae(
         try:  # a diverged run (e.g. too high --lr) writes nothing
             check_finite(sae.state_dict().items(), "the trained SAE")
         except DSGError as err:
-            raise DSGError(f"{err}: training diverged (lr {lr:g}); lower --lr. Nothing was written") from None
+            raise DSGError(f"{err}: training diverged (lr {o.lr:g}); lower --lr. Nothing was written") from None
         meta = sae.cfg.metadata
         metrics = {
             "layer": layer,
@@ -466,21 +449,21 @@ def train_sae(
             "architecture": sae.cfg.architecture(),
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
-            "k": k if architecture in TOPK_FAMILY else None,
-            "training_tokens": tokens
-            if tokens is not None
-            else len(pack_rows(texts, tokenizer, seq_len, seed)) * (seq_len - 1),
-            "seq_len": seq_len,
-            "lr": lr,
-            "batch_tokens": batch_tokens,
-            "bf16_autocast": autocast,
+            "k": o.k if o.architecture in TOPK_FAMILY else None,
+            "training_tokens": o.tokens
+            if o.tokens is not None
+            else len(pack_rows(texts, tokenizer, o.seq_len, o.seed)) * (o.seq_len - 1),
+            "seq_len": o.seq_len,
+            "lr": o.lr,
+            "batch_tokens": o.batch_tokens,
+            "bf16_autocast": o.autocast,
             "train_l0": getattr(meta, "l0", None),
             "train_dead_features": getattr(meta, "num_dead_features", None),
             "train_wall_s": round(time.time() - start, 1),
         }
         if eval_texts is not None:
             metrics.update(
-                evaluate_sae(sae, model, tokenizer, eval_texts, layer, seq_len=seq_len, max_tokens=eval_tokens)
+                evaluate_sae(sae, model, tokenizer, eval_texts, layer, seq_len=o.seq_len, max_tokens=eval_tokens)
             )
         (Path(tmp) / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -490,7 +473,6 @@ def train_sae(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="model: local folder, .gguf file or Hub id")
     parser.add_argument("--layer", type=int, required=True, help="decoder layer whose output the SAE reads")
-    parser.add_argument("--width", type=int, default=4096, help="number of SAE features (default 4096)")
     parser.add_argument(
         "--text",
         nargs="+",
@@ -500,12 +482,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "'embedded:sae' (the embedded default's SAE training text, build splits only)",
     )
     parser.add_argument("--out", required=True, help="output folder (sae-lens format)")
-    parser.add_argument("--architecture", choices=ARCHITECTURES, default="topk")
-    parser.add_argument("--k", type=int, default=32, help="active features per token for topk (default 32)")
-    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass over the texts)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument(
         "--eval-text",
         nargs="*",
@@ -514,23 +490,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="held-out text for the final metrics (explained variance, L0, CE increase); same sources as "
         "--text, plus 'embedded:heldout-wikitext'",
     )
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="bfloat16 autocast for the model forward and the SAE matmuls (weights stay float32); "
-        "about 2.5x faster on CPUs with AVX512-BF16 or AMX",
-    )
-    parser.add_argument(
-        "--checkpoints",
-        type=int,
-        default=0,
-        metavar="N",
-        help="save N evenly spaced training checkpoints under --checkpoint-dir",
-    )
     parser.add_argument("--checkpoint-dir", default=None, help="folder for --checkpoints (kept after the run)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_options(parser, TrainSAEOptions)
 
 
 def _texts(sources) -> list[str]:
@@ -552,7 +514,7 @@ def _texts(sources) -> list[str]:
 
 
 def run(args) -> int:
-    if args.checkpoints and not args.checkpoint_dir:
+    if args.n_checkpoints and not args.checkpoint_dir:
         raise DSGError("--checkpoints needs --checkpoint-dir")
     from ..outputs import prepare_output
 
@@ -566,16 +528,8 @@ def run(args) -> int:
             "the --checkpoint-dir folder": args.checkpoint_dir,
         },
     )
-    check_train_options(
-        width=args.width,
-        k=args.k,
-        architecture=args.architecture,
-        lr=args.lr,
-        seq_len=args.seq_len,
-        batch_tokens=args.batch_tokens,
-        tokens=args.tokens,
-        n_checkpoints=args.checkpoints,
-    )
+    options = from_args(TrainSAEOptions, args)
+    options.validate()
     texts = _texts(args.text)
     eval_texts = _texts(args.eval_text) if args.eval_text else None
     from ..data.sources import load_base_model
@@ -587,21 +541,12 @@ def run(args) -> int:
         tok,
         texts,
         args.layer,
-        args.width,
+        options.width,
         out=args.out,
-        architecture=args.architecture,
-        k=args.k,
-        tokens=args.tokens,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        batch_tokens=args.batch_tokens,
-        device=args.device,
-        seed=args.seed,
+        options=options,
         model_name=str(args.base),
         overwrite=args.overwrite,
-        autocast=args.bf16,
         checkpoint_dir=args.checkpoint_dir,
-        n_checkpoints=args.checkpoints,
         eval_texts=eval_texts,
     )
     print(json.dumps(metrics, indent=2))

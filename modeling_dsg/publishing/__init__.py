@@ -1,0 +1,2 @@
+"""Model cards (`cards`, the template in `templates/`) and `dsg publish`. Imports everything below the
+embedded default."""

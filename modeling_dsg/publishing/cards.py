@@ -2,8 +2,8 @@
 
 `render_card(model_dir, repo_id=None)` reads what `dsg build` and `dsg eval` wrote into a model folder and
 returns a `huggingface_hub.ModelCard`. The YAML metadata is built only through `ModelCardData` and
-`EvalResult` (never hand-written YAML); the body comes from `modeling_dsg/publishing/templates/dsg_model_card.md` through
-`ModelCard.from_template`.
+`EvalResult` (never hand-written YAML); the body comes from the template
+`modeling_dsg/publishing/templates/dsg_model_card.md` through `ModelCard.from_template`.
 
 What is read (only `config.json` is required; every other file and field may be missing, and the card
 then says "not measured" or "not recorded" instead of guessing):
@@ -11,16 +11,11 @@ then says "not measured" or "not recorded" instead of guessing):
     config.json       model_type "dsg", text_config, guardrails [{name, layer, mode, features, clamp,
                       threshold, score, action, refusal, sae: {architecture, d_in, d_sae, k, source, ...}}],
                       optional base_model / license (a guardrail without "action" is "clamp")
-    features.json     {"guardrails": [{name, layer, features: [{index, forget_mean, retain_mean,
-                      forget_freq, retain_freq, importance, ratio, top_tokens: [{token, activation,
-                      context}]}]}]}
-    dsg_build.json    {"base_model", "guardrails": [{name, mode, sae, layer, forget_sources,
-                      retain_sources, n_features, clamp, ratio_percentile, threshold_percentile, tau,
-                      rho: {forget: SUMMARY, retain: SUMMARY}, heldout: {forget_trigger_rate,
-                      retain_trigger_rate, n_forget, n_retain}}]}
-                      SUMMARY = {mean, std, min, p5, p25, p50, p75, p95, max, n}
+    features.json     `data.records.FeaturesFile` (per guardrail, each feature's statistics and top tokens)
+    dsg_build.json    `data.records.BuildRecord` (per guardrail: sources, options, tau, rho summaries,
+                      held-out trigger rates, calibration)
     EVAL/report.json  the `dsg eval` report, EVAL = `eval_dir` (default `<model_dir>/eval`), in the schema
-                      of `report_schema` (checked with `report_schema.check_report`; a report that does not
+                      of `evaluation.report` (checked with its `check_report`; a report that does not
                       follow it is a `DSGError`). The card shows its results rows (base, DSG, DSG − base and
                       one column per --baseline NAME), the baseline folders, the trigger rates, and the
                       dilution block in the Evaluation section and in Limitations.
@@ -37,12 +32,13 @@ bases (SmolLM2: apache-2.0). When none of these is known, the card has no licens
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from pathlib import Path
 
+from ..analysis.explain import when_fired
+from ..data.hub import is_repo_id
+from ..data.sources import check_dsg_folder, read_json_file
 from ..errors import DSGError
+from ..evaluation.markdown import finite_number, fmt_delta, fmt_number, fmt_percent, md_cell
 from ..evaluation.report import (
     MODELS,
     check_report,
@@ -75,25 +71,6 @@ ACTION_TEXT = {
 }
 
 
-def when_fired(action: str, *, clamp=None, refusal: str | None = None, minus: str = "−") -> str:
-    """What a user sees when a guardrail with this action fires, as one sentence without a final period (the
-    card and `dsg explain` both say it). `clamp` is the clamp value as shown, `refusal` the refusal text as
-    shown (quoted by the caller)."""
-    if action == "clamp":
-        return (
-            f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
-            "model's from the first flagged token on, and may read as degraded or off-topic text"
-        )
-    if action == "refuse":
-        return f"the answer is exactly the refusal {refusal}, then end of sequence; nothing else is generated"
-    if action == "monitor":
-        return (
-            "nothing changes: the answer is the base model's, token for token; the decision is only reported, "
-            "on the model outputs (`guardrail_decisions`)"
-        )
-    return f"action `{action}` (not one this version of modeling_dsg describes)"
-
-
 # Bases whose Hub id and license are known when the base was given as a local file (e.g. the GGUF of the
 # embedded default). Keys are lower-case prefixes of the file or folder name.
 KNOWN_BASES = {
@@ -101,47 +78,21 @@ KNOWN_BASES = {
     "smollm2-360m-instruct": ("HuggingFaceTB/SmolLM2-360M-Instruct", "apache-2.0"),
     "smollm2-1.7b-instruct": ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "apache-2.0"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ----------------------------------------------------------------------------------------- reading
-def read_json(path: Path, what: str):
-    """Parse a JSON file; a broken file is a `DSGError` naming it."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DSGError(f"cannot read {what} {path}: {err}") from None
-
-
-def check_dsg_folder(model_dir) -> dict:
-    """Return the parsed config.json of a DSG model folder, or raise `DSGError` saying what is wrong."""
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise DSGError(f"model folder {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise DSGError(f"{model_dir} is not a folder (expected a DSG model folder written by `dsg build`)")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise DSGError(f"{model_dir} is not a DSG model folder: it has no config.json")
-    config = read_json(config_path, "model config")
-    if not isinstance(config, dict) or config.get("model_type") != "dsg":
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise DSGError(f"{model_dir} is not a DSG model folder: config.json has model_type {found!r}, expected 'dsg'")
-    return config
-
-
 def _optional_json(path: Path, what: str) -> dict:
     if not path.is_file():
         return {}
-    data = read_json(path, what)
+    data = read_json_file(path, what)
     if not isinstance(data, dict):
         raise DSGError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
 def _checked_record(path: Path) -> dict:
-    """features.json / dsg_build.json in the shape `dsg build` writes (`build.read_record`), or {} when absent."""
-    from ..pipelines.build import read_record
+    """features.json / dsg_build.json checked against `data.records`, or {} when absent."""
+    from ..data.records import read_record
 
     data = read_record(path) if path.is_file() else None
     return data or {}
@@ -167,31 +118,15 @@ def load_folder(model_dir, eval_dir=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- formats
-def _num(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
+# cells and numbers come from `evaluation.markdown` (`md_cell`, `fmt_number`, ...); the card's own defaults:
 def fmt(x, digits: int = 3, missing: str = NOT_MEASURED) -> str:
     """A number for a table: integers as is, floats with `digits` decimals (scientific when tiny or huge)."""
-    if isinstance(x, int) and not isinstance(x, bool):
-        return f"{x:,}"
-    v = _num(x)
-    if v is None:
-        return missing
-    if v != 0 and abs(v) < 10**-digits or abs(v) >= 1e6:  # huge: e.g. a refusing row's log-likelihood
-        return f"{v:.2e}"
-    return f"{v:.{digits}f}"
+    return fmt_number(x, digits, missing, small_sci=True)
 
 
 def pct(x, missing: str = NOT_MEASURED) -> str:
     """A rate in [0, 1] as a percentage with one decimal."""
-    v = _num(x)
-    return missing if v is None else f"{100 * v:.1f}%"
-
-
-def md_cell(text) -> str:
-    """Text safe inside a Markdown table cell (no newlines, escaped pipes)."""
-    return str(text).replace("\r", " ").replace("\n", " ").replace("|", "\\|").strip()
+    return fmt_percent(x, missing)
 
 
 def md_token(token: str) -> str:
@@ -320,7 +255,7 @@ def resolve_base(config: dict, build: dict, base_model: str | None = None, licen
     for c in candidates:
         if Path(c).expanduser().exists():
             local.append(Path(c).expanduser())
-        elif hub_id is None and _HUB_ID.match(c):
+        elif hub_id is None and is_repo_id(c):
             hub_id = c
     known = next((k for k in (_known_base(str(p)) for p in local) if k), None)
     if hub_id is None and known:
@@ -386,7 +321,7 @@ def _short(text, limit: int = CONTEXT_CHARS) -> str:
 
 def _ratio(x) -> str:
     """Forget/retain importance ratio; huge values (a feature silent on retain) are shown as > 1e6."""
-    v = _num(x)
+    v = finite_number(x)
     if v is None:
         return NOT_MEASURED
     return "> 1e6" if v >= 1e6 else fmt(v, 1)
@@ -401,7 +336,7 @@ def _feature_rows(config_features: list, feature_stats: dict, max_tokens: int) -
         tokens = [t for t in (f.get("top_tokens") or []) if isinstance(t, dict) and "token" in t][:max_tokens]
         top = ", ".join(
             md_token(t["token"])
-            + (f" ({fmt(t.get('activation'), 1)})" if _num(t.get("activation")) is not None else "")
+            + (f" ({fmt(t.get('activation'), 1)})" if finite_number(t.get("activation")) is not None else "")
             for t in tokens
         )
         context = next((_short(t["context"]) for t in tokens if t.get("context")), "")
@@ -432,9 +367,9 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
         sae = next((s for s in (g.get("sae"), b.get("sae")) if isinstance(s, dict)), {})
         sae_source = sae.get("source") or (b.get("sae") if isinstance(b.get("sae"), str) else None)
         mode = g.get("mode") or b.get("mode") or "dynamic"
-        tau = _num(g.get("threshold"))
+        tau = finite_number(g.get("threshold"))
         if tau is None:
-            tau = _num(b.get("tau"))
+            tau = finite_number(b.get("tau"))
         held = b.get("heldout") if isinstance(b.get("heldout"), dict) else {}
         rho = b.get("rho") if isinstance(b.get("rho"), dict) else {}
         arch = sae.get("architecture")
@@ -477,9 +412,9 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
                 "heldout_retain": pct(held.get("retain_trigger_rate")),
                 "heldout_n_forget": fmt(held.get("n_forget"), missing="?"),
                 "heldout_n_retain": fmt(held.get("n_retain"), missing="?"),
-                "has_heldout": _num(held.get("forget_trigger_rate")) is not None
-                or _num(held.get("retain_trigger_rate")) is not None,
-                "retain_trigger_rate": _num(held.get("retain_trigger_rate")),
+                "has_heldout": finite_number(held.get("forget_trigger_rate")) is not None
+                or finite_number(held.get("retain_trigger_rate")) is not None,
+                "retain_trigger_rate": finite_number(held.get("retain_trigger_rate")),
                 "features": _feature_rows(list(g.get("features") or []), fs, max_tokens),
                 "has_feature_stats": bool(fs.get("features")),
             }
@@ -492,7 +427,9 @@ def _results_view(report: dict) -> dict:
     """The results table: base, DSG, DSG − base, then one column per baseline; a model column only where
     some row has a number for it."""
     rows = report.get("results") or []
-    columns = [(k, h) for k, h in model_columns(report) if any(_num(row_value(r, k)) is not None for r in rows)]
+    columns = [
+        (k, h) for k, h in model_columns(report) if any(finite_number(row_value(r, k)) is not None for r in rows)
+    ]
     keys = [k for k, _ in columns]
     delta = "base" in keys and "dsg" in keys
     split = sum(k in MODELS for k in keys)  # base and DSG come first, the baselines after "DSG − base"
@@ -504,11 +441,7 @@ def _results_view(report: dict) -> dict:
         arrow = {True: " ↑", False: " ↓"}.get(r.get("higher_is_better"), "")
         cells = [fmt(row_value(r, k)) for k in keys]
         if delta:
-            b, d = _num(r.get("base")), _num(r.get("dsg"))
-            cells.insert(
-                split,
-                NOT_MEASURED if b is None or d is None else f"{d - b:+.2e}" if abs(d - b) >= 1e6 else f"{d - b:+.3f}",
-            )
+            cells.insert(split, fmt_delta(r.get("base"), r.get("dsg"), NOT_MEASURED))
         results.append(
             {
                 "dataset": md_cell(r["dataset"]),
@@ -538,7 +471,7 @@ def _trigger_view(report: dict, guardrail_names: list[str]) -> dict:
         cells = []
         for g in names:
             value = per_guard.get(g) or {}
-            rate = _num(value.get("rate"))
+            rate = finite_number(value.get("rate"))
             cells.append(pct(rate) + (f" of {value['n']}" if rate is not None else ""))
         rows.append({"dataset": md_cell(dataset), "cells": cells})
     return {"trigger_header": names, "trigger_rows": rows}
@@ -611,7 +544,7 @@ def eval_results(report: dict, model_name: str) -> list:
 
     out = []
     for r in report.get("results") or []:
-        if not isinstance(r, dict) or _num(r.get("dsg")) is None or "dataset" not in r or "metric" not in r:
+        if not isinstance(r, dict) or finite_number(r.get("dsg")) is None or "dataset" not in r or "metric" not in r:
             continue
         out.append(
             EvalResult(
@@ -622,7 +555,7 @@ def eval_results(report: dict, model_name: str) -> list:
                 dataset_split=r.get("dataset_split"),
                 metric_type=str(r["metric"]),
                 metric_name=f"{r['metric']} ({model_name})",
-                metric_value=_num(r["dsg"]),
+                metric_value=finite_number(r["dsg"]),
             )
         )
     return out
@@ -634,7 +567,7 @@ def _hub_datasets(build: dict) -> list[str]:
     for g in build.get("guardrails") or []:
         for spec in list(g.get("forget_sources") or []) + list(g.get("retain_sources") or []):
             name = str(spec).split("@")[0].split(":")[0]
-            if _HUB_ID.match(name) and not Path(str(spec)).exists() and name not in ids:
+            if is_repo_id(name) and not Path(str(spec)).exists() and name not in ids:
                 ids.append(name)
     return ids
 

@@ -39,22 +39,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
 
+from ..data.hub import HUB_TIMEOUT_S, connect, is_repo_id
+from ..data.sources import check_dsg_folder, read_json_file
 from ..errors import DSGError
 from ..outputs import prepare_output
 from ..paths import atomic_output_dir
-from .cards import check_dsg_folder, read_json, render_card
+from .cards import render_card
 
-HUB_TIMEOUT_S = 3.0
 WHOAMI_TIMEOUT_S = 10.0
 VERIFY_TIMEOUT_S = 600.0
 
@@ -77,7 +75,6 @@ TOKENIZER_FILES = (
 )
 DSG_FILES = ("features.json", "dsg_build.json")
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 # Run by the verification subprocess: `python -c VERIFY_SCRIPT STAGED_DIR`. Prints one JSON line.
 VERIFY_SCRIPT = r"""
@@ -106,7 +103,9 @@ def check_repo_id(repo_id) -> str:
     """Accept OWNER/NAME as the Hub names repos; anything else is a `DSGError`."""
     if (
         not isinstance(repo_id, str)
-        or not _REPO_ID.match(repo_id)
+        or not is_repo_id(repo_id)
+        or not repo_id.split("/")[1][:1].isascii()
+        or not repo_id.split("/")[1][:1].isalnum()
         or ".." in repo_id
         or "--" in repo_id
         or repo_id.endswith(".git")
@@ -197,7 +196,7 @@ def check_verify_timeout(seconds) -> float:
 
 def _tokenizer_config(model_dir: Path) -> dict:
     path = model_dir / "tokenizer_config.json"
-    data = read_json(path, "tokenizer config") if path.is_file() else {}
+    data = read_json_file(path, "tokenizer config") if path.is_file() else {}
     return data if isinstance(data, dict) else {}
 
 
@@ -205,7 +204,7 @@ def weight_files(model_dir: Path) -> list[str]:
     """model.safetensors, or the index and every shard it lists; a missing shard is a `DSGError`."""
     index = model_dir / WEIGHTS_INDEX
     if index.is_file():
-        data = read_json(index, "weight index")
+        data = read_json_file(index, "weight index")
         shards = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
         if not shards:
             raise DSGError(f"{index} lists no weight files")
@@ -380,16 +379,8 @@ def check_hub(api, token: str, repo_id: str, *, timeout: float = HUB_TIMEOUT_S) 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise DSGError("HF_HUB_OFFLINE is set: unset it to publish to the Hub (or use --dry-run)")
     endpoint = api.endpoint
-    url = urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        raise DSGError(f"bad Hub endpoint {endpoint!r} (check HF_ENDPOINT)")
-
-    def connect():
-        socket.create_connection((host, port), timeout=timeout).close()
-
     try:
-        _bounded(connect, timeout + 1.0, f"the Hub at {endpoint}")
+        _bounded(lambda: connect(endpoint, timeout), timeout + 1.0, f"the Hub at {endpoint}")
     except OSError as err:
         raise DSGError(
             f"cannot reach the Hugging Face Hub at {endpoint} ({err.strerror or err}); "
@@ -401,8 +392,8 @@ def check_hub(api, token: str, repo_id: str, *, timeout: float = HUB_TIMEOUT_S) 
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
             raise DSGError(
-                "the Hub rejected the token (HTTP %s): log in again with `hf auth login` or set "
-                "HF_TOKEN to a token with write access" % status
+                f"the Hub rejected the token (HTTP {status}): log in again with `hf auth login` or set "
+                "HF_TOKEN to a token with write access"
             ) from None
         raise DSGError(f"the Hub at {endpoint} answered with an error: {err}") from None
     except DSGError:
@@ -651,6 +642,7 @@ def run(args) -> int:
         visibility = "private" if result["private"] else "public"
         made = f"created {visibility} repo" if result["created_repo"] else "existing repo"
         print(
-            f"uploaded {len(result['files'])} files in one commit to {made} {result['repo_id']}: {result['commit_url']}"
+            f"uploaded {len(result['files'])} files in one commit to {made} {result['repo_id']}: "
+            f"{result['commit_url']}"
         )
     return 0

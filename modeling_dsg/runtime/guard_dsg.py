@@ -18,16 +18,19 @@ so the SAE's reconstruction error is kept and an unedited token (or row) is retu
 row's logits are set by `DSGForCausalLM.forward`).
 Static mode (Farrell et al.) edits every counted token, setting each *active* selected feature to -clamp.
 
-Counted tokens are the real ones: not padding, not BOS. The running state of each row (flags,
-counted tokens, fired, best window so far, the last window-1 flags) lives in a `GuardCall` that belongs to one forward call (a `contextvars.ContextVar`, so threads never
-share it); across the decoding steps of `generate` they travel on the KV cache object. Nothing
-per-call is stored on a module.
+Counted tokens are the real ones: not padding, not BOS. The running state of each row (a `GuardState`:
+flags, counted tokens, fired, best window so far, the last window-1 flags) lives in a `GuardCall` that
+belongs to one forward call (a `contextvars.ContextVar`, so threads never share it); across the decoding
+steps of `generate` it travels on the KV cache object. Nothing per-call is stored on a module.
+What the guardrails report is typed too: `GuardRecord` (one per guardrail and forward, from
+`record_guardrails`) and `GuardDecision` (the outputs' `guardrail_decisions`); both read like dicts.
 """
 
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,12 +38,97 @@ from torch import nn
 from .sae_dsg import make_sae
 
 
+class GuardState(NamedTuple):
+    """One guardrail's running state, per row of the batch (B rows), after the tokens seen so far.
+
+    Each field is a tensor whose first dimension is the batch, so the state follows the KV cache's rows
+    (`GuardedCache` rebuilds it with `type(state)._make`).
+    """
+
+    flagged: torch.Tensor  # [B] long: counted tokens flagged so far
+    seen: torch.Tensor  # [B] long: counted tokens so far
+    fired: torch.Tensor  # [B] bool: the guardrail has fired on the row (sticky)
+    best: torch.Tensor  # [B] float64: best flagged fraction over a full window so far, -1 before one
+    tail: torch.Tensor  # [B, window - 1] bool: the last window - 1 counted flags, right-aligned
+
+
+class RefusalState(NamedTuple):
+    """How much of the refusal each row has written (the "refuse" action), kept with the guardrails' state."""
+
+    written: torch.Tensor  # [B] long: refusal tokens written after this call; -1 before the row refused
+
+
+class FieldMapping:
+    """A dataclass that also reads as a read-only dict of its fields: `r["name"]`, `"name" in r`, `r.get`,
+    `keys`, `values`, `items` (dict views), `dict(r)`, iteration over the names in field order, `len`, and
+    `==` against a dict or another one as between dicts. Subclasses are `@dataclass(eq=False)`."""
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (not a copy of the values)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def keys(self):
+        return self.as_dict().keys()
+
+    def values(self):
+        return self.as_dict().values()
+
+    def items(self):
+        return self.as_dict().items()
+
+    def __getitem__(self, key):
+        return self.as_dict()[key]
+
+    def get(self, key, default=None):
+        return self.as_dict().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        return key in self.as_dict()
+
+    def __iter__(self):
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(fields(self))
+
+    def __eq__(self, other):
+        if isinstance(other, (FieldMapping, dict)):
+            return self.as_dict() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None
+
+
+@dataclass(eq=False)
+class GuardRecord(FieldMapping):
+    """What one guardrail saw and decided in one forward call (B rows, T tokens of the call, N selected
+    features), as collected by `DSGForCausalLM.record_guardrails`."""
+
+    guardrail: str  # the guardrail's name
+    index: int  # its position in `model.guards`
+    rho: torch.Tensor  # [B] float64: the running score after this call
+    fired: torch.Tensor  # [B] bool: fired at any point so far (sticky)
+    flags: torch.Tensor  # [B, T] bool: counted tokens on which a selected feature is active
+    acts: torch.Tensor  # [B, T, N]: the selected features' SAE activations, in the guard's dtype
+    counted: torch.Tensor  # [B, T] bool: the tokens that count (not padding, not BOS)
+
+
+@dataclass(eq=False)
+class GuardDecision(FieldMapping):
+    """One guardrail's decision per row after a forward call: the values of an output's
+    `guardrail_decisions` (a dict from guardrail name to `GuardDecision`)."""
+
+    fired: torch.Tensor  # [B] bool: fired at any point so far (sticky)
+    rho: torch.Tensor  # [B] float64: the running score
+    action: str  # "clamp", "refuse" or "monitor"
+
+
 @dataclass
 class GuardCall:
     """What the hooks of one forward call share: the counted-token mask and the running state."""
 
     counted: torch.Tensor | None  # [B, T] bool, or None: every token counts
-    state: dict = field(default_factory=dict)  # guard index -> GuardState tuple (see DSGGuard.initial_state)
+    state: dict = field(default_factory=dict)  # guard index -> GuardState; "refusal" -> RefusalState
     rho: dict = field(default_factory=dict)  # guard index -> rho [B] after this call
 
 
@@ -66,9 +154,11 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     return best, seq.gather(1, index).bool()
 
 
-_CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
-_DISABLED: contextvars.ContextVar = contextvars.ContextVar("dsg_disabled", default=False)
-_RECORD: contextvars.ContextVar = contextvars.ContextVar("dsg_record", default=None)
+# Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
+# the list that `record_guardrails` collects `GuardRecord`s into (None: not recording).
+CURRENT_CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
+GUARDS_DISABLED: contextvars.ContextVar = contextvars.ContextVar("dsg_disabled", default=False)
+RECORDS: contextvars.ContextVar = contextvars.ContextVar("dsg_record", default=None)
 
 
 class DSGGuard(nn.Module):
@@ -131,15 +221,15 @@ class DSGGuard(nn.Module):
             config.update(refusal=self.refusal, refusal_ids=list(self.refusal_ids))
         return config
 
-    def initial_state(self, batch: int, device) -> tuple:
-        """A row's running state before its first token: (flagged, seen, fired, best window, last flags)."""
+    def initial_state(self, batch: int, device) -> GuardState:
+        """The rows' running state before their first token: nothing flagged, seen or fired, no window."""
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return (
-            zeros,
-            zeros,
-            torch.zeros(batch, dtype=torch.bool, device=device),
-            torch.full((batch,), -1.0, dtype=torch.float64, device=device),
-            torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device),
+        return GuardState(
+            flagged=zeros,
+            seen=zeros,
+            fired=torch.zeros(batch, dtype=torch.bool, device=device),
+            best=torch.full((batch,), -1.0, dtype=torch.float64, device=device),
+            tail=torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device),
         )
 
     def check_loaded(self):
@@ -168,10 +258,11 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
-    def forward(self, hidden, counted, state):
-        """Decide and edit. Returns (delta in hidden's dtype or None when no token is edited, new state,
-        rho, acts, flags)."""
-        flagged, seen, fired, best, tail = state
+    def forward(self, hidden, counted, state: GuardState):
+        """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
+        (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags)."""
+        state = GuardState._make(state)
+        flagged, seen, fired, best, tail = state.flagged, state.seen, state.fired, state.best, state.tail
         x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
         if not bool(torch.isfinite(acts).all()):  # [B, T, N]: a small check, and NaN would read as "not fired"
@@ -194,7 +285,7 @@ class DSGGuard(nn.Module):
         else:
             fired = fired | flags.any(-1)
             edit = active
-        state = (flagged, seen, fired, best, tail)
+        state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
         if self.action != "clamp":  # refuse acts on the logits (DSGForCausalLM.forward), monitor never acts
             return None, state, rho, acts, flags
         if hidden.device.type == "cpu" and not bool(edit.any()):
@@ -214,11 +305,11 @@ class DSGGuard(nn.Module):
 
     def hook(self, module, args, output):
         """Forward hook on the decoder block: edits the block's output in place of the original."""
-        if _DISABLED.get():
+        if GUARDS_DISABLED.get():
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         batch, length = hidden.shape[:2]
-        call = _CALL.get()
+        call = CURRENT_CALL.get()
         counted = call.counted if call is not None else None
         if counted is None or tuple(counted.shape) != (batch, length):
             counted = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
@@ -226,24 +317,23 @@ class DSGGuard(nn.Module):
         if device.type == "meta":
             device = hidden.device
         state = call.state.get(self.index) if call is not None else None
-        state = self.initial_state(batch, device) if state is None else tuple(t.to(device) for t in state)
+        state = self.initial_state(batch, device) if state is None else GuardState._make(t.to(device) for t in state)
         delta, state, rho, acts, flags = self(hidden.to(device), counted.to(device), state)
-        fired = state[2]
         if call is not None:
             call.state[self.index] = state
             call.rho[self.index] = rho
-        record = _RECORD.get()
-        if record is not None:
-            record.append(
-                {
-                    "guardrail": self.name,
-                    "index": self.index,
-                    "rho": rho,
-                    "fired": fired,
-                    "flags": flags,
-                    "acts": acts,
-                    "counted": counted,
-                }
+        records = RECORDS.get()
+        if records is not None:
+            records.append(
+                GuardRecord(
+                    guardrail=self.name,
+                    index=self.index,
+                    rho=rho,
+                    fired=state.fired,
+                    flags=flags,
+                    acts=acts,
+                    counted=counted,
+                )
             )
         if delta is None:
             return None  # the block's output stands as it is

@@ -31,7 +31,17 @@ from transformers import initialization as init
 from transformers.utils import logging
 
 from .configuration_dsg import DSGConfig, validate_guardrail
-from .guard_dsg import _CALL, _DISABLED, _RECORD, DSGGuard, GuardCall
+from .guard_dsg import (
+    CURRENT_CALL,
+    GUARDS_DISABLED,
+    RECORDS,
+    DSGGuard,
+    GuardCall,
+    GuardDecision,
+    GuardRecord,
+    GuardState,
+    RefusalState,
+)
 
 # Every decision, for operators: `TRANSFORMERS_VERBOSITY=info` (or `transformers.logging.set_verbosity_info()`)
 # logs each row's decision on its prompt and the token at which a row fires later. Silent by default.
@@ -48,8 +58,9 @@ _PACKED = (
 )
 
 # Attribute paths tried from the model's decoder (`get_decoder()`), its base model and the model itself:
-# Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, ...
-_LAYER_PATHS = (
+# Llama/Gemma/Qwen/Mistral (`layers`), GPT-2/GPT-J/Bloom/Falcon (`h`), MPT (`blocks`), GPT-NeoX, OPT
+# (`decoder.layers`), multimodal models with a text model inside (`language_model.layers`), ...
+LAYER_PATHS = (
     "layers",
     "h",
     "blocks",
@@ -59,11 +70,16 @@ _LAYER_PATHS = (
     "decoder.layers",
     "model.model.layers",
     "model.transformer.h",
+    "model.language_model.layers",
+    "model.decoder.layers",
 )
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM, as a ModuleList."""
+def decoder_layers_path(model: nn.Module) -> str:
+    """The dotted name, within `model`, of its decoder blocks (a non-empty ModuleList): `model.layers`,
+    `transformer.h`, ... as `model.get_submodule` and hook names take it. The first of `LAYER_PATHS` that
+    leads to one, tried from `model.get_decoder()`, then `model.base_model`, then `model`; ValueError if none.
+    """
     roots = []
     if hasattr(model, "get_decoder"):
         try:
@@ -71,14 +87,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         except Exception:  # some models raise here; the other roots still apply
             pass
     roots += [getattr(model, "base_model", None), model]
+    names = None
     for root in roots:
-        for path in _LAYER_PATHS:
+        for path in LAYER_PATHS:
             obj = root
             for name in path.split("."):
                 obj = getattr(obj, name, None)
             if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-                return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(_LAYER_PATHS)})")
+                if root is model:
+                    return path
+                if names is None:  # where the root sits inside `model`
+                    names = {id(module): name for name, module in model.named_modules()}
+                if id(obj) in names:
+                    return names[id(obj)]
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(LAYER_PATHS)})")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM, as a ModuleList (see `decoder_layers_path`)."""
+    return model.get_submodule(decoder_layers_path(model))
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -89,8 +116,8 @@ def cache_argument(model: nn.Module) -> str:
 
 
 class GuardedCache:
-    """Mixed into the class of a KV cache that a DSG model uses, so the guardrails' running state (one
-    tuple of per-row tensors per guardrail, see `DSGGuard.initial_state`) lives on the cache and follows
+    """Mixed into the class of a KV cache that a DSG model uses, so the guardrails' running state (a
+    `GuardState` of per-row tensors per guardrail, and the `RefusalState`) lives on the cache and follows
     whatever `generate` does to the cache's rows:
 
     - `reorder_cache` (beam search) and `batch_select_indices` pick the same rows of the state;
@@ -110,7 +137,7 @@ class GuardedCache:
         self._dsg_state, self._dsg_tokens = state, self._dsg_tokens + tokens
 
     def _dsg_rows(self, pick):
-        self._dsg_state = {i: tuple(pick(t) for t in s) for i, s in self._dsg_state.items()}
+        self._dsg_state = {i: type(s)._make(pick(t) for t in s) for i, s in self._dsg_state.items()}
         self._dsg_previous = None  # a row change ends what can be rolled back
 
     def reorder_cache(self, beam_idx):
@@ -308,22 +335,23 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
     @contextlib.contextmanager
     def guardrails_disabled(self):
         """Run the base model through this instance: inside the block no guardrail acts (this thread only)."""
-        token = _DISABLED.set(True)
+        token = GUARDS_DISABLED.set(True)
         try:
             yield
         finally:
-            _DISABLED.reset(token)
+            GUARDS_DISABLED.reset(token)
 
     @contextlib.contextmanager
     def record_guardrails(self):
         """Collect, for every forward inside the block, each guardrail's rho, decision, token flags and
-        selected-feature activations (a list of dicts, one per guardrail and forward)."""
-        records: list = []
-        token = _RECORD.set(records)
+        selected-feature activations: a list of `GuardRecord`s (read as dicts too), one per guardrail and
+        forward."""
+        records: list[GuardRecord] = []
+        token = RECORDS.set(records)
         try:
             yield records
         finally:
-            _RECORD.reset(token)
+            RECORDS.reset(token)
 
     def _counted_tokens(self, input_ids, attention_mask, batch, length, device, first_chunk):
         counted = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -392,7 +420,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         state = dict(previous)
         counted = self._counted_tokens(input_ids, attention_mask, batch, length, tokens.device, first)
         call = GuardCall(counted, state)
-        token = _CALL.set(call)
+        token = CURRENT_CALL.set(call)
         try:
             out = self.model(
                 input_ids=input_ids,
@@ -406,7 +434,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
         finally:
-            _CALL.reset(token)
+            CURRENT_CALL.reset(token)
         refusing = [g for g in self.guards if g.action == "refuse" and g.index in state]
         if refusing and getattr(out, "logits", None) is not None:
             out.logits = self._refuse(out.logits, state, refusing)
@@ -416,7 +444,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             self._log_decisions(call, previous, length if cache is None else cache._dsg_tokens)
         # every guardrail's decision per row, after this call (running rho; fired is sticky)
         out.guardrail_decisions = {
-            g.name: {"fired": state[g.index][2], "rho": call.rho[g.index], "action": g.action}
+            g.name: GuardDecision(fired=state[g.index].fired, rho=call.rho[g.index], action=g.action)
             for g in self.guards
             if g.index in state
         }
@@ -438,8 +466,8 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         for guard in self.guards:
             if guard.index not in call.state:
                 continue
-            fired = call.state[guard.index][2].tolist()
-            before = previous[guard.index][2].tolist() if guard.index in previous else None
+            fired = call.state[guard.index].fired.tolist()
+            before = previous[guard.index].fired.tolist() if guard.index in previous else None
             for row, (now, rho) in enumerate(zip(fired, call.rho[guard.index].tolist())):
                 if before is None or (now and not before[row]):
                     logger.info(
@@ -465,14 +493,17 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
     def _refuse(self, logits, state, guards):
         """Set the logits of rows that a refusing guardrail fired on so that the next token is the next one
         of the refusal (the first refusing guardrail's), then end of sequence. How much of the refusal a
-        row has written is part of the running state (`state["refusal"]`, tokens written after this call;
-        -1 before the row refused), so it follows the cache's rows."""
+        row has written is part of the running state (`state["refusal"]`, a `RefusalState`), so it follows
+        the cache's rows."""
         batch = logits.shape[0]
-        fired = torch.stack([state[g.index][2].to(logits.device) for g in guards])  # [G, B]
-        previous = state.get("refusal", (torch.full((batch,), -1, dtype=torch.long),))[0].to(logits.device)
+        fired = torch.stack([state[g.index].fired.to(logits.device) for g in guards])  # [G, B]
+        refusal = state.get("refusal")
+        if refusal is None:
+            refusal = RefusalState(written=torch.full((batch,), -1, dtype=torch.long))
+        previous = refusal.written.to(logits.device)
         rows = fired.any(0)
         if not bool(rows.any()):
-            state["refusal"] = (previous,)
+            state["refusal"] = RefusalState(written=previous)
             return logits
         eos = self._eos_token_id()
         longest = max(len(g.refusal_ids) for g in guards)
@@ -486,7 +517,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         forced.scatter_(-1, next_token[rows].view(-1, 1, 1).expand(-1, logits.shape[1], 1), 0.0)
         logits = logits.clone() if logits.requires_grad else logits
         logits[rows] = forced
-        state["refusal"] = (torch.where(rows, written + 1, previous),)
+        state["refusal"] = RefusalState(written=torch.where(rows, written + 1, previous))
         return logits
 
     def generate(self, *args, **kwargs):
@@ -519,4 +550,17 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         return result
 
 
-__all__ = ["DSGForCausalLM", "DSGPreTrainedModel", "GuardedCache", "cache_argument", "decoder_layers", "guarded_cache"]
+__all__ = [
+    "LAYER_PATHS",
+    "DSGForCausalLM",
+    "DSGPreTrainedModel",
+    "GuardDecision",
+    "GuardRecord",
+    "GuardState",
+    "GuardedCache",
+    "RefusalState",
+    "cache_argument",
+    "decoder_layers",
+    "decoder_layers_path",
+    "guarded_cache",
+]

@@ -1,9 +1,9 @@
 """DSG unlearning: multiple-choice scores of a (possibly unlearned) language model, as an `evaluate` metric.
 
-This module is a thin `evaluate.Metric` over `modeling_dsg.evaluation.metrics`, the functions `dsg eval` itself uses,
-so the numbers are the same whichever way they are computed. It therefore needs the `modeling_dsg`
-package installed (`pip install modeling_dsg`); `evaluate.load` names it as a missing dependency
-otherwise. Load it from a local path, which works offline:
+This module is a thin `evaluate.Metric` over `modeling_dsg.evaluation.metrics.compute_choice_metrics`, the
+function `dsg eval` itself calls where this module is not installed, so the numbers are the same whichever
+way they are computed. It therefore needs the `modeling_dsg` package installed (`pip install modeling_dsg`);
+`evaluate.load` names it as a missing dependency otherwise. Load it from a local path, which works offline:
 
     import evaluate
     metric = evaluate.load("modeling_dsg/evaluation/dsg_unlearning")
@@ -13,7 +13,7 @@ otherwise. Load it from a local path, which works offline:
 import datasets
 import evaluate
 
-from modeling_dsg.evaluation.metrics import choice_metrics, choice_metrics_by_group
+from modeling_dsg.evaluation.metrics import compute_choice_metrics
 
 _CITATION = """\
 @article{muhamed2025dsg,
@@ -75,7 +75,4 @@ class DsgUnlearning(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, groups=None, lengths=None):
-        out = choice_metrics(predictions, references, lengths)
-        if groups is not None:
-            out["by_group"] = choice_metrics_by_group(predictions, references, groups, lengths)
-        return out
+        return compute_choice_metrics(predictions, references, groups=groups, lengths=lengths)
