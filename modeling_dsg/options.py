@@ -117,3 +117,16 @@ def from_args(cls, args: argparse.Namespace, **overrides):
         values[f.name] = value
     values.update(overrides)
     return cls(**values)
+
+
+def add_corpora(parser: argparse.ArgumentParser) -> None:
+    """`--forget`, `--retain` and `--text-field`: the text corpora of `dsg build`, `dsg sweep` and `dsg rmu`."""
+    parser.add_argument(
+        "--forget",
+        required=True,
+        nargs="+",
+        metavar="SRC",
+        help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]",
+    )
+    parser.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
+    parser.add_argument("--text-field", help="the JSONL/parquet field holding the text")

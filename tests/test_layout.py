@@ -125,3 +125,33 @@ def test_the_checks_catch_what_they_forbid(tmp_path, monkeypatch):
     assert any("imports modeling_dsg.pipelines.build (pipelines)" in v for v in found)
     assert any("imports private _texts" in v for v in found)
     assert private_attributes(bad) == ["data/bad.py:3 uses sc._pad_id"]
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning():
+    """Every module that moved keeps its old path: the same module object, and a DeprecationWarning naming the
+    new one."""
+    import importlib
+    import subprocess
+    import sys
+
+    import modeling_dsg
+
+    for new in modeling_dsg.MOVED_MODULES.values():
+        assert (PACKAGE / (new.replace(".", "/") + ".py")).is_file(), new
+    code = (
+        "import warnings, importlib, modeling_dsg\n"
+        "for old, new in modeling_dsg.MOVED_MODULES.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        module = importlib.import_module('modeling_dsg.' + old)\n"
+        "    assert module is importlib.import_module('modeling_dsg.' + new), old\n"
+        "    assert module.__spec__.name == 'modeling_dsg.' + new, module.__spec__.name\n"
+        "    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == [\n"
+        "        f'modeling_dsg.{old} moved to modeling_dsg.{new}; import it from there'], old\n"
+        "from modeling_dsg.build import BuildOptions, build\n"
+        "from modeling_dsg.cards import render_card\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert importlib.import_module("modeling_dsg.pipelines.build").__spec__.name == "modeling_dsg.pipelines.build"

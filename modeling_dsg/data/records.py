@@ -10,16 +10,10 @@ or null is accepted unless the definition marks it `Required`.
 
 # no `from __future__ import annotations`: TypedDict must see `Required` to know the required keys
 import json
-import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
-
-if sys.version_info >= (3, 11):
-    from typing import Required, TypedDict
-else:  # Required arrived in 3.11; typing_extensions (a dependency of torch) has both
-    from typing_extensions import Required, TypedDict
+from typing import Any, Required, TypedDict, Union
 
 from ..errors import DSGError
 

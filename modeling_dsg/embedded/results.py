@@ -39,6 +39,7 @@ from ..errors import DSGError
 from ..evaluation.dilution import DILUTIONS, attack_success, dilution_grid, filler_tokens
 from ..evaluation.markdown import fmt_fixed
 from ..pipelines.sweep import mcq_numbers as _mcq_numbers
+from ..runtime.configuration_dsg import MODES
 from .data import seeded_sample
 
 COMMAND = "dsg results --out results"
@@ -57,7 +58,7 @@ class ResultsOptions:
     sweep_n: int = 32  # questions per set in the sweep
     sweep_grid: dict = field(
         default_factory=lambda: dict(
-            modes=("dynamic", "static"),
+            modes=MODES,
             n_features=(5, 10, 20, 40),
             clamps=(20.0, 100.0, 500.0),
             ratio_percentiles=(90.0, 95.0),

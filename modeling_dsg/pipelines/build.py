@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..analysis.selection import FeatureStats
+from ..analysis.stats import ActivationStore
 from ..data.records import (
     BUILD_FILE,
     FEATURES_FILE,
@@ -49,9 +51,9 @@ from ..data.records import (
     read_record,
     write_record,
 )
-from ..data.rows import ROW_HELP, row_option_checks
+from ..data.rows import ROW_HELP, Rows, row_option_checks
 from ..errors import DSGError, raise_first
-from ..options import add_options, from_args, option
+from ..options import add_corpora, add_options, from_args, option
 from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES
 
 
@@ -311,11 +313,11 @@ class Statistics:
     layer: int
     sae_spec: dict
     sae_state: dict
-    forget_rows: object  # rows.Rows of the forget build split (for features.json)
-    stores: dict  # "forget", "retain" (+ "heldout forget", "heldout retain")
-    stats: object  # selection.FeatureStats of forget vs retain
+    forget_rows: Rows  # the forget build split (for features.json)
+    stores: dict[str, ActivationStore]  # "forget", "retain" (+ "heldout forget", "heldout retain")
+    stats: FeatureStats  # forget vs retain
     timings: dict = field(default_factory=dict)
-    options: object = None  # the BuildOptions of the pass
+    options: BuildOptions | None = None  # the options of the pass
     vocab_size: int | None = None  # the model's vocabulary size (bounds a refusal's token ids)
 
 
@@ -792,14 +794,7 @@ def configure_parser(p, sweep: bool = False):
         help="Hub id, local folder or .gguf file" + ("" if sweep else " (not needed with --add-to)"),
     )
     p.add_argument("--sae", required=True, metavar="SAE", help="sae-lens folder or RELEASE:SAE_ID")
-    p.add_argument(
-        "--forget",
-        required=True,
-        nargs="+",
-        metavar="SRC",
-        help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]",
-    )
-    p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
+    add_corpora(p)
     p.add_argument(
         "--out",
         required=True,
@@ -809,7 +804,6 @@ def configure_parser(p, sweep: bool = False):
     if not sweep:
         p.add_argument("--add-to", metavar="DIR", help="stack a new guardrail on this existing DSG model folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
     add_options(p, BuildOptions, exclude=SWEEP_AXES if sweep else ())
 
 

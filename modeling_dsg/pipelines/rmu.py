@@ -76,7 +76,7 @@ from pathlib import Path
 from ..data.rows import ROW_HELP, row_option_checks
 from ..data.sources import load_sources
 from ..errors import DSGError, raise_first
-from ..options import add_options, from_args, option
+from ..options import add_corpora, add_options, from_args, option
 
 RMU_FILE = "rmu.json"
 # The MLP output projection of a decoder block, by family (tried in this order).
@@ -509,17 +509,9 @@ def check_rmu_finite(model, info: dict) -> None:
 # ------------------------------------------------------------------------------------- the CLI
 def configure_parser(p) -> None:
     p.add_argument("--base", required=True, metavar="MODEL", help="Hub id, local folder or .gguf file")
-    p.add_argument(
-        "--forget",
-        required=True,
-        nargs="+",
-        metavar="SRC",
-        help=".txt/.jsonl/.parquet or Hub dataset NAME[:CONFIG][@SPLIT]",
-    )
-    p.add_argument("--retain", required=True, nargs="+", metavar="SRC", help="same kinds as --forget")
+    add_corpora(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the unlearned model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--text-field", help="the JSONL/parquet field holding the text")
     add_options(p, RMUOptions)
 
 

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..analysis.stats import ActivationStore
+from ..data.mcq import McqSet
 from ..data.rows import Rows
 from ..errors import DSGError, raise_first
 from ..options import add_options, from_args, option
@@ -155,10 +157,10 @@ def set_score(metric: str, scores: dict, answers) -> float:
 class EvalSet:
     """A question set with its base scores and, per scored input, the stored SAE activations."""
 
-    mcq: object
+    mcq: McqSet
     base: dict
-    letter_store: object
-    cloze_store: object | None
+    letter_store: ActivationStore
+    cloze_store: ActivationStore | None
     timings: dict = field(default_factory=dict)
 
 

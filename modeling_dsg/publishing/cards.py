@@ -49,6 +49,7 @@ from ..evaluation.report import (
     row_value,
 )
 from ..paths import PACKAGE_DIR, SHIPPED
+from ..runtime.configuration_dsg import ACTIONS
 
 TEMPLATE_PATH = PACKAGE_DIR / SHIPPED["card_template"]
 TAGS = ["unlearning", "sparse-autoencoder", "dsg"]
@@ -629,7 +630,7 @@ def action_variables(views: list[dict]) -> dict:
         "refuse": "the model answers with a fixed refusal instead",
         "monitor": "the decision is reported and nothing is edited (monitor)",
     }
-    intro = [effects.get(a, f"action `{a}` acts") for a in ("clamp", "refuse", "monitor") if a in actions]
+    intro = [effects.get(a, f"action `{a}` acts") for a in ACTIONS if a in actions]
     intro += [f"action `{a}` acts" for a in sorted(actions - set(effects))]
     harms = {
         frozenset(): None,
