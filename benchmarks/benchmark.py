@@ -1,7 +1,10 @@
 """Benchmark: the DSG guard next to its base model, side by side in one process, alternating runs.
 
 Measures, for the base model and the DSG model with its rows unfired (tau = 1: the guard computes
-everything but never edits) and fired (tau = 0: every row with a flagged token edits):
+everything but never edits) and fired (tau = 0: every row with a flagged token edits), and for the
+reference way of applying the same guardrail (the paper's official code: a full SAE encode and decode
+of every token at the guarded layer, the selected features clamped in fired rows, the SAE's error term
+added back), unfired and fired, on a copy of the same base with the same SAE:
 - forward latency at --lengths tokens and --batches rows;
 - greedy generation throughput for --new-tokens tokens;
 - load time of the saved folders (base folder vs DSG folder) and their sizes (full and slim);
@@ -19,6 +22,7 @@ ratios are reported. Writes JSON with the machine description.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shutil
@@ -61,7 +65,12 @@ def alternate(variants: dict, rounds: int, device, warmup: int = 1):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(timed(variants[name], device))
-    result = {name: quantiles(t) for name, t in times.items()}
+    result = {name: {**quantiles(t), "seconds": t} for name, t in times.items()}
+    if "reference_unfired" in times:  # the DSG guard against the reference implementation, round by round
+        result["dsg_vs_reference"] = {
+            kind: quantiles([a / b for a, b in zip(times[f"dsg_{kind}"], times[f"reference_{kind}"])])
+            for kind in ("unfired", "fired")
+        }
     for name in names:
         if name != "base":
             result[name]["ratio_to_base"] = quantiles([a / b for a, b in zip(times[name], times["base"])])
@@ -94,6 +103,41 @@ class GuardClock:
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+class ReferenceGuard:
+    """The reference implementation of the same guardrails on a copy of the base: at each guarded layer a
+    full SAE encode of every token (all d_sae features), rho and the decision from the selected features,
+    the selected features set to -c at flagged tokens of fired rows, a full decode, and the SAE's error
+    term (x - decode(encode(x))) added back. Needs the full SAE (not a slim folder). `threshold` is
+    shared by all its guardrails, like `with_tau` sets the DSG model's."""
+
+    def __init__(self, base, dsg):
+        from modeling_dsg.runtime.modeling_dsg import decoder_layers
+
+        self.threshold, self.handles = 0.0, []
+        layers = decoder_layers(base)
+        for guard in dsg.guards:
+            if guard.sae.slim:
+                raise ValueError("the reference needs the full SAE; this folder is slim")
+            self.handles.append(layers[guard.layer].register_forward_hook(self._hook(guard)))
+
+    def _hook(self, guard):
+        index, clamp = guard.feature_index, float(guard.clamp)
+
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            x = h.float()
+            f = guard.sae.encode(x)  # [B, T, d_sae]
+            error = x - guard.sae.decode(f)
+            flagged = (f.index_select(-1, index) > 0).any(-1)  # [B, T]
+            fired = flagged.float().mean(1) > self.threshold  # rho > tau, per row
+            edit = (flagged & fired[:, None])[..., None]
+            selected = torch.where(edit, torch.full_like(f.index_select(-1, index), -clamp), f.index_select(-1, index))
+            out = (guard.sae.decode(f.index_copy(-1, index, selected)) + error).to(h.dtype)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return hook
 
 
 def in_call_ratio(dsg, fn, device, rounds: int) -> dict:
@@ -145,6 +189,23 @@ def markdown(report: dict) -> str:
     ]
     for key, r in report["generate"].items():
         lines.append(f"| {key}, {report['new_tokens']} new tokens | {r['base']['tokens_per_s']:.1f} | {cells(r)} |")
+    if report.get("reference"):
+        lines += [
+            "",
+            f"Reference implementation ({report['reference']}), same model, SAE and runs:",
+            "",
+            "| call | reference unfired / base | DSG unfired / reference unfired | reference fired / base "
+            "| DSG fired / reference fired |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        calls = [(f"forward {k}", r) for k, r in report["forward"].items()]
+        calls += [(f"generate {k}", r) for k, r in report["generate"].items()]
+        for key, r in calls:
+            if "reference_unfired" not in r:
+                continue
+            row = [ratio(r["reference_unfired"]), f"x{r['dsg_vs_reference']['unfired']['median']:.3f}"]
+            row += [ratio(r["reference_fired"]), f"x{r['dsg_vs_reference']['fired']['median']:.3f}"]
+            lines.append(f"| {key} | " + " | ".join(row) + " |")
     st, ld = report["storage"], report["load"]
     lines += [
         "",
@@ -240,6 +301,26 @@ def main(argv=None):
 
             return run
 
+        # the reference implementation of the same guardrails, on a copy of the base (None for a slim folder)
+        reference_model = copy.deepcopy(base)
+        try:
+            reference = ReferenceGuard(reference_model, dsg)
+        except ValueError as err:
+            print(f"reference: skipped ({err})")
+            reference = reference_model = None
+        report["reference"] = (
+            "full SAE encode and decode of every token at the guarded layer, error term added back"
+            if reference is not None
+            else None
+        )
+
+        def ref_tau(tau, fn):
+            def run():
+                reference.threshold = tau
+                fn()
+
+            return run
+
         # -- forward latency ----------------------------------------------------------------------
         for batch in args.batches:
             for length in args.lengths:
@@ -255,12 +336,28 @@ def main(argv=None):
                         g.threshold = 0.0
                     dsg(input_ids=ids, attention_mask=mask, use_cache=False)
                 fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
-                res = alternate(
-                    {"base": fwd(base), "dsg_unfired": with_tau(1.0, fwd(dsg)), "dsg_fired": with_tau(0.0, fwd(dsg))},
-                    args.rounds,
-                    device,
-                )
+                variants = {
+                    "base": fwd(base),
+                    "dsg_unfired": with_tau(1.0, fwd(dsg)),
+                    "dsg_fired": with_tau(0.0, fwd(dsg)),
+                }
+                if reference is not None:
+                    variants.update(
+                        reference_unfired=ref_tau(1.0, fwd(reference_model)),
+                        reference_fired=ref_tau(0.0, fwd(reference_model)),
+                    )
+                res = alternate(variants, args.rounds, device)
                 res["fired_fraction_at_tau0"] = fired
+                if reference is not None:  # the reference applies the same guardrail: same logits, fired or not
+                    res["reference_max_abs_logit_diff"] = {}
+                    for kind, tau in (("unfired", 1.0), ("fired", 0.0)):
+                        reference.threshold = tau
+                        for g in dsg.guards:
+                            g.threshold = tau
+                        with torch.no_grad():
+                            a = dsg(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                            b = reference_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                        res["reference_max_abs_logit_diff"][kind] = float((a - b).abs().max())
                 res["in_call"] = {
                     "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3),
                     "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3),
@@ -270,6 +367,11 @@ def main(argv=None):
                     f"forward B={batch} T={length}: base {res['base']['median'] * 1000:.1f} ms, "
                     f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, "
                     f"fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+                    + (
+                        f"; reference unfired x{res['reference_unfired']['ratio_to_base']['median']:.4f}"
+                        if "reference_unfired" in res
+                        else ""
+                    )
                 )
 
         # -- generation throughput ----------------------------------------------------------------
@@ -282,16 +384,18 @@ def main(argv=None):
                 )
                 return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
-            res = alternate(
-                {
-                    "base": gen_fn(base),
-                    "dsg_unfired": with_tau(1.0, gen_fn(dsg)),
-                    "dsg_fired": with_tau(0.0, gen_fn(dsg)),
-                },
-                max(3, args.rounds // 2),
-                device,
-            )
-            for name in ("base", "dsg_unfired", "dsg_fired"):
+            variants = {
+                "base": gen_fn(base),
+                "dsg_unfired": with_tau(1.0, gen_fn(dsg)),
+                "dsg_fired": with_tau(0.0, gen_fn(dsg)),
+            }
+            if reference is not None:
+                variants.update(
+                    reference_unfired=ref_tau(1.0, gen_fn(reference_model)),
+                    reference_fired=ref_tau(0.0, gen_fn(reference_model)),
+                )
+            res = alternate(variants, max(3, args.rounds // 2), device)
+            for name in variants:
                 res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]
             res["in_call"] = {
                 "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2),

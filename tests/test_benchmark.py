@@ -50,6 +50,13 @@ def test_benchmark_smoke(tmp_path):
             ratio = entry[variant]["ratio_to_base"]
             assert ratio["n"] == n and ratio["p25"] <= ratio["median"] <= ratio["p75"]
     assert report["generate"]["B1"]["base"]["tokens_per_s"] > 0
+    # the reference implementation (full SAE encode/decode, error term added back) is timed beside the guard
+    # and applies the same edit: same logits as the DSG model, fired or not
+    assert report["reference"] and report["forward"]["B1xT16"]["dsg_vs_reference"]["fired"]["n"] == 2
+    for entry in report["forward"].values():
+        assert set(entry["reference_max_abs_logit_diff"]) == {"unfired", "fired"}
+        assert max(entry["reference_max_abs_logit_diff"].values()) < 1e-3
+    assert "reference_fired" in report["generate"]["B2"]
     assert report["storage"]["dsg_slim_bytes"] < report["storage"]["dsg_full_bytes"]
     assert report["load"]["dsg"]["ratio_to_base"]["median"] > 0
     assert report["machine"]["device"] == "cpu"

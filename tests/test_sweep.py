@@ -312,3 +312,68 @@ def test_options_are_checked_before_anything_loads():
         ),
         0.375,
     )
+
+
+def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path):
+    """The gate's axes (score, window, tau's rule: percentile or target FPR) multiply the dynamic grid; every
+    point is scored through the DSG model with exactly that gate (no decision mismatch), and the rules order
+    tau and the retain firing rate as they must."""
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    options = sweep.SweepOptions(
+        modes=("dynamic", "static"),
+        n_features=(2,),
+        clamps=(CLAMP,),
+        ratio_percentiles=(90.0,),
+        scores=("fraction", "window"),
+        windows=(4, 8),
+        threshold_percentiles=(50.0, 95.0),
+        target_fprs=(0.3,),
+        metric="choice_prob",
+        limit=None,
+        batch_size=4,
+        progress=False,
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64),
+    )
+    result = sweep.run_sweep(
+        str(world.base),
+        str(world.sae_z),
+        world.forget_sources,
+        world.retain_sources,
+        str(questions["forget"]),
+        str(questions["retain"]),
+        tmp_path / "gates",
+        options=options,
+    )
+    points = result["points"]
+    dynamic = [p for p in points if p["mode"] == "dynamic"]
+    gates = {(p["score"], p["window"], p["rule"], p["rule_value"]) for p in dynamic}
+    window = BuildOptions().window
+    assert gates == {
+        (score, w, rule, value)
+        for score, w in (("fraction", window), ("window", 4), ("window", 8))
+        for rule, value in (("percentile", 50.0), ("percentile", 95.0), ("target_fpr", 0.3))
+    }
+    assert len(points) == 9 + 1 and [p["rule"] for p in points if p["mode"] == "static"] == ["static"]
+    assert all("error" not in p for p in points)
+    assert sum(p[role]["decision_mismatches"] for p in points for role in ("forget", "retain")) == 0
+    by_gate = {(p["score"], p["window"], p["rule"], p["rule_value"]): p for p in dynamic}
+    for score, w in (("fraction", window), ("window", 4), ("window", 8)):
+        low, high = by_gate[(score, w, "percentile", 50.0)], by_gate[(score, w, "percentile", 95.0)]
+        assert low["tau"] <= high["tau"]
+        assert low["calibration"]["retain_fpr"] >= high["calibration"]["retain_fpr"]
+        fpr = by_gate[(score, w, "target_fpr", 0.3)]["calibration"]
+        assert fpr["rule"] == "target_fpr" and fpr["retain_fpr_upper95"] <= 0.3
+    summary = (tmp_path / "gates" / sweep.SUMMARY_FILE).read_text()
+    assert "| window 4, P50 |" in summary and "| fraction, FPR bound 0.3 |" in summary
+
+
+def test_gate_axes_are_checked():
+    for bad, flag in (
+        (dict(scores=("entropy",)), "--scores"),
+        (dict(windows=(1,)), "--windows"),
+        (dict(threshold_percentiles=(101.0,)), "--threshold-percentiles"),
+        (dict(target_fprs=(0.0,)), "--target-fprs"),
+    ):
+        with pytest.raises(DSGError, match=flag):
+            sweep.SweepOptions(**bad).validate()

@@ -36,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import distributed
 from ..analysis.stats import ActivationStore
 from ..data.mcq import McqSet
 from ..data.rows import Rows
 from ..errors import DSGError, raise_first
 from ..options import add_options, from_args, option
-from ..runtime.configuration_dsg import MAX_CLAMP, MODES
+from ..runtime.configuration_dsg import MAX_CLAMP, MAX_WINDOW, MODES, SCORES
 from .build import BuildOptions
 
 METRICS = ("accuracy", "choice_prob", "cloze_prob")
@@ -69,6 +70,22 @@ class SweepOptions:
     )
     retain_floor: float = option(0.99, help="keep retain >= this fraction of the base model's (default 0.99)")
     limit: int | None = option(100, help="questions per set (default 100)")
+    scores: tuple[str, ...] | None = option(
+        None, choices=SCORES, help="gate axis: the scores to sweep (default: the build's --score)"
+    )
+    windows: tuple[int, ...] | None = option(
+        None, metavar="W", help="gate axis: the windows of score 'window' (default: the build's --window)"
+    )
+    threshold_percentiles: tuple[float, ...] | None = option(
+        None,
+        metavar="P",
+        help="gate axis: tau = this percentile of retain rho (the paper's Fig. 7B; default: the build's rule)",
+    )
+    target_fprs: tuple[float, ...] | None = option(
+        None,
+        metavar="F",
+        help="gate axis: tau with a one-sided 95%% Clopper-Pearson bound <= F on the retain firing rate",
+    )
     chat: bool = option(False, help="prompts through the tokenizer's chat template")
     preamble: bool = option(False, help="the lm-eval preamble before each question")
     batch_size: int = option(8, cli=False)  # the command line sets it from the build's --batch-size
@@ -100,6 +117,23 @@ class SweepOptions:
                 f"--ratio-percentiles must be between 0 and 100, got {list(o.ratio_percentiles)}",
             ),
             (o.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {o.metric!r}"),
+            (
+                o.scores is None or (len(o.scores) > 0 and set(o.scores) <= set(SCORES)),
+                f"--scores must be among {', '.join(SCORES)}, got {o.scores}",
+            ),
+            (
+                o.windows is None or (len(o.windows) > 0 and all(2 <= int(w) <= MAX_WINDOW for w in o.windows)),
+                f"--windows must be integers between 2 and {MAX_WINDOW}, got {o.windows}",
+            ),
+            (
+                o.threshold_percentiles is None
+                or (len(o.threshold_percentiles) > 0 and all(0 <= float(p) <= 100 for p in o.threshold_percentiles)),
+                f"--threshold-percentiles must be between 0 and 100, got {o.threshold_percentiles}",
+            ),
+            (
+                o.target_fprs is None or (len(o.target_fprs) > 0 and all(0 < float(f) < 1 for f in o.target_fprs)),
+                f"--target-fprs must be between 0 and 1, got {o.target_fprs}",
+            ),
             (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
             (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
             (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
@@ -113,20 +147,43 @@ class SweepOptions:
         ]
         raise_first(checks)
 
+    def gates(self) -> list[dict]:
+        """The gate axes' points for dynamic mode: score, window and how tau is calibrated (each axis not
+        given keeps the build's own setting)."""
+        b = self.build or BuildOptions()
+        scores = self.scores or (b.score,)
+        windows = tuple(int(w) for w in self.windows) if self.windows else (b.window,)
+        rules = [("percentile", float(p)) for p in self.threshold_percentiles or ()]
+        rules += [("target_fpr", float(f)) for f in self.target_fprs or ()]
+        if not rules:
+            rules = [
+                ("target_fpr", b.target_fpr) if b.target_fpr is not None else ("percentile", b.threshold_percentile)
+            ]
+        return [
+            {"score": score, "window": window, "rule": rule, "rule_value": value}
+            for score in scores
+            for window in (windows if score == "window" else (b.window,))
+            for rule, value in rules
+        ]
+
     def grid(self) -> list[dict]:
+        b = self.build or BuildOptions()
+        static_gate = {"score": b.score, "window": b.window, "rule": "static", "rule_value": None}
         points = []
         for mode in self.modes:
             for ratio in self.ratio_percentiles if mode == "dynamic" else (None,):
                 for n in self.n_features:
                     for clamp in self.clamps:
-                        points.append(
-                            {
-                                "mode": mode,
-                                "n_features": int(n),
-                                "clamp": float(clamp),
-                                "ratio_percentile": None if ratio is None else float(ratio),
-                            }
-                        )
+                        for gate in self.gates() if mode == "dynamic" else (static_gate,):
+                            points.append(
+                                {
+                                    "mode": mode,
+                                    "n_features": int(n),
+                                    "clamp": float(clamp),
+                                    "ratio_percentile": None if ratio is None else float(ratio),
+                                    **gate,
+                                }
+                            )
         return points
 
 
@@ -303,9 +360,13 @@ def frontier(points: list[dict]) -> list[dict]:
     return sorted(front, key=lambda p: p["retain"]["score"])
 
 
-def _label(p: dict) -> str:
-    ratio = "" if p["ratio_percentile"] is None else f", ratio P{p['ratio_percentile']:g}"
-    return f"{p['mode']} N={p['n_features']}, c={p['clamp']:g}{ratio}"
+def gate_label(point: dict) -> str:
+    """A grid point's gate in words: its score (with the window) and how tau was calibrated."""
+    if point.get("rule", "static") == "static" or point["mode"] == "static":
+        return "always on (static)"
+    score = f"window {point['window']}" if point["score"] == "window" else point["score"]
+    rule = f"P{point['rule_value']:g}" if point["rule"] == "percentile" else f"FPR bound {point['rule_value']:g}"
+    return f"{score}, {rule}"
 
 
 def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: SweepOptions) -> dict:
@@ -313,7 +374,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     from tqdm.auto import tqdm
 
     from ..evaluation.evaluate import EvalOptions
-    from .build import BuildOptions, guardrail_from, heldout_summary, select_and_calibrate
+    from .build import calibration_record, guardrail_from, heldout_summary, select_and_calibrate
 
     options.validate()
     build_options = options.build or BuildOptions()
@@ -343,8 +404,16 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
             n_features=point["n_features"],
             clamp=point["clamp"],
             ratio_percentile=point["ratio_percentile"] or build_options.ratio_percentile,
+            score=point["score"],
+            window=point["window"],
+            threshold_percentile=(
+                point["rule_value"] if point["rule"] == "percentile" else build_options.threshold_percentile
+            ),
+            target_fpr={"percentile": None, "target_fpr": point["rule_value"]}.get(
+                point["rule"], build_options.target_fpr
+            ),
         )
-        key = (bo.mode, bo.n_features, bo.ratio_percentile)
+        key = (bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, point["rule"], point["rule_value"])
         if key not in selections:
             try:
                 selections[key] = select_and_calibrate(statistics, bo)
@@ -363,7 +432,14 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         finally:
             model.remove_guardrail(name)
         points.append(
-            {**point, "features": features, "tau": tau, "heldout": heldout_summary(rho, tau, statistics), **result}
+            {
+                **point,
+                "features": features,
+                "tau": tau,
+                "heldout": heldout_summary(rho, tau, statistics),
+                "calibration": calibration_record(rho["retain"], tau, bo),
+                **result,
+            }
         )
     grid_s = time.perf_counter() - start
     scored = [p for p in points if "error" not in p]
@@ -455,19 +531,42 @@ def summary_markdown(result: dict) -> str:
         f"({result['n']['forget']} forget and {result['n']['retain']} retain questions). Rule: the lowest forget "
         f"score with retain >= {result['retain_floor']:.0%} of base.",
         "",
-        "| choice | mode | N | c | ratio pct | tau | forget | retain | fires on forget | fires on retain |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| choice | mode | N | c | ratio pct | gate | tau | forget | retain | fires on forget | fires on retain |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for which, p in result["chosen"].items():
         if p is None:
-            lines.append(f"| {which} | (no point keeps retain) | | | | | | | | |")
+            lines.append(f"| {which} | (no point keeps retain) | | | | | | | | | |")
             continue
         ratio = "" if p["ratio_percentile"] is None else f"{p['ratio_percentile']:g}"
         lines.append(
-            f"| {which} | {p['mode']} | {p['n_features']} | {p['clamp']:g} | {ratio} | {p['tau']:.3f} | "
-            f"{p['forget']['score']:.4f} | {p['retain']['score']:.4f} | {p['forget']['trigger_rate']:.3f} | "
-            f"{p['retain']['trigger_rate']:.3f} |"
+            f"| {which} | {p['mode']} | {p['n_features']} | {p['clamp']:g} | {ratio} | {gate_label(p)} | "
+            f"{p['tau']:.3f} | {p['forget']['score']:.4f} | {p['retain']['score']:.4f} | "
+            f"{p['forget']['trigger_rate']:.3f} | {p['retain']['trigger_rate']:.3f} |"
         )
+    gates = sorted({gate_label(p) for p in result["points"] if p["mode"] == "dynamic" and "error" not in p})
+    if len(gates) > 1:  # the gate axes: precision of each gate on the held-out rows (the paper's Fig. 7B)
+        lines += [
+            "",
+            "Gates (dynamic points; held-out rows of the build corpora, best retain score per gate):",
+            "",
+            "| gate | tau | held-out forget fires | held-out retain fires | retain FPR bound (95%) "
+            "| forget | retain |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for gate in gates:
+            pts = [
+                p for p in result["points"] if p["mode"] == "dynamic" and "error" not in p and gate_label(p) == gate
+            ]
+            p = max(pts, key=lambda q: (q["retain"]["score"], -q["forget"]["score"]))
+            held = p["heldout"]
+            forget_rate = "" if held["forget_trigger_rate"] is None else f"{held['forget_trigger_rate']:.3f}"
+            retain_rate = "" if held["retain_trigger_rate"] is None else f"{held['retain_trigger_rate']:.3f}"
+            lines.append(
+                f"| {gate} | {p['tau']:.3f} | {forget_rate} | {retain_rate} | "
+                f"{p['calibration']['retain_fpr_upper95']:.3f} | {p['forget']['score']:.4f} | "
+                f"{p['retain']['score']:.4f} |"
+            )
     lines += [
         "",
         f"All {len(result['points'])} grid points are in {SWEEP_FILE}.",
@@ -519,6 +618,11 @@ def run_sweep(
         write_folder,
     )
 
+    if distributed.world_size() > 1:
+        raise DSGError(
+            f"dsg sweep runs in one process, but this was launched as {distributed.world_size()} (WORLD_SIZE); "
+            "launch it without torchrun or accelerate"
+        )
     options = options or SweepOptions()
     options.build = options.build or BuildOptions()
     options.validate()
