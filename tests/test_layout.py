@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "modeling_dsg"
-CORE = {"errors", "paths", "outputs", "options", "__init__"}  # the top-level helpers every layer may use
+# the top-level helpers every layer may use
+CORE = {"errors", "paths", "outputs", "options", "distributed", "__init__"}
 MAY_IMPORT = {
     "runtime": set(),
     "data": {"runtime"},
@@ -155,3 +156,21 @@ def test_old_module_paths_still_import_with_a_deprecation_warning():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     assert importlib.import_module("modeling_dsg.pipelines.build").__spec__.name == "modeling_dsg.pipelines.build"
+
+
+def test_the_command_line_starts_without_the_model_code():
+    """`dsg --help` builds every command's parser; it must not import the model code or the SAE trainer
+    (the heavy imports stay inside the functions that run a command)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, modeling_dsg.cli as c\n"
+        "c.build_parser()\n"
+        "heavy = ['modeling_dsg.runtime.modeling_dsg', 'sae_lens', 'datasets', 'matplotlib',\n"
+        "         'transformers.modeling_utils']\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from torch import Tensor, nn
 
 from ..errors import DSGError
-from ..runtime.modeling_dsg import decoder_layers
 
 
 class StopForward(Exception):
@@ -22,6 +21,8 @@ class StopForward(Exception):
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Hugging Face causal LM (the runtime's discovery); `DSGError` if none is found."""
+    from ..runtime.modeling_dsg import decoder_layers  # here, not at the top: `dsg --help` stays quick
+
     try:
         return decoder_layers(model)
     except ValueError as err:
