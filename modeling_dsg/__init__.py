@@ -10,8 +10,8 @@ The package, one folder per concern (README "Project layout" gives what each may
 `analysis/` the statistics pass, feature selection, decisions and `dsg explain`; `pipelines/` build,
 sweep, RMU and SAE training; `evaluation/` scoring, metrics, reports and plots; `publishing/` model
 cards and `dsg publish`; `embedded/` this project's own default (SmolLM2-135M, biology): its data
-splits, `dsg demo` and `dsg results`. `cli.py`, `serve.py`, `paths.py`, `outputs.py` and `errors.py`
-sit at the top.
+splits, `dsg demo` and `dsg results`. `cli.py` (also `python -m modeling_dsg`), `serve.py`, `paths.py`,
+`outputs.py`, `errors.py` and `distributed.py` (several processes for `dsg build`) sit at the top.
 
 Modules that moved into these folders keep their old import paths (`modeling_dsg.build`,
 `modeling_dsg.cards`, ...), with a `DeprecationWarning` that names the new one.

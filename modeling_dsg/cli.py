@@ -5,6 +5,8 @@ Each subcommand lives in its own module, which provides `configure_parser(parser
 inside `run`, so building the parser stays quick.
 A `DSGError` (bad input) ends in one `dsg: error: ...` line and exit code 2 (a message that spans lines is
 joined into one). A command's `--device` is checked before the command runs.
+`python -m modeling_dsg` is the same command line, so launchers can start it over several processes
+(`torchrun --nproc_per_node N -m modeling_dsg build ...`); only the commands in `MULTI_PROCESS` accept that.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.util  # not implied by `import importlib` (an editable install'
 import os
 import sys
 
+from . import distributed
 from .errors import DSGError
 
 # name -> (module, one-line help)
@@ -42,6 +45,9 @@ COMMANDS = {
     "demo": ("modeling_dsg.embedded.demo", "the whole path on the embedded default (SmolLM2-135M, biology)"),
     "serve": ("modeling_dsg.serve", "an OpenAI-compatible server for a DSG folder (transformers' serving stack)"),
 }
+
+# Commands that run over several processes (WORLD_SIZE > 1, see modeling_dsg.distributed); the others refuse.
+MULTI_PROCESS = {"build"}
 
 
 def _available_commands() -> dict:
@@ -72,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.shared:
         os.environ["DSG_SHARED_DIR"] = args.shared
     try:
+        processes = distributed.world_size()
+        if processes > 1 and args.command not in MULTI_PROCESS:
+            raise DSGError(
+                f"dsg {args.command} runs in one process, but this was launched as {processes} (WORLD_SIZE); "
+                f"only {', '.join(f'dsg {c}' for c in sorted(MULTI_PROCESS))} can run over several processes"
+            )
         if getattr(args, "device", None) is not None:  # an unknown or absent device fails before any work
             from .data.sources import check_device
 
@@ -84,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dsg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     return int(code or 0)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.rows import Rows
 from ..errors import DSGError
 from ..runtime.guard_dsg import window_scores
@@ -177,6 +178,12 @@ def collect(
     `encode(hidden [B,T,d] float32) -> activations [B,T,d_sae]`. Inputs go to `device` (default: the
     model's device). The model is put in eval mode for the pass and restored afterwards.
     `value_dtype` is the dtype of the stored sparse values (float32, or float16 to halve them).
+
+    Over several processes (`modeling_dsg.distributed`, W = world size), process r runs batches r, r + W,
+    r + 2W, ... of the length-sorted order; every process then gathers the per-batch results (sums, counts
+    and the sparse pieces, never dense activations) and assembles them in batch order, so each one returns
+    the store one process would have built: the same tokens in the same order, the totals summed in the same
+    order. An error in any process ends the pass in all of them.
     """
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}")
@@ -186,67 +193,83 @@ def collect(
     device = torch.device(device) if device is not None else model_device(model)
     ignore = torch.tensor(sorted(set(int(i) for i in ignore_token_ids)), dtype=torch.long)
 
-    sums = counts = None
-    row_token_counts = torch.zeros(len(rows), dtype=torch.long)
-    token_row, token_pos, token_id, per_token, feature_index, values = [], [], [], [], [], []
-
     # Rows go through in order of length and each batch is cut after its longest row, so padding costs
     # (almost) nothing; right padding never changes the real tokens' activations in a causal model.
     lengths = rows.attention_mask.long().cumsum(1).argmax(1) + 1  # last attended position + 1
     order = torch.argsort(lengths, stable=True)
+    batches = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    world, me = distributed.world_size(), distributed.rank()
+    distributed.init(device)
+    pieces, error = [], None
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-            index = order[start : start + batch_size]
+        for index in tqdm(batches[me::world], desc=desc, unit="batch", disable=not distributed.is_main()):
             width = int(lengths[index].max())
-            ids = rows.input_ids[index, :width].cpu()
-            mask = rows.attention_mask[index, :width].cpu()
-            hidden = run(ids.to(device), mask.to(device))
-            acts = encode(hidden.float())
-            if acts.dim() != 3 or acts.shape[:2] != ids.shape:
-                raise DSGError(
-                    f"encode returned shape {tuple(acts.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, d_sae]"
-                )
-            if sums is None:
-                sums = torch.zeros(acts.shape[-1], dtype=torch.float64)
-                counts = torch.zeros(acts.shape[-1], dtype=torch.long)
-
-            counted = mask.bool() & ~torch.isin(ids, ignore)  # [B, T] on CPU
-            r, p = counted.nonzero(as_tuple=True)
-            a = acts[counted.to(acts.device)]  # [n, d_sae], row-major like (r, p)
-            sums += a.sum(0, dtype=torch.float64).cpu()
-            active = a > 0
-            counts += active.sum(0).cpu()
-            tok, feat = active.nonzero(as_tuple=True)
-
-            row_token_counts[index] = counted.sum(1)
-            token_row.append(index[r].to(torch.int32))
-            token_pos.append(p.to(torch.int32))
-            token_id.append(ids[r, p].to(torch.int32))
-            per_token.append(torch.bincount(tok, minlength=a.shape[0]).cpu())
-            feature_index.append(feat.to(torch.int32).cpu())
-            values.append(a[tok, feat].to(value_dtype).cpu())
+            pieces.append(_batch_statistics(run, encode, rows, index, width, ignore, device, value_dtype))
+    except Exception as err:  # every process learns of it (a lone failure would leave the others waiting)
+        error = err
     finally:
         model.train(was_training)
+    distributed.raise_if_any_failed(error, desc)
+    if world > 1:
+        gathered = distributed.all_gather_object(pieces)
+        pieces = [gathered[i % world][i // world] for i in range(len(batches))]
 
-    per_token = torch.cat(per_token)
+    d_sae = int(pieces[0]["sums"].numel())
+    sums = torch.zeros(d_sae, dtype=torch.float64)
+    counts = torch.zeros(d_sae, dtype=torch.long)
+    row_token_counts = torch.zeros(len(rows), dtype=torch.long)
+    for piece in pieces:  # in batch order, as one process adds them
+        sums += piece["sums"]
+        counts += piece["counts"]
+        row_token_counts[piece["index"]] = piece["row_token_counts"]
+    per_token = torch.cat([piece["per_token"] for piece in pieces])
     if per_token.numel() == 0:
         raise DSGError("the rows have no counted token (every position is padding or an ignored special token)")
     return ActivationStore(
-        d_sae=int(sums.numel()),
+        d_sae=d_sae,
         n_rows=len(rows),
         n_tokens=int(per_token.numel()),
         feature_sums=sums,
         feature_counts=counts,
         row_token_counts=row_token_counts,
-        token_row=torch.cat(token_row),
-        token_pos=torch.cat(token_pos),
-        token_id=torch.cat(token_id),
+        token_row=torch.cat([piece["token_row"] for piece in pieces]),
+        token_pos=torch.cat([piece["token_pos"] for piece in pieces]),
+        token_id=torch.cat([piece["token_id"] for piece in pieces]),
         indptr=torch.cat([torch.zeros(1, dtype=torch.long), per_token.cumsum(0)]),
-        feature_index=torch.cat(feature_index),
-        values=torch.cat(values),
+        feature_index=torch.cat([piece["feature_index"] for piece in pieces]),
+        values=torch.cat([piece["values"] for piece in pieces]),
     )
+
+
+def _batch_statistics(run, encode, rows: Rows, index: Tensor, width: int, ignore: Tensor, device, value_dtype) -> dict:
+    """One batch of the pass (rows `index`, cut at `width`), as CPU tensors: per-feature float64 sums and
+    firing counts, each row's counted tokens, and the counted tokens' rows, positions, ids and sparse
+    activations (row-major)."""
+    ids = rows.input_ids[index, :width].cpu()
+    mask = rows.attention_mask[index, :width].cpu()
+    hidden = run(ids.to(device), mask.to(device))
+    acts = encode(hidden.float())
+    if acts.dim() != 3 or acts.shape[:2] != ids.shape:
+        raise DSGError(f"encode returned shape {tuple(acts.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, d_sae]")
+    counted = mask.bool() & ~torch.isin(ids, ignore)  # [B, T] on CPU
+    r, p = counted.nonzero(as_tuple=True)
+    a = acts[counted.to(acts.device)]  # [n, d_sae], row-major like (r, p)
+    active = a > 0
+    tok, feat = active.nonzero(as_tuple=True)
+    return {
+        "index": index,
+        "sums": a.sum(0, dtype=torch.float64).cpu(),
+        "counts": active.sum(0).cpu(),
+        "row_token_counts": counted.sum(1),
+        "token_row": index[r].to(torch.int32),
+        "token_pos": p.to(torch.int32),
+        "token_id": ids[r, p].to(torch.int32),
+        "per_token": torch.bincount(tok, minlength=a.shape[0]).cpu(),
+        "feature_index": feat.to(torch.int32).cpu(),
+        "values": a[tok, feat].to(value_dtype).cpu(),
+    }
 
 
 def _sync(device: torch.device) -> None:

@@ -80,7 +80,7 @@ class GuardrailRecord(TypedDict, total=False):
     tokens: dict  # counted tokens per row set
     rho: dict  # per row set, the `analysis.selection.rho_summary` of rho
     heldout: dict  # `build.heldout_summary`
-    timings: dict
+    timings: dict  # seconds per step, the pass's token count and `statistics_processes` (processes it ran over)
     options: dict  # `dataclasses.asdict(BuildOptions)`
     forget_sources: list[str]
     retain_sources: list[str]

@@ -21,6 +21,12 @@ The path (defaults are the paper's unless said otherwise):
 `--add-to DIR` stacks a new guardrail on an existing DSG model: the statistics pass then runs through
 that model with its guardrails active (as deployed), and the existing guardrails are not touched.
 
+Over several processes (`torchrun --nproc_per_node N -m modeling_dsg build ...`, or `accelerate launch`; see
+`modeling_dsg.distributed`) every process loads the inputs and runs its share of the statistics pass
+(`stats.collect` shards the batches and gathers the stores in batch order), so each holds the build one
+process would make; process 0 alone writes the folder and prints. `dsg_build.json` records the process
+count in `timings.statistics_processes`.
+
 `--action clamp|refuse|monitor` (configuration_dsg.ACTIONS) is what the new guardrail does when it fires
 (stacked guardrails may differ): clamp (the paper's edit, the default), refuse (the continuation is
 `--refusal TEXT`, default configuration_dsg.DEFAULT_REFUSAL, then end of sequence; the text is tokenized
@@ -35,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import distributed
 from ..analysis.selection import FeatureStats
 from ..analysis.stats import ActivationStore
 from ..data.records import (
@@ -378,6 +385,7 @@ def gather_statistics(
             name: collect(model, layer, encode, rows, desc=f"statistics: {name}", **kw) for name, rows in corpora
         }
     timings["statistics_s"] = time.perf_counter() - start
+    timings["statistics_processes"] = distributed.world_size()  # the pass's shards (the result is the same)
     tokens = sum(s.n_tokens for s in stores.values())
     timings["statistics_tokens"] = tokens
     timings["statistics_tokens_per_s"] = tokens / max(timings["statistics_s"], 1e-9)
@@ -706,6 +714,7 @@ def build(
 
     options = options or BuildOptions()
     options.validate()
+    distributed.init(options.device)  # launched over several processes: every one runs the pass, process 0 writes
     out = prepare_output(
         out,
         overwrite,
@@ -740,8 +749,12 @@ def build(
     result.info["forget_sources"], result.info["retain_sources"] = forget_specs, retain_specs
     model = assemble(model, tokenizer, [result], existing=existing)
     check_build_finite(model, [result])
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_folder(model, tokenizer, tmp, [result], base_spec, previous, slim=options.slim)
+
+    def write():
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            write_folder(model, tokenizer, tmp, [result], base_spec, previous, slim=options.slim)
+
+    distributed.on_main(write, f"writing {out}")
     return result.info
 
 
@@ -827,6 +840,8 @@ def run(args):
         overwrite=args.overwrite,
         text_field=args.text_field,
     )
+    if not distributed.is_main():  # one process reports (they all hold the same result)
+        return
     held = info["heldout"]
     print(
         f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "
