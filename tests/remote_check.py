@@ -20,7 +20,24 @@ for folder in folders:
     uncached = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=False)
     pipe = pipeline("text-generation", model=folder, tokenizer=folder, trust_remote_code=True)
     text = pipe("hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    refusals = {}  # continuous batching packs several requests into one row: refused through remote code too
+    for name, call in (
+        ("generate_batch", lambda model=model: model.generate_batch([[1, 40, 41], [1, 50]], max_new_tokens=2)),
+        ("init_continuous_batching", lambda model=model: model.init_continuous_batching()),
+        (
+            "packed",
+            lambda model=model: model(
+                input_ids=torch.tensor([[1, 40, 41, 1, 50]]), cu_seq_lens_q=torch.tensor([0, 3, 5])
+            ),
+        ),
+    ):
+        try:
+            call()
+            refusals[name] = None
+        except ValueError as err:
+            refusals[name] = str(err)
     results[folder] = {
+        "refusals": refusals,
         "logits": logits,
         "cached": cached,
         "uncached": uncached,

@@ -59,6 +59,15 @@ def test_remote_code_reload_is_exact(saved, remote, family):
 
 
 @pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_continuous_batching_is_refused_through_remote_code(remote, saved, family):
+    root, _ = saved
+    refusals = remote[str(root / family)]["refusals"]
+    assert "continuous batching" in refusals["generate_batch"]
+    assert "continuous batching" in refusals["init_continuous_batching"]
+    assert "packed inputs" in refusals["packed"]
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
 def test_generate_with_and_without_cache_agree(remote, saved, family):
     root, _ = saved
     result = remote[str(root / family)]
