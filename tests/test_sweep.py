@@ -49,22 +49,34 @@ def questions(world):
 @pytest.fixture(scope="module")
 def swept(world, questions, tmp_path_factory, monkeypatch_module):
     from modeling_dsg.analysis import stats
-    from modeling_dsg.pipelines.build import BuildOptions
 
     calls = []
     original = stats.collect
     monkeypatch_module.setattr(stats, "collect", lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
     out = tmp_path_factory.mktemp("sweep") / "report"
     best = out.parent / "best"
-    options = sweep.SweepOptions(
-        **GRID,
+    options = options_for(**GRID)
+    result = run_on(world, questions, out, options, save_best=best)
+    return {"result": result, "out": out, "best": best, "calls": calls, "options": options}
+
+
+def options_for(**grid):
+    """The sweep options of these tests: the grid given, scored by choice_prob, the tiny world's build."""
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    return sweep.SweepOptions(
+        **grid,
         metric="choice_prob",
         limit=None,
         batch_size=4,
         progress=False,
         build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64),
     )
-    result = sweep.run_sweep(
+
+
+def run_on(world, questions, out, options, **kwargs) -> dict:
+    """`run_sweep` on the tiny world's model, SAE and corpora and the question files."""
+    return sweep.run_sweep(
         str(world.base),
         str(world.sae_z),
         world.forget_sources,
@@ -73,9 +85,8 @@ def swept(world, questions, tmp_path_factory, monkeypatch_module):
         str(questions["retain"]),
         out,
         options=options,
-        save_best=best,
+        **kwargs,
     )
-    return {"result": result, "out": out, "best": best, "calls": calls, "options": options}
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +331,7 @@ def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path
     tau and the retain firing rate as they must."""
     from modeling_dsg.pipelines.build import BuildOptions
 
-    options = sweep.SweepOptions(
+    options = options_for(
         modes=("dynamic", "static"),
         n_features=(2,),
         clamps=(CLAMP,),
@@ -329,22 +340,8 @@ def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path
         windows=(4, 8),
         threshold_percentiles=(50.0, 95.0),
         target_fprs=(0.3,),
-        metric="choice_prob",
-        limit=None,
-        batch_size=4,
-        progress=False,
-        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64),
     )
-    result = sweep.run_sweep(
-        str(world.base),
-        str(world.sae_z),
-        world.forget_sources,
-        world.retain_sources,
-        str(questions["forget"]),
-        str(questions["retain"]),
-        tmp_path / "gates",
-        options=options,
-    )
+    result = run_on(world, questions, tmp_path / "gates", options)
     points = result["points"]
     dynamic = [p for p in points if p["mode"] == "dynamic"]
     gates = {(p["score"], p["window"], p["rule"], p["rule_value"]) for p in dynamic}
