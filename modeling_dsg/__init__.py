@@ -11,7 +11,8 @@ The package, one folder per concern (README "Project layout" gives what each may
 sweep, RMU and SAE training; `evaluation/` scoring, metrics, reports and plots; `publishing/` model
 cards and `dsg publish`; `embedded/` this project's own default (SmolLM2-135M, biology): its data
 splits, `dsg demo` and `dsg results`. `cli.py` (also `python -m modeling_dsg`), `serve.py`, `paths.py`,
-`outputs.py`, `errors.py` and `distributed.py` (several processes for `dsg build`) sit at the top.
+`outputs.py`, `errors.py` and `distributed.py` (several processes for `dsg build` and `dsg eval`) sit at the
+top.
 
 Modules that moved into these folders keep their old import paths (`modeling_dsg.build`,
 `modeling_dsg.cards`, ...), with a `DeprecationWarning` that names the new one.

@@ -6,7 +6,8 @@ inside `run`, so building the parser stays quick.
 A `DSGError` (bad input) ends in one `dsg: error: ...` line and exit code 2 (a message that spans lines is
 joined into one). A command's `--device` is checked before the command runs.
 `python -m modeling_dsg` is the same command line, so launchers can start it over several processes
-(`torchrun --nproc_per_node N -m modeling_dsg build ...`); only the commands in `MULTI_PROCESS` accept that.
+(`torchrun --nproc_per_node N -m modeling_dsg build ...`); only the commands in `MULTI_PROCESS` (build, eval)
+accept that.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ COMMANDS = {
 }
 
 # Commands that run over several processes (WORLD_SIZE > 1, see modeling_dsg.distributed); the others refuse.
-MULTI_PROCESS = {"build"}
+MULTI_PROCESS = {"build", "eval"}
 
 
 def _available_commands() -> dict:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if processes > 1 and args.command not in MULTI_PROCESS:
             raise DSGError(
                 f"dsg {args.command} runs in one process, but this was launched as {processes} (WORLD_SIZE); "
-                f"only {', '.join(f'dsg {c}' for c in sorted(MULTI_PROCESS))} can run over several processes"
+                f"only {' and '.join(f'dsg {c}' for c in sorted(MULTI_PROCESS))} can run over several processes"
             )
         if getattr(args, "device", None) is not None:  # an unknown or absent device fails before any work
             from .data.sources import check_device

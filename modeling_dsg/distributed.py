@@ -1,4 +1,4 @@
-"""Several processes for one command: who am I, and the few collective steps the build needs.
+"""Several processes for one command: who am I, and the few collective steps `dsg build` and `dsg eval` need.
 
 A launcher (`torchrun --nproc_per_node N -m modeling_dsg ...`, `accelerate launch -m modeling_dsg ...`)
 starts N copies of the command with `RANK`, `WORLD_SIZE` and `LOCAL_RANK` (and the rendezvous address) in
@@ -7,8 +7,10 @@ is CUDA (each process then uses GPU `LOCAL_RANK`), else "gloo" (CPU processes). 
 (one process) nothing is initialised and every function here is the identity: `rank()` 0, `world_size()`
 1, `all_gather_object(x)` `[x]`, `is_main()` True.
 
-Only `dsg build` runs over several processes (its statistics pass is sharded by `analysis.stats.collect`);
-`cli.main` refuses the other commands with one `DSGError`.
+Only `dsg build` (its statistics pass is sharded by `analysis.stats.collect`) and `dsg eval` (its forwards are
+sharded by `evaluation.scoring.batched_forward`) run over several processes; `cli.main` refuses the other
+commands with one `DSGError`. `shard` / `gather_shards` are the split both use: process r takes items r, r + W,
+r + 2W, ... and the results come back in the items' order.
 """
 
 from __future__ import annotations
@@ -102,6 +104,21 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def shard(items) -> list:
+    """This process's share of `items`: items r, r + W, r + 2W, ... (every item with one process)."""
+    return list(items)[rank() :: world_size()]
+
+
+def gather_shards(pieces: list, total: int) -> list:
+    """Every process's `pieces` (one per item of its `shard` of `total` items), in the items' order, on every
+    process. With one process, `pieces` itself."""
+    if world_size() == 1:
+        return pieces
+    gathered = all_gather_object(pieces)
+    world = len(gathered)
+    return [gathered[i % world][i // world] for i in range(total)]
+
+
 def raise_if_any_failed(error: BaseException | None, what: str) -> None:
     """After a step every process ran: if one failed, every process fails.
 
@@ -145,4 +162,10 @@ def close() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # every process leaves together: a process that tore its connections down while another still used
+        # them could end the other in a gloo abort at exit
+        try:
+            dist.barrier()
+        except Exception:  # a peer that is already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()

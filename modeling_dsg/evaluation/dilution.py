@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..errors import DSGError
 from .report import PLACEMENTS, Dilution, cell_key
-from .scoring import Decisions, batched_forward, letter_sequences, mcq_texts, padding_id
+from .scoring import Decisions, all_rows, batched_forward, letter_sequences, mcq_texts, padding_id
 
 SEED = 0
 DILUTIONS = (1, 2, 5, 10)  # filler of k times the prompt's length, for k in DILUTIONS, at every placement
@@ -116,17 +116,18 @@ def filler_texts(retain, texts: list[str] | None, text_name: str) -> tuple[list[
 def _fired(model, tokenizer, sequences: list, options, desc: str) -> dict:
     """Per guardrail, whether it fired on each token sequence (the DSG model's recorded decisions)."""
     decisions = Decisions(len(sequences))
-    for index, _, recorded in batched_forward(
-        model,
-        sequences,
-        [1] * len(sequences),
-        pad_id=padding_id(tokenizer),
-        batch_size=options.batch_size,
-        desc=desc,
-        record=True,
-        progress=options.progress,
-    ):
-        decisions.add(index, recorded)
+    with all_rows(decisions, what=desc):  # over several processes: every process's rows
+        for index, _, recorded in batched_forward(
+            model,
+            sequences,
+            [1] * len(sequences),
+            pad_id=padding_id(tokenizer),
+            batch_size=options.batch_size,
+            desc=desc,
+            record=True,
+            progress=options.progress,
+        ):
+            decisions.add(index, recorded)
     return decisions.fired
 
 

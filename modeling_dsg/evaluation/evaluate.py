@@ -76,6 +76,14 @@ Fluency
     on words, and how often the correct choice's text appears (answer leak). report.json "fluency";
     summary.md gets the table and the first three generations side by side.
 
+Several processes
+    `torchrun --nproc_per_node N -m modeling_dsg eval ...` (or `accelerate launch`; `modeling_dsg.distributed`):
+    every process loads the model and the sets; every forward (`scoring.batched_forward`: letters, cloze, text,
+    the known filter's permutations, baselines, the dilution attack) and the fluency generations run batch r,
+    r + N, ... in process r, and each scoring function gathers its per-row results and decisions from all
+    processes, so every process holds the report one process makes. Process 0 alone writes REPORT_DIR and
+    prints; report.json records the process count in `timings.scoring_processes`.
+
 Outputs (REPORT_DIR, written atomically)
     report.json  the schema of `report.py` (checked before writing; `cards.py` reads it): schema_version,
                  model, results rows {dataset, metric, base, dsg, n, higher_is_better, baselines,
@@ -95,6 +103,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import distributed
 from ..data.mcq import LETTERS, PREAMBLE, McqSet, answer_prefix, check_chat, load_mcq, load_text_set
 from ..errors import DSGError, raise_first
 from ..options import add_options, from_args, option
@@ -489,7 +498,10 @@ def evaluate_folder(
     overwrite: bool = False,
     baselines=None,
 ) -> dict:
-    """The Python API of `dsg eval`: evaluate a DSG model folder and write REPORT_DIR. Returns the report."""
+    """The Python API of `dsg eval`: evaluate a DSG model folder and write REPORT_DIR. Returns the report.
+
+    Over several processes each one returns the report (the other processes' without "plots", which process 0
+    adds as it writes REPORT_DIR)."""
     from ..data.sources import check_dsg_folder
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir
@@ -497,6 +509,7 @@ def evaluate_folder(
 
     options = options or EvalOptions()
     options.validate()
+    distributed.init(options.device)  # launched over several processes: every one scores its batches, 0 writes
     out = prepare_output(
         out,
         overwrite,
@@ -547,7 +560,12 @@ def evaluate_folder(
             model, tokenizer, forget_set, filler, filler_name, options, report["guardrails"]
         )
         report["timings"]["dilution_s"] = time.perf_counter() - dilution_start
-    report["timings"] = {"load_s": load_s, **report["timings"], "total_scoring_s": time.perf_counter() - start}
+    report["timings"] = {
+        "load_s": load_s,
+        **report["timings"],
+        "total_scoring_s": time.perf_counter() - start,
+        "scoring_processes": distributed.world_size(),  # the forwards' shards (the report is the same)
+    }
     report = {
         "schema_version": SCHEMA_VERSION,
         "model": str(Path(model_dir).expanduser().resolve()),
@@ -557,8 +575,12 @@ def evaluate_folder(
     }
     if text:
         report["datasets"][f"{text_name} (text)"]["source"] = str(text)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_report(report, arrays, tmp)
+
+    def write():
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            write_report(report, arrays, tmp)
+
+    distributed.on_main(write, f"writing {out}")
     return clean_json(report)
 
 
@@ -604,5 +626,7 @@ def run(args):
         overwrite=args.overwrite,
         baselines=args.baseline,
     )
+    if not distributed.is_main():  # one process reports (they all hold the same report)
+        return
     print(summary_markdown(report), end="")
     print(f"wrote {Path(args.out).expanduser().resolve()}")

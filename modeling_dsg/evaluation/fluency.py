@@ -23,7 +23,9 @@ chat template when `chat` (the default, as `dsg demo` does) and tokenized as the
 A forget prompt "fires" when any guardrail fires on the prompt itself (one forward); forget prompts are
 scanned in order and the first `n` that fire are kept. Retain prompts are the first `n`, fired or not.
 
-`measure_fluency` returns the report block `dsg eval --fluency N` writes under "fluency".
+`measure_fluency` returns the report block `dsg eval --fluency N` writes under "fluency". Over several
+processes (`dsg eval` under torchrun) the forwards and the generations are split by batch
+(`scoring.batched_forward`, `greedy_generate`) and gathered, so every process holds one process's block.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from __future__ import annotations
 import re
 import time
 
+from .. import distributed
 from ..data.mcq import chat_wrap, letter_prompt
 from .markdown import fmt_fixed, md_excerpt
-from .scoring import as_base, batched_forward, model_device, padding_id, target_logprobs
+from .scoring import Decisions, all_rows, as_base, batched_forward, model_device, padding_id, target_logprobs
 
 NGRAM_REPEAT = 3  # n of the repeated n-gram share
 NGRAM_DISTINCT = 2  # n of distinct-n
@@ -161,19 +164,21 @@ def prompt_fired(model, tokenizer, sequences, *, batch_size: int = 8) -> list[bo
     fired = [False] * len(sequences)
     if not getattr(model, "guards", None):
         return fired
-    for index, _, decisions in batched_forward(
-        model,
-        sequences,
-        [1] * len(sequences),
-        pad_id=padding_id(tokenizer),
-        batch_size=batch_size,
-        desc="fluency: which prompts fire",
-        record=True,
-        progress=False,
-    ):
-        for _, (_, f) in decisions.items():
-            for b, i in enumerate(index):
-                fired[i] = fired[i] or bool(f[b])
+    decisions = Decisions(len(sequences))
+    with all_rows(decisions, what="fluency: which prompts fire"):  # over several processes: every process's rows
+        for index, _, recorded in batched_forward(
+            model,
+            sequences,
+            [1] * len(sequences),
+            pad_id=padding_id(tokenizer),
+            batch_size=batch_size,
+            desc="fluency: which prompts fire",
+            record=True,
+            progress=False,
+        ):
+            decisions.add(index, recorded)
+    for per_row in decisions.fired.values():
+        fired = [f or bool(g) for f, g in zip(fired, per_row)]
     return fired
 
 
@@ -184,29 +189,38 @@ def greedy_generate(model, tokenizer, sequences, *, max_new_tokens: int = 32, ba
 
     eos = _eos_ids(model, tokenizer)
     pad = padding_id(tokenizer)
-    generated, fired = [], []
     device = model_device(model)
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        ids, mask = _left_padded(chunk, pad)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                return_dict_in_generate=True,
-            )
-        new = out.sequences[:, ids.shape[1] :].tolist()
-        for row in new:
-            cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
-            generated.append(row[:cut])
-        decisions = getattr(out, "guardrail_decisions", None) or {}
-        row_fired = [False] * len(chunk)
-        for d in decisions.values():
-            for b, f in enumerate(d["fired"].tolist()):
-                row_fired[b] = row_fired[b] or bool(f)
+    starts = list(range(0, len(sequences), batch_size))
+    pieces, error = [], None
+    try:
+        for start in distributed.shard(starts):  # over several processes: this process's batches (r, r + W, ...)
+            chunk = sequences[start : start + batch_size]
+            ids, mask = _left_padded(chunk, pad)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    return_dict_in_generate=True,
+                )
+            rows = []
+            for row in out.sequences[:, ids.shape[1] :].tolist():
+                cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+                rows.append(row[:cut])
+            decisions = getattr(out, "guardrail_decisions", None) or {}
+            row_fired = [False] * len(chunk)
+            for d in decisions.values():
+                for b, f in enumerate(d["fired"].tolist()):
+                    row_fired[b] = row_fired[b] or bool(f)
+            pieces.append((rows, row_fired))
+    except Exception as err:  # every process learns of it (a lone failure would leave the others waiting)
+        error = err
+    distributed.raise_if_any_failed(error, "fluency: greedy generation")
+    generated, fired = [], []
+    for rows, row_fired in distributed.gather_shards(pieces, len(starts)):  # in batch order, as one process
+        generated.extend(rows)
         fired.extend(row_fired)
     return generated, fired
 

@@ -6,6 +6,12 @@ Forwards
     it also yields each guardrail's decision per row, which `Decisions` collects. `as_base(model)` is the
     base model: a DSG model's guardrails off, any other model as it is.
 
+Several processes (`dsg eval` under torchrun; `modeling_dsg.distributed`, W processes)
+    `batched_forward` runs this process's batches only: r, r + W, r + 2W, ... of the longest-first order.
+    Each consumer fills its per-row arrays from those inside `with all_rows(decisions, *arrays, what=...)`,
+    which at its end gathers every process's rows of the arrays and of the `Decisions` (never logits), so every
+    process returns the whole arrays, equal to one process's: each batch has the same rows and padding.
+
 Scores (formulas in the `evaluate.py` docstring; prompts from `data.mcq`)
     `letter_logprobs`        log P(prefix + letter | prompt) for A..D (`letter_sequences`: the token sequences)
     `continuation_logprobs`  summed log P(continuation | context) (`cloze_sequences`, lm-eval-harness' pairs)
@@ -26,6 +32,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import distributed
 from ..data.mcq import LETTERS, McqSet, answer_prefix, chat_wrap, cloze_context, letter_prompt
 from ..errors import DSGError
 from ..paths import PACKAGE_DIR, SHIPPED
@@ -89,14 +96,18 @@ def batched_forward(
 ):
     """Batched forwards over token sequences, longest first, left padded (position ids follow the
     attention mask, so a row's result does not depend on its padding). Yields (row indices, logits of
-    the last K positions [B, K, V] in float32, {guardrail: (rho [B], fired [B])} if `record`)."""
+    the last K positions [B, K, V] in float32, {guardrail: (rho [B], fired [B])} if `record`).
+
+    Over several processes only this process's batches (`distributed.shard`): the consumer gathers its
+    per-row results with `all_rows`. Only the main process shows a progress bar."""
     import torch
     from tqdm.auto import tqdm
 
     device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        index = order[start : start + batch_size]
+    batches = distributed.shard(order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    shown = progress and distributed.is_main()
+    for index in tqdm(batches, desc=desc, unit="batch", disable=not shown, leave=False):
         length = max(len(sequences[i]) for i in index)
         ids = torch.full((len(index), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(index), length), dtype=torch.long)
@@ -123,25 +134,66 @@ def batched_forward(
 
 
 class Decisions:
-    """Per-row rho and fired of every guardrail, filled batch by batch (from `batched_forward`'s decisions)."""
+    """Per-row rho and fired of every guardrail, filled batch by batch (from `batched_forward`'s decisions).
+
+    `add` must see every batch: it also keeps the rows this process filled (`rows`), which `all_rows` gathers."""
 
     def __init__(self, n: int):
         self.n = n
         self.rho: dict = {}
         self.fired: dict = {}
+        self.rows: list = []
 
     def add(self, index, decisions: dict):
+        self.rows.extend(index)
+        self._fill(index, decisions)
+
+    def _fill(self, index, decisions: dict):
         import numpy as np
 
         for name, (rho, fired) in decisions.items():
             if name not in self.rho:
                 self.rho[name] = np.full(self.n, np.nan)
                 self.fired[name] = np.zeros(self.n, dtype=bool)
-            self.rho[name][index] = rho.numpy()
-            self.fired[name][index] = fired.numpy()
+            self.rho[name][index] = np.asarray(rho)
+            self.fired[name][index] = np.asarray(fired)
 
     def as_dict(self) -> dict:
         return {name: {"rho": self.rho[name], "fired": self.fired[name]} for name in self.rho}
+
+
+@contextlib.contextmanager
+def all_rows(decisions: Decisions, *arrays, what: str):
+    """Around a consumer's loop over `batched_forward` (which calls `decisions.add` for every batch): at its end
+    `arrays` (numpy, one entry per sequence along the first axis) and `decisions` hold every process's rows,
+    not only those of this process's batches, in place. With one process it does nothing.
+
+    A failure in the loop in any process fails it in every process (`distributed.raise_if_any_failed`, naming
+    `what`), so none waits for rows that will not come.
+    """
+    import numpy as np
+
+    if distributed.world_size() == 1:
+        yield decisions
+        return
+    error = None
+    try:
+        yield decisions
+    except Exception as err:  # every process learns of it (a lone failure would leave the others waiting)
+        error = err
+    distributed.raise_if_any_failed(error, what)
+    rows = np.asarray(decisions.rows, dtype=np.int64)
+    mine = (
+        rows,
+        [np.asarray(a)[rows] for a in arrays],
+        {name: (decisions.rho[name][rows], decisions.fired[name][rows]) for name in decisions.rho},
+    )
+    gathered = distributed.all_gather_object(mine)
+    decisions.rho, decisions.fired = {}, {}  # refilled from every process's rows, process 0's first (batch 0)
+    for theirs, values, recorded in gathered:
+        for array, value in zip(arrays, values):
+            array[theirs] = value
+        decisions._fill(theirs, recorded)
 
 
 # ------------------------------------------------------------------------------------- scores
@@ -200,24 +252,25 @@ def letter_logprobs(
     n_keep = [len(s) + 1 for s in shared]
     scores = np.zeros((n, len(letters)))
     decisions = Decisions(n)
-    for index, logits, dec in batched_forward(
-        model,
-        sequences,
-        n_keep,
-        pad_id=padding_id(tokenizer),
-        batch_size=batch_size,
-        desc=desc,
-        record=record,
-        progress=progress,
-    ):
-        logp = torch.log_softmax(logits, dim=-1)
-        K = logp.shape[1]
-        for b, i in enumerate(index):
-            m = n_keep[i]
-            rows = logp[b, K - m :]
-            lead = sum(float(rows[s, t]) for s, t in enumerate(shared[i]))
-            scores[i] = rows[-1, torch.as_tensor(letter_ids[i])].double().numpy() + lead
-        decisions.add(index, dec)
+    with all_rows(decisions, scores, what=desc):
+        for index, logits, dec in batched_forward(
+            model,
+            sequences,
+            n_keep,
+            pad_id=padding_id(tokenizer),
+            batch_size=batch_size,
+            desc=desc,
+            record=record,
+            progress=progress,
+        ):
+            logp = torch.log_softmax(logits, dim=-1)
+            K = logp.shape[1]
+            for b, i in enumerate(index):
+                m = n_keep[i]
+                rows = logp[b, K - m :]
+                lead = sum(float(rows[s, t]) for s, t in enumerate(shared[i]))
+                scores[i] = rows[-1, torch.as_tensor(letter_ids[i])].double().numpy() + lead
+            decisions.add(index, dec)
     return scores, decisions.as_dict()
 
 
@@ -242,25 +295,26 @@ def target_logprobs(
     sums, counts = np.zeros(n), np.array([len(t) for t in targets], dtype=np.int64)
     decisions = Decisions(n)
     n_keep = [max(1, len(t)) for t in targets]
-    for index, logits, dec in batched_forward(
-        model,
-        sequences,
-        n_keep,
-        pad_id=padding_id(tokenizer),
-        batch_size=batch_size,
-        desc=desc,
-        record=record,
-        progress=progress,
-    ):
-        K = logits.shape[1]
-        for b, i in enumerate(index):
-            t = targets[i]
-            if not t:
-                continue
-            rows = logits[b, K - len(t) :]
-            picked = rows.gather(-1, torch.as_tensor(t).unsqueeze(-1)).squeeze(-1)
-            sums[i] = float((picked - torch.logsumexp(rows, dim=-1)).double().sum())
-        decisions.add(index, dec)
+    with all_rows(decisions, sums, what=desc):
+        for index, logits, dec in batched_forward(
+            model,
+            sequences,
+            n_keep,
+            pad_id=padding_id(tokenizer),
+            batch_size=batch_size,
+            desc=desc,
+            record=record,
+            progress=progress,
+        ):
+            K = logits.shape[1]
+            for b, i in enumerate(index):
+                t = targets[i]
+                if not t:
+                    continue
+                rows = logits[b, K - len(t) :]
+                picked = rows.gather(-1, torch.as_tensor(t).unsqueeze(-1)).squeeze(-1)
+                sums[i] = float((picked - torch.logsumexp(rows, dim=-1)).double().sum())
+            decisions.add(index, dec)
     return sums, counts, decisions.as_dict()
 
 
