@@ -130,10 +130,11 @@ class ReferenceGuard:
             x = h.float()
             f = guard.sae.encode(x)  # [B, T, d_sae]
             error = x - guard.sae.decode(f)
-            flagged = (f.index_select(-1, index) > 0).any(-1)  # [B, T]
+            selected = f.index_select(-1, index)  # [B, T, N]
+            flagged = (selected > 0).any(-1)  # [B, T]
             fired = flagged.float().mean(1) > self.threshold  # rho > tau, per row
             edit = (flagged & fired[:, None])[..., None]
-            selected = torch.where(edit, torch.full_like(f.index_select(-1, index), -clamp), f.index_select(-1, index))
+            selected = torch.where(edit, torch.full_like(selected, -clamp), selected)
             out = (guard.sae.decode(f.index_copy(-1, index, selected)) + error).to(h.dtype)
             return (out, *output[1:]) if isinstance(output, tuple) else out
 

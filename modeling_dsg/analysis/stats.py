@@ -198,13 +198,12 @@ def collect(
     lengths = rows.attention_mask.long().cumsum(1).argmax(1) + 1  # last attended position + 1
     order = torch.argsort(lengths, stable=True)
     batches = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    world, me = distributed.world_size(), distributed.rank()
     distributed.init(device)
     pieces, error = [], None
     was_training = model.training
     model.eval()
     try:
-        for index in tqdm(batches[me::world], desc=desc, unit="batch", disable=not distributed.is_main()):
+        for index in tqdm(distributed.shard(batches), desc=desc, unit="batch", disable=not distributed.is_main()):
             width = int(lengths[index].max())
             pieces.append(_batch_statistics(run, encode, rows, index, width, ignore, device, value_dtype))
     except Exception as err:  # every process learns of it (a lone failure would leave the others waiting)
@@ -212,9 +211,7 @@ def collect(
     finally:
         model.train(was_training)
     distributed.raise_if_any_failed(error, desc)
-    if world > 1:
-        gathered = distributed.all_gather_object(pieces)
-        pieces = [gathered[i % world][i // world] for i in range(len(batches))]
+    pieces = distributed.gather_shards(pieces, len(batches))  # every process's batches, in batch order
 
     d_sae = int(pieces[0]["sums"].numel())
     sums = torch.zeros(d_sae, dtype=torch.float64)
