@@ -154,8 +154,8 @@ def main(argv=None):
     from modeling_dsg.embedded.data import seeded_sample as _sample
     from modeling_dsg.evaluation import fluency
     from modeling_dsg.evaluation.evaluate import EvalOptions
-    from modeling_dsg.evaluation.scoring import continuation_logprobs
-    from modeling_dsg.pipelines.sweep import mcq_numbers, score_set
+    from modeling_dsg.evaluation.metrics import mcq_numbers
+    from modeling_dsg.evaluation.scoring import continuation_logprobs, score_set
 
     torch.manual_seed(args.seed)
     out = Path(args.out)

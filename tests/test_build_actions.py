@@ -341,7 +341,10 @@ def test_card_states_the_action_and_what_a_user_sees(world, built):
     clamp = render_card(world.main, "me/clamp").content
     assert "| action | `clamp` (the paper's edit: the selected features are clamped) |" in clamp
     assert "**When it fires**, the selected features are set to −2.0 at every flagged token" in clamp
-    assert "| clamp | selected features set to −2.0 |" in clamp and "that answer is degraded" in clamp
+    assert (
+        "| clamp | selected features set to −2.0 |" in clamp
+        and "that answer is edited (degraded, with a large clamp)" in clamp
+    )
     stacked = render_card(built.stacked, "me/stacked").content
     assert stacked.count("| action | ") == 2 and "| action | `monitor`" in stacked and "No comment." in stacked
 

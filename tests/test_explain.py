@@ -39,7 +39,8 @@ def test_explain_a_marker_text(world, capsys):
     )
     assert lines[1] == (
         "  when it fires: the selected features are set to -2 at every flagged token, so the answer is "
-        "the edited model's from the first flagged token on, and may read as degraded or off-topic text"
+        "the edited model's from the first flagged token on: fluent with a small clamp, degraded or off-topic text "
+        "with a large one (such as the paper's 500)"
     )
     lines = lines[1:]
     token_lines = lines[1 : 1 + n_z]

@@ -374,3 +374,241 @@ def test_gate_axes_are_checked():
     ):
         with pytest.raises(DSGError, match=flag):
             sweep.SweepOptions(**bad).validate()
+
+
+# ------------------------------------------------------------------------------------ fluency
+# a clamp of 1000 changes the tiny model's greedy answers on fired prompts (static points by 0.03 to 0.06 nats per
+# token over the base's own), so a bound of 0.02 nats is a floor that changes the static choice
+FLUENCY_GRID = dict(modes=("dynamic", "static"), n_features=(1, 2), clamps=(CLAMP, 1000.0), ratio_percentiles=(90.0,))
+FLUENCY = dict(fluency=2, fluency_tokens=4, nll_bound=0.02)
+
+
+@pytest.fixture(scope="module")
+def fluent(world, questions, tmp_path_factory):
+    """A small grid with --fluency 2 --fluency-tokens 4 --nll-bound 0.02, counting the greedy generations."""
+    from modeling_dsg.evaluation import fluency
+
+    generations = []
+    original = fluency.greedy_generate
+    out = tmp_path_factory.mktemp("fluency") / "report"
+    options = options_for(**FLUENCY_GRID, **FLUENCY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fluency, "greedy_generate", lambda *a, **k: generations.append(len(a[2])) or original(*a, **k))
+        result = run_on(world, questions, out, options)
+    return {"result": result, "out": out, "options": options, "generations": generations}
+
+
+def test_fluency_is_measured_at_every_point(fluent):
+    result = fluent["result"]
+    points = result["points"]
+    assert len(points) == 2 * 2 + 2 * 2 and all("error" not in p for p in points)
+    for p in points:
+        f = p["fluency"]
+        # every marker question fires at every point (the 7th, marker-free, never does): the first F are kept
+        assert round(p["forget"]["trigger_rate"] * 7) == 6
+        assert f["n_fired"] == min(FLUENCY["fluency"], 6) and f["scanned"] == f["n_fired"]
+        assert f["nll_added"] == pytest.approx(f["nll_per_token"] - f["base_nll_per_token"], abs=1e-12)
+        assert 0 <= f["answer_leak_rate"] <= 1 and f["example"]["answer"] and "fired" in f["example"]
+    # the same fired prompts at every point: one base NLL, and the base answers are generated once for the grid
+    assert len({p["fluency"]["base_nll_per_token"] for p in points}) == 1
+    assert result["fluency"]["base_nll_per_token"] == points[0]["fluency"]["base_nll_per_token"]
+    assert result["fluency"]["base_nll_shared"] is True
+    assert fluent["generations"] == [2, 2] + [2, 2] * len(points)  # base forget and retain, then DSG per point
+    assert result["fluency"] == {
+        "n": 2,
+        "max_new_tokens": 4,
+        "nll_bound": 0.02,
+        "chat": False,
+        "base_nll_per_token": points[0]["fluency"]["base_nll_per_token"],
+        "base_nll_shared": True,
+    }
+    assert result["timings"]["fluency_s"] > 0
+
+
+def _built_model(world, point, options):
+    """The DSG model `dsg build` makes with a grid point's settings."""
+    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
+    from modeling_dsg.pipelines.build import assemble, build_guardrail
+
+    bo = dataclasses.replace(
+        options.build,
+        mode=point["mode"],
+        n_features=point["n_features"],
+        clamp=point["clamp"],
+        ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile,
+    )
+    base, tok = load_base_model(str(world.base))
+    built = build_guardrail(
+        base,
+        tok,
+        load_sae(str(world.sae_z)),
+        [t for source in world.forget_sources for t in load_texts(source)],
+        [t for source in world.retain_sources for t in load_texts(source)],
+        bo,
+        sae_layer=1,
+    )
+    assert built.guardrail["features"] == point["features"] and built.guardrail["threshold"] == point["tau"]
+    return assemble(base, tok, [built]), tok
+
+
+@pytest.mark.parametrize("which", [0, 3, 5])  # dynamic N1 c2, dynamic N2 c1000, static N1 c1000
+def test_fluency_of_a_point_equals_a_direct_measurement(world, questions, fluent, which):
+    from modeling_dsg.data.mcq import load_mcq
+    from modeling_dsg.evaluation.fluency import measure_fluency
+
+    point = fluent["result"]["points"][which]
+    model, tok = _built_model(world, point, fluent["options"])
+    direct = measure_fluency(
+        model,
+        tok,
+        load_mcq(str(questions["forget"]), "forget").records,
+        load_mcq(str(questions["retain"]), "retain").records,
+        FLUENCY["fluency"],
+        max_new_tokens=FLUENCY["fluency_tokens"],
+        chat=False,
+        batch_size=fluent["options"].batch_size,
+        n_examples=1,
+    )
+    assert direct["sets"]["forget"]["dsg"]["nll_per_token"] == point["fluency"]["nll_per_token"]
+    assert sweep.fluency_summary(direct) == point["fluency"]
+
+
+def test_the_rule_with_the_fluency_floor(fluent):
+    result = fluent["result"]
+    floor = 0.99 * result["base"]["retain"]
+    bound = fluent["options"].nll_bound
+    for mode in ("dynamic", "static"):
+        pts = [p for p in result["points"] if p["mode"] == mode and p["retain"]["score"] >= floor - 1e-12]
+        unfloored = result["chosen_without_fluency_floor"][mode]
+        assert unfloored["forget"]["score"] == min(p["forget"]["score"] for p in pts)
+        pts = [p for p in pts if p["fluency"]["nll_added"] <= bound + 1e-12]
+        chosen = result["chosen"][mode]
+        if pts:
+            assert chosen["forget"]["score"] == min(p["forget"]["score"] for p in pts)
+        else:
+            assert chosen is None
+    # the floor changes the static choice in this world: the lowest static forget score garbles its answers
+    without = result["chosen_without_fluency_floor"]
+    assert without["static"]["fluency"]["nll_added"] > bound >= result["chosen"]["static"]["fluency"]["nll_added"]
+    assert without["static"]["forget"]["score"] < result["chosen"]["static"]["forget"]["score"]
+    assert without["overall"] is without["static"] and result["chosen"]["overall"] is not without["overall"]
+    # a bound below every point's added NLL leaves nothing; one above all of them is the rule without the floor
+    added = [p["fluency"]["nll_added"] for p in result["points"]]
+    base_retain = result["base"]["retain"]
+    assert sweep.choose(result["points"], base_retain, 0.99, nll_bound=min(added) - 1e-3) is None
+    assert sweep.choose(result["points"], base_retain, 0.99, nll_bound=max(added) + 1) is sweep.choose(
+        result["points"], base_retain, 0.99
+    )
+
+
+def test_choose_with_the_fluency_floor_by_hand():
+    def pt(forget, added, n=1, fired=2):
+        return {
+            "forget": {"score": forget},
+            "retain": {"score": 1.0, "trigger_rate": 0.0},
+            "n_features": n,
+            "clamp": 1.0,
+            "fluency": {"n_fired": fired, "nll_added": added},
+        }
+
+    garbled, fluent, worse = pt(0.10, 2.5), pt(0.20, 0.4), pt(0.30, -0.2)
+    silent = pt(0.05, None, fired=0)  # no forget prompt fired: no evidence of fluent fired answers
+    points = [garbled, fluent, worse, silent]
+    assert sweep.choose(points, base_retain=1.0, floor=0.99) is silent  # no floor: the lowest forget score
+    assert sweep.choose(points, base_retain=1.0, floor=0.99, nll_bound=1.0) is fluent  # garbled is above the bound
+    assert sweep.choose(points, base_retain=1.0, floor=0.99, nll_bound=0.4) is fluent  # the bound is inclusive
+    assert sweep.choose(points, base_retain=1.0, floor=0.99, nll_bound=0.3) is worse
+    assert sweep.choose(points, base_retain=1.0, floor=0.99, nll_bound=3.0) is garbled
+    assert sweep.choose([garbled, silent], base_retain=1.0, floor=0.99, nll_bound=1.0) is None
+    no_block = {k: v for k, v in fluent.items() if k != "fluency"}  # a point not measured is not eligible either
+    assert sweep.choose([no_block], base_retain=1.0, floor=0.99, nll_bound=1.0) is None
+
+
+def test_fluency_options_are_checked_before_anything_loads():
+    for bad, message in (
+        (dict(fluency=0), "--fluency must be at least 1, got 0"),
+        (dict(fluency=-3), "--fluency must be at least 1, got -3"),
+        (dict(fluency=2, fluency_tokens=0), "--fluency-tokens must be at least 1, got 0"),
+        (dict(fluency=2, nll_bound=0.0), "--nll-bound must be a finite number > 0, got 0.0"),
+        (dict(fluency=2, nll_bound=-1.0), "--nll-bound must be a finite number > 0, got -1.0"),
+        (dict(fluency=2, nll_bound=float("inf")), "--nll-bound must be a finite number > 0, got inf"),
+        (dict(fluency=2, nll_bound=float("nan")), "--nll-bound must be a finite number > 0, got nan"),
+    ):
+        with pytest.raises(DSGError) as err:
+            sweep.SweepOptions(**bad).validate()
+        assert str(err.value) == message
+    sweep.SweepOptions(fluency=1, fluency_tokens=1, nll_bound=1e-6).validate()
+    defaults = sweep.SweepOptions()
+    assert (defaults.fluency, defaults.fluency_tokens, defaults.nll_bound) == (None, 32, 1.0)
+
+
+def test_fluency_outputs(fluent, swept):
+    out = fluent["out"]
+    assert (out / sweep.FLUENCY_PLOT_FILE).stat().st_size > 5000
+    summary = (out / sweep.SUMMARY_FILE).read_text()
+    base_nll = fluent["result"]["fluency"]["base_nll_per_token"]
+    assert f"the base's own answers' NLL ({base_nll:.3f}) + 0.02 nats per token" in summary
+    assert "| fired NLL (+ over base) | distinct-2 | leak |" in summary
+    assert "Without the fluency floor: dynamic: " in summary and "fluency.png" in summary
+    written = json.loads((out / sweep.SWEEP_FILE).read_text())
+    assert set(written["chosen_without_fluency_floor"]) == {"dynamic", "static", "overall"}
+    assert (
+        written["points"][0]["fluency"]["nll_per_token"] == fluent["result"]["points"][0]["fluency"]["nll_per_token"]
+    )
+    # without --fluency: nothing of it
+    plain = swept["out"]
+    assert not (plain / sweep.FLUENCY_PLOT_FILE).exists()
+    assert "fluency" not in (plain / sweep.SUMMARY_FILE).read_text().lower()
+    assert "fluency" not in swept["result"] and "chosen_without_fluency_floor" not in swept["result"]
+    assert all("fluency" not in p for p in swept["result"]["points"])
+
+
+def test_fluency_on_the_command_line(world, questions, tmp_path, capsys):
+    from test_build import cli
+
+    common = [
+        "sweep",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--forget-mcq",
+        questions["forget"],
+        "--retain-mcq",
+        questions["retain"],
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        64,
+        "--modes",
+        "dynamic",
+        "--n-features-grid",
+        2,
+        "--clamps",
+        8,
+        "--ratio-percentiles",
+        90,
+    ]
+    for extra, message in [
+        (["--fluency", "0"], "--fluency must be at least 1"),
+        (["--fluency", "2", "--fluency-tokens", "0"], "--fluency-tokens must be at least 1"),
+        (["--fluency", "2", "--nll-bound", "0"], "--nll-bound must be a finite number > 0"),
+    ]:
+        target = tmp_path / f"bad{extra[-2]}"
+        assert cli(*common, "--out", target, *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not target.exists()
+    # more questions asked for than fire: the scan reads every forget question and keeps the 6 that fire
+    out = tmp_path / "fluency"
+    assert cli(*common, "--out", out, "--fluency", 9, "--fluency-tokens", 3, "--nll-bound", 0.5) == 0
+    assert "Fluency floor" in capsys.readouterr().out
+    result = json.loads((out / sweep.SWEEP_FILE).read_text())
+    assert result["fluency"]["n"] == 9 and result["fluency"]["max_new_tokens"] == 3
+    assert result["fluency"]["nll_bound"] == 0.5
+    (point,) = result["points"]
+    assert point["fluency"]["n_fired"] == 6 and point["fluency"]["scanned"] == 7

@@ -20,7 +20,8 @@ def when_fired(action: str, *, clamp=None, refusal: str | None = None, minus: st
     if action == "clamp":
         return (
             f"the selected features are set to {minus}{clamp} at every flagged token, so the answer is the edited "
-            "model's from the first flagged token on, and may read as degraded or off-topic text"
+            "model's from the first flagged token on: fluent with a small clamp, degraded or off-topic text with a "
+            "large one (such as the paper's 500)"
         )
     if action == "refuse":
         return f"the answer is exactly the refusal {refusal}, then end of sequence; nothing else is generated"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DSGError
 from ..paths import PACKAGE_DIR, SHIPPED
-from ..pipelines.build import BuildOptions
+from ..pipelines.build import DEFAULT_CLAMP, BuildOptions
 from .data import seeded_sample
 
 SAE_DIR = PACKAGE_DIR / SHIPPED["sae"]
@@ -26,7 +26,7 @@ DEMO_OPTIONS = dict(
     name="biology",
     mode="dynamic",
     n_features=20,
-    clamp=500.0,
+    clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
     threshold_percentile=95.0,
     seq_len=256,

@@ -286,3 +286,16 @@ def summarize(values) -> dict:
         "max": float(v.max()),
         "n": int(v.size),
     }
+
+
+def mcq_numbers(scores: dict, answers) -> dict:
+    """Per-set means from `scoring.score_mcq`-shaped scores: accuracy and choice_prob (letter scores),
+    cloze_prob = mean exp(L_answer / tokens) and cloze_ll_per_token (cloze scores), whichever are present."""
+    out = {}
+    if "letter" in scores:
+        letter = choice_metrics(scores["letter"], answers)
+        out.update(accuracy=float(letter["accuracy"]), choice_prob=float(letter["choice_prob"]))
+    if "cloze_correct" in scores:
+        per_token = scores["cloze_correct"] / np.maximum(scores["cloze_correct_tokens"], 1)
+        out.update(cloze_prob=float(np.mean(np.exp(per_token))), cloze_ll_per_token=float(np.mean(per_token)))
+    return out

@@ -117,8 +117,10 @@ def plot_tradeoff(
     title: str | None = None,
     vlines: Sequence[tuple] = (),
     hlines: Sequence[tuple] = (),
+    directions: bool = True,
 ) -> Path:
-    """Forget metric (y) against retain metric (x).
+    """Forget metric (y) against retain metric (x); with `directions=False` any two metrics, the axis labels as
+    given (e.g. `dsg sweep`'s forget score against the fired answers' NLL, where lower x is better).
 
     `series` is a list of {"label": str, "x": number or list, "y": number or list, optional "annotations":
     [str per point] (e.g. the sweep's N or c), "marker", "color", "scatter": bool}. A series with one point
@@ -158,8 +160,10 @@ def plot_tradeoff(
         ax.axvline(value, color="gray", linestyle=":", linewidth=1, label=label)
     for value, label in hlines:
         ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
-    ax.set_xlabel(textwrap.fill(f"{xlabel} (higher: utility kept)", 60), fontsize=9)
-    ax.set_ylabel(textwrap.fill(f"{ylabel} (lower: more forgotten)", 45), fontsize=9)
+    if directions:
+        xlabel, ylabel = f"{xlabel} (higher: utility kept)", f"{ylabel} (lower: more forgotten)"
+    ax.set_xlabel(textwrap.fill(xlabel, 60), fontsize=9)
+    ax.set_ylabel(textwrap.fill(ylabel, 45), fontsize=9)
     ax.margins(0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

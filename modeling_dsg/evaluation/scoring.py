@@ -429,6 +429,28 @@ def score_mcq(model, tokenizer, mcq: McqSet, options: EvalOptions, *, record: bo
     return out
 
 
+def score_set(
+    model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = ""
+) -> dict:
+    """`score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
+    "decisions" are then those on the cloze inputs."""
+    if letters:
+        return score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
+    contexts, continuations = mcq_texts(tokenizer, mcq, eval_options)["cloze"]
+    sums, counts, decisions = continuation_logprobs(
+        model,
+        tokenizer,
+        contexts,
+        continuations,
+        chat=eval_options.chat,
+        batch_size=eval_options.batch_size,
+        record=record,
+        desc=f"{mcq.label} {tag} cloze",
+        progress=eval_options.progress,
+    )
+    return {"cloze_correct": sums, "cloze_correct_tokens": counts.astype(float), "decisions": decisions}
+
+
 def known_questions(model, tokenizer, mcq: McqSet, options: EvalOptions, base_letters=None):
     """The known filter on the base model (`model` with its guardrails disabled); see `metrics.known_filter`."""
     from .metrics import known_filter

@@ -63,16 +63,26 @@ from ..errors import DSGError, raise_first
 from ..options import add_corpora, add_options, from_args, option
 from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES
 
+# c, in the SAE's activation units: the sweep's rule with a fluency floor on the embedded default (`dsg results`,
+# "When the guardrail fires"): the lowest forget score whose fired answers stay within 1 nat per token of the base's
+# own. The paper's 500 forgets somewhat more on held-out questions but turns fired answers into gibberish.
+DEFAULT_CLAMP = 3.0
+
 
 @dataclass
 class BuildOptions:
-    """Every knob of a build, with the paper's defaults; each field is also a `dsg build` option."""
+    """Every knob of a build, with the paper's defaults except the clamp (`DEFAULT_CLAMP`); each field is also a
+    `dsg build` option."""
 
     name: str = option("forget", help="the topic (guardrail name)")
     mode: str = option("dynamic", choices=MODES, help="DSG (dynamic) or the seed paper's always-on clamp (static)")
     layer: int | None = option(None, help="default: the SAE's hook layer")
     n_features: int = option(20, help="N, the number of features selected")
-    clamp: float = option(500.0, help="c: selected features are set to -c when the guardrail fires")
+    clamp: float = option(
+        DEFAULT_CLAMP,
+        help=f"c: selected features are set to -c when the guardrail fires (default {DEFAULT_CLAMP:g}, measured "
+        "on the embedded default to keep fired answers fluent; the paper's is 500)",
+    )
     ratio_percentile: float = option(
         95.0, help="dynamic: keep features whose forget/retain ratio is at least this percentile"
     )

@@ -12,7 +12,19 @@ model's own decisions on the re-scored questions are checked against the predict
 
 The rule (Muhamed et al.): among the grid points whose retain score is at least `retain_floor` (0.99)
 times the base model's, the one with the lowest forget score (ties: the lower retain-set trigger rate,
-then fewer features, then the smaller clamp). It is applied per mode and over both.
+then fewer features, then the smaller clamp). It is applied per mode and over both. With `--fluency F` it
+also requires a fluency floor: the fired answers' NLL at most `--nll-bound` (1.0) nats per token above the
+base's own answers' (a point whose forget prompts never fire has no such NLL and is not eligible);
+sweep.json then also holds the choice without the floor (`chosen_without_fluency_floor`).
+
+Fluency (`--fluency F`, `fluency.measure_fluency`): at every grid point, with its guardrail on, greedy answers
+(`--fluency-tokens`, 32 new tokens; the letter prompt as a user turn through the tokenizer's chat template when
+it has one, whatever `--chat` says for the scores: an instruct model's answer to a bare prompt is often empty) to
+the first F forget questions whose prompt fires and to the first F retain questions, from the DSG model and the base
+(generated once per prompt set for the whole grid), measured with the base model. The point's "fluency":
+n_fired, scanned, nll_per_token (DSG's fired answers), base_nll_per_token (the base's own answers to the same
+prompts), nll_added, distinct_2, repeated_3gram_share, answer_leak_rate, answer_only_leak_rate,
+retain_nll_added, retain_identical_to_base and the first example (None for the numbers when no prompt fired).
 
 Scores (`--metric`, higher means more knowledge; each set's mean over its questions)
     accuracy     letter accuracy in the lm-eval prompt (the paper's metric);
@@ -21,7 +33,10 @@ Scores (`--metric`, higher means more knowledge; each set's mean over its questi
                  whose letter accuracy is near chance (small models).
 
 Outputs (OUT, written atomically): sweep.json (every grid point, the base scores, the chosen points,
-settings and timings), tradeoff.png (forget score against retain score, both modes), summary.md.
+settings and timings; with --fluency also "fluency": its settings and the base NLL most points share, and
+"chosen_without_fluency_floor"), tradeoff.png (forget score against retain score, both modes), with --fluency
+fluency.png (forget score against the fired answers' NLL, with the floor and the base model), summary.md (with
+--fluency the chosen table's fired NLL, distinct-2 and leak columns, the floor and the choice without it).
 `--save-best DIR` also writes the chosen model as a DSG folder (as `dsg build` would), with action
 "clamp": the grid is scored with the clamp acting (a `monitor` model scores as the base, a `refuse` model
 as uniform letters on its fired rows), so the sweep takes no `--action`; build a refuse or monitor model
@@ -41,13 +56,16 @@ from ..analysis.stats import ActivationStore
 from ..data.mcq import McqSet
 from ..data.rows import Rows
 from ..errors import DSGError, raise_first
+from ..evaluation.metrics import mcq_numbers
+from ..evaluation.scoring import score_set
 from ..options import add_options, from_args, option
 from ..runtime.configuration_dsg import MAX_CLAMP, MAX_WINDOW, MODES, SCORES
-from .build import BuildOptions
+from .build import DEFAULT_CLAMP, BuildOptions
 
 METRICS = ("accuracy", "choice_prob", "cloze_prob")
 SWEEP_FILE = "sweep.json"
 PLOT_FILE = "tradeoff.png"
+FLUENCY_PLOT_FILE = "fluency.png"
 SUMMARY_FILE = "summary.md"
 
 
@@ -59,7 +77,11 @@ class SweepOptions:
     n_features: tuple[int, ...] = option(
         (5, 10, 20, 40), flag="--n-features-grid", dest="n_grid", metavar="N", help="the values of N"
     )
-    clamps: tuple[float, ...] = option((50.0, 200.0, 500.0), metavar="C", help="the values of the clamp c")
+    clamps: tuple[float, ...] = option(
+        (DEFAULT_CLAMP, 20.0, 500.0),
+        metavar="C",
+        help="the values of the clamp c (default: 3, 20 and the paper's 500)",
+    )
     ratio_percentiles: tuple[float, ...] = option(
         (90.0, 95.0, 99.0), metavar="P", help="the ratio percentiles (dynamic only)"
     )
@@ -85,6 +107,20 @@ class SweepOptions:
         None,
         metavar="F",
         help="gate axis: tau with a one-sided 95%% Clopper-Pearson bound <= F on the retain firing rate",
+    )
+    fluency: int | None = option(
+        None,
+        metavar="F",
+        help="per grid point, greedy answers on the first F forget questions whose prompt fires and on F retain "
+        "questions, measured with the base model (fired-answer NLL per token, distinct-2, answer leak); the rule "
+        "then also requires the fired answers' NLL within --nll-bound of the base's own answers",
+    )
+    fluency_tokens: int = option(32, metavar="T", help="new tokens per fluency generation (default 32)")
+    nll_bound: float = option(
+        1.0,
+        metavar="B",
+        help="with --fluency: the most the fired answers' NLL may exceed the base's own answers', in nats per "
+        "token (default 1.0)",
     )
     chat: bool = option(False, help="prompts through the tokenizer's chat template")
     preamble: bool = option(False, help="the lm-eval preamble before each question")
@@ -137,6 +173,9 @@ class SweepOptions:
             (0 < o.retain_floor <= 1, f"--retain-floor must be in (0, 1], got {o.retain_floor}"),
             (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
             (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
+            (o.fluency is None or o.fluency >= 1, f"--fluency must be at least 1, got {o.fluency}"),
+            (o.fluency_tokens >= 1, f"--fluency-tokens must be at least 1, got {o.fluency_tokens}"),
+            (0 < o.nll_bound < float("inf"), f"--nll-bound must be a finite number > 0, got {o.nll_bound}"),
             # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
             # afterwards with `dsg build --action` from the chosen N (and their scores are not the clamp's)
             (
@@ -188,23 +227,6 @@ class SweepOptions:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def mcq_numbers(scores: dict, answers) -> dict:
-    """Per-set means from `scoring.score_mcq`-shaped scores: accuracy and choice_prob (letter scores),
-    cloze_prob = mean exp(L_answer / tokens) and cloze_ll_per_token (cloze scores), whichever are present."""
-    import numpy as np
-
-    from ..evaluation.metrics import choice_metrics
-
-    out = {}
-    if "letter" in scores:
-        letter = choice_metrics(scores["letter"], answers)
-        out.update(accuracy=float(letter["accuracy"]), choice_prob=float(letter["choice_prob"]))
-    if "cloze_correct" in scores:
-        per_token = scores["cloze_correct"] / np.maximum(scores["cloze_correct_tokens"], 1)
-        out.update(cloze_prob=float(np.mean(np.exp(per_token))), cloze_ll_per_token=float(np.mean(per_token)))
-    return out
-
-
 def set_score(metric: str, scores: dict, answers) -> float:
     """One number per question set (see the module docstring)."""
     return mcq_numbers(scores, answers)[metric]
@@ -219,30 +241,6 @@ class EvalSet:
     letter_store: ActivationStore
     cloze_store: ActivationStore | None
     timings: dict = field(default_factory=dict)
-
-
-def score_set(
-    model, tokenizer, mcq, eval_options, *, letters: bool = True, record: bool = False, tag: str = ""
-) -> dict:
-    """`scoring.score_mcq`, or with `letters=False` the cloze inputs only (what "cloze_prob" needs);
-    "decisions" are then those on the cloze inputs."""
-    from ..evaluation import scoring
-
-    if letters:
-        return scoring.score_mcq(model, tokenizer, mcq, eval_options, record=record, tag=tag)
-    contexts, continuations = scoring.mcq_texts(tokenizer, mcq, eval_options)["cloze"]
-    sums, counts, decisions = scoring.continuation_logprobs(
-        model,
-        tokenizer,
-        contexts,
-        continuations,
-        chat=eval_options.chat,
-        batch_size=eval_options.batch_size,
-        record=record,
-        desc=f"{mcq.label} {tag} cloze",
-        progress=eval_options.progress,
-    )
-    return {"cloze_correct": sums, "cloze_correct_tokens": counts.astype(float), "decisions": decisions}
 
 
 def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, *, letters: bool = True) -> EvalSet:
@@ -337,10 +335,51 @@ def score_point(model, tokenizer, eval_set: EvalSet, features, tau, build_option
     }
 
 
+def fluency_summary(block: dict) -> dict:
+    """A grid point's fluency: `measure_fluency`'s block cut to the fired forget answers' numbers (DSG's, next to
+    the base's own answers to the same prompts) and the retain answers' change; None where no prompt fired."""
+    forget, retain = block["sets"]["forget"], block["sets"]["retain"]
+    dsg = forget.get("dsg", {})
+    return {
+        "n_fired": forget["n"],
+        "scanned": forget["scanned"],
+        "nll_per_token": dsg.get("nll_per_token"),
+        "base_nll_per_token": forget["base"]["nll_per_token"] if "base" in forget else None,
+        "nll_added": forget.get("nll_added"),
+        **{k: dsg.get(k) for k in ("distinct_2", "repeated_3gram_share", "answer_leak_rate", "answer_only_leak_rate")},
+        "retain_nll_added": retain.get("nll_added"),
+        "retain_identical_to_base": retain.get("identical_to_base"),
+        "example": (forget.get("examples") or [None])[0],
+    }
+
+
+def reference_base_nll(points: list[dict]) -> tuple[float | None, bool]:
+    """The base's own fired-answer NLL that most points share (a point that fires on other forget prompts is held
+    to those prompts' base NLL), and whether every measured point shares it."""
+    from collections import Counter
+
+    values = Counter(p["fluency"]["base_nll_per_token"] for p in points if p.get("fluency"))
+    values.pop(None, None)
+    if not values:
+        return None, True
+    return values.most_common(1)[0][0], len(values) == 1
+
+
 # ------------------------------------------------------------------------------------ the rule
-def choose(points: list[dict], base_retain: float, floor: float) -> dict | None:
-    """The paper's rule over `points` (see the module docstring); None if no point keeps the retain score."""
+def choose(points: list[dict], base_retain: float, floor: float, nll_bound: float | None = None) -> dict | None:
+    """The paper's rule over `points` (see the module docstring); None if no point keeps the retain score.
+
+    With `nll_bound` (the fluency floor), a point must also have its fired answers' NLL at most `nll_bound`
+    nats per token above the base's own answers (`point["fluency"]["nll_added"]`); a point on whose forget
+    prompts the guardrail never fired has no such number (None) and is not eligible: nothing shows how its
+    fired answers read."""
     ok = [p for p in points if p["retain"]["score"] >= floor * base_retain - 1e-12]
+    if nll_bound is not None:
+        ok = [
+            p
+            for p in ok
+            if (p.get("fluency") or {}).get("nll_added") is not None and p["fluency"]["nll_added"] <= nll_bound + 1e-12
+        ]
     if not ok:
         return None
     return min(ok, key=lambda p: (p["forget"]["score"], p["retain"]["trigger_rate"], p["n_features"], p["clamp"]))
@@ -374,6 +413,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     from tqdm.auto import tqdm
 
     from ..evaluation.evaluate import EvalOptions
+    from ..evaluation.fluency import measure_fluency
     from .build import calibration_record, guardrail_from, heldout_summary, select_and_calibrate
 
     options.validate()
@@ -396,6 +436,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     for guard in list(model.guards):
         model.remove_guardrail(guard.name)
     points, selections = [], {}
+    fluency_cache, fluency_settings, fluency_s = {}, None, 0.0  # the base's generations, once per prompt set
     start = time.perf_counter()
     for point in tqdm(options.grid(), desc="sweep", unit="point", disable=not options.progress):
         bo = dataclasses.replace(
@@ -429,6 +470,21 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
             for role, s in sets.items():
                 scored = score_point(model, tokenizer, s, features, tau, bo, eval_options)
                 result[role] = {"score": set_score(options.metric, scored.pop("scores"), s.mcq.answers), **scored}
+            if options.fluency:
+                block = measure_fluency(
+                    model,
+                    tokenizer,
+                    forget_mcq.records,
+                    retain_mcq.records,
+                    options.fluency,
+                    max_new_tokens=options.fluency_tokens,
+                    chat=True,  # as users send prompts: through the chat template when there is one
+                    batch_size=options.batch_size,
+                    n_examples=1,
+                    base_cache=fluency_cache,
+                )
+                result["fluency"] = fluency_summary(block)
+                fluency_settings, fluency_s = block["settings"], fluency_s + block["seconds"]
         finally:
             model.remove_guardrail(name)
         points.append(
@@ -443,16 +499,35 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         )
     grid_s = time.perf_counter() - start
     scored = [p for p in points if "error" not in p]
-    chosen = {
-        mode: choose([p for p in scored if p["mode"] == mode], base["retain"], options.retain_floor)
-        for mode in options.modes
-    }
-    chosen["overall"] = choose(scored, base["retain"], options.retain_floor)
+
+    def choices(nll_bound):
+        chosen = {
+            mode: choose([p for p in scored if p["mode"] == mode], base["retain"], options.retain_floor, nll_bound)
+            for mode in options.modes
+        }
+        chosen["overall"] = choose(scored, base["retain"], options.retain_floor, nll_bound)
+        return chosen
+
     timings = {
         "grid_s": grid_s,
         **{f"{role}: {k}": v for role, s in sets.items() for k, v in s.timings.items()},
         "statistics": statistics.timings,
     }
+    fluency = {}
+    if options.fluency:  # the settings, the base NLL the plot and summary draw, and what the floor changed
+        base_nll, shared = reference_base_nll(scored)
+        fluency = {
+            "fluency": {
+                "n": options.fluency,
+                "max_new_tokens": options.fluency_tokens,
+                "nll_bound": options.nll_bound,
+                "chat": fluency_settings["chat"] if fluency_settings else options.chat,
+                "base_nll_per_token": base_nll,
+                "base_nll_shared": shared,
+            },
+            "chosen_without_fluency_floor": choices(None),
+        }
+        timings["fluency_s"] = fluency_s
     return {
         "metric": options.metric,
         "retain_floor": options.retain_floor,
@@ -460,7 +535,8 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         "n": {role: len(s.mcq.records) for role, s in sets.items()},
         "datasets": {role: s.mcq.source for role, s in sets.items()},
         "points": points,
-        "chosen": chosen,
+        "chosen": choices(options.nll_bound if options.fluency else None),
+        **fluency,
         "timings": timings,
         "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "build"},
         "build_options": dataclasses.asdict(build_options),
@@ -522,28 +598,125 @@ def write_plot(result: dict, path) -> Path:
     )
 
 
+def write_fluency_plot(result: dict, path) -> Path:
+    """The fluency-forgetting frontier: forget score against the fired answers' NLL, both modes, with the floor."""
+    from ..evaluation.plots import plot_tradeoff
+
+    fluency = result["fluency"]
+    measured = [p for p in result["points"] if (p.get("fluency") or {}).get("nll_per_token") is not None]
+    series = []
+    for mode in result["settings"]["modes"]:
+        pts = [p for p in measured if p["mode"] == mode]
+        if not pts:
+            continue
+        chosen = result["chosen"].get(mode)
+        series.append(
+            {
+                "label": "DSG (dynamic)" if mode == "dynamic" else "static clamping",
+                "x": [p["fluency"]["nll_per_token"] for p in pts],
+                "y": [p["forget"]["score"] for p in pts],
+                "marker": "o" if mode == "dynamic" else "s",
+                "scatter": True,
+                "color": "#1f77b4" if mode == "dynamic" else "#7f7f7f",
+                "annotations": [
+                    f"N{p['n_features']} c{p['clamp']:g}" if p is chosen or p == chosen else "" for p in pts
+                ],
+            }
+        )
+    vlines = []
+    if fluency["base_nll_per_token"] is not None:
+        base_nll = fluency["base_nll_per_token"]
+        series.append(
+            {"label": "base model", "x": [base_nll], "y": [result["base"]["forget"]], "marker": "*", "color": "black"}
+        )
+        vlines.append((base_nll + fluency["nll_bound"], f"fluency floor (base + {fluency['nll_bound']:g})"))
+    metric = result["metric"].replace("_", " ")
+    return plot_tradeoff(
+        series,
+        path,
+        directions=False,
+        xlabel="fired answers' NLL per token under the base model (lower: more fluent)",
+        ylabel=f"forget {metric} (lower: more forgotten)",
+        title="dsg sweep: forgetting against the fluency of fired answers",
+        vlines=vlines,
+    )
+
+
+def fluency_cells(point: dict) -> str:
+    """The chosen table's fluency columns of one point: fired NLL (+ over base), distinct-2, leak."""
+    from ..evaluation.markdown import fmt_fixed
+
+    f = point.get("fluency") or {}
+    if f.get("nll_per_token") is None:
+        return " (no prompt fired) | | |"
+    return (
+        f" {f['nll_per_token']:.3f} ({f['nll_added']:+.3f}) | {fmt_fixed(f['distinct_2'])} | "
+        f"{fmt_fixed(f['answer_leak_rate'], 2)} |"
+    )
+
+
+def point_words(point: dict | None) -> str:
+    """A chosen point in words: mode, N, c (ratio), forget score and the fired answers' added NLL."""
+    if point is None:
+        return "none"
+    ratio = "" if point["ratio_percentile"] is None else f" P{point['ratio_percentile']:g}"
+    added = (point.get("fluency") or {}).get("nll_added")
+    nll = "no prompt fired" if added is None else f"fired NLL {added:+.3f} over base"
+    score = point["forget"]["score"]
+    return f"{point['mode']} N{point['n_features']} c{point['clamp']:g}{ratio} (forget {score:.4f}, {nll})"
+
+
+def fluency_lines(result: dict) -> list[str]:
+    """The fluency floor and what the rule would choose without it."""
+    f = result["fluency"]
+    base_nll = "no forget prompt fired" if f["base_nll_per_token"] is None else f"{f['base_nll_per_token']:.3f}"
+    where = "" if f["base_nll_shared"] else " on the prompts most points fire on; each point is held to its own"
+    unchanged = all(
+        p is result["chosen"][which] or p == result["chosen"][which]
+        for which, p in result["chosen_without_fluency_floor"].items()
+    )
+    return [
+        "",
+        f"Fluency floor: fired-answer NLL at most the base's own answers' NLL ({base_nll}{where}) + "
+        f"{f['nll_bound']:g} nats per token. Greedy answers ({f['max_new_tokens']} new tokens) to the first "
+        f"{f['n']} forget questions whose prompt fires, measured with the base model; a point whose forget prompts "
+        "never fire is not eligible.",
+        "",
+        "Without the fluency floor: "
+        + "; ".join(f"{which}: {point_words(p)}" for which, p in result["chosen_without_fluency_floor"].items())
+        + (" (the same choices)." if unchanged else "."),
+    ]
+
+
 def summary_markdown(result: dict) -> str:
     m = result["metric"]
+    fluency = "fluency" in result
     lines = [
         f"# dsg sweep ({m})",
         "",
         f"Base model: forget {result['base']['forget']:.4f}, retain {result['base']['retain']:.4f} "
         f"({result['n']['forget']} forget and {result['n']['retain']} retain questions). Rule: the lowest forget "
-        f"score with retain >= {result['retain_floor']:.0%} of base.",
+        f"score with retain >= {result['retain_floor']:.0%} of base"
+        + (" and the fired answers within the fluency floor." if fluency else "."),
         "",
-        "| choice | mode | N | c | ratio pct | gate | tau | forget | retain | fires on forget | fires on retain |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| choice | mode | N | c | ratio pct | gate | tau | forget | retain | fires on forget | fires on retain |"
+        + (" fired NLL (+ over base) | distinct-2 | leak |" if fluency else ""),
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if fluency else ""),
     ]
     for which, p in result["chosen"].items():
         if p is None:
-            lines.append(f"| {which} | (no point keeps retain) | | | | | | | | | |")
+            missing = "(no point meets the floors)" if fluency else "(no point keeps retain)"
+            lines.append(f"| {which} | {missing} | | | | | | | | | |" + (" | | |" if fluency else ""))
             continue
         ratio = "" if p["ratio_percentile"] is None else f"{p['ratio_percentile']:g}"
         lines.append(
             f"| {which} | {p['mode']} | {p['n_features']} | {p['clamp']:g} | {ratio} | {gate_label(p)} | "
             f"{p['tau']:.3f} | {p['forget']['score']:.4f} | {p['retain']['score']:.4f} | "
             f"{p['forget']['trigger_rate']:.3f} | {p['retain']['trigger_rate']:.3f} |"
+            + (fluency_cells(p) if fluency else "")
         )
+    if fluency:
+        lines += fluency_lines(result)
     gates = sorted({gate_label(p) for p in result["points"] if p["mode"] == "dynamic" and "error" not in p})
     if len(gates) > 1:  # the gate axes: precision of each gate on the held-out rows (the paper's Fig. 7B)
         lines += [
@@ -574,6 +747,8 @@ def summary_markdown(result: dict) -> str:
         f"![trade-off]({PLOT_FILE})",
         "",
     ]
+    if fluency:
+        lines += [f"![fluency against forgetting]({FLUENCY_PLOT_FILE})", ""]
     return "\n".join(lines)
 
 
@@ -582,6 +757,8 @@ def write_outputs(result: dict, folder: Path) -> None:
 
     (folder / SWEEP_FILE).write_text(json.dumps(clean_json(result), indent=2))
     write_plot(result, folder / PLOT_FILE)
+    if "fluency" in result:
+        write_fluency_plot(result, folder / FLUENCY_PLOT_FILE)
     (folder / SUMMARY_FILE).write_text(summary_markdown(result))
 
 
@@ -676,9 +853,10 @@ def run_sweep(
         with atomic_output_dir(save_best, overwrite=overwrite) as tmp:
             write_folder(best_model, tokenizer, tmp, [build], base)
     elif save_best:
+        fluency = f" with its fired answers within the fluency floor (--nll-bound {options.nll_bound:g})"
         raise DSGError(
-            f"no grid point keeps the retain score at {options.retain_floor:.0%} of the base model's; "
-            f"nothing saved to {save_best} (the sweep itself is in {out})"
+            f"no grid point keeps the retain score at {options.retain_floor:.0%} of the base model's"
+            f"{fluency if options.fluency else ''}; nothing saved to {save_best} (the sweep itself is in {out})"
         )
     return result
 

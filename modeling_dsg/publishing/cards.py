@@ -626,7 +626,7 @@ def action_variables(views: list[dict]) -> dict:
     `any_monitor`), the intro's `goal` and `intro_action`, and `false_positive_text` for Limitations."""
     actions = {v["action"] for v in views} or {"clamp"}
     effects = {
-        "clamp": "the topic's SAE features are clamped to a large negative value",
+        "clamp": "the topic's SAE features are clamped to a negative value",
         "refuse": "the model answers with a fixed refusal instead",
         "monitor": "the decision is reported and nothing is edited (monitor)",
     }
@@ -634,9 +634,9 @@ def action_variables(views: list[dict]) -> dict:
     intro += [f"action `{a}` acts" for a in sorted(actions - set(effects))]
     harms = {
         frozenset(): None,
-        frozenset({"clamp"}): "that answer is degraded",
+        frozenset({"clamp"}): "that answer is edited (degraded, with a large clamp)",
         frozenset({"refuse"}): "that prompt is refused",
-        frozenset({"clamp", "refuse"}): "that answer is degraded (`clamp`) or refused (`refuse`)",
+        frozenset({"clamp", "refuse"}): "that answer is edited (`clamp`) or refused (`refuse`)",
     }
     harm = harms[frozenset(actions & {"clamp", "refuse"})]
     return {
