@@ -26,6 +26,9 @@ least 99% of the base's and whose fired-answer NLL is at most the base's own ans
 nats per token, the one with the lowest forget cloze p.
 
     python benchmarks/clamp_axis.py --model /tmp/demo-out --out experiments/actions
+
+`dsg results` now measures the table's edits and the clamp axis itself (`modeling_dsg.evaluation.actions`); this
+script is the record of the first measurement (experiments/actions) and the one that runs the projection edits.
 """
 
 from __future__ import annotations

@@ -309,3 +309,34 @@ def test_results_page_reads_a_record_from_before_placements(tmp_path):
         "| DSG | 0.960 | WikiText | in front | 0.220 | 0.840 | 0.990 | 0.990 |",
     ]
     results.plot_dilution(old, tmp_path / "dilution.png")
+
+
+def test_gate_frontier_takes_each_gates_worst_cell_and_checks_every_goal(tmp_path):
+    block = grid_block(("window 16", "fraction"))
+    rates = {
+        "window 16": {"bio": 0.96, "mmlu_bio": 0.8, "mmlu_nonbio": 0.015, "wikitext": 0.005},
+        "fraction": {"bio": 0.96, "mmlu_bio": 0.8, "mmlu_nonbio": 0.015, "wikitext": 0.005},
+    }
+    record = {
+        "dilution": block,
+        "window_ablation": {
+            name: {"tau": 0.5, "trigger_rates": rates[name], "dilution": block["by_guardrail"][name]} for name in rates
+        },
+    }
+    rows = {r["gate"]: r for r in results.gate_frontier(record)}
+    # 24 cells each: window 16's are 0 .. 0.023 (one, 0.011, unmeasured), fraction's 0.100 .. 0.123
+    assert rows["window 16"]["worst_attack"] == pytest.approx(0.023)
+    assert rows["fraction"]["worst_attack"] == pytest.approx(0.123)
+    cells = [c for c in block["by_guardrail"]["window 16"].values() if isinstance(c, dict)]
+    max(cells, key=lambda c: c["attack_success"] or 0)["attack_success"] = (
+        None  # an unmeasured cell is left out, not counted as 0 or as the worst
+    )
+    rows = {r["gate"]: r for r in results.gate_frontier(record)}
+    assert rows["window 16"]["worst_attack"] == pytest.approx(0.022)
+    lines = results.gate_frontier_lines(record)
+    assert "| window 16 | 0.500 | 0.960 | 0.800 | 0.015 | 0.005 | 0.022 | yes |" in lines
+    assert "| fraction | 0.500 | 0.960 | 0.800 | 0.015 | 0.005 | 0.123 | no |" in lines
+    rates["window 16"]["wikitext"] = 0.02  # one missed goal is enough
+    assert "| window 16 | 0.500 | 0.960 | 0.800 | 0.015 | 0.020 | 0.022 | no |" in results.gate_frontier_lines(record)
+    results.plot_gate_frontier(record, tmp_path / "gates.png")
+    assert (tmp_path / "gates.png").stat().st_size > 10_000
