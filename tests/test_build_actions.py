@@ -343,7 +343,7 @@ def test_card_states_the_action_and_what_a_user_sees(world, built):
     assert "**When it fires**, the selected features are set to −2.0 at every flagged token" in clamp
     assert (
         "| clamp | selected features set to −2.0 |" in clamp
-        and "that answer is edited (degraded, with a large clamp)" in clamp
+        and "that answer is edited, and degraded if the clamp is large" in clamp
     )
     stacked = render_card(built.stacked, "me/stacked").content
     assert stacked.count("| action | ") == 2 and "| action | `monitor`" in stacked and "No comment." in stacked

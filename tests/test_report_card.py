@@ -364,3 +364,45 @@ def test_card_states_the_tested_transformers_range(run):
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     low, high = re.search(r'"transformers>=([0-9.]+),<([0-9.]+)"', pyproject).groups()
     assert f"tested on transformers `>={low}, <{high}`" in run.card.text
+
+
+def test_card_shows_what_fired_answers_look_like(world, tmp_path):
+    """`dsg eval --fluency`: the card's table holds the report's numbers for base and DSG per prompt set, and the
+    first example of each set."""
+    out = tmp_path / "report"
+    run = run_cli(
+        "eval",
+        world.model_dir,
+        "--forget-mcq",
+        world.forget_file,
+        "--retain-mcq",
+        world.retain_file,
+        "--out",
+        out,
+        "--forget-name",
+        "biology",
+        "--retain-name",
+        "general",
+        "--no-known-filter",
+        "--no-progress",
+        "--fluency",
+        2,
+        "--fluency-tokens",
+        4,
+    )
+    assert run.code == 0, run.err[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    evaluation = render_card(world.model_dir, "someone/tiny-dsg", eval_dir=out).text.split("## Evaluation")[1]
+    evaluation = evaluation.split("## Limitations")[0]
+    assert "What an answer looks like (`dsg eval --fluency`): greedy answers of 4 new tokens" in evaluation
+    for label, entry in report["fluency"]["sets"].items():
+        for who, name in (("base", "base"), ("dsg", "DSG")):
+            m = entry[who]
+            cells = ["not measured" if m[k] is None else f"{m[k]:.3f}" for k in ("nll_per_token", "distinct_2")]
+            line = f"| {label} | {entry['n']} | {name} | {' | '.join(cells)} | {percent(m['answer_leak_rate'])} |"
+            assert line in evaluation, line
+        question = " ".join(entry["examples"][0]["question"].split())
+        question = question if len(question) <= 120 else question[:119] + "…"  # a long question is cut
+        assert f"| {label} | {question} |" in evaluation
+    without = render_card(world.model_dir, "someone/tiny-dsg").text
+    assert "What an answer looks like" not in without

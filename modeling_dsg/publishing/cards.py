@@ -533,10 +533,59 @@ def _dilution_view(report: dict) -> dict | None:
     }
 
 
+def _fluency_view(report: dict) -> dict | None:
+    """What a fired answer looks like (`dsg eval --fluency`): per prompt set, the base's answers and the DSG
+    model's side by side (NLL under the base, distinct-2, answer leak) and the first example; None without it."""
+    block = report.get("fluency")
+    if not isinstance(block, dict) or not isinstance(block.get("sets"), dict):
+        return None
+    rows, examples = [], []
+    for label, entry in block["sets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("dsg"), dict):
+            continue
+        for who, name in (("base", "base"), ("dsg", "DSG")):
+            m = entry.get(who) or {}
+            rows.append(
+                {
+                    "set": md_cell(label),
+                    "n": entry.get("n"),
+                    "model": name,
+                    "nll": fmt_number(m.get("nll_per_token"), missing=NOT_MEASURED),
+                    "distinct": fmt_number(m.get("distinct_2"), missing=NOT_MEASURED),
+                    "leak": pct(m.get("answer_leak_rate")),
+                }
+            )
+        for x in (entry.get("examples") or [])[:1]:
+            examples.append(
+                {
+                    "set": md_cell(label),
+                    "question": _short(x.get("question", ""), 120),
+                    "base": _short(x.get("base", ""), 160),
+                    "dsg": _short(x.get("dsg", ""), 160),
+                    "fired": bool(x.get("fired")),
+                }
+            )
+    settings = block.get("settings") or {}
+    if not rows:
+        return None
+    return {
+        "rows": rows,
+        "examples": examples,
+        "tokens": settings.get("max_new_tokens"),
+        "prompt": settings.get("prompt"),
+    }
+
+
 def eval_view(report: dict, guardrail_names: list[str]) -> dict:
     """The evaluation section (a report checked by `report_schema.check_report`): the results table with
-    the baselines, the trigger-rate table, the dilution table and sentence; all numbers formatted."""
-    return {**_results_view(report), **_trigger_view(report, guardrail_names), "dilution": _dilution_view(report)}
+    the baselines, the trigger-rate table, the dilution table and sentence, what fired answers look like; all
+    numbers formatted."""
+    return {
+        **_results_view(report),
+        **_trigger_view(report, guardrail_names),
+        "dilution": _dilution_view(report),
+        "fluency": _fluency_view(report),
+    }
 
 
 def eval_results(report: dict, model_name: str) -> list:
@@ -634,7 +683,7 @@ def action_variables(views: list[dict]) -> dict:
     intro += [f"action `{a}` acts" for a in sorted(actions - set(effects))]
     harms = {
         frozenset(): None,
-        frozenset({"clamp"}): "that answer is edited (degraded, with a large clamp)",
+        frozenset({"clamp"}): "that answer is edited, and degraded if the clamp is large",
         frozenset({"refuse"}): "that prompt is refused",
         frozenset({"clamp", "refuse"}): "that answer is edited (`clamp`) or refused (`refuse`)",
     }
