@@ -95,6 +95,10 @@ CASES = {
         "the SAE's d_in (16) does not match the model's hidden size (32)",
     ),
     "layer out of range": (dict(**{"--layer": ["99"]}), "layer 99 is out of range: the model has 4 layers (0..3)"),
+    "rows longer than the model's context": (
+        dict(**{"--seq-len": ["300"]}),
+        "--seq-len 300 is longer than the model's context (256 tokens, max_position_embeddings)",
+    ),
     # --add-to something else than a DSG model, or no model at all
     "add-to a non-DSG model": (
         dict(**{"--base": None, "--add-to": ["{world}/base"]}),

@@ -361,6 +361,12 @@ def gather_statistics(
     if spec["d_in"] != hidden:
         raise DSGError(f"the SAE's d_in ({spec['d_in']}) does not match the model's hidden size ({hidden})")
     layer = _check_layer(model, options.layer, sae_layer)
+    context = context_length(model.config)
+    if context is not None and options.seq_len > context:
+        raise DSGError(
+            f"--seq-len {options.seq_len} is longer than the model's context ({context} tokens, "
+            "max_position_embeddings); rows that long would run past the positions it was trained on"
+        )
     timings = {}
 
     start = time.perf_counter()
