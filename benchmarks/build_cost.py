@@ -25,6 +25,7 @@ def main(argv=None):
     from modeling_dsg.embedded import data as embedded
     from modeling_dsg.embedded import results
     from modeling_dsg.embedded.demo import DEMO_OPTIONS, HELDOUT_SAMPLE, default_sae
+    from modeling_dsg.pipelines.attack import activation_store
     from modeling_dsg.pipelines.build import BuildOptions, build_guardrail
     from modeling_dsg.pipelines.rmu import RMUOptions, rmu_unlearn
 
@@ -66,8 +67,8 @@ def main(argv=None):
 
             statistics = Statistics(built.guardrail["layer"], built.guardrail["sae"], built.sae_state, None, {}, None)
             stores = {
-                name: results._store(
-                    base, tok, statistics, results._token_rows(tok, texts), f"held-out {name}", options
+                name: activation_store(
+                    base, tok, statistics, results._token_rows(tok, texts), f"held-out {name}", options.device
                 )
                 for name, texts in held.items()
             }

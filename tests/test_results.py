@@ -15,6 +15,7 @@ from test_build import get_world
 
 from modeling_dsg.embedded import results
 from modeling_dsg.evaluation import dilution
+from modeling_dsg.pipelines import attack
 
 
 def test_dilute_puts_k_times_the_prompt_of_filler_first():
@@ -149,35 +150,34 @@ def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_scor
     rng = random.Random(3)
     prompts = [words(rng, 6, "z") for _ in range(6)] + [words(rng, 6) for _ in range(3)]
     filler = [words(rng, 40) for _ in range(4)]
-    options = results.ResultsOptions(seed=0)
-    store = results._store(base, tok, statistics, results._token_rows(tok, prompts), "t", options)
+    store = attack.activation_store(base, tok, statistics, results._token_rows(tok, prompts), "t")
     for g in variants.values():
         model = assemble(base, tok, [])
         model.add_guardrail(g, statistics.sae_state)
         recorded = guard_decisions(model, tok, prompts)["zeta"]["fired"].numpy()
         model.remove_guardrail("zeta")
-        np.testing.assert_array_equal(results.fired(store, g), recorded)
+        np.testing.assert_array_equal(attack.fired(store, g), recorded)
         assert recorded[:6].all() and not recorded[6:].any()
-    attack = results.dilution_attack(
+    measured = attack.dilution_attack(
         base,
         tok,
         statistics,
         prompts[:6],
         filler,
         variants,
-        options,
+        seed=0,
         more_fillers={"other": ("other", [words(rng, 40) for _ in range(4)])},
     )
-    by = attack["by_guardrail"]
+    by = measured["by_guardrail"]
     assert by["fraction"]["5x"]["attack_success"] == 1.0  # a marker fraction of ~1/6 or less: below tau
     assert by["window"]["5x"]["attack_success"] == 0.0  # the prompt's own window still fires
     assert (
-        attack["n"] == 6
-        and attack["factors"] == [1, 2, 5, 10]
-        and attack["placements"] == ["prefix", "suffix", "split"]
+        measured["n"] == 6
+        and measured["factors"] == [1, 2, 5, 10]
+        and measured["placements"] == ["prefix", "suffix", "split"]
     )
-    assert attack["fillers"] == [{"tag": "", "name": "WikiText"}, {"tag": "other", "name": "other"}]
-    keys = [c["key"] for c in attack["cells"]]
+    assert measured["fillers"] == [{"tag": "", "name": "WikiText"}, {"tag": "other", "name": "other"}]
+    keys = [c["key"] for c in measured["cells"]]
     assert (
         len(keys) == len(set(keys)) == 2 * 3 * 4
         and keys[:4] == ["1x", "2x", "5x", "10x"]

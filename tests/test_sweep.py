@@ -612,3 +612,64 @@ def test_fluency_on_the_command_line(world, questions, tmp_path, capsys):
     assert result["fluency"]["nll_bound"] == 0.5
     (point,) = result["points"]
     assert point["fluency"]["n_fired"] == 6 and point["fluency"]["scanned"] == 7
+
+
+# ------------------------------------------------------------------------------------ the dilution attack per gate
+@pytest.fixture(scope="module")
+def diluted(world, questions, tmp_path_factory):
+    grid = dict(modes=("dynamic", "static"), n_features=(1, 2), clamps=(CLAMP,), ratio_percentiles=(90.0,))
+    out = tmp_path_factory.mktemp("sweep_dilution") / "report"
+    options = options_for(**grid, dilution=4)
+    return {"result": run_on(world, questions, out, options), "out": out, "options": options}
+
+
+def test_dilution_cells_are_the_guards_decisions(world, questions, diluted):
+    """Every cell of a gate's attack, recomputed prompt by prompt with the built model's own decisions."""
+    import torch
+
+    from modeling_dsg.data.mcq import letter_prompt, load_mcq
+    from modeling_dsg.data.sources import load_base_model, load_sae, load_texts
+    from modeling_dsg.evaluation.dilution import DILUTIONS, dilution_grid, filler_tokens
+    from modeling_dsg.evaluation.report import PLACEMENTS
+    from modeling_dsg.pipelines.build import assemble, build_guardrail
+
+    result = diluted["result"]
+    assert result["dilution"]["n"] == 4 and result["dilution"]["factors"] == list(DILUTIONS)
+    point = next(p for p in result["points"] if p["mode"] == "dynamic" and p["n_features"] == 2)
+    options = diluted["options"]
+    bo = dataclasses.replace(options.build, n_features=2, clamp=CLAMP, ratio_percentile=90.0)
+    base, tok = load_base_model(str(world.base))
+    texts = [[t for s in sources for t in load_texts(s)] for sources in (world.forget_sources, world.retain_sources)]
+    built = build_guardrail(base, tok, load_sae(str(world.sae_z)), *texts, bo, sae_layer=1)
+    assert built.guardrail["features"] == point["features"] and built.guardrail["threshold"] == point["tau"]
+    model = assemble(base, tok, [built])
+
+    def fired(ids):
+        with torch.no_grad(), model.record_guardrails() as records:
+            model(input_ids=torch.tensor([ids]))
+        return bool(records[0]["fired"][0])
+
+    forget, retain = load_mcq(str(questions["forget"]), "forget"), load_mcq(str(questions["retain"]), "retain")
+    prompts = tok([letter_prompt(r) for r in forget.records[:4]])["input_ids"]
+    filler = filler_tokens(tok, [r["question"] for r in retain.records])
+    offsets = np.random.default_rng(0).integers(0, len(filler), size=len(prompts))
+    before = [fired(p) for p in prompts]
+    assert point["dilution"]["undiluted_trigger_rate"] == sum(before) / len(before) > 0
+    cells = {}
+    for _, _, key, seqs in dilution_grid(prompts, filler, offsets, tok.bos_token_id, PLACEMENTS, DILUTIONS, ""):
+        evaded = sum(b and not fired(s) for b, s in zip(before, seqs))
+        cells[key] = evaded / sum(before)
+    assert point["dilution"]["attack_success"] == cells
+    assert point["dilution"]["worst_attack_success"] == max(cells.values())
+    assert max(cells.values()) > 0  # filler 10x the prompt's length switches the marker gate off somewhere
+
+
+def test_dilution_in_the_summary_and_its_option(diluted):
+    summary = (diluted["out"] / sweep.SUMMARY_FILE).read_text()
+    assert "| worst dilution attack |" in summary and "Dilution attack: the first 4 forget questions" in summary
+    static = [line for line in summary.splitlines() if line.startswith("| static | static |")]
+    assert static and static[0].endswith(" static |")  # static points act on every token: nothing to dilute
+    for p in diluted["result"]["points"]:
+        assert (p["mode"] == "dynamic") == isinstance(p.get("dilution"), dict)
+    with pytest.raises(DSGError, match="--dilution must be at least 1, got 0"):
+        options_for(**GRID, dilution=0).validate()

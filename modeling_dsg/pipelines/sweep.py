@@ -26,6 +26,12 @@ n_fired, scanned, nll_per_token (DSG's fired answers), base_nll_per_token (the b
 prompts), nll_added, distinct_2, repeated_3gram_share, answer_leak_rate, answer_only_leak_rate,
 retain_nll_added, retain_identical_to_base and the first example (None for the numbers when no prompt fired).
 
+Dilution (`--dilution D`, `attack.dilution_attack`): every distinct gate of the dynamic points (features, tau,
+score, window) attacked on the first D forget questions' letter prompts, with the retain questions as filler in
+front, after the question and between its halves at 1x, 2x, 5x and 10x their length; decisions from stored
+activations (the guard's own). The point's "dilution": undiluted_trigger_rate, worst_attack_success and
+attack_success per cell; summary.md adds the worst cell to the chosen and gate tables.
+
 Scores (`--metric`, higher means more knowledge; each set's mean over its questions)
     accuracy     letter accuracy in the lm-eval prompt (the paper's metric);
     choice_prob  probability of the correct letter, renormalised over A-D;
@@ -122,6 +128,13 @@ class SweepOptions:
         help="with --fluency: the most the fired answers' NLL may exceed the base's own answers', in nats per "
         "token (default 1.0)",
     )
+    dilution: int | None = option(
+        None,
+        metavar="D",
+        help="the dilution attack at every gate: the first D forget questions' letter prompts with the retain "
+        "questions as filler, in front, after and between their halves at 1x-10x their length; attack success from "
+        "stored activations (the guard's decisions), per point the worst cell",
+    )
     chat: bool = option(False, help="prompts through the tokenizer's chat template")
     preamble: bool = option(False, help="the lm-eval preamble before each question")
     batch_size: int = option(8, cli=False)  # the command line sets it from the build's --batch-size
@@ -174,6 +187,7 @@ class SweepOptions:
             (o.limit is None or o.limit >= 1, f"--limit must be at least 1, got {o.limit}"),
             (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
             (o.fluency is None or o.fluency >= 1, f"--fluency must be at least 1, got {o.fluency}"),
+            (o.dilution is None or o.dilution >= 1, f"--dilution must be at least 1, got {o.dilution}"),
             (o.fluency_tokens >= 1, f"--fluency-tokens must be at least 1, got {o.fluency_tokens}"),
             (0 < o.nll_bound < float("inf"), f"--nll-bound must be a finite number > 0, got {o.nll_bound}"),
             # the grid is over N and the clamp c, scored with the clamp acting; refuse/monitor models are built
@@ -408,6 +422,45 @@ def gate_label(point: dict) -> str:
     return f"{score}, {rule}"
 
 
+def gate_dilution(model, tokenizer, statistics, forget_mcq, retain_mcq, points: list[dict], options) -> dict:
+    """`--dilution D`: the attack on every distinct gate of the dynamic `points` (features, tau, score, window),
+    from one activation pass per cell (`attack.dilution_attack`); each point gets "dilution" {undiluted_trigger_rate,
+    worst_attack_success, attack_success {cell: value}}. Returns the attack's settings (n, factors, placements,
+    fillers). Static points always act, so there is nothing to dilute."""
+    from ..data.mcq import letter_prompt
+    from .attack import dilution_attack, worst_attack
+
+    gates, keys = {}, {}
+    for p in points:
+        if p["mode"] != "dynamic":
+            continue
+        key = (tuple(p["features"]), p["tau"], p["score"], p["window"])
+        name = keys.setdefault(key, f"gate {len(keys)}")
+        gates[name] = {"features": p["features"], "threshold": p["tau"], "score": p["score"], "window": p["window"]}
+        p["dilution"] = name
+    if not gates:
+        return {"n": 0}
+    block = dilution_attack(
+        model.model,
+        tokenizer,
+        statistics,
+        [letter_prompt(r) for r in forget_mcq.records[: options.dilution]],
+        [r["question"] for r in retain_mcq.records],
+        gates,
+        device=(options.build or BuildOptions()).device,
+        filler_name="the retain questions",
+    )
+    for p in points:
+        if p["mode"] == "dynamic":
+            by = block["by_guardrail"][p["dilution"]]
+            p["dilution"] = {
+                "undiluted_trigger_rate": by["undiluted_trigger_rate"],
+                "worst_attack_success": worst_attack(block, by),
+                "attack_success": {c["key"]: by[c["key"]]["attack_success"] for c in block["cells"]},
+            }
+    return {k: block[k] for k in ("n", "factors", "placements", "fillers")}
+
+
 def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: SweepOptions) -> dict:
     """Run the grid on an assembled DSG model (`model`, whose guardrails are replaced point by point)."""
     from tqdm.auto import tqdm
@@ -499,6 +552,11 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         )
     grid_s = time.perf_counter() - start
     scored = [p for p in points if "error" not in p]
+    dilution = {}
+    if options.dilution:
+        start = time.perf_counter()
+        dilution = {"dilution": gate_dilution(model, tokenizer, statistics, forget_mcq, retain_mcq, scored, options)}
+        dilution["dilution"]["seconds"] = time.perf_counter() - start
 
     def choices(nll_bound):
         chosen = {
@@ -537,6 +595,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         "points": points,
         "chosen": choices(options.nll_bound if options.fluency else None),
         **fluency,
+        **dilution,
         "timings": timings,
         "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "build"},
         "build_options": dataclasses.asdict(build_options),
@@ -688,9 +747,18 @@ def fluency_lines(result: dict) -> list[str]:
     ]
 
 
+def worst_cell(point: dict) -> str:
+    """A point's worst dilution attack success as a table cell ("static" points are not gated)."""
+    d = point.get("dilution")
+    if not isinstance(d, dict):
+        return "static" if point["mode"] == "static" else ""
+    return "none fired" if d["worst_attack_success"] is None else f"{d['worst_attack_success']:.3f}"
+
+
 def summary_markdown(result: dict) -> str:
     m = result["metric"]
     fluency = "fluency" in result
+    dilution = "dilution" in result
     lines = [
         f"# dsg sweep ({m})",
         "",
@@ -700,13 +768,20 @@ def summary_markdown(result: dict) -> str:
         + (" and the fired answers within the fluency floor." if fluency else "."),
         "",
         "| choice | mode | N | c | ratio pct | gate | tau | forget | retain | fires on forget | fires on retain |"
-        + (" fired NLL (+ over base) | distinct-2 | leak |" if fluency else ""),
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if fluency else ""),
+        + (" fired NLL (+ over base) | distinct-2 | leak |" if fluency else "")
+        + (" worst dilution attack |" if dilution else ""),
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+        + ("---:|---:|---:|" if fluency else "")
+        + ("---:|" if dilution else ""),
     ]
     for which, p in result["chosen"].items():
         if p is None:
             missing = "(no point meets the floors)" if fluency else "(no point keeps retain)"
-            lines.append(f"| {which} | {missing} | | | | | | | | | |" + (" | | |" if fluency else ""))
+            lines.append(
+                f"| {which} | {missing} | | | | | | | | | |"
+                + (" | | |" if fluency else "")
+                + (" |" if dilution else "")
+            )
             continue
         ratio = "" if p["ratio_percentile"] is None else f"{p['ratio_percentile']:g}"
         lines.append(
@@ -714,9 +789,20 @@ def summary_markdown(result: dict) -> str:
             f"{p['tau']:.3f} | {p['forget']['score']:.4f} | {p['retain']['score']:.4f} | "
             f"{p['forget']['trigger_rate']:.3f} | {p['retain']['trigger_rate']:.3f} |"
             + (fluency_cells(p) if fluency else "")
+            + (f" {worst_cell(p)} |" if dilution else "")
         )
     if fluency:
         lines += fluency_lines(result)
+    if dilution:
+        d = result["dilution"]
+        lines += [
+            "",
+            f"Dilution attack: the first {d['n']} forget questions' letter prompts with {d['fillers'][0]['name']} "
+            f"as filler, put in front, after the question and between its halves at "
+            + ", ".join(f"{k}x" for k in d["factors"])
+            + " their length; *worst dilution attack*: the highest attack success (of the prompts the gate fired "
+            "on undiluted, the fraction that no longer fire) over those cells. Static points act on every token.",
+        ]
     gates = sorted({gate_label(p) for p in result["points"] if p["mode"] == "dynamic" and "error" not in p})
     if len(gates) > 1:  # the gate axes: precision of each gate on the held-out rows (the paper's Fig. 7B)
         lines += [
@@ -724,8 +810,8 @@ def summary_markdown(result: dict) -> str:
             "Gates (dynamic points; held-out rows of the build corpora, best retain score per gate):",
             "",
             "| gate | tau | held-out forget fires | held-out retain fires | retain FPR bound (95%) "
-            "| forget | retain |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| forget | retain |" + (" worst dilution attack |" if dilution else ""),
+            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if dilution else ""),
         ]
         for gate in gates:
             pts = [
@@ -738,7 +824,7 @@ def summary_markdown(result: dict) -> str:
             lines.append(
                 f"| {gate} | {p['tau']:.3f} | {forget_rate} | {retain_rate} | "
                 f"{p['calibration']['retain_fpr_upper95']:.3f} | {p['forget']['score']:.4f} | "
-                f"{p['retain']['score']:.4f} |"
+                f"{p['retain']['score']:.4f} |" + (f" {worst_cell(p)} |" if dilution else "")
             )
     lines += [
         "",
