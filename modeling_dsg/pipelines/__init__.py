@@ -1,2 +1,2 @@
-"""The long jobs: `dsg build`, `dsg sweep`, `dsg rmu` and `dsg train-sae`. Imports runtime, data, analysis
-and evaluation."""
+"""The long jobs: `dsg build`, `dsg sweep`, `dsg rmu` and `dsg train-sae`, and the dilution attack from stored
+activations (`attack`). Imports runtime, data, analysis and evaluation."""
