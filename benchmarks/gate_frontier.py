@@ -89,6 +89,9 @@ def main(argv=None):
     }
     rows = []
     for p in result["points"]:
+        if "error" in p:  # a gate the calibration refuses (e.g. tau would be 1: it would never fire)
+            rows.append({"gate": gate_label(p), "error": p["error"]})
+            continue
         g = {"features": p["features"], "threshold": p["tau"], "score": p["score"], "window": p["window"]}
         rows.append(
             {
@@ -122,6 +125,9 @@ def table(rows) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['gate']} | refused: {r['error']} |||||||")
+            continue
         lines.append(
             f"| {r['gate']} | {r['tau']:.3f} | {r['retain_fpr_upper95']:.3f} | {r['bio']:.3f} | {r['mmlu_bio']:.3f} | "
             f"{r['mmlu_nonbio']:.3f} | {r['wikitext']:.3f} | {cell(r['worst_attack_success'])} |"

@@ -40,3 +40,14 @@ def test_calibrated_tau_is_the_smallest_meeting_the_bound():
 def test_too_few_retain_rows_are_refused():
     with pytest.raises(DSGError, match="give at least 149 retain rows"):
         calibrate_fpr(torch.rand(100, dtype=torch.float64), target_fpr=0.02)
+
+
+def test_a_bound_only_rho_1_meets_is_refused():
+    """Window scores take few values: when more retain rows score rho = 1 than the bound allows, tau would be 1 and
+    the guard (rho > tau) would never fire; that is refused. One row fewer at 1 and tau is below 1."""
+    rho = torch.cat([torch.zeros(900, dtype=torch.float64), torch.ones(100, dtype=torch.float64)])
+    with pytest.raises(DSGError, match="100 of 1000 retain rows already score rho = 1, so tau would be 1"):
+        calibrate_fpr(rho, target_fpr=0.02)
+    rho = torch.cat([torch.zeros(990, dtype=torch.float64), torch.full((5,), 0.5), torch.ones(5, dtype=torch.float64)])
+    tau, info = calibrate_fpr(rho, target_fpr=0.02)
+    assert tau < 1.0 and info["fpr_upper"] <= 0.02

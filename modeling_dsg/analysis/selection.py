@@ -207,6 +207,13 @@ def calibrate_fpr(retain_rho: Tensor, target_fpr: float = 0.02, confidence: floa
             f"confidence even if none fires; give at least {needed} retain rows"
         )
     tau = float(x[n - allowed - 1]) if allowed < n else float(x[0])
+    if tau >= 1.0:  # rho is at most 1 and the guard fires on rho > tau: such a guardrail never fires
+        top = int((x >= 1.0).sum())
+        raise DSGError(
+            f"no threshold below 1 keeps the retain firing rate's {confidence:.0%} bound <= {target_fpr:g}: {top} of "
+            f"{n} retain rows already score rho = 1, so tau would be 1 and the guardrail would never fire; raise "
+            "the target FPR, or use a longer window or the fraction score"
+        )
     fired = int((x > tau).sum())
     info = {
         "target_fpr": target_fpr,
