@@ -322,6 +322,21 @@ def main(argv=None):
 
             return run
 
+        def timed_variants(make):
+            """What `alternate` times: `make(model)` for the base, DSG unfired and fired (tau 1 and 0), and the
+            reference implementation the same two ways when there is one."""
+            variants = {
+                "base": make(base),
+                "dsg_unfired": with_tau(1.0, make(dsg)),
+                "dsg_fired": with_tau(0.0, make(dsg)),
+            }
+            if reference is not None:
+                variants.update(
+                    reference_unfired=ref_tau(1.0, make(reference_model)),
+                    reference_fired=ref_tau(0.0, make(reference_model)),
+                )
+            return variants
+
         # -- forward latency ----------------------------------------------------------------------
         for batch in args.batches:
             for length in args.lengths:
@@ -337,16 +352,7 @@ def main(argv=None):
                         g.threshold = 0.0
                     dsg(input_ids=ids, attention_mask=mask, use_cache=False)
                 fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
-                variants = {
-                    "base": fwd(base),
-                    "dsg_unfired": with_tau(1.0, fwd(dsg)),
-                    "dsg_fired": with_tau(0.0, fwd(dsg)),
-                }
-                if reference is not None:
-                    variants.update(
-                        reference_unfired=ref_tau(1.0, fwd(reference_model)),
-                        reference_fired=ref_tau(0.0, fwd(reference_model)),
-                    )
+                variants = timed_variants(fwd)
                 res = alternate(variants, args.rounds, device)
                 res["fired_fraction_at_tau0"] = fired
                 if reference is not None:  # the reference applies the same guardrail: same logits, fired or not
@@ -385,16 +391,7 @@ def main(argv=None):
                 )
                 return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
-            variants = {
-                "base": gen_fn(base),
-                "dsg_unfired": with_tau(1.0, gen_fn(dsg)),
-                "dsg_fired": with_tau(0.0, gen_fn(dsg)),
-            }
-            if reference is not None:
-                variants.update(
-                    reference_unfired=ref_tau(1.0, gen_fn(reference_model)),
-                    reference_fired=ref_tau(0.0, gen_fn(reference_model)),
-                )
+            variants = timed_variants(gen_fn)
             res = alternate(variants, max(3, args.rounds // 2), device)
             for name in variants:
                 res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]

@@ -185,14 +185,8 @@ def main(argv=None):
 
     # the fired prompts: the first n of the seeded order whose chat prompt fires (decisions do not depend on the edit)
     set_edit(model, tok, "monitor")
-    chosen, scanned = [], 0
-    while len(chosen) < args.n and scanned < len(forget_pool):
-        chunk = forget_pool[scanned : scanned + args.n]
-        fired = fluency.prompt_fired(model, tok, fluency.prompt_ids(tok, chunk), batch_size=args.batch_size)
-        for r, f in zip(chunk, fired):
-            if len(chosen) < args.n:
-                scanned += 1
-                chosen += [r] if f else []
+    keep, scanned = fluency.first_fired(model, tok, forget_pool, args.n, batch_size=args.batch_size)
+    chosen = [forget_pool[i] for i in keep]
     log(f"fired prompts: {len(chosen)} of the first {scanned} held-out WMDP-bio questions")
     chat_contexts = [chat_wrap(tok, letter_prompt(r)) for r in chosen]
     chat_answers = [r["choices"][r["answer"]] for r in chosen]

@@ -79,22 +79,6 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def fired_prompts(model, tokenizer, records, n: int, *, batch_size: int = 8) -> tuple[list, int]:
-    """The first `n` records (in order) whose letter prompt, as a chat user turn (as it is without a chat
-    template), makes a guardrail of `model` fire; and how many records were looked at."""
-    chat = has_chat_template(tokenizer)
-    chosen, scanned = [], 0
-    while len(chosen) < n and scanned < len(records):
-        chunk = records[scanned : scanned + max(n - len(chosen), batch_size)]
-        ids = fluency.prompt_ids(tokenizer, chunk, chat=chat)
-        fired = fluency.prompt_fired(model, tokenizer, ids, batch_size=batch_size)
-        for record, f in zip(chunk, fired):
-            if len(chosen) < n:
-                scanned += 1
-                chosen += [record] if f else []
-    return chosen, scanned
-
-
 def fired_cloze(model, tokenizer, records, *, batch_size: int = 8) -> float | None:
     """Mean over `records` of exp(mean log p) of the correct choice's text after the chat letter prompt."""
     import numpy as np
@@ -145,7 +129,10 @@ def compare_edits(
     eo = EvalOptions(cloze="correct", known_filter=False, batch_size=batch_size, progress=False)
     monitor = model.add_guardrail(edited(guardrail, "monitor", tokenizer), sae_state)
     try:
-        chosen, scanned = fired_prompts(model, tokenizer, prompts, n, batch_size=batch_size)
+        keep, scanned = fluency.first_fired(
+            model, tokenizer, prompts, n, chat=has_chat_template(tokenizer), batch_size=batch_size
+        )
+        chosen = [prompts[i] for i in keep]
     finally:
         model.remove_guardrail(monitor.name)
     out = {

@@ -182,6 +182,20 @@ def prompt_fired(model, tokenizer, sequences, *, batch_size: int = 8) -> list[bo
     return fired
 
 
+def first_fired(model, tokenizer, records, n: int, *, chat: bool = True, batch_size: int = 8) -> tuple[list, int]:
+    """The indices of the first `n` records (in order) whose letter prompt makes a guardrail fire, scanned in
+    chunks, and how many records that took (the last kept one's position + 1, or all when fewer fire)."""
+    keep, scanned = [], 0
+    while len(keep) < n and scanned < len(records):
+        chunk = list(range(scanned, min(len(records), scanned + max(n - len(keep), batch_size))))
+        seqs = prompt_ids(tokenizer, [records[i] for i in chunk], chat=chat)
+        for i, f in zip(chunk, prompt_fired(model, tokenizer, seqs, batch_size=batch_size)):
+            if f and len(keep) < n:
+                keep.append(i)
+        scanned = chunk[-1] + 1
+    return keep, (keep[-1] + 1) if len(keep) == n else len(records)
+
+
 def greedy_generate(model, tokenizer, sequences, *, max_new_tokens: int = 32, batch_size: int = 8):
     """Greedy continuations of token sequences (left padded, in batches). Returns (generated ids per row, cut
     after the first end-of-sequence token, which is kept; fired per row: any guardrail fired at any point)."""
@@ -293,17 +307,9 @@ def measure_fluency(
         if role == "forget" and forget_fire:
             keep, scanned = list(range(min(n, len(records)))), None
             fired = {i: True for i in keep}
-        elif role == "forget":  # scan in chunks until `n` prompts fire
-            keep, fired, scanned = [], {}, 0
-            while len(keep) < n and scanned < len(records):
-                chunk = list(range(scanned, min(len(records), scanned + max(n - len(keep), batch_size))))
-                seqs_c = prompt_ids(tokenizer, [records[i] for i in chunk], chat=chat)
-                for i, f in zip(chunk, prompt_fired(model, tokenizer, seqs_c, batch_size=batch_size)):
-                    fired[i] = f
-                    if f and len(keep) < n:
-                        keep.append(i)
-                scanned = chunk[-1] + 1
-            scanned = (keep[-1] + 1) if len(keep) == n else len(records)
+        elif role == "forget":
+            keep, scanned = first_fired(model, tokenizer, records, n, chat=chat, batch_size=batch_size)
+            fired = {i: True for i in keep}
         else:
             keep = list(range(min(n, len(records))))
             scanned = len(keep)
