@@ -223,7 +223,7 @@ def main_table(wrapper, tokenizer, statistics, sets: dict, texts, variants: dict
     return rows
 
 
-def when_fired(wrapper, tokenizer, variant, sets: dict, options) -> dict:
+def fired_answers(wrapper, tokenizer, variant, sets: dict, options) -> dict:
     """`actions.compare_edits` on the DSG guardrail (base, monitor, refuse, the clamp axis) and the pick."""
     from ..evaluation.actions import compare_edits
     from . import data as embedded
@@ -364,7 +364,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
 
     # -- when the guardrail fires: every action and the clamp axis on the same fired prompts ----------------
     start = time.perf_counter()
-    record["actions"] = when_fired(
+    record["actions"] = fired_answers(
         wrapper, tokenizer, variants["DSG"], {"forget": forget_mcq, "retain": retain_mcq}, options
     )
     timings["actions_s"] = time.perf_counter() - start
