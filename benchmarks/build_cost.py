@@ -73,9 +73,7 @@ def main(argv=None):
                 for name, texts in held.items()
             }
         g = built.guardrail
-        rho = {
-            name: store.row_scores(g["features"], g["score"], g.get("window", 32)) for name, store in stores.items()
-        }
+        rho = {name: store.guardrail_scores(g) for name, store in stores.items()}
         t = built.info["timings"]
         rows.append(
             {

@@ -673,3 +673,22 @@ def test_dilution_in_the_summary_and_its_option(diluted):
         assert (p["mode"] == "dynamic") == isinstance(p.get("dilution"), dict)
     with pytest.raises(DSGError, match="--dilution must be at least 1, got 0"):
         options_for(**GRID, dilution=0).validate()
+
+
+def test_learned_token_gate_points(world, questions, tmp_path):
+    """With the build's --token-gate learned, every dynamic point fits its own integer weights, is scored through the
+    DSG model with exactly that gate (no decision mismatch) and is attacked with it: the undiluted prompts of the
+    attack are the forget questions, so their trigger rate is the point's own."""
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    grid = dict(modes=("dynamic",), n_features=(1, 2), clamps=(CLAMP,), ratio_percentiles=(90.0,))
+    options = dataclasses.replace(
+        options_for(**grid, scores=("fraction", "window"), windows=(4,), dilution=7),
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, token_gate="learned"),
+    )
+    points = run_on(world, questions, tmp_path / "learned", options)["points"]
+    assert len(points) == 4 and all("error" not in p for p in points)
+    for p in points:
+        assert len(p["token_weights"]) == p["n_features"] == len(p["features"]) and p["token_threshold"] >= 1
+        assert p["forget"]["decision_mismatches"] == p["retain"]["decision_mismatches"] == 0
+        assert p["dilution"]["undiluted_trigger_rate"] == pytest.approx(p["forget"]["trigger_rate"], abs=1e-12)

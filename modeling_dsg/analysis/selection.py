@@ -15,6 +15,12 @@ Dynamic selection (the paper): candidates are features with I^F >= P_5(I^F), R >
 the top N by I^F (N = 20). Static selection (Farrell et al., the seed baseline): drop features that fire
 on >= 1% of retain tokens; the top N by forget firing frequency.
 
+Learned token gate (optional): a token is flagged when the integer points of its active selected features reach
+a threshold. The points come from a logistic regression over counted tokens, x_t = (1[f_i(t) > 0])_i, y_t = 1
+on forget rows and 0 on retain rows, classes weighted to equal mass, an L1 penalty of 1e-3 per weight, fit in
+float64 with L-BFGS from zeros (deterministic): w_i = round(10 beta_i) and the threshold m = ceil(10 (margin -
+beta_0)), margin 1 (a token is flagged when its logit is about 1 or more: odds of 2.7 to 1 for the forget topic).
+
 Calibration: tau = P_95 of rho over retain rows (the paper's rule); a row fires iff rho > tau (strictly).
 Or, with a false-positive guarantee: the smallest tau such that the one-sided Clopper-Pearson upper
 confidence bound on the retain firing rate (k of n retain rows with rho > tau) is at most a target FPR.
@@ -32,6 +38,9 @@ from ..errors import DSGError
 from .stats import ActivationStore
 
 RATIO_EPS = 1e-21
+TOKEN_GATE_SCALE = 10  # points per unit of logit
+TOKEN_GATE_MARGIN = 1.0  # the logit a token needs to be flagged
+TOKEN_GATE_L1 = 1e-3
 
 
 def _check_percentile(name: str, p: float) -> None:
@@ -256,3 +265,44 @@ def auroc(pos_scores: Tensor, neg_scores: Tensor) -> float:
     n_pos, n_neg = pos.numel(), neg.numel()
     u = mean_rank[inverse[:n_pos]].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def _indicators(store: ActivationStore, features: list[int]) -> Tensor:
+    """[n_tokens, N] float64: 1 where feature features[j] is active (> 0) at counted token t."""
+    column = torch.full((store.d_sae,), -1, dtype=torch.long)
+    column[torch.as_tensor(features, dtype=torch.long)] = torch.arange(len(features))
+    entry_col = column[store.feature_index.long()]
+    keep = entry_col >= 0
+    token = torch.searchsorted(store.indptr, torch.arange(store.feature_index.numel()), right=True) - 1
+    out = torch.zeros(store.n_tokens, len(features), dtype=torch.float64)
+    out[token[keep], entry_col[keep]] = 1.0
+    return out
+
+
+def fit_token_gate(forget: ActivationStore, retain: ActivationStore, features: list[int]) -> tuple[list[int], int]:
+    """Integer token weights (one per feature) and the token threshold, fit on the counted tokens of the forget
+    and retain stores (see the module docstring). Raises if either store has no counted token."""
+    if forget.n_tokens == 0 or retain.n_tokens == 0:
+        raise DSGError("the learned token gate needs counted tokens in both the forget and the retain corpus")
+    x = torch.cat([_indicators(forget, features), _indicators(retain, features)])
+    y = torch.cat(
+        [torch.ones(forget.n_tokens, dtype=torch.float64), torch.zeros(retain.n_tokens, dtype=torch.float64)]
+    )
+    sample_weight = torch.where(y > 0, 0.5 / forget.n_tokens, 0.5 / retain.n_tokens)
+    beta = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([beta, bias], max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        logits = x @ beta + bias
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        loss = (losses * sample_weight).sum() + TOKEN_GATE_L1 * beta.abs().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    weights = torch.round(beta.detach() * TOKEN_GATE_SCALE).long().tolist()
+    threshold = max(1, math.ceil(TOKEN_GATE_SCALE * (TOKEN_GATE_MARGIN - float(bias.detach()))))
+    return weights, threshold

@@ -98,21 +98,50 @@ class ActivationStore:
             raise DSGError(f"feature indices must be in 0..{self.d_sae - 1}, got {index.tolist()}")
         return index.to(torch.int32)
 
-    def token_flags(self, features: Iterable[int]) -> Tensor:
-        """a_t = 1 if any of `features` is active (> 0) at counted token t: BoolTensor [n_tokens]."""
-        hit = torch.isin(self.feature_index, self._feature_set(features)).long()
+    def token_points(self, features: Iterable[int], weights: Iterable[int] | None = None) -> Tensor:
+        """Per counted token t, the sum of `weights` (one integer per feature; default 1 each) over the
+        `features` active (> 0) at t: LongTensor [n_tokens] (integer sums, exact)."""
+        index = self._feature_set(features)
+        weight_of = torch.zeros(self.d_sae, dtype=torch.long)
+        weight_of[index.long()] = 1 if weights is None else torch.as_tensor(list(weights), dtype=torch.long)
+        hit = torch.isin(self.feature_index, index).long() * weight_of[self.feature_index.long()]
         cumulative = torch.cat([hit.new_zeros(1), hit.cumsum(0)])
-        return (cumulative[self.indptr[1:]] - cumulative[self.indptr[:-1]]) > 0
+        return cumulative[self.indptr[1:]] - cumulative[self.indptr[:-1]]
 
-    def row_scores(self, features: Iterable[int], score: str = "fraction", window: int = 32) -> Tensor:
+    def token_flags(self, features: Iterable[int], weights: Iterable[int] | None = None, threshold: int = 1) -> Tensor:
+        """a_t = 1 if any of `features` is active (> 0) at counted token t, or with integer `weights` (one per
+        feature) if the weights of the active ones add up to `threshold` or more: BoolTensor [n_tokens]."""
+        if weights is None:
+            return self.token_points(features) > 0
+        return self.token_points(features, weights) >= threshold
+
+    def guardrail_scores(self, guardrail: dict) -> Tensor:
+        """rho per row for a guardrail config (its features, score, window and token weights)."""
+        return self.row_scores(
+            guardrail["features"],
+            guardrail.get("score", "fraction"),
+            guardrail.get("window", 32),
+            guardrail.get("token_weights"),
+            guardrail.get("token_threshold", 1),
+        )
+
+    def row_scores(
+        self,
+        features: Iterable[int],
+        score: str = "fraction",
+        window: int = 32,
+        token_weights: Iterable[int] | None = None,
+        token_threshold: int = 1,
+    ) -> Tensor:
         """rho per row, as the guard computes it at run time. Returns [n_rows] float64.
 
         "fraction": flagged counted tokens / counted tokens of the row (0 where a row has none).
         "window": the largest flagged fraction over `window` consecutive counted tokens (the fraction
         while the row has fewer than `window`), through the guard's own `window_scores`.
+        A token is flagged as `token_flags(features, token_weights, token_threshold)` says.
         Only counted tokens enter, so a row's score does not depend on its padding or its batch.
         """
-        flags = self.token_flags(features)
+        flags = self.token_flags(features, token_weights, token_threshold)
         flagged = torch.bincount(self.token_row[flags].long(), minlength=self.n_rows).double()
         counts = self.row_token_counts.double()
         fraction = torch.where(counts > 0, flagged / counts.clamp(min=1), torch.zeros_like(counts))

@@ -195,15 +195,7 @@ def main_table(wrapper, tokenizer, statistics, sets: dict, texts, variants: dict
         try:
             row = {}
             for role, p in prepared.items():
-                scored = score_point(
-                    wrapper,
-                    tokenizer,
-                    p,
-                    g["features"],
-                    g["threshold"],
-                    dataclasses.replace(bo, score=g.get("score", "fraction"), window=g.get("window", 32)),
-                    eo,
-                )
+                scored = score_point(wrapper, tokenizer, p, g, eo)
                 row[role] = {
                     **_mcq_numbers(scored["scores"], p.mcq.answers),
                     "trigger_rate": scored["trigger_rate"],
@@ -382,7 +374,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
             **{name: float(fired(store, g).mean()) for name, (g, _) in variants.items()},
         }
         ablation_rates[set_name] = {name: float(fired(store, g).mean()) for name, g in ablation.items()}
-        rho[set_name] = store.row_scores(variants["DSG"][0]["features"]).numpy().tolist()
+        rho[set_name] = store.guardrail_scores(variants["DSG"][0]).numpy().tolist()
     record["trigger_rates"] = rates
     timings["trigger_rates_s"] = time.perf_counter() - start
 

@@ -37,7 +37,7 @@ def activation_store(model, tokenizer, statistics, rows, desc: str, device: str 
 
 def fired(store, guardrail: dict):
     """The guardrail's per-row decisions from stored activations (exactly the guard's, see `dsg sweep`)."""
-    rho = store.row_scores(guardrail["features"], guardrail.get("score", "fraction"), guardrail.get("window", 32))
+    rho = store.guardrail_scores(guardrail)
     return (rho > guardrail["threshold"]).numpy()
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 from .. import distributed
@@ -67,6 +68,7 @@ from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX
 # "When the guardrail fires"): the lowest forget score whose fired answers stay within 1 nat per token of the base's
 # own. The paper's 500 forgets somewhat more on held-out questions but turns fired answers into gibberish.
 DEFAULT_CLAMP = 3.0
+TOKEN_GATES = ("any", "learned")
 
 
 @dataclass
@@ -104,6 +106,12 @@ class BuildOptions:
         help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens",
     )
     window: int = option(32, help="window size for --score window")
+    token_gate: str = option(
+        "any",
+        choices=TOKEN_GATES,
+        help="which tokens the score counts as flagged: any (a selected feature is active, the paper's) or "
+        "learned (integer per-feature weights fit on the forget and retain tokens; see `dsg explain`)",
+    )
     action: str = option(
         "clamp",
         choices=ACTIONS,
@@ -152,6 +160,11 @@ class BuildOptions:
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.layer is None or self.layer >= 0, f"--layer must be >= 0, got {self.layer}"),
             (self.score in SCORES, f"unknown --score {self.score!r} (fraction or window)"),
+            (self.token_gate in TOKEN_GATES, f"unknown --token-gate {self.token_gate!r} (any or learned)"),
+            (
+                self.token_gate == "any" or self.mode == "dynamic",
+                "--token-gate learned weighs the dynamic classifier's flags; a static guardrail has none",
+            ),
             (2 <= self.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {self.window}"),
             (self.action in ACTIONS, f"unknown --action {self.action!r} (one of {', '.join(ACTIONS)})"),
             (
@@ -438,8 +451,19 @@ def counted_exclusions(model, tokenizer) -> list[int]:
     return list(bos) if isinstance(bos, (list, tuple)) else [int(bos)]
 
 
-def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple[list[int], float, dict, dict]:
-    """Features and tau for `options` from a statistics pass: (features, tau, rho per store, timings)."""
+class Selection(NamedTuple):
+    """What `select_and_calibrate` chose: the features, the token gate ({} or token_weights and
+    token_threshold, as in the guardrail config), tau, rho per store and the timings."""
+
+    features: list[int]
+    tau: float
+    rho: dict
+    timings: dict
+    token_gate: dict
+
+
+def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selection:
+    """Features, token gate and tau for `options` from a statistics pass."""
     from ..analysis import selection
 
     options.validate()
@@ -452,9 +476,14 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
         )
     else:
         features = selection.select_static(stats, options.n_features, options.static_retain_freq)
+    token_gate = {}
+    if options.token_gate == "learned":
+        weights, threshold = selection.fit_token_gate(stores["forget"], stores["retain"], features)
+        token_gate = {"token_weights": weights, "token_threshold": threshold}
     timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
-    rho = {name: store.row_scores(features, options.score, options.window) for name, store in stores.items()}
+    gate = {"features": features, "score": options.score, "window": options.window, **token_gate}
+    rho = {name: store.guardrail_scores(gate) for name, store in stores.items()}
     if options.mode != "dynamic":
         tau = 0.0
     elif options.target_fpr is not None:
@@ -462,7 +491,7 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> tuple
     else:
         tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile)
     timings["calibration_s"] = time.perf_counter() - start
-    return features, float(tau), rho, timings
+    return Selection(features, float(tau), rho, timings, token_gate)
 
 
 def calibration_record(retain_rho, tau: float, options: BuildOptions) -> dict:
@@ -513,8 +542,10 @@ def guardrail_from(
     tau: float,
     options: BuildOptions,
     refusal: tuple[str, list[int]] | None = None,
+    token_gate: dict | None = None,
 ) -> dict:
-    """The guardrail config; `refusal` (text, token ids: `refusal_for`) is needed for action "refuse"."""
+    """The guardrail config; `refusal` (text, token ids: `refusal_for`) is needed for action "refuse";
+    `token_gate` is `Selection.token_gate`."""
     guardrail = {
         "name": options.name,
         "layer": statistics.layer,
@@ -528,6 +559,7 @@ def guardrail_from(
     }
     if options.score == "window":
         guardrail["window"] = options.window
+    guardrail.update(token_gate or {})
     if options.action == "refuse":
         if refusal is None:
             raise DSGError("action 'refuse' needs the refusal's text and token ids (build.refusal_for)")
@@ -555,7 +587,7 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
     from ..analysis import selection
 
     refusal = refusal_for(options, tokenizer, statistics.vocab_size)
-    features, tau, rho, timings = select_and_calibrate(statistics, options)
+    features, tau, rho, timings, token_gate = select_and_calibrate(statistics, options)
     timings = {**statistics.timings, **timings}
     stores = statistics.stores
     report = [
@@ -589,7 +621,7 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
         options=asdict(options),
     )
     return GuardrailBuild(
-        guardrail_from(statistics, features, tau, options, refusal), statistics.sae_state, report, info
+        guardrail_from(statistics, features, tau, options, refusal, token_gate), statistics.sae_state, report, info
     )
 
 

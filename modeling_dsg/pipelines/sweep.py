@@ -306,25 +306,25 @@ def prepare_set(model, tokenizer, mcq, statistics, eval_options, build_options, 
     return EvalSet(mcq, base, letter_store, cloze_store, timings)
 
 
-def predicted_fired(eval_set: EvalSet, features, tau: float, options) -> tuple:
-    """Per question: does the guardrail fire on its letter input, on its cloze input (rho > tau)?
+def predicted_fired(eval_set: EvalSet, guardrail: dict) -> tuple:
+    """Per question: does the guardrail (a config dict) fire on its letter input, on its cloze input (rho > tau)?
     (None for an input kind the set does not score.)"""
+    from .attack import fired
 
-    def fired(store):
-        return None if store is None else (store.row_scores(features, options.score, options.window) > tau).numpy()
+    return tuple(
+        None if store is None else fired(store, guardrail) for store in (eval_set.letter_store, eval_set.cloze_store)
+    )
 
-    return fired(eval_set.letter_store), fired(eval_set.cloze_store)
 
-
-def score_point(model, tokenizer, eval_set: EvalSet, features, tau, build_options, eval_options) -> dict:
-    """Scores of `model` (base + one guardrail with `features`, `tau`) on one set: the DSG model on the
+def score_point(model, tokenizer, eval_set: EvalSet, guardrail: dict, eval_options) -> dict:
+    """Scores of `model` (base + one guardrail, `guardrail` its config) on one set: the DSG model on the
     questions it fires on, the base scores elsewhere. Returns {"scores", "trigger_rate", "rescored",
     "decision_mismatches"}; the trigger rate is over the letter inputs (the cloze inputs without letters)."""
     import copy
 
     import numpy as np
 
-    letter_fired, cloze_fired = predicted_fired(eval_set, features, tau, build_options)
+    letter_fired, cloze_fired = predicted_fired(eval_set, guardrail)
     primary = letter_fired if letter_fired is not None else cloze_fired
     any_fired = primary | (cloze_fired if cloze_fired is not None else False)
     rescore = np.flatnonzero(any_fired)
@@ -434,9 +434,11 @@ def gate_dilution(model, tokenizer, statistics, forget_mcq, retain_mcq, points: 
     for p in points:
         if p["mode"] != "dynamic":
             continue
-        key = (tuple(p["features"]), p["tau"], p["score"], p["window"])
+        gate = {"features": p["features"], "threshold": p["tau"], "score": p["score"], "window": p["window"]}
+        gate.update({k: p[k] for k in ("token_weights", "token_threshold") if k in p})
+        key = json.dumps(gate, sort_keys=True)
         name = keys.setdefault(key, f"gate {len(keys)}")
-        gates[name] = {"features": p["features"], "threshold": p["tau"], "score": p["score"], "window": p["window"]}
+        gates[name] = gate
         p["dilution"] = name
     if not gates:
         return {"n": 0}
@@ -507,7 +509,8 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
                 point["rule"], build_options.target_fpr
             ),
         )
-        key = (bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, point["rule"], point["rule_value"])
+        key = (bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, bo.token_gate, point["rule"])
+        key += (point["rule_value"],)
         if key not in selections:
             try:
                 selections[key] = select_and_calibrate(statistics, bo)
@@ -516,12 +519,13 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         if isinstance(selections[key], DSGError):
             points.append({**point, "error": str(selections[key])})
             continue
-        features, tau, rho, _ = selections[key]
-        model.add_guardrail(guardrail_from(statistics, features, tau, bo), statistics.sae_state)
+        features, tau, rho, _, token_gate = selections[key]
+        guardrail = guardrail_from(statistics, features, tau, bo, token_gate=token_gate)
+        model.add_guardrail(guardrail, statistics.sae_state)
         try:
             result = {}
             for role, s in sets.items():
-                scored = score_point(model, tokenizer, s, features, tau, bo, eval_options)
+                scored = score_point(model, tokenizer, s, guardrail, eval_options)
                 result[role] = {"score": set_score(options.metric, scored.pop("scores"), s.mcq.answers), **scored}
             if options.fluency:
                 block = measure_fluency(
@@ -544,6 +548,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
             {
                 **point,
                 "features": features,
+                **token_gate,
                 "tau": tau,
                 "heldout": heldout_summary(rho, tau, statistics),
                 "calibration": calibration_record(rho["retain"], tau, bo),

@@ -16,6 +16,12 @@ A guardrail (one forget topic) is a dict with these fields:
     features   [int]  the selected SAE feature indices (distinct, 0 <= i < d_sae, at least one).
     clamp      float  0 < c <= 1e6: selected features are set to -c.
     threshold  float  tau in [0, 1]: a sequence fires when its score rho > tau.
+    token_weights [int] optional, dynamic only: one integer weight per feature (same order). A counted
+                      token is then *flagged* when the weights of its active features (> 0) add up to at
+                      least `token_threshold`; absent, a token is flagged when any feature is active (the
+                      paper's). Integers, so a flag is exact however the tokens are batched or chunked.
+                      `dsg build --token-gate learned` fits them (a logistic regression over the tokens).
+    token_threshold int  with token_weights: the points a token needs to be flagged (>= 1; default 1).
     score      str    how rho is computed over the real tokens (not padding, not BOS) seen so far:
                       "fraction": the fraction of tokens where any selected feature is > 0 (the paper's);
                       "window": the largest such fraction over any `window` consecutive real tokens
@@ -60,6 +66,7 @@ NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # Bounds that no real guardrail comes near, so a config cannot ask for a terabyte or overflow to inf:
 MAX_D_SAE = 2**25  # 33.5M features (the largest published SAEs have 16M)
 MAX_WINDOW = 2**20  # tokens
+MAX_TOKEN_WEIGHT = 2**20  # a token's points stay far inside int64 for any number of features
 MAX_CLAMP = 1e6  # the paper uses 500; a fp16 hidden state overflows near 6.5e4 x the decoder row norm
 
 
@@ -141,6 +148,8 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
         "action",
         "refusal",
         "refusal_ids",
+        "token_weights",
+        "token_threshold",
     }
     if unknown:
         _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
@@ -205,7 +214,29 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
         repeated = sorted({i for i in features if features.count(i) > 1})
         _fail(where, f"feature index {repeated[0]} is repeated")
     g["features"] = list(features)
+    _validate_token_gate(g, where)
     return g
+
+
+def _validate_token_gate(g: dict, where: str) -> None:
+    """Check (in place) the optional per-feature token weights of a guardrail."""
+    weights = g.get("token_weights")
+    if weights is None:
+        if g.get("token_threshold") is not None:
+            _fail(where, "'token_threshold' is only meaningful with 'token_weights'")
+        g.pop("token_weights", None)
+        g.pop("token_threshold", None)
+        return
+    if g["mode"] != "dynamic":
+        _fail(where, "'token_weights' weigh the dynamic classifier's flags; a static guardrail has none")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(g["features"]):
+        _fail(where, f"'token_weights' must be a list of {len(g['features'])} integers, one per feature")
+    if not all(_is_int(w) and abs(w) <= MAX_TOKEN_WEIGHT for w in weights):
+        _fail(where, f"'token_weights' must hold integers in [-{MAX_TOKEN_WEIGHT}, {MAX_TOKEN_WEIGHT}]")
+    threshold = g.get("token_threshold", 1)
+    if not _is_int(threshold) or not 1 <= threshold <= MAX_TOKEN_WEIGHT:
+        _fail(where, f"'token_threshold' must be an integer in [1, {MAX_TOKEN_WEIGHT}], got {threshold!r}")
+    g["token_weights"], g["token_threshold"] = list(weights), threshold
 
 
 class DSGConfig(PretrainedConfig):

@@ -4,12 +4,14 @@ A `DSGGuard` is attached with a forward hook to the output of decoder block `lay
 state h [B, T, d] it computes, in fp32 and only for the N selected features:
 
     f        = SAE activations of the selected features            [B, T, N]
-    flag_t   = any_i f_t,i > 0, at counted tokens only               [B, T]
+    active_t = any_i f_t,i > 0, at counted tokens only               [B, T]
+    flag_t   = active_t, or with integer `token_weights` w and `token_threshold` m:
+               sum_i w_i 1[f_t,i > 0] >= m (exact integer points)   [B, T]
     rho      = (flags so far) / (counted tokens so far)              [B]   per row, score "fraction"
              or the largest flagged fraction over `window` consecutive counted tokens so far
                (the fraction while fewer than `window` were seen)           score "window"
     fired    = fired_before or rho > tau                             [B]   (dynamic mode)
-    edit_t   = fired and flag_t                                      [B, T]
+    edit_t   = fired and active_t                                    [B, T]
     f'       = -clamp for all selected features where edit_t, f elsewhere
     h'       = h + ((f' - f) W_dec[selected]) * out_scale
 
@@ -108,7 +110,7 @@ class GuardRecord(FieldMapping):
     index: int  # its position in `model.guards`
     rho: torch.Tensor  # [B] float64: the running score after this call
     fired: torch.Tensor  # [B] bool: fired at any point so far (sticky)
-    flags: torch.Tensor  # [B, T] bool: counted tokens on which a selected feature is active
+    flags: torch.Tensor  # [B, T] bool: counted tokens the classifier flags (see the module docstring)
     acts: torch.Tensor  # [B, T, N]: the selected features' SAE activations, in the guard's dtype
     counted: torch.Tensor  # [B, T] bool: the tokens that count (not padding, not BOS)
 
@@ -179,6 +181,9 @@ class DSGGuard(nn.Module):
         self.score = guardrail.get("score", "fraction")
         self.window = guardrail.get("window", 1) if self.score == "window" else 1
         self.features = list(guardrail["features"])
+        self.token_weights = guardrail.get("token_weights")
+        self.token_threshold = guardrail.get("token_threshold", 1)
+        self._weights_on = {}  # device -> token_weights as a LongTensor (made once per device)
         self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
         self.register_buffer("feature_index", torch.zeros(len(self.features), dtype=torch.long))
@@ -216,6 +221,8 @@ class DSGGuard(nn.Module):
         }
         if self.score == "window":
             config["window"] = self.window
+        if self.token_weights is not None:
+            config.update(token_weights=list(self.token_weights), token_threshold=self.token_threshold)
         config["action"] = self.action
         if self.action == "refuse":
             config.update(refusal=self.refusal, refusal_ids=list(self.refusal_ids))
@@ -258,6 +265,15 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
+    def weighted_flags(self, active):
+        """[B, T] bool: the tokens whose active features' `token_weights` add up to `token_threshold` or more
+        (integer sums: the same in any batch or chunk). `active` [B, T, N] bool."""
+        weights = self._weights_on.get(active.device)
+        if weights is None:
+            weights = torch.tensor(self.token_weights, dtype=torch.long, device=active.device)
+            self._weights_on[active.device] = weights
+        return (active.long() * weights).sum(-1) >= self.token_threshold
+
     def forward(self, hidden, counted, state: GuardState):
         """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
         (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags)."""
@@ -271,7 +287,8 @@ class DSGGuard(nn.Module):
                 f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
             )
         active = (acts > 0) & counted.unsqueeze(-1)
-        flags = active.any(-1)  # [B, T]
+        touched = active.any(-1)  # [B, T]: the tokens an edit changes
+        flags = touched if self.token_weights is None else self.weighted_flags(active)
         if self.score == "window":
             best, tail = window_scores(flags, counted, self.window, seen, best, tail)
         flagged = flagged + flags.sum(-1)
@@ -281,7 +298,7 @@ class DSGGuard(nn.Module):
             rho = torch.where(seen >= self.window, best, rho)
         if self.mode == "dynamic":
             fired = fired | (rho > self.threshold)
-            edit = (flags & fired.unsqueeze(-1)).unsqueeze(-1)
+            edit = (touched & fired.unsqueeze(-1)).unsqueeze(-1)
         else:
             fired = fired | flags.any(-1)
             edit = active

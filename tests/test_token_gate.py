@@ -1,0 +1,222 @@
+"""The learned token gate: integer per-feature weights decide which tokens the score counts as flagged.
+
+A token is flagged when the weights of its active selected features add up to `token_threshold` or more; a fired
+row is still edited wherever any selected feature is active. The sums are integers, so the decision is exact in
+any batch or chunking, and stored activations give exactly the guard's decision."""
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from test_build import cli, decisions, world  # noqa: F401  (the tiny world, its CLI runner and helper)
+
+from modeling_dsg import DSGConfig
+from modeling_dsg.analysis import selection
+from modeling_dsg.analysis.stats import ActivationStore, collect
+from modeling_dsg.data.rows import Rows
+
+WEIGHTS, POINTS = [3, -2, 1, 2, 0], 2
+
+
+def weighted(score="window", threshold=0.2, weights=WEIGHTS, points=POINTS, **extra):
+    g = tiny.guardrail("jumprelu", layer=1, threshold=threshold, **extra)
+    g.update(score=score, token_weights=list(weights), token_threshold=points)
+    if score == "window":
+        g["window"] = 6
+    return g
+
+
+def brute_rho(flags, counted, score, window=6):
+    out = []
+    for f, c in zip(flags.tolist(), counted.tolist()):
+        seq = [x for x, keep in zip(f, c) if keep]
+        if score == "fraction" or len(seq) < window:
+            out.append(sum(seq) / max(len(seq), 1))
+        else:
+            out.append(max(sum(seq[i : i + window]) / window for i in range(len(seq) - window + 1)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_config_checks_the_token_weights():
+    base = tiny.tiny_base("llama").config.to_dict()
+    good = weighted()
+    assert DSGConfig(text_config=base, guardrails=[good]).guardrails[0]["token_weights"] == WEIGHTS
+    plain = DSGConfig(text_config=base, guardrails=[tiny.guardrail()]).guardrails[0]
+    assert "token_weights" not in plain and "token_threshold" not in plain
+    for change, message in (
+        (dict(token_weights=[1, 2]), "one per feature"),
+        (dict(token_weights=[1.5, 1, 1, 1, 1]), "integers"),
+        (dict(token_weights=[True, 1, 1, 1, 1]), "integers"),
+        (dict(token_threshold=0), "token_threshold"),
+        (dict(mode="static"), "static guardrail"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DSGConfig(text_config=base, guardrails=[{**good, **change}])
+    with pytest.raises(ValueError, match="only meaningful with 'token_weights'"):
+        DSGConfig(text_config=base, guardrails=[{**tiny.guardrail(), "token_threshold": 2}])
+
+
+@pytest.mark.parametrize("score", ["fraction", "window"])
+def test_flags_and_edits_match_a_direct_computation(score):
+    model, _ = tiny.tiny_dsg("llama", [weighted(score)], active_rate=0.3)
+    guard = model.guards[0]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 14, tiny.HIDDEN, generator=gen)
+    counted = torch.rand(6, 14, generator=gen) < 0.85
+    with torch.no_grad():
+        guard.threshold = float(guard(hidden, counted, guard.initial_state(6, "cpu"))[2].median())  # half the rows
+        delta, state, rho, acts, flags = guard(hidden, counted, guard.initial_state(6, "cpu"))
+    active = (acts > 0) & counted.unsqueeze(-1)
+    points = (active.long() * torch.tensor(WEIGHTS)).sum(-1)
+    assert torch.equal(flags, points >= POINTS)
+    assert (flags != active.any(-1)).any()  # the weights change which tokens count
+    assert torch.equal(rho, brute_rho(flags, counted, score))
+    assert state.fired.any() and not state.fired.all()
+    edited = delta.abs().sum(-1) > 0
+    assert torch.equal(edited, active.any(-1) & state.fired.unsqueeze(-1))  # fired rows: every active token
+
+
+def test_unit_weights_are_the_paper_gate_bit_for_bit():
+    """Weights of 1 with a threshold of 1 flag exactly the tokens where a feature is active."""
+    plain, _ = tiny.tiny_dsg("llama", [dict(tiny.guardrail("jumprelu", layer=1, threshold=0.1))])
+    ones, _ = tiny.tiny_dsg("llama", [weighted("fraction", 0.1, weights=[1] * 5, points=1)])
+    tok = tiny.tiny_tokenizer()
+    tok.padding_side = "left"
+    enc = tok(["cells divide and grow", "a short one", "zebra zinc zone zero"], return_tensors="pt", padding=True)
+    with torch.no_grad(), plain.record_guardrails() as a:
+        want = plain(**enc).logits
+    with torch.no_grad(), ones.record_guardrails() as b:
+        got = ones(**enc).logits
+    assert torch.equal(want, got)
+    assert torch.equal(a[0]["flags"], b[0]["flags"]) and torch.equal(a[0]["rho"], b[0]["rho"])
+
+
+def test_generation_and_batching_give_the_one_pass_decision():
+    model, _ = tiny.tiny_dsg("llama", [weighted("window", threshold=1.0)], active_rate=0.3)
+    tok = tiny.tiny_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["a fairly long prompt about cells and genes", "short", "membranes"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.record_guardrails() as rec:
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    mask = torch.cat([enc["attention_mask"], torch.ones(3, 8, dtype=torch.long)], 1)
+    with torch.no_grad(), model.record_guardrails() as full:
+        model(input_ids=out[:, :-1], attention_mask=mask[:, :-1], use_cache=False)
+    assert torch.equal(rec[-1]["rho"], full[0]["rho"])
+    for i, prompt in enumerate(prompts):  # one row at a time: the same decision as in the batch
+        with torch.no_grad(), model.record_guardrails() as alone:
+            model(**tok([prompt], return_tensors="pt"))
+        assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
+
+
+@pytest.mark.parametrize("score", ["fraction", "window"])
+def test_stored_activations_give_the_guards_rho(score):
+    g = weighted(score)
+    model, _ = tiny.tiny_dsg("llama", [g], active_rate=0.3)
+    guard = model.guards[0]
+    tok = tiny.tiny_tokenizer()
+    tok.padding_side = "left"
+    texts = ["ribosomes translate messenger rna", "the roman road", "x", "genes and cells and more genes here"]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.guardrails_disabled():  # the base's activations, as a build stores them
+        rows = Rows(enc["input_ids"], enc["attention_mask"])
+        store = collect(model.model, 1, guard.sae.encode, rows, batch_size=3, ignore_token_ids=[tiny.BOS])
+    with torch.no_grad(), model.record_guardrails() as rec:
+        model(**enc)
+    assert torch.equal(store.guardrail_scores(guard.guardrail_config()), rec[0]["rho"])
+
+
+def store_from(dense: torch.Tensor, row_length: int = 10) -> ActivationStore:
+    """An ActivationStore of `dense` [n_tokens, d_sae] activations, rows of `row_length` tokens."""
+    n, d = dense.shape
+    nz = dense > 0
+    index = nz.nonzero()
+    return ActivationStore(
+        d_sae=d,
+        n_rows=n // row_length,
+        n_tokens=n,
+        feature_sums=dense.double().sum(0),
+        feature_counts=nz.long().sum(0),
+        row_token_counts=torch.full((n // row_length,), row_length, dtype=torch.long),
+        token_row=(torch.arange(n) // row_length).int(),
+        token_pos=(torch.arange(n) % row_length).int(),
+        token_id=torch.zeros(n, dtype=torch.int32),
+        indptr=torch.cat([torch.zeros(1, dtype=torch.long), nz.long().sum(1).cumsum(0)]),
+        feature_index=index[:, 1].int(),
+        values=dense[nz],
+    )
+
+
+def test_fit_token_gate_weighs_features_by_how_they_separate():
+    """Feature 0 marks forget tokens, feature 1 is as common on both sides, feature 2 marks retain tokens: feature 0
+    alone flags a token, feature 1 alone does not, and feature 2 takes points away."""
+    gen = torch.Generator().manual_seed(0)
+
+    def side(n, rates):
+        return (torch.rand(n, 4, generator=gen) < torch.tensor(rates)).float() * 2.0
+
+    forget = store_from(side(2000, [0.6, 0.5, 0.01, 0.0]))
+    retain = store_from(side(3000, [0.01, 0.5, 0.3, 0.0]))
+    weights, points = selection.fit_token_gate(forget, retain, [0, 1, 2, 3])
+    assert (weights, points) == selection.fit_token_gate(forget, retain, [0, 1, 2, 3])  # deterministic
+    assert all(isinstance(w, int) for w in weights) and isinstance(points, int) and points >= 1
+    assert weights[0] >= points > weights[1] and weights[2] < 0 and weights[3] == 0
+    flags = forget.token_flags([0, 1, 2, 3], weights, points)
+    by_hand = (torch.tensor([[f in forget.feature_index[forget.indptr[t] : forget.indptr[t + 1]].tolist() for f in range(4)] for t in range(forget.n_tokens)]).long() * torch.tensor(weights)).sum(1) >= points  # fmt: skip
+    assert torch.equal(flags, by_hand)
+    with pytest.raises(Exception, match="counted tokens"):
+        selection.fit_token_gate(store_from(torch.zeros(0, 4)), retain, [0])
+
+
+def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
+    out = tmp_path / "learned"
+    world.cli_ok(
+        "build",
+        "--base",
+        world.base,
+        "--sae",
+        world.sae_z,
+        "--forget",
+        *world.forget_sources,
+        "--retain",
+        *world.retain_sources,
+        "--out",
+        out,
+        "--seq-len",
+        40,
+        "--batch-size",
+        64,
+        "--token-gate",
+        "learned",
+        "--score",
+        "window",
+        "--window",
+        8,
+    )
+    guardrail = world.record("config.json", out)["guardrails"][0]
+    weights, points = guardrail["token_weights"], guardrail["token_threshold"]
+    assert len(weights) == len(guardrail["features"]) and points >= 1
+    assert sum(w for w in weights if w > 0) >= points  # some token can be flagged
+    assert world.record("dsg_build.json", out)["guardrails"][0]["options"]["token_gate"] == "learned"
+    model = world.load(out)
+    z_heavy = " ".join(["zeta zone zinc"] * 6)
+    plain = "the cat sat on the mat and looked at the garden for a while"
+    got = decisions(model, world.tok, [z_heavy, plain])
+    assert [d["fired"][0] for d in got] == [True, False]
+    bad = cli("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources, "--retain",
+              *world.retain_sources, "--out", tmp_path / "bad", "--mode", "static", "--token-gate", "learned")  # fmt: skip
+    assert bad == 2 and not (tmp_path / "bad").exists()
+
+
+def test_attack_and_sweep_read_the_token_gate():
+    """`attack.fired` decides with the gate's weights (the sweep and results use it)."""
+    from modeling_dsg.pipelines.attack import fired
+
+    dense = torch.zeros(20, 3)
+    dense[:10, 0] = 1.0  # row 0: feature 0 everywhere; row 1: feature 1 everywhere
+    dense[10:, 1] = 1.0
+    store = store_from(dense)
+    g = {"features": [0, 1], "threshold": 0.5, "score": "fraction"}
+    assert fired(store, g).tolist() == [True, True]
+    assert fired(store, {**g, "token_weights": [2, 1], "token_threshold": 2}).tolist() == [True, False]
+    assert np.array_equal(fired(store, {**g, "token_weights": [1, 1], "token_threshold": 1}), fired(store, g))
