@@ -162,7 +162,10 @@ def test_fit_token_gate_weighs_features_by_how_they_separate():
     assert all(isinstance(w, int) for w in weights) and isinstance(points, int) and points >= 1
     assert weights[0] >= points > weights[1] and weights[2] < 0 and weights[3] == 0
     flags = forget.token_flags([0, 1, 2, 3], weights, points)
-    by_hand = (torch.tensor([[f in forget.feature_index[forget.indptr[t] : forget.indptr[t + 1]].tolist() for f in range(4)] for t in range(forget.n_tokens)]).long() * torch.tensor(weights)).sum(1) >= points  # fmt: skip
+    active = torch.zeros(forget.n_tokens, 4, dtype=torch.long)
+    for t in range(forget.n_tokens):
+        active[t, forget.feature_index[forget.indptr[t] : forget.indptr[t + 1]].long()] = 1
+    by_hand = (active * torch.tensor(weights)).sum(1) >= points
     assert torch.equal(flags, by_hand)
     with pytest.raises(Exception, match="counted tokens"):
         selection.fit_token_gate(store_from(torch.zeros(0, 4)), retain, [0])
@@ -203,8 +206,11 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
     plain = "the cat sat on the mat and looked at the garden for a while"
     got = decisions(model, world.tok, [z_heavy, plain])
     assert [d["fired"][0] for d in got] == [True, False]
-    bad = cli("build", "--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources, "--retain",
-              *world.retain_sources, "--out", tmp_path / "bad", "--mode", "static", "--token-gate", "learned")  # fmt: skip
+    bad = cli(
+        *("build", "--base", world.base, "--sae", world.sae_z, "--out", tmp_path / "bad"),
+        *("--forget", *world.forget_sources, "--retain", *world.retain_sources, "--mode", "static"),
+        *("--token-gate", "learned"),
+    )
     assert bad == 2 and not (tmp_path / "bad").exists()
 
 
