@@ -226,3 +226,31 @@ def test_attack_and_sweep_read_the_token_gate():
     assert fired(store, g).tolist() == [True, True]
     assert fired(store, {**g, "token_weights": [2, 1], "token_threshold": 2}).tolist() == [True, False]
     assert np.array_equal(fired(store, {**g, "token_weights": [1, 1], "token_threshold": 1}), fired(store, g))
+
+
+def test_explain_shows_each_flagged_tokens_points():
+    from modeling_dsg.analysis.explain import explain, format_report
+
+    model, _ = tiny.tiny_dsg("llama", [weighted("fraction", threshold=0.1)], active_rate=0.3)
+    tok = tiny.tiny_tokenizer()
+    text = "ribosomes translate messenger rna into proteins inside every cell"
+    (result,) = explain(model, tok, text)
+    assert result["token_gate"] == {"threshold": POINTS, "weights": dict(zip([3, 7, 11, 20, 33], WEIGHTS))}
+    assert result["tokens"], "some token is flagged"
+    for row in result["tokens"]:
+        assert row["points"] == sum(f["weight"] for f in row["features"]) >= POINTS
+    with torch.no_grad(), model.record_guardrails() as rec:
+        model(**tok(text, return_tensors="pt"))
+    assert [r["position"] for r in result["tokens"]] == torch.nonzero(rec[0]["flags"][0]).flatten().tolist()
+    report = format_report([result])
+    assert f"weights add up to {POINTS}: #3 +3, #7 -2" in report and " points]" in report
+
+
+def test_the_card_says_how_tokens_are_flagged():
+    from modeling_dsg.publishing.cards import score_text
+
+    paper = score_text({"score": "fraction"})
+    assert "any selected feature is active" in paper and "the paper's" in paper
+    learned = score_text({**weighted("window"), "token_threshold": 7})
+    assert "over any 6 consecutive real tokens" in learned and "add up to at least 7" in learned
+    assert "the paper's" not in score_text(weighted("fraction"))

@@ -57,20 +57,18 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
     for record, guard in zip(records, model.guards):
         acts = record["acts"][0].float().cpu()
         counted = record["counted"][0].cpu()
+        weights = guard.token_weights  # None: a token is flagged when any selected feature is active
         rows = []
         for pos in torch.nonzero(record["flags"][0].cpu()).flatten().tolist():
-            active = [
-                (guard.features[j], float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()
+            active = [(j, float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]
+            features = [
+                {"index": guard.features[j], "activation": round(a, 4), **({"weight": weights[j]} if weights else {})}
+                for j, a in sorted(active, key=lambda x: -x[1])
             ]
-            rows.append(
-                {
-                    "position": pos,
-                    "token": tokens[pos],
-                    "features": [
-                        {"index": i, "activation": round(a, 4)} for i, a in sorted(active, key=lambda x: -x[1])
-                    ],
-                }
-            )
+            row = {"position": pos, "token": tokens[pos], "features": features}
+            if weights:
+                row["points"] = sum(weights[j] for j, _ in active)
+            rows.append(row)
         known = {f.get("index"): f for f in by_name.get(guard.name, {}).get("features", []) if isinstance(f, dict)}
         fired = set(f["index"] for r in rows for f in r["features"])
         action = getattr(guard, "action", "clamp")
@@ -86,6 +84,11 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
                 "rho": float(record["rho"][0]),
                 "tau": guard.threshold,
                 "fired": bool(record["fired"][0]),
+                "token_gate": (
+                    {"threshold": guard.token_threshold, "weights": dict(zip(guard.features, weights))}
+                    if weights
+                    else None
+                ),
                 "counted_tokens": int(counted.sum()),
                 "flagged_tokens": len(rows),
                 "tokens": rows,
@@ -112,9 +115,16 @@ def format_report(results: list[dict]) -> str:
             f"({r['flagged_tokens']} of {r['counted_tokens']} tokens flagged)"
         )
         lines.append(f"  when it fires: {r['when_fired']}")
+        gate = r.get("token_gate")
+        if gate:
+            weights = ", ".join(f"#{i} {w:+d}" for i, w in gate["weights"].items())
+            lines.append(
+                f"  a token is flagged when its active features' weights add up to {gate['threshold']}: {weights}"
+            )
         for row in r["tokens"]:
             feats = ", ".join(f"#{f['index']} ({f['activation']:.2f})" for f in row["features"])
-            lines.append(f"  {row['position']:>4}  {row['token']!r:<18} {feats}")
+            points = f"  [{row['points']} points]" if "points" in row else ""
+            lines.append(f"  {row['position']:>4}  {row['token']!r:<18} {feats}{points}")
         for index, top in r["features"].items():
             lines.append(f"  feature #{index} top tokens: {', '.join(repr(t) for t in top)}")
     return "\n".join(lines)

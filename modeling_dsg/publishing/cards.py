@@ -58,11 +58,27 @@ NOT_RECORDED = "not recorded"
 PAPER = "https://arxiv.org/abs/2504.08192"
 CONTEXT_CHARS = 80
 
-# How each guardrail score (config "score") is described in the card; an unknown score is named only.
-SCORE_TEXT = {
-    "fraction": "the fraction of its real tokens (not padding, not BOS) at which any selected feature is active "
-    "(score `fraction`, the paper's)",
-}
+
+def score_text(g: dict) -> str:
+    """How the guardrail's score (config "score", "window", "token_weights") is described in the card; an unknown
+    score is named only."""
+    score = g.get("score") or "fraction"
+    flagged = "any selected feature is active"
+    if g.get("token_weights"):
+        flagged = (
+            f"the integer weights of the active selected features add up to at least {g.get('token_threshold', 1)} "
+            "(a learned token gate; the weights are in `config.json` and `dsg explain` shows each token's points)"
+        )
+    if score == "fraction":
+        paper = ", the paper's" if not g.get("token_weights") else ""
+        return f"the fraction of its real tokens (not padding, not BOS) at which {flagged} (score `fraction`{paper})"
+    if score == "window":
+        return (
+            f"the largest fraction, over any {g.get('window', 32)} consecutive real tokens (not padding, not BOS), of "
+            f"tokens at which {flagged} (score `window`: filler around a question cannot dilute it)"
+        )
+    return f"the `{score}` score"
+
 
 # What each action (config "action") is called in the card; an unknown action is named only.
 ACTION_TEXT = {
@@ -400,7 +416,7 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
                 "n_features": len(g.get("features") or []) or b.get("n_features") or NOT_RECORDED,
                 "clamp": clamp,
                 "score": g.get("score") or "fraction",
-                "score_text": SCORE_TEXT.get(g.get("score") or "fraction", f"the `{g.get('score')}` score"),
+                "score_text": score_text(g),
                 "tau": fmt(tau, 4, missing=NOT_RECORDED),
                 "ratio_percentile": fmt(b.get("ratio_percentile"), 0, missing=NOT_RECORDED),
                 "threshold_percentile": fmt(b.get("threshold_percentile"), 0, missing=None),
