@@ -87,12 +87,7 @@ def main(argv=None):
             )
 
     sample = embedded.seeded_sample
-    heldout = {
-        "bio": sample(embedded.wmdp_records("heldout"), args.n, 0),
-        "mmlu_bio": sample(embedded.mmlu_records("heldout", "bio"), args.n, 1),
-        "mmlu_nonbio": sample(embedded.mmlu_records("heldout", "nonbio"), args.n, 2),
-    }
-    wiki_held = sample(embedded.wiki_paragraphs("heldout"), args.n, 3)
+    heldout, wiki_held = heldout_sets(args.n)
     calib_mcq = sample(embedded.mmlu_records("build", "nonbio"), args.calibration_n, 4)
     calib_wiki = sample(embedded.wiki_paragraphs("build"), args.calibration_n, 5)
 
@@ -146,11 +141,29 @@ def main(argv=None):
         "wall_s": round(time.perf_counter() - start, 1),
         "command": "python benchmarks/gate_formats.py " + " ".join(argv or []),
     }
-    out = Path(args.out)
+    write_record(args.out, "gate_formats.json", record, markdown(record))
+
+
+def heldout_sets(n: int) -> tuple[dict, list[str]]:
+    """The held-out samples of these benchmarks: ({bio, mmlu_bio, mmlu_nonbio: n records}, n WikiText paragraphs)."""
+    from modeling_dsg.embedded import data as embedded
+
+    sample = embedded.seeded_sample
+    heldout = {
+        "bio": sample(embedded.wmdp_records("heldout"), n, 0),
+        "mmlu_bio": sample(embedded.mmlu_records("heldout", "bio"), n, 1),
+        "mmlu_nonbio": sample(embedded.mmlu_records("heldout", "nonbio"), n, 2),
+    }
+    return heldout, sample(embedded.wiki_paragraphs("heldout"), n, 3)
+
+
+def write_record(out, name: str, record: dict, page: str) -> None:
+    """`record` as `out`/`name` (JSON) and `page` as `out`/README.md; the page is also printed."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gate_formats.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(record))
-    print(markdown(record))
+    (out / name).write_text(json.dumps(record, indent=2) + "\n")
+    (out / "README.md").write_text(page)
+    print(page)
 
 
 def markdown(record: dict) -> str:
