@@ -18,6 +18,7 @@ Data (build split only for fitting and calibration; held-out questions only for 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from types import SimpleNamespace
 
@@ -145,7 +146,7 @@ def main(argv=None):
         "attack": {k: block[k] for k in ("n", "factors", "placements", "fillers")},
         "gates": results,
         "wall_s": round(time.perf_counter() - start, 1),
-        "command": "python benchmarks/token_gate.py " + " ".join(argv or []),
+        "command": "python benchmarks/token_gate.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     write_record(args.out, "token_gate.json", record, markdown(record))
 
