@@ -268,3 +268,24 @@ def test_embedded_splits_are_deterministic_disjoint_and_never_train_the_sae():
         int("ba7816bf", 16) / 2**32
     )
     assert embedded.gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_embedded_build_corpora_in_the_formats_users_send():
+    """With a chat tokenizer, `dsg demo`'s corpora hold every build question bare, with the lm-eval preamble and as a
+    chat turn, on both sides, and every paragraph bare and as a chat turn; no held-out text and no glosses."""
+    from modeling_dsg.data.mcq import chat_wrap, letter_prompt
+
+    tok = tiny.tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    forget, retain = embedded.forget_texts("build", tok), embedded.retain_texts("build", tok)
+    questions = embedded.wmdp_records("build") + embedded.mmlu_records("build", "bio")
+    assert len(forget) == 3 * len(questions) and forget == embedded.forget_texts("build", tok)
+    first = questions[0]
+    assert {letter_prompt(first), chat_wrap(tok, letter_prompt(first))} <= set(forget)
+    assert letter_prompt(first, preamble=True, topic="biology") in forget
+    paragraphs, nonbio = embedded.wiki_paragraphs("build"), embedded.mmlu_records("build", "nonbio")
+    assert len(retain) == 2 * len(paragraphs) + 3 * len(nonbio)
+    assert chat_wrap(tok, paragraphs[0]) in retain and letter_prompt(nonbio[0], preamble=True) in retain
+    held = embedded.heldout_prompts()
+    assert not (set(held["bio"]) | set(held["mmlu_nonbio"])) & (set(forget) | set(retain))
+    assert not set(embedded.gloss_docs("bio")) & set(forget)

@@ -254,3 +254,12 @@ def test_the_card_says_how_tokens_are_flagged():
     learned = score_text({**weighted("window"), "token_threshold": 7})
     assert "over any 6 consecutive real tokens" in learned and "add up to at least 7" in learned
     assert "the paper's" not in score_text(weighted("fraction"))
+
+
+def test_the_demo_builds_the_learned_window_gate_with_a_false_positive_bound():
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    options = BuildOptions(**DEMO_OPTIONS)
+    options.validate()
+    assert (options.token_gate, options.score, options.window, options.target_fpr) == ("learned", "window", 32, 0.03)

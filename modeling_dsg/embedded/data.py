@@ -39,6 +39,10 @@ Text sets
     retain_texts(split)  WikiText paragraphs of that split + non-biology MMLU MCQ prompts of that
                          split (same format as the forget side, so format features do not pass the
                          filter) + non-bio gloss documents.
+    forget_texts(split, tokenizer), retain_texts(split, tokenizer)
+                         what `dsg demo` builds from: the same questions in the three formats users
+                         send (bare, lm-eval preamble, chat template) on both sides, the paragraphs bare
+                         and as a chat turn, no glosses; the gate is fit and calibrated on these.
     heldout_prompts()    {"bio": WMDP-bio heldout prompts, "mmlu_bio": MMLU biology heldout,
                           "mmlu_nonbio": MMLU non-biology heldout, "wikitext": heldout WikiText
                           paragraphs}.
@@ -58,6 +62,7 @@ import random
 from functools import cache
 from pathlib import Path
 
+from ..data.mcq import chat_wrap, letter_prompt
 from ..data.sources import mcq_prompt, read_jsonl, split_wikitext
 from ..paths import shared_dir
 
@@ -209,14 +214,33 @@ def gloss_docs(kind: str, n_docs: int | None = N_GLOSS_DOCS) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- text sets
-def forget_texts(split: str = "build") -> list[str]:
-    """WMDP-bio + MMLU biology-subject MCQ prompts of `split`, plus bio WordNet gloss documents."""
-    return _prompts(wmdp_records(split)) + _prompts(mmlu_records(split, "bio")) + gloss_docs("bio")
+def forget_texts(split: str = "build", tokenizer=None) -> list[str]:
+    """WMDP-bio + MMLU biology-subject MCQ prompts of `split`, plus bio WordNet gloss documents. With a chat
+    `tokenizer`: the questions in the three formats users send (`formatted`), without glosses (what `dsg demo`
+    builds from)."""
+    questions = wmdp_records(split) + mmlu_records(split, "bio")
+    if tokenizer is not None:
+        return formatted(questions, "biology", tokenizer)
+    return _prompts(questions) + gloss_docs("bio")
 
 
-def retain_texts(split: str = "build") -> list[str]:
-    """WikiText paragraphs + non-biology MMLU MCQ prompts of `split`, plus non-bio gloss documents."""
-    return wiki_paragraphs(split) + _prompts(mmlu_records(split, "nonbio")) + gloss_docs("nonbio")
+def retain_texts(split: str = "build", tokenizer=None) -> list[str]:
+    """WikiText paragraphs + non-biology MMLU MCQ prompts of `split`, plus non-bio gloss documents. With a chat
+    `tokenizer`: the questions in the three formats and the paragraphs bare and as a chat turn, without glosses."""
+    paragraphs, questions = wiki_paragraphs(split), mmlu_records(split, "nonbio")
+    if tokenizer is not None:
+        return paragraphs + [chat_wrap(tokenizer, p) for p in paragraphs] + formatted(questions, "", tokenizer)
+    return paragraphs + _prompts(questions) + gloss_docs("nonbio")
+
+
+def formatted(records, topic: str, tokenizer) -> list[str]:
+    """Each record's MCQ prompt bare, with the lm-eval preamble (about the record's subject, else `topic`) and as a
+    user turn of the tokenizer's chat template."""
+    return (
+        _prompts(records)
+        + [letter_prompt(r, preamble=True, topic=topic) for r in records]
+        + [chat_wrap(tokenizer, letter_prompt(r)) for r in records]
+    )
 
 
 def heldout_prompts() -> dict[str, list[str]]:

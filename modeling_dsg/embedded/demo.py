@@ -2,9 +2,12 @@
 
 Model: SmolLM2-135M-Instruct from the shared folder (GGUF, converted once to a cached safetensors
 folder). SAE: the one this project trained and ships in `modeling_dsg/embedded/sae/`. Forget: the build split of
-the WMDP-bio questions, MMLU biology-subject questions and biology WordNet glosses. Retain: WikiText
-plus non-biology MMLU questions and non-biology glosses, in the same formats as the forget side (with
-WikiText alone, the selection picks multiple-choice *format* features; see `embedded.py`).
+the WMDP-bio questions and MMLU biology-subject questions. Retain: non-biology MMLU questions and WikiText. Every
+question comes in the three formats users send (bare, with the lm-eval preamble, through the chat template) on
+both sides, so format features do not pass the selection and the gate is fit and calibrated on those formats.
+
+The guardrail (`DEMO_OPTIONS`): the paper's selection (N = 20), the learned token gate, the window score (32
+tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its "gates" section).
 
 It builds a biology guardrail, prints tau, the selected features with their top tokens, the trigger
 rates on held-out prompts (never used to build), and a biology and a non-biology greedy generation,
@@ -28,10 +31,14 @@ DEMO_OPTIONS = dict(
     n_features=20,
     clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
-    threshold_percentile=95.0,
+    threshold_percentile=95.0,  # the paper's rule, recorded; target_fpr chooses tau
+    score="window",  # the largest flagged share of any 32 tokens: filler around a question cannot dilute it
+    window=32,
+    token_gate="learned",  # integer per-feature weights decide which tokens count as flagged
+    target_fpr=0.03,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 3%
     seq_len=256,
     packing=False,
-    max_docs=1024,
+    max_docs=2048,
     heldout_fraction=0.2,
     batch_size=16,
     seed=0,
@@ -128,9 +135,9 @@ def run_demo(
     )
 
     print("[2/5] corpora (build split; held-out questions are never used here)")
-    forget, retain = embedded.forget_texts("build"), embedded.retain_texts("build")
-    print(f"      forget: {len(forget)} documents (WMDP-bio + MMLU biology questions, biology glosses)")
-    print(f"      retain: {len(retain)} documents (WikiText, non-biology MMLU questions and glosses)")
+    forget, retain = embedded.forget_texts("build", tokenizer), embedded.retain_texts("build", tokenizer)
+    print(f"      forget: {len(forget)} prompts (WMDP-bio + MMLU biology questions; bare, preamble, chat)")
+    print(f"      retain: {len(retain)} texts (non-biology MMLU questions in the three formats, WikiText bare + chat)")
 
     print("[3/5] statistics pass, selection and calibration")
     options = BuildOptions(**DEMO_OPTIONS, device=device)
@@ -138,14 +145,12 @@ def run_demo(
         base, tokenizer, sae_obj, forget, retain, options, sae_source=str(sae_path), sae_layer=sae_layer(sae_obj)
     )
     result.info["forget_sources"] = [
-        "embedded: WMDP-bio build split",
-        "MMLU biology subjects (build split)",
-        "WordNet biology glosses",
+        "embedded: WMDP-bio build split (bare, lm-eval preamble, chat template)",
+        "MMLU biology subjects (build split, the same three formats)",
     ]
     result.info["retain_sources"] = [
-        "embedded: WikiText-2 (build articles)",
-        "MMLU non-biology subjects (build split)",
-        "WordNet non-biology glosses",
+        "embedded: WikiText-2 (build articles; bare and as a chat turn)",
+        "MMLU non-biology subjects (build split, the three formats)",
     ]
     info = result.info
     timings = info["timings"]
@@ -153,7 +158,20 @@ def run_demo(
         f"      {timings['statistics_tokens']} tokens in {timings['statistics_s']:.1f} s; "
         f"selection {timings['selection_s'] * 1000:.1f} ms, calibration {timings['calibration_s'] * 1000:.1f} ms"
     )
-    print(f"      tau = {info['tau']:.4f} ({options.threshold_percentile:g}th percentile of rho on retain rows)")
+    calibration = info["calibration"]
+    rule = (
+        f"retain firing rate {calibration['retain_fpr']:.3f}, its 95% bound {calibration['retain_fpr_upper95']:.3f} "
+        f"<= {options.target_fpr:g}"
+        if options.target_fpr is not None
+        else f"{options.threshold_percentile:g}th percentile of rho on retain rows"
+    )
+    print(f"      tau = {info['tau']:.4f} ({rule})")
+    gate = result.guardrail
+    if "token_weights" in gate:
+        print(
+            f"      token gate: a token is flagged at {gate['token_threshold']} points; "
+            f"weights {gate['token_weights']}"
+        )
     print(f"      {len(result.features)} features (index: top tokens):")
     for feature in result.features:
         tops = []

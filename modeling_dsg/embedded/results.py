@@ -3,13 +3,14 @@
 One command measures, on SmolLM2-135M-Instruct with the shipped layer-6 SAE and held-out questions
 that no build, SAE or calibration ever saw:
 
-1. the main table: base, static clamping (seed baseline), DSG with the paper's score ("fraction"),
-   DSG with the dilution-robust score ("window"), and RMU (gradient unlearning) on held-out WMDP-bio
-   (forget), non-biology MMLU (retain) and WikiText (text), with build / training wall times;
+1. the main table: base, static clamping (seed baseline), DSG (the default guardrail: learned token gate, window
+   score, tau from a false-positive bound; `embedded.demo.DEMO_OPTIONS`), DSG with the paper's gate (fraction score,
+   any feature, 95th percentile: the previous default, kept for comparison) and RMU (gradient unlearning) on
+   held-out WMDP-bio (forget), non-biology MMLU (retain) and WikiText (text), with build / training wall times;
 2. held-out trigger rates of every guarded variant on four held-out prompt sets;
 3. the dilution attack: held-out WMDP-bio prompts with 1x, 2x, 5x and 10x their length of filler in
    front, after the question, or between its two halves (`dilute`), the filler from held-out WikiText
-   or from held-out non-biology MMLU questions; the fraction that no longer fire, for both scores;
+   or from held-out non-biology MMLU questions; the fraction that no longer fire, for every gate;
 4. the relearning attack: the base weights (and RMU's) fine-tuned on forget text for k steps, the
    guardrails applied at test time; the forget score against k;
 5. sequential unlearning: a second guardrail (MMLU computer_security) stacked on the first; both
@@ -42,7 +43,7 @@ from pathlib import Path
 from ..data.rows import Rows
 from ..errors import DSGError
 from ..evaluation.actions import example_lines, pick_clamp, plot_frontier, table_lines
-from ..evaluation.markdown import fmt_fixed
+from ..evaluation.markdown import fmt_fixed, md_cell
 from ..evaluation.metrics import mcq_numbers as _mcq_numbers
 from ..pipelines.attack import activation_store, dilution_attack, fired, worst_attack
 from ..runtime.configuration_dsg import MODES
@@ -75,8 +76,8 @@ class ResultsOptions:
     actions_n: int = 20  # held-out fired WMDP-bio prompts for "when the guardrail fires"
     actions_retain_n: int = 10  # held-out non-biology prompts beside them
     actions_clamps: tuple = (500.0, 20.0, 5.0, 3.0, 1.0, 1e-6)  # the clamp axis (1e-6: ablation, see actions.py)
-    window: int = 32  # the window of the "DSG (window)" variant
-    window_ablation: tuple = (8, 16, 32, 64)  # window sizes compared on trigger rates and dilution
+    window: int = 32  # the window of the "any feature, P95" window gate in the gates' comparison
+    window_ablation: tuple = (8, 16, 32, 64)  # window sizes of the default gate compared on trigger rates and dilution
     text_max_tokens: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -279,7 +280,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     sae_path = default_sae()
     base, tokenizer = load_base_model(str(embedded.gguf_path()), device=options.device)
     sae_obj = load_sae(str(sae_path))
-    forget_build, retain_build = embedded.forget_texts("build"), embedded.retain_texts("build")
+    forget_build, retain_build = embedded.forget_texts("build", tokenizer), embedded.retain_texts("build", tokenizer)
 
     # -- one statistics pass; three guardrails from it -------------------------------------------------
     build_opts = BuildOptions(
@@ -290,28 +291,31 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         statistics = gather_statistics(
             base, tokenizer, sae_obj, forget_build, retain_build, build_opts, str(sae_path), sae_layer(sae_obj)
         )
+    paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", target_fpr=None)
     builds = {
         "DSG": guardrail_build(statistics, build_opts, tokenizer, str(sae_path)),
-        "DSG (window)": guardrail_build(
-            statistics,
-            dataclasses.replace(build_opts, score="window", window=options.window),
-            tokenizer,
-            str(sae_path),
-        ),
-        "static": guardrail_build(
-            statistics, dataclasses.replace(build_opts, mode="static"), tokenizer, str(sae_path)
-        ),
+        "DSG (paper's gate)": guardrail_build(statistics, paper, tokenizer, str(sae_path)),
+        "static": guardrail_build(statistics, dataclasses.replace(paper, mode="static"), tokenizer, str(sae_path)),
     }
     timings["dsg_build_s"] = time.perf_counter() - start  # rows + statistics + selection + calibration, all three
     timings["dsg_build_breakdown"] = builds["DSG"].info["timings"]
     variants = {name: (b.guardrail, b.sae_state) for name, b in builds.items()}
-    ablation = {
-        f"window {w}": guardrail_build(
-            statistics, dataclasses.replace(build_opts, score="window", window=w), tokenizer, str(sae_path)
-        ).guardrail
-        for w in options.window_ablation
+    ablation, refused = {"paper's gate (fraction, any feature, P95)": variants["DSG (paper's gate)"][0]}, {}
+    fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
+    gates = {
+        f"window {options.window}, any feature, P95": dataclasses.replace(
+            build_opts, window=options.window, token_gate="any", target_fpr=None
+        ),
+        **{f"learned, window {w}, {fpr}": dataclasses.replace(build_opts, window=w) for w in options.window_ablation},
+        f"learned, window {build_opts.window}, P95": dataclasses.replace(build_opts, target_fpr=None),
+        f"learned, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
     }
-    ablation["fraction"] = variants["DSG"][0]
+    for name, gate_options in gates.items():
+        try:
+            ablation[name] = guardrail_build(statistics, gate_options, tokenizer, str(sae_path)).guardrail
+        except DSGError as err:  # a calibration that cannot be met (tau would be 1) is reported, not fatal
+            refused[name] = str(err)
+    record["gates_refused"] = refused
     record["guardrails"] = {
         name: {k: b.info[k] for k in ("mode", "n_features", "tau", "heldout")} | {"score": b.guardrail["score"]}
         for name, b in builds.items()
@@ -427,7 +431,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
             "no guard": (base, []),
             "static": (base, [variants["static"]]),
             "DSG": (base, [variants["DSG"]]),
-            "DSG (window)": (base, [variants["DSG (window)"]]),
+            "DSG (paper's gate)": (base, [variants["DSG (paper's gate)"]]),
             "RMU": (rmu_model, []),
         },
         tokenizer,
@@ -835,9 +839,10 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
         "",
         "![dilution](dilution.png)",
         "",
-        "### Window size",
+        "### Gates",
         "",
-        "The window score's τ is calibrated per window size like ρ's (95th percentile of retain rows); its held-out "
+        "Each gate's τ comes from the rule in its name, on the same retain rows (P95: the 95th percentile of ρ; FPR "
+        "F: the smallest τ whose one-sided 95% Clopper–Pearson bound on the retain firing rate is ≤ F); its held-out "
         "trigger rates:",
         "",
         "| score | τ | bio | mmlu_bio | mmlu_nonbio | wikitext |",
@@ -850,6 +855,7 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
             + " | ".join(_f(r[k]) for k in ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext"))
             + " |"
         )
+    lines += [f"| {name} | refused: {md_cell(why)} | | | | |" for name, why in record.get("gates_refused", {}).items()]
     lines += [
         "",
         "and its dilution attack success, on the same prompts and cells:",

@@ -502,6 +502,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
             ratio_percentile=point["ratio_percentile"] or build_options.ratio_percentile,
             score=point["score"],
             window=point["window"],
+            token_gate=build_options.token_gate if point["mode"] == "dynamic" else "any",  # static has no gate
             threshold_percentile=(
                 point["rule_value"] if point["rule"] == "percentile" else build_options.threshold_percentile
             ),
