@@ -195,6 +195,8 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
         "window",
         "--window",
         8,
+        "--target-fpr",
+        0.3,
     )
     guardrail = world.record("config.json", out)["guardrails"][0]
     weights, points = guardrail["token_weights"], guardrail["token_threshold"]
@@ -206,6 +208,13 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
     plain = "the cat sat on the mat and looked at the garden for a while"
     got = decisions(model, world.tok, [z_heavy, plain])
     assert [d["fired"][0] for d in got] == [True, False]
+    from modeling_dsg.publishing.cards import render_card
+
+    card = render_card(out, eval_dir=tmp_path / "no-eval").text
+    calibration = world.record("dsg_build.json", out)["guardrails"][0]["calibration"]
+    assert "Clopper–Pearson upper bound on the retain firing rate is at most 0.3" in card
+    assert f"bound {calibration['retain_fpr_upper95']:.3f}" in card and "th percentile of ρ" not in card
+    assert "add up to at least" in card and "over any 8 consecutive real tokens" in card
     bad = cli(
         *("build", "--base", world.base, "--sae", world.sae_z, "--out", tmp_path / "bad"),
         *("--forget", *world.forget_sources, "--retain", *world.retain_sources, "--mode", "static"),

@@ -59,6 +59,22 @@ PAPER = "https://arxiv.org/abs/2504.08192"
 CONTEXT_CHARS = 80
 
 
+def calibration_text(calibration: dict) -> str | None:
+    """How tau was chosen when a false-positive bound chose it (the build record's `calibration`), else None."""
+    if not isinstance(calibration, dict) or not finite_number(calibration.get("target_fpr")):
+        return None
+    text = (
+        f"the smallest τ whose one-sided 95% Clopper–Pearson upper bound on the retain firing rate is at most "
+        f"{calibration['target_fpr']:g}"
+    )
+    if finite_number(calibration.get("retain_fpr")) and finite_number(calibration.get("retain_fpr_upper95")):
+        text += (
+            f" (on {calibration.get('retain_rows', '?')} retain rows it fired on {calibration['retain_fpr']:.3f}, "
+            f"bound {calibration['retain_fpr_upper95']:.3f})"
+        )
+    return text
+
+
 def score_text(g: dict) -> str:
     """How the guardrail's score (config "score", "window", "token_weights") is described in the card; an unknown
     score is named only."""
@@ -381,6 +397,7 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
         name = str(g.get("name") or f"guardrail {i}")
         b = _by_name(build.get("guardrails"), name, i)
         fs = _by_name(features.get("guardrails"), name, i)
+        calibration = b.get("calibration") if isinstance(b.get("calibration"), dict) else {}
         sae = next((s for s in (g.get("sae"), b.get("sae")) if isinstance(s, dict)), {})
         sae_source = sae.get("source") or (b.get("sae") if isinstance(b.get("sae"), str) else None)
         mode = g.get("mode") or b.get("mode") or "dynamic"
@@ -419,7 +436,10 @@ def guardrail_views(config: dict, features: dict, build: dict, max_tokens: int =
                 "score_text": score_text(g),
                 "tau": fmt(tau, 4, missing=NOT_RECORDED),
                 "ratio_percentile": fmt(b.get("ratio_percentile"), 0, missing=NOT_RECORDED),
-                "threshold_percentile": fmt(b.get("threshold_percentile"), 0, missing=None),
+                "threshold_percentile": (
+                    fmt(b.get("threshold_percentile"), 0, missing=None) if not calibration.get("target_fpr") else None
+                ),
+                "calibration_text": calibration_text(calibration),
                 "rho_rows": [
                     r
                     for r in (_summary_row("forget", rho.get("forget")), _summary_row("retain", rho.get("retain")))
