@@ -24,21 +24,9 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ("bare", "preamble", "chat")
+from modeling_dsg.embedded.data import FORMATS, prompts_in
+
 SCORES = (("fraction", None), ("window", 8), ("window", 16), ("window", 32))
-
-
-def prompts_in(records, fmt, tokenizer, topic_fallback):
-    from modeling_dsg.data.mcq import chat_wrap, letter_prompt
-
-    if fmt == "bare":
-        return [letter_prompt(r) for r in records]
-    if fmt == "preamble":
-        return [
-            letter_prompt(r, preamble=True, topic=(r.get("subject") or topic_fallback).replace("_", " "))
-            for r in records
-        ]
-    return [chat_wrap(tokenizer, letter_prompt(r)) for r in records]
 
 
 def texts_in(texts, fmt, tokenizer):

@@ -23,7 +23,9 @@ import time
 from types import SimpleNamespace
 
 import torch
-from gate_formats import FORMATS, heldout_sets, prompts_in, texts_in, write_record
+from gate_formats import heldout_sets, texts_in, write_record
+
+from modeling_dsg.embedded.data import FORMATS, prompts_in
 
 SETS = ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext")
 SCORES = (("fraction", None), ("window", 16), ("window", 32))

@@ -214,6 +214,9 @@ def gloss_docs(kind: str, n_docs: int | None = N_GLOSS_DOCS) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- text sets
+FORMATS = ("bare", "preamble", "chat")  # the prompt formats users send: plain, lm-eval's preamble, a chat turn
+
+
 def forget_texts(split: str = "build", tokenizer=None) -> list[str]:
     """WMDP-bio + MMLU biology-subject MCQ prompts of `split`, plus bio WordNet gloss documents. With a chat
     `tokenizer`: the questions in the three formats users send (`formatted`), without glosses (what `dsg demo`
@@ -233,14 +236,21 @@ def retain_texts(split: str = "build", tokenizer=None) -> list[str]:
     return paragraphs + _prompts(questions) + gloss_docs("nonbio")
 
 
+def prompts_in(records, fmt: str, tokenizer=None, topic: str = "") -> list[str]:
+    """The MCQ prompts of `records` in one of `FORMATS`: "bare", "preamble" (the lm-eval preamble about the
+    record's subject, else `topic`) or "chat" (a user turn of the tokenizer's chat template)."""
+    if fmt == "bare":
+        return _prompts(records)
+    if fmt == "preamble":
+        return [letter_prompt(r, preamble=True, topic=topic) for r in records]
+    if fmt == "chat":
+        return [chat_wrap(tokenizer, letter_prompt(r)) for r in records]
+    raise ValueError(f"unknown prompt format {fmt!r} (one of {', '.join(FORMATS)})")
+
+
 def formatted(records, topic: str, tokenizer) -> list[str]:
-    """Each record's MCQ prompt bare, with the lm-eval preamble (about the record's subject, else `topic`) and as a
-    user turn of the tokenizer's chat template."""
-    return (
-        _prompts(records)
-        + [letter_prompt(r, preamble=True, topic=topic) for r in records]
-        + [chat_wrap(tokenizer, letter_prompt(r)) for r in records]
-    )
+    """Each record's MCQ prompt in every one of `FORMATS`, format by format."""
+    return [p for fmt in FORMATS for p in prompts_in(records, fmt, tokenizer, topic)]
 
 
 def heldout_prompts() -> dict[str, list[str]]:
