@@ -267,24 +267,12 @@ def auroc(pos_scores: Tensor, neg_scores: Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _indicators(store: ActivationStore, features: list[int]) -> Tensor:
-    """[n_tokens, N] float64: 1 where feature features[j] is active (> 0) at counted token t."""
-    column = torch.full((store.d_sae,), -1, dtype=torch.long)
-    column[torch.as_tensor(features, dtype=torch.long)] = torch.arange(len(features))
-    entry_col = column[store.feature_index.long()]
-    keep = entry_col >= 0
-    token = torch.searchsorted(store.indptr, torch.arange(store.feature_index.numel()), right=True) - 1
-    out = torch.zeros(store.n_tokens, len(features), dtype=torch.float64)
-    out[token[keep], entry_col[keep]] = 1.0
-    return out
-
-
 def fit_token_gate(forget: ActivationStore, retain: ActivationStore, features: list[int]) -> tuple[list[int], int]:
     """Integer token weights (one per feature) and the token threshold, fit on the counted tokens of the forget
     and retain stores (see the module docstring). Raises if either store has no counted token."""
     if forget.n_tokens == 0 or retain.n_tokens == 0:
         raise DSGError("the learned token gate needs counted tokens in both the forget and the retain corpus")
-    x = torch.cat([_indicators(forget, features), _indicators(retain, features)])
+    x = torch.cat([forget.feature_activity(features), retain.feature_activity(features)]).double()
     y = torch.cat(
         [torch.ones(forget.n_tokens, dtype=torch.float64), torch.zeros(retain.n_tokens, dtype=torch.float64)]
     )

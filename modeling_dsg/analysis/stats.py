@@ -111,9 +111,19 @@ class ActivationStore:
     def token_flags(self, features: Iterable[int], weights: Iterable[int] | None = None, threshold: int = 1) -> Tensor:
         """a_t = 1 if any of `features` is active (> 0) at counted token t, or with integer `weights` (one per
         feature) if the weights of the active ones add up to `threshold` or more: BoolTensor [n_tokens]."""
-        if weights is None:
-            return self.token_points(features) > 0
         return self.token_points(features, weights) >= threshold
+
+    def feature_activity(self, features: Iterable[int]) -> Tensor:
+        """[n_tokens, N] bool: whether features[j] is active (> 0) at counted token t."""
+        index = self._feature_set(features).long()
+        column = torch.full((self.d_sae,), -1, dtype=torch.long)
+        column[index] = torch.arange(len(index))
+        entry_column = column[self.feature_index.long()]
+        keep = entry_column >= 0
+        token = torch.searchsorted(self.indptr, torch.arange(self.feature_index.numel()), right=True) - 1
+        out = torch.zeros(self.n_tokens, len(index), dtype=torch.bool)
+        out[token[keep], entry_column[keep]] = True
+        return out
 
     def guardrail_scores(self, guardrail: dict) -> Tensor:
         """rho per row for a guardrail config (its features, score, window and token weights)."""

@@ -510,8 +510,10 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
                 point["rule"], build_options.target_fpr
             ),
         )
-        key = (bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, bo.token_gate, point["rule"])
-        key += (point["rule_value"],)
+        key = (
+            *(bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, bo.token_gate),
+            *(point["rule"], point["rule_value"]),
+        )
         if key not in selections:
             try:
                 selections[key] = select_and_calibrate(statistics, bo)
