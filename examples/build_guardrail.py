@@ -15,7 +15,7 @@ import sys
 from modeling_dsg.embedded.demo import default_sae
 from modeling_dsg.errors import DSGError
 from modeling_dsg.paths import shared_dir
-from modeling_dsg.pipelines.build import BuildOptions, build
+from modeling_dsg.pipelines.build import BuildOptions, build, fallback_notes
 from modeling_dsg.runtime.configuration_dsg import ACTIONS
 
 shared = shared_dir(required=False) or "../shared"
@@ -37,7 +37,8 @@ parser.add_argument("--clamp", type=float, default=d.clamp)
 parser.add_argument("--action", choices=ACTIONS, default=d.action, help="what the guardrail does when it fires")
 parser.add_argument("--refusal", help="with --action refuse: the refusal text (default: the package's)")
 parser.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
-parser.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+parser.add_argument("--threshold-percentile", type=float, help="tau by the paper's rule (default: a 0.02 FPR bound)")
+parser.add_argument("--target-fpr", type=float, help="tau from a 95%% bound on the retain firing rate (default 0.02)")
 parser.add_argument("--seq-len", type=int, default=d.seq_len)
 parser.add_argument("--max-docs", type=int, default=d.max_docs)
 parser.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row (short records)")
@@ -56,6 +57,7 @@ options = BuildOptions(
     refusal=args.refusal,
     ratio_percentile=args.ratio_percentile,
     threshold_percentile=args.threshold_percentile,
+    target_fpr=args.target_fpr,
     seq_len=args.seq_len,
     max_docs=args.max_docs,
     packing=args.packing,
@@ -76,6 +78,8 @@ try:
 except DSGError as err:  # bad input: one clear line, and no half-written folder
     sys.exit(f"error: {err}")
 
+for note in fallback_notes(info):  # what a default could not do with these corpora
+    print(f"warning: {note}", file=sys.stderr)
 held = info["heldout"]
 print(
     f"guardrail {info['name']!r}: layer {info['layer']}, {info['n_features']} features, tau = {info['tau']:.4f}, "

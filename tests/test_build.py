@@ -39,6 +39,10 @@ from modeling_dsg.errors import DSGError
 
 SEQ_LEN = 32
 CLAMP = 2.0
+# the paper's gate: rho = the share of counted tokens where any selected feature is active, tau = its 95th
+# percentile over the retain rows. The tests that compute rho by hand (marker tokens / counted tokens) build with it;
+# test_the_default_gate covers `dsg build`'s own default.
+PAPER_GATE = ("--score", "fraction", "--token-gate", "any", "--threshold-percentile", 95)
 DETECT_Z = (5, 17, 42, 60)  # scales 1, 2, 3, 4
 DETECT_Q = (3, 30, 50)  # scales 1, 2, 3
 ALPHABET = "abcdefghijklmnoprstuvwy"  # no q, x, z
@@ -206,6 +210,7 @@ class World:
             "--batch-size",
             64,
             "--measure-speedup",
+            *PAPER_GATE,
         )
         self.added = root / "added"
         self.added_stdout = self.cli_ok(
@@ -230,6 +235,7 @@ class World:
             CLAMP,
             "--batch-size",
             64,
+            *PAPER_GATE,
         )
 
     def cli_ok(self, *argv) -> str:
@@ -629,6 +635,7 @@ def test_cli_row_options_and_heldout_fraction_zero(world, tmp_path):
         0,
         "--batch-size",
         64,
+        *PAPER_GATE,
     )
     info = world.record("dsg_build.json", out)["guardrails"][0]
     n = len(world.forget_texts)  # one row per document; the retain side has more documents
@@ -693,6 +700,7 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
         64,
         "--target-fpr",
         0.3,
+        *PAPER_GATE[:4],  # the paper's score and token gate, tau from the bound
     )
     info = world.record("dsg_build.json", out)["guardrails"][0]
     calibration = info["calibration"]
@@ -723,6 +731,60 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
         )
         == 2
     )
+
+
+def test_the_default_gate(world, tmp_path, capsys):
+    """`dsg build` with no gate flags: the learned token gate, the window score over 32 tokens, and tau from a 0.02
+    false-positive bound; this world's retain rows are too few for that bound, so tau falls back to the paper's 95th
+    percentile of retain rho (said on stderr, recorded, and stated in the card). The model's own rho on the build's
+    retain rows has exactly that percentile."""
+    from modeling_dsg.analysis.selection import calibrate_threshold
+    from modeling_dsg.publishing.cards import render_card
+
+    out = tmp_path / "default"
+    common = ["--base", world.base, "--sae", world.sae_z, "--forget", *world.forget_sources]
+    common += ["--retain", *world.retain_sources, "--seq-len", SEQ_LEN, "--batch-size", 64]
+    assert cli("build", *common, "--out", out) == 0
+    err = capsys.readouterr().err
+    (g,) = json.loads((out / "config.json").read_text())["guardrails"]
+    assert g["score"] == "window" and g["window"] == 32
+    assert len(g["token_weights"]) == len(g["features"]) and all(type(w) is int for w in g["token_weights"])
+    assert type(g["token_threshold"]) is int and g["token_threshold"] >= 1
+    assert sum(w for w in g["token_weights"] if w > 0) >= g["token_threshold"]  # some token can be flagged
+
+    info = world.record("dsg_build.json", out)["guardrails"][0]
+    n_retain = len(world.rows(world.forget_texts, world.retain_texts)["retain"].input_ids)
+    assert info["calibration"]["retain_rows"] == n_retain < 149  # 149 rows bound a 0 rate at 0.02
+    assert info["token_gate"] == {"gate": "learned", "fallback": None}
+    calibration = info["calibration"]
+    assert calibration["rule"] == "percentile" and calibration["threshold_percentile"] == 95.0
+    assert info["threshold_percentile"] == 95.0
+    assert calibration["fallback"]["target_fpr"] == 0.02
+    assert f"{n_retain} retain rows cannot show a firing rate <= 0.02" in calibration["fallback"]["reason"]
+    assert "tau is the 95th percentile of retain rho (the paper's rule), not the default false-positive bound" in err
+    model = world.load(out)
+    rho, fired = row_decisions(model, world.rows(world.forget_texts, world.retain_texts)["retain"])
+    assert g["threshold"] == info["tau"] == calibrate_threshold(torch.from_numpy(rho), 95.0)
+    assert calibration["retain_fired"] == int(fired.sum())
+    card = str(render_card(out))
+    assert "the 95th percentile of ρ over the retain rows used for the build (the paper's rule" in card
+
+    # an explicit bound is not relaxed: the same corpora cannot show 0.02, nothing is written
+    refused = tmp_path / "refused"
+    assert cli("build", *common, "--out", refused, "--target-fpr", 0.02) == 2
+    err = capsys.readouterr().err
+    assert f"{n_retain} retain rows cannot show a firing rate <= 0.02" in err and "Traceback" not in err
+    assert not refused.exists()
+    assert cli("build", *common, "--out", refused, "--target-fpr", 0.3, "--threshold-percentile", 90) == 2
+    assert "give --target-fpr or --threshold-percentile, not both" in capsys.readouterr().err
+    assert not refused.exists()
+
+    # static mode has no classifier to weigh: its default token gate is "any", tau is 0
+    static = tmp_path / "static"
+    assert cli("build", *common, "--out", static, "--mode", "static") == 0
+    (g,) = json.loads((static / "config.json").read_text())["guardrails"]
+    assert "token_weights" not in g and g["threshold"] == 0.0
+    assert world.record("dsg_build.json", static)["guardrails"][0]["calibration"]["rule"] == "static"
 
 
 def test_build_files_round_trip_through_their_definitions(world, tmp_path):

@@ -4,6 +4,7 @@ The scripts are independent, so they all start at once and wait for each other o
 each test then checks one script's exit code and output.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -238,6 +239,14 @@ def test_build_guardrail(runs):
     model = DSGForCausalLM.from_pretrained(tmp / "built").eval()
     guard = model.guard("biology")
     assert guard.layer == 1 and 1 <= len(guard.features) <= 5 and guard.clamp == 8.0
+    # the random SAE's features do not separate the corpora: the default learned token gate would flag nothing, so
+    # the build keeps the paper's (said on stderr and recorded); its few retain rows cannot show a 0.02 bound either
+    record = json.loads((tmp / "built" / "dsg_build.json").read_text())["guardrails"][0]
+    assert record["token_gate"]["gate"] == "any" and "would flag no token" in record["token_gate"]["fallback"]
+    assert record["calibration"]["rule"] == "percentile" and record["calibration"]["fallback"]["target_fpr"] == 0.02
+    assert "token_weights" not in json.loads((tmp / "built" / "config.json").read_text())["guardrails"][0]
+    assert "warning: the token gate is the paper's (any selected feature), not the learned one" in out
+    assert "warning: tau is the 95th percentile of retain rho (the paper's rule)" in out
     assert (tmp / "built" / "features.json").is_file() and (tmp / "built" / "dsg_build.json").is_file()
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 50, 60, 70]])).logits).all()

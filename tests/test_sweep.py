@@ -121,6 +121,7 @@ def _full_score(world, questions, point, options):
         n_features=point["n_features"],
         clamp=point["clamp"],
         ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile,
+        token_gate=None,  # as `dsg build --mode M` resolves it: learned when dynamic, any when static
     )
     base, tok = load_base_model(str(world.base))
 
@@ -436,6 +437,7 @@ def _built_model(world, point, options):
         n_features=point["n_features"],
         clamp=point["clamp"],
         ratio_percentile=point["ratio_percentile"] or options.build.ratio_percentile,
+        token_gate=None,  # as `dsg build --mode M` resolves it: learned when dynamic, any when static
     )
     base, tok = load_base_model(str(world.base))
     built = build_guardrail(
@@ -619,7 +621,11 @@ def test_fluency_on_the_command_line(world, questions, tmp_path, capsys):
 def diluted(world, questions, tmp_path_factory):
     grid = dict(modes=("dynamic", "static"), n_features=(1, 2), clamps=(CLAMP,), ratio_percentiles=(90.0,))
     out = tmp_path_factory.mktemp("sweep_dilution") / "report"
-    options = options_for(**grid, dilution=4)
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    # the paper's gate (the fraction of the whole sequence, any feature): filler dilutes it
+    paper = BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, score="fraction", token_gate="any")
+    options = dataclasses.replace(options_for(**grid, dilution=4), build=paper)
     return {"result": run_on(world, questions, out, options), "out": out, "options": options}
 
 
@@ -692,3 +698,20 @@ def test_learned_token_gate_points(world, questions, tmp_path):
         assert len(p["token_weights"]) == p["n_features"] == len(p["features"]) and p["token_threshold"] >= 1
         assert p["forget"]["decision_mismatches"] == p["retain"]["decision_mismatches"] == 0
         assert p["dilution"]["undiluted_trigger_rate"] == pytest.approx(p["forget"]["trigger_rate"], abs=1e-12)
+
+
+def test_save_best_keeps_the_chosen_gate(world, questions, tmp_path):
+    """--save-best writes the chosen point's guardrail: its score, window, token gate and tau (the build's own gate,
+    window 32, is not in this grid)."""
+    grid = dict(modes=("dynamic",), n_features=(2,), clamps=(CLAMP,), ratio_percentiles=(90.0,))
+    options = options_for(**grid, scores=("fraction", "window"), windows=(4,), threshold_percentiles=(50.0, 95.0))
+    best = tmp_path / "best"
+    result = run_on(world, questions, tmp_path / "report", options, save_best=best)
+    chosen = result["chosen"]["overall"]
+    (g,) = json.loads((best / "config.json").read_text())["guardrails"]
+    assert (g["score"], g["features"], g["threshold"]) == (chosen["score"], chosen["features"], chosen["tau"])
+    assert (g["token_weights"], g["token_threshold"]) == (chosen["token_weights"], chosen["token_threshold"])
+    if chosen["score"] == "window":
+        assert g["window"] == chosen["window"] == 4
+    record = json.loads((best / "dsg_build.json").read_text())["guardrails"][0]
+    assert record["calibration"]["threshold_percentile"] == chosen["rule_value"]

@@ -169,6 +169,10 @@ def test_fit_token_gate_weighs_features_by_how_they_separate():
     assert torch.equal(flags, by_hand)
     with pytest.raises(Exception, match="counted tokens"):
         selection.fit_token_gate(store_from(torch.zeros(0, 4)), retain, [0])
+    # features as common on both sides flag nothing, so the guardrail could never fire: refused, not built
+    same = store_from(side(2000, [0.0, 0.5, 0.0, 0.0]))
+    with pytest.raises(Exception, match="would flag no token"):
+        selection.fit_token_gate(same, store_from(side(3000, [0.0, 0.5, 0.0, 0.0])), [1])
 
 
 def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811

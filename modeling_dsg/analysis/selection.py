@@ -293,4 +293,9 @@ def fit_token_gate(forget: ActivationStore, retain: ActivationStore, features: l
         optimizer.step(closure)
     weights = torch.round(beta.detach() * TOKEN_GATE_SCALE).long().tolist()
     threshold = max(1, math.ceil(TOKEN_GATE_SCALE * (TOKEN_GATE_MARGIN - float(bias.detach()))))
+    if sum(w for w in weights if w > 0) < threshold:
+        raise DSGError(
+            "the learned token gate would flag no token (its features do not tell forget tokens from retain "
+            "tokens), so the guardrail could never fire; use --token-gate any, or more forget data"
+        )
     return weights, threshold

@@ -31,7 +31,6 @@ DEMO_OPTIONS = dict(
     n_features=20,
     clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
-    threshold_percentile=95.0,  # the paper's rule, recorded; target_fpr chooses tau
     score="window",  # the largest flagged share of any 32 tokens: filler around a question cannot dilute it
     window=32,
     token_gate="learned",  # integer per-feature weights decide which tokens count as flagged
@@ -161,9 +160,9 @@ def run_demo(
     calibration = info["calibration"]
     rule = (
         f"retain firing rate {calibration['retain_fpr']:.3f}, its 95% bound {calibration['retain_fpr_upper95']:.3f} "
-        f"<= {options.target_fpr:g}"
-        if options.target_fpr is not None
-        else f"{options.threshold_percentile:g}th percentile of rho on retain rows"
+        f"<= {calibration['target_fpr']:g}"
+        if calibration["rule"] == "target_fpr"
+        else f"{calibration['threshold_percentile']:g}th percentile of rho on retain rows"
     )
     print(f"      tau = {info['tau']:.4f} ({rule})")
     gate = result.guardrail

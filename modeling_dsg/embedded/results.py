@@ -258,7 +258,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     from ..evaluation.scoring import score_set
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir, shared_dir
-    from ..pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
+    from ..pipelines.build import PAPER_PERCENTILE, BuildOptions, assemble, gather_statistics, guardrail_build
     from ..pipelines.rmu import RMUOptions, rmu_unlearn
     from ..pipelines.sweep import SweepOptions, sweep_model, write_outputs
     from . import data as embedded
@@ -291,7 +291,8 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         statistics = gather_statistics(
             base, tokenizer, sae_obj, forget_build, retain_build, build_opts, str(sae_path), sae_layer(sae_obj)
         )
-    paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", target_fpr=None)
+    p95 = {"target_fpr": None, "threshold_percentile": PAPER_PERCENTILE}  # the paper's calibration
+    paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", **p95)
     builds = {
         "DSG": guardrail_build(statistics, build_opts, tokenizer, str(sae_path)),
         "DSG (paper's gate)": guardrail_build(statistics, paper, tokenizer, str(sae_path)),
@@ -304,10 +305,10 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
     gates = {
         f"window {options.window}, any feature, P95": dataclasses.replace(
-            build_opts, window=options.window, token_gate="any", target_fpr=None
+            build_opts, window=options.window, token_gate="any", **p95
         ),
         **{f"learned, window {w}, {fpr}": dataclasses.replace(build_opts, window=w) for w in options.window_ablation},
-        f"learned, window {build_opts.window}, P95": dataclasses.replace(build_opts, target_fpr=None),
+        f"learned, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
         f"learned, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
     }
     for name, gate_options in gates.items():
@@ -517,7 +518,7 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     from ..analysis.decisions import guard_decisions
     from ..evaluation.evaluate import EvalOptions
     from ..evaluation.scoring import score_set
-    from ..pipelines.build import assemble, build_guardrail
+    from ..pipelines.build import PAPER_PERCENTILE, assemble, build_guardrail
     from . import data as embedded
 
     topic = "computer_security"
@@ -530,7 +531,9 @@ def sequential(base, tokenizer, sae_obj, sae_source, first, build_opts, options)
     one = assemble(copy.deepcopy(base), tokenizer, [first])
     # its few questions leave too few (balanced) retain rows to show a false-positive bound (0.03 needs 99), so the
     # second guardrail's tau is the paper's 95th percentile
-    opts = dataclasses.replace(build_opts, name="computer_security", target_fpr=None)
+    opts = dataclasses.replace(
+        build_opts, name="computer_security", target_fpr=None, threshold_percentile=PAPER_PERCENTILE
+    )
     with torch.no_grad():
         second = build_guardrail(
             one, tokenizer, sae_obj, forget, retain, opts, sae_source=sae_source, sae_layer=first.guardrail["layer"]

@@ -11,9 +11,15 @@ The path (defaults are the paper's unless said otherwise):
    activations per token, per-feature mean activation and firing frequency on forget and on retain.
    Tokens counted are those the guard counts at run time: not padding, not BOS.
 3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula.
-4. Calibration: tau = the `threshold_percentile`-th percentile of rho over the retain rows; the
-   trigger rates on the held-out forget and retain rows are measured with that tau (static mode is
-   always on: tau = 0, and a row "fires" when any selected feature is active in it, rho > 0).
+4. The gate and calibration (the defaults go beyond the paper; `dsg results`, "gates", measures why):
+   the learned token gate (`selection.fit_token_gate`), the window score over 32 tokens, and tau = the
+   smallest threshold whose one-sided 95% Clopper-Pearson bound on the retain firing rate is <= 0.02
+   (`--target-fpr`). A bound needs enough retain rows (149 for 0.02): with fewer, or when no tau below 1
+   meets it, the default falls back to the paper's 95th percentile, says so and records it
+   (`calibration.fallback`); an explicit `--target-fpr` refuses instead. The paper's gate is
+   `--score fraction --token-gate any --threshold-percentile 95`. The trigger rates on the held-out forget and
+   retain rows are measured with that tau (static mode is always on: tau = 0, and a row "fires" when any
+   selected feature is active in it, rho > 0).
 5. The model folder: the base weights, the SAE, the guardrail config, the tokenizer, `features.json`
    (each selected feature's statistics and top-activating tokens in context) and `dsg_build.json`
    (sources, options, rho summaries, held-out trigger rates, timings). Written atomically.
@@ -37,6 +43,7 @@ edit nothing). Selection and calibration do not depend on the action; dsg_build.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +76,8 @@ from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX
 # own. The paper's 500 forgets somewhat more on held-out questions but turns fired answers into gibberish.
 DEFAULT_CLAMP = 3.0
 TOKEN_GATES = ("any", "learned")
+DEFAULT_TARGET_FPR = 0.02  # the default calibration: a 95% bound on the retain firing rate
+PAPER_PERCENTILE = 95.0  # the paper's calibration, and the default's fallback when the bound cannot be met
 
 
 @dataclass
@@ -92,25 +101,28 @@ class BuildOptions:
     static_retain_freq: float = option(
         0.01, help="static: drop features firing on at least this fraction of retain tokens"
     )
-    threshold_percentile: float = option(
-        95.0, help="tau = this percentile of rho over retain rows (the paper's rule; default 95)"
+    threshold_percentile: float | None = option(
+        None, help=f"tau = this percentile of rho over retain rows (the paper's rule, with {PAPER_PERCENTILE:g})"
     )
     target_fpr: float | None = option(
         None,
-        help="instead: the smallest tau whose retain firing rate has a one-sided 95%% Clopper-Pearson "
-        "upper bound <= this (e.g. 0.02)",
+        help=f"tau = the smallest threshold whose retain firing rate has a one-sided 95%% Clopper-Pearson upper "
+        f"bound <= this. Default (neither this nor --threshold-percentile): {DEFAULT_TARGET_FPR:g}, falling back "
+        f"to the {PAPER_PERCENTILE:g}th percentile, with a warning, when the retain rows are too few for the bound",
     )
     score: str = option(
-        "fraction",
+        "window",
         choices=SCORES,
-        help="rho: the flagged fraction of the sequence (paper) or its maximum over --window tokens",
+        help="rho: the largest flagged share of any --window tokens (default; filler cannot dilute it) or the "
+        "flagged fraction of the whole sequence (the paper's)",
     )
     window: int = option(32, help="window size for --score window")
-    token_gate: str = option(
-        "any",
+    token_gate: str | None = option(
+        None,
         choices=TOKEN_GATES,
-        help="which tokens the score counts as flagged: any (a selected feature is active, the paper's) or "
-        "learned (integer per-feature weights fit on the forget and retain tokens; see `dsg explain`)",
+        help="which tokens the score counts as flagged: learned (integer per-feature weights fit on the forget "
+        "and retain tokens, see `dsg explain`; the default in dynamic mode) or any (a selected feature is active: "
+        "the paper's, and static mode's)",
     )
     action: str = option(
         "clamp",
@@ -132,6 +144,23 @@ class BuildOptions:
     slim: bool = option(False, help="store only the selected features' SAE slices")
     device: str = option("cpu")
     measure_speedup: bool = option(False, help="time the truncated forward against a full one")
+
+    def gate(self) -> tuple[str, bool]:
+        """The token gate and whether it may fall back to "any": only the default (no --token-gate), which is
+        learned in dynamic mode (falling back when the fit would flag no token) and any in static mode (which has
+        no classifier whose flags a gate could weigh)."""
+        if self.token_gate is not None:
+            return self.token_gate, False
+        return ("learned", True) if self.mode == "dynamic" else ("any", False)
+
+    def calibration(self) -> tuple[str, float, bool]:
+        """How tau is chosen: (rule "target_fpr" or "percentile", its value, whether a bound that cannot be met
+        falls back to the paper's percentile: only for the default, never for an explicit --target-fpr)."""
+        if self.threshold_percentile is not None:
+            return "percentile", float(self.threshold_percentile), False
+        if self.target_fpr is not None:
+            return "target_fpr", float(self.target_fpr), False
+        return "target_fpr", DEFAULT_TARGET_FPR, True
 
     def validate(self) -> None:
         """Refuse bad values before anything is loaded (not after a long statistics pass): one `DSGError`."""
@@ -160,9 +189,12 @@ class BuildOptions:
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.layer is None or self.layer >= 0, f"--layer must be >= 0, got {self.layer}"),
             (self.score in SCORES, f"unknown --score {self.score!r} (fraction or window)"),
-            (self.token_gate in TOKEN_GATES, f"unknown --token-gate {self.token_gate!r} (any or learned)"),
             (
-                self.token_gate == "any" or self.mode == "dynamic",
+                self.token_gate in (None, *TOKEN_GATES),
+                f"unknown --token-gate {self.token_gate!r} (any or learned)",
+            ),
+            (
+                self.token_gate != "learned" or self.mode == "dynamic",
                 "--token-gate learned weighs the dynamic classifier's flags; a static guardrail has none",
             ),
             (2 <= self.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {self.window}"),
@@ -178,9 +210,18 @@ class BuildOptions:
         ]
         if self.target_fpr is not None:
             checks.append((0 < self.target_fpr < 1, f"--target-fpr must be between 0 and 1, got {self.target_fpr}"))
+        checks.append(
+            (
+                self.target_fpr is None or self.threshold_percentile is None,
+                "give --target-fpr or --threshold-percentile, not both: they are two rules for tau",
+            )
+        )
         for flag in ("ratio_percentile", "importance_percentile", "threshold_percentile"):
             value = getattr(self, flag)
-            checks.append((0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}"))
+            if value is not None:
+                checks.append(
+                    (0 <= value <= 100, f"--{flag.replace('_', '-')} must be between 0 and 100, got {value}")
+                )
         raise_first(checks)
 
 
@@ -452,14 +493,54 @@ def counted_exclusions(model, tokenizer) -> list[int]:
 
 
 class Selection(NamedTuple):
-    """What `select_and_calibrate` chose: the features, the token gate ({} or token_weights and
-    token_threshold, as in the guardrail config), tau, rho per store and the timings."""
+    """What `select_and_calibrate` chose: the features, tau, rho per store, the timings, the token gate ({} or
+    token_weights and token_threshold, as in the guardrail config) and how it was chosen (`gate`: {"gate": "any" or
+    "learned", "fallback": why the default's learned gate was not used, or None}), and the rule that chose tau
+    (`calibrate`'s)."""
 
     features: list[int]
     tau: float
     rho: dict
     timings: dict
     token_gate: dict
+    gate: dict
+    rule: dict
+
+
+def fit_gate(statistics: Statistics, features: list[int], options: BuildOptions) -> tuple[dict, dict]:
+    """`Selection.token_gate` and `Selection.gate` for `options`."""
+    from ..analysis import selection
+
+    name, may_fall_back = options.gate()
+    if name == "any":
+        return {}, {"gate": "any", "fallback": None}
+    stores = statistics.stores
+    try:
+        weights, threshold = selection.fit_token_gate(stores["forget"], stores["retain"], features)
+    except DSGError as err:
+        if not may_fall_back:
+            raise
+        return {}, {"gate": "any", "fallback": str(err)}
+    return {"token_weights": weights, "token_threshold": threshold}, {"gate": "learned", "fallback": None}
+
+
+def calibrate(retain_rho, options: BuildOptions) -> tuple[float, dict]:
+    """tau for a dynamic guardrail and the rule that chose it: {"rule": "target_fpr", "target_fpr"} or
+    {"rule": "percentile", "threshold_percentile"}, the latter with "fallback" ({"target_fpr", "reason"}) when the
+    default bound could not be met and the paper's percentile was used instead."""
+    from ..analysis import selection
+
+    rule, value, may_fall_back = options.calibration()
+    if rule == "percentile":
+        return selection.calibrate_threshold(retain_rho, value), {"rule": rule, "threshold_percentile": value}
+    try:
+        return selection.calibrate_fpr(retain_rho, value)[0], {"rule": rule, "target_fpr": value}
+    except DSGError as err:
+        if not may_fall_back:
+            raise
+        tau = selection.calibrate_threshold(retain_rho, PAPER_PERCENTILE)
+        fallback = {"target_fpr": value, "reason": str(err)}
+        return tau, {"rule": "percentile", "threshold_percentile": PAPER_PERCENTILE, "fallback": fallback}
 
 
 def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selection:
@@ -476,36 +557,26 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selec
         )
     else:
         features = selection.select_static(stats, options.n_features, options.static_retain_freq)
-    token_gate = {}
-    if options.token_gate == "learned":
-        weights, threshold = selection.fit_token_gate(stores["forget"], stores["retain"], features)
-        token_gate = {"token_weights": weights, "token_threshold": threshold}
+    token_gate, gate_record = fit_gate(statistics, features, options)
     timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
     gate = {"features": features, "score": options.score, "window": options.window, **token_gate}
     rho = {name: store.guardrail_scores(gate) for name, store in stores.items()}
-    if options.mode != "dynamic":
-        tau = 0.0
-    elif options.target_fpr is not None:
-        tau = selection.calibrate_fpr(rho["retain"], options.target_fpr)[0]
+    if options.mode == "dynamic":
+        tau, rule = calibrate(rho["retain"], options)
     else:
-        tau = selection.calibrate_threshold(rho["retain"], options.threshold_percentile)
+        tau, rule = 0.0, {"rule": "static"}  # always on: fires wherever a selected feature is active
     timings["calibration_s"] = time.perf_counter() - start
-    return Selection(features, float(tau), rho, timings, token_gate)
+    return Selection(features, float(tau), rho, timings, token_gate, gate_record, rule)
 
 
-def calibration_record(retain_rho, tau: float, options: BuildOptions) -> dict:
-    """How tau was chosen, and the retain firing rate at tau with its one-sided 95% Clopper-Pearson upper
-    bound (the false-positive guarantee, reported whichever rule chose tau)."""
+def calibration_record(retain_rho, tau: float, rule: dict) -> dict:
+    """How tau was chosen (`Selection.rule`), and the retain firing rate at tau with its one-sided 95%
+    Clopper-Pearson upper bound (the false-positive guarantee, reported whichever rule chose tau)."""
     from ..analysis import selection
 
     n = int(retain_rho.numel())
     fired = int((retain_rho > tau).sum())
-    rule = (
-        {"rule": "target_fpr", "target_fpr": options.target_fpr}
-        if options.target_fpr is not None
-        else {"rule": "percentile", "threshold_percentile": options.threshold_percentile}
-    )
     return {
         **rule,
         "retain_rows": n,
@@ -587,8 +658,9 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
     from ..analysis import selection
 
     refusal = refusal_for(options, tokenizer, statistics.vocab_size)
-    features, tau, rho, timings, token_gate = select_and_calibrate(statistics, options)
-    timings = {**statistics.timings, **timings}
+    chosen = select_and_calibrate(statistics, options)
+    features, tau, rho = chosen.features, chosen.tau, chosen.rho
+    timings = {**statistics.timings, **chosen.timings}
     stores = statistics.stores
     report = [
         _feature_report(i, statistics.stats, stores["forget"], statistics.forget_rows, tokenizer, options.top_tokens)
@@ -605,9 +677,10 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
         clamp=float(options.clamp),
         ratio_percentile=options.ratio_percentile,
         importance_percentile=options.importance_percentile,
-        threshold_percentile=options.threshold_percentile,
+        threshold_percentile=chosen.rule.get("threshold_percentile"),
         tau=float(tau),
-        calibration=calibration_record(rho["retain"], tau, options),
+        calibration=calibration_record(rho["retain"], tau, chosen.rule),
+        token_gate=chosen.gate,
         rows={
             "forget": stores["forget"].n_rows,
             "retain": stores["retain"].n_rows,
@@ -621,7 +694,10 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
         options=asdict(options),
     )
     return GuardrailBuild(
-        guardrail_from(statistics, features, tau, options, refusal, token_gate), statistics.sae_state, report, info
+        guardrail_from(statistics, features, tau, options, refusal, chosen.token_gate),
+        statistics.sae_state,
+        report,
+        info,
     )
 
 
@@ -845,6 +921,22 @@ def _load_existing(folder, options):
     return model, tokenizer, previous
 
 
+def fallback_notes(info: dict) -> list[str]:
+    """What a default could not do in this build (a `GuardrailRecord`), one sentence each: the learned token gate
+    that would flag no token, or a false-positive bound that the retain rows cannot show."""
+    notes = []
+    gate = info.get("token_gate") or {}
+    if gate.get("fallback"):
+        notes.append(f"the token gate is the paper's (any selected feature), not the learned one: {gate['fallback']}")
+    fallback = (info.get("calibration") or {}).get("fallback")
+    if fallback:
+        notes.append(
+            f"tau is the {info['threshold_percentile']:g}th percentile of retain rho (the paper's rule), not the "
+            f"default false-positive bound {fallback['target_fpr']:g}: {fallback['reason']}"
+        )
+    return notes
+
+
 # ------------------------------------------------------------------------------------- the CLI
 def configure_parser(p, sweep: bool = False):
     """`dsg build`'s options; with `sweep`, those `dsg sweep` shares (the grid replaces mode, N, c, ratio)."""
@@ -902,9 +994,9 @@ def run(args):
             f"held-out trigger rate: forget {held['forget_trigger_rate']:.3f} ({held['n_forget']} rows), "
             f"retain {held['retain_trigger_rate']:.3f} ({held['n_retain']} rows), AUROC {held['auroc']:.3f}"
         )
+    for note in fallback_notes(info):
+        print(f"dsg: warning: {note}", file=sys.stderr)
     if info["n_features"] < args.n_features:
-        import sys
-
         filters = (
             "the ratio and importance percentile filters"
             if info["mode"] == "dynamic"

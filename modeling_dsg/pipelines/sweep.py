@@ -209,15 +209,36 @@ class SweepOptions:
         rules = [("percentile", float(p)) for p in self.threshold_percentiles or ()]
         rules += [("target_fpr", float(f)) for f in self.target_fprs or ()]
         if not rules:
-            rules = [
-                ("target_fpr", b.target_fpr) if b.target_fpr is not None else ("percentile", b.threshold_percentile)
-            ]
+            rules = [b.calibration()[:2]]  # the build's own rule (its default may fall back; see `sweep_model`)
         return [
             {"score": score, "window": window, "rule": rule, "rule_value": value}
             for score in scores
             for window in (windows if score == "window" else (b.window,))
             for rule, value in rules
         ]
+
+    def point_options(self, point: dict) -> BuildOptions:
+        """The build options of one grid point (the guardrail `dsg build` with them would make)."""
+        b = self.build or BuildOptions()
+        own_rule = self.threshold_percentiles is None and self.target_fprs is None
+        return dataclasses.replace(
+            b,
+            mode=point["mode"],
+            n_features=point["n_features"],
+            clamp=point["clamp"],
+            ratio_percentile=point["ratio_percentile"] or b.ratio_percentile,
+            score=point["score"],
+            window=point["window"],
+            token_gate=b.token_gate if point["mode"] == "dynamic" else "any",  # static has no gate
+            **(
+                {}  # no calibration axis, or static: the build's own rule, with its default's fallback
+                if own_rule or point["mode"] != "dynamic"
+                else {
+                    "threshold_percentile": point["rule_value"] if point["rule"] == "percentile" else None,
+                    "target_fpr": point["rule_value"] if point["rule"] == "target_fpr" else None,
+                }
+            ),
+        )
 
     def grid(self) -> list[dict]:
         b = self.build or BuildOptions()
@@ -494,22 +515,7 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
     fluency_cache, fluency_settings, fluency_s = {}, None, 0.0  # the base's generations, once per prompt set
     start = time.perf_counter()
     for point in tqdm(options.grid(), desc="sweep", unit="point", disable=not options.progress):
-        bo = dataclasses.replace(
-            build_options,
-            mode=point["mode"],
-            n_features=point["n_features"],
-            clamp=point["clamp"],
-            ratio_percentile=point["ratio_percentile"] or build_options.ratio_percentile,
-            score=point["score"],
-            window=point["window"],
-            token_gate=build_options.token_gate if point["mode"] == "dynamic" else "any",  # static has no gate
-            threshold_percentile=(
-                point["rule_value"] if point["rule"] == "percentile" else build_options.threshold_percentile
-            ),
-            target_fpr={"percentile": None, "target_fpr": point["rule_value"]}.get(
-                point["rule"], build_options.target_fpr
-            ),
-        )
+        bo = options.point_options(point)
         key = (
             *(bo.mode, bo.n_features, bo.ratio_percentile, bo.score, bo.window, bo.token_gate),
             *(point["rule"], point["rule_value"]),
@@ -522,8 +528,9 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         if isinstance(selections[key], DSGError):
             points.append({**point, "error": str(selections[key])})
             continue
-        features, tau, rho, _, token_gate = selections[key]
-        guardrail = guardrail_from(statistics, features, tau, bo, token_gate=token_gate)
+        chosen = selections[key]
+        features, tau, rho, rule = chosen.features, chosen.tau, chosen.rho, chosen.rule
+        guardrail = guardrail_from(statistics, features, tau, bo, token_gate=chosen.token_gate)
         model.add_guardrail(guardrail, statistics.sae_state)
         try:
             result = {}
@@ -550,11 +557,17 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
         points.append(
             {
                 **point,
+                # the rule that chose tau: a default bound that could not be met fell back to the percentile
+                **(
+                    {"rule": rule["rule"], "rule_value": rule.get("target_fpr", rule.get("threshold_percentile"))}
+                    if point["mode"] == "dynamic"
+                    else {}
+                ),
                 "features": features,
-                **token_gate,
+                **chosen.token_gate,
                 "tau": tau,
                 "heldout": heldout_summary(rho, tau, statistics),
-                "calibration": calibration_record(rho["retain"], tau, bo),
+                "calibration": calibration_record(rho["retain"], tau, rule),
                 **result,
             }
         )
@@ -933,14 +946,7 @@ def run_sweep(
         write_outputs(result, tmp)
     best = result["chosen"]["overall"]
     if save_best and best is not None:
-        bo = dataclasses.replace(
-            options.build,
-            mode=best["mode"],
-            n_features=best["n_features"],
-            clamp=best["clamp"],
-            ratio_percentile=best["ratio_percentile"] or options.build.ratio_percentile,
-        )
-        build = guardrail_build(statistics, bo, tokenizer, sae)
+        build = guardrail_build(statistics, options.point_options(best), tokenizer, sae)
         build.info.update(forget_sources=forget_sources, retain_sources=retain_sources, sweep=str(out))
         best_model = assemble(model, tokenizer, [build])
         check_build_finite(best_model, [build])

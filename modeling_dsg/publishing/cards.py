@@ -60,8 +60,17 @@ CONTEXT_CHARS = 80
 
 
 def calibration_text(calibration: dict) -> str | None:
-    """How tau was chosen when a false-positive bound chose it (the build record's `calibration`), else None."""
-    if not isinstance(calibration, dict) or not finite_number(calibration.get("target_fpr")):
+    """How tau was chosen when a false-positive bound chose it, or when the default bound could not be met and the
+    paper's percentile chose it (the build record's `calibration`), else None."""
+    if not isinstance(calibration, dict):
+        return None
+    fallback = calibration.get("fallback")
+    if isinstance(fallback, dict) and finite_number(calibration.get("threshold_percentile")):
+        return (
+            f"the {calibration['threshold_percentile']:g}th percentile of ρ over the retain rows used for the build "
+            f"(the paper's rule: the default false-positive bound could not be met, {fallback.get('reason', '')})"
+        )
+    if not finite_number(calibration.get("target_fpr")):
         return None
     text = (
         f"the smallest τ whose one-sided 95% Clopper–Pearson upper bound on the retain firing rate is at most "
