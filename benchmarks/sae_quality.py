@@ -13,7 +13,6 @@ used to train either SAE or to build a guardrail.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,29 +34,22 @@ def heldout_texts() -> list[str]:
 
 
 def dead_by_tokens(sae, model, tokenizer, texts, layer: int, seq_len: int, max_tokens: int) -> dict:
-    """Features that never fired after each power-of-two token count (position 0 of each row skipped)."""
-    from modeling_dsg.pipelines.train_sae import hook_name, pack_rows
+    """Features that never fired after each power-of-two token count (position 0 of each row skipped); the forward
+    stops after block `layer`."""
+    from modeling_dsg.analysis.forward import block_output
+    from modeling_dsg.pipelines.train_sae import pack_rows
 
     ids = torch.tensor(pack_rows(texts, tokenizer, seq_len)[: max(1, max_tokens // seq_len)])
-    target = model.get_submodule(hook_name(model, layer))
-    captured = {}
-    handle = target.register_forward_hook(
-        lambda _m, _i, out: captured.update(h=out[0] if isinstance(out, tuple) else out)
-    )
     fired, seen, marks, out = None, 0, 8192, {}
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), 8):
-                model(ids[i : i + 8])
-                x = captured["h"][:, 1:].reshape(-1, captured["h"].shape[-1]).float()
-                for row in (sae.encode(x) > 0).split(seq_len - 1):
-                    fired = row.any(0) if fired is None else fired | row.any(0)
-                    seen += row.shape[0]
-                    if seen >= marks:
-                        out[str(marks)] = int((~fired).sum())
-                        marks *= 2
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for batch in ids.split(8):
+            h = block_output(model, layer, lambda batch=batch: model(batch))
+            for row in sae.encode(h[:, 1:].float()) > 0:
+                fired = row.any(0) if fired is None else fired | row.any(0)
+                seen += row.shape[0]
+                if seen >= marks:
+                    out[str(marks)] = int((~fired).sum())
+                    marks *= 2
     out[str(seen)] = int((~fired).sum())
     return out
 
@@ -71,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for sae_quality.json and README.md")
     args = ap.parse_args(argv)
 
-    from modeling_dsg.data.sources import load_base_model, load_sae
+    from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
     from modeling_dsg.embedded.data import gguf_path
     from modeling_dsg.pipelines.train_sae import evaluate_sae
 
@@ -83,7 +75,7 @@ def main(argv=None):
     for folder in args.sae:
         start = time.perf_counter()
         sae = load_sae(folder)
-        layer = int(json.loads((Path(folder) / "cfg.json").read_text())["hook_name"].split(".")[-1])
+        layer = sae_layer(sae)
         metrics = evaluate_sae(sae, model, tokenizer, texts, layer, seq_len=args.seq_len, max_tokens=args.tokens)
         metrics["dead_features"] = round(metrics["dead_fraction"] * sae.cfg.d_sae)
         metrics["dead_by_tokens"] = dead_by_tokens(sae, model, tokenizer, texts, layer, args.seq_len, args.tokens)
