@@ -1,6 +1,6 @@
 """Choose the embedded default SAE's layer by measurement (SmolLM2-135M-Instruct, biology).
 
-Step 1 (train): one quick TopK SAE per candidate layer, all from ONE truncated forward pass
+Step 1 (train): one quick SAE per candidate layer (TopK, or `--architecture`), all from ONE truncated forward pass
 (`modeling_dsg.pipelines.train_sae.train_saes`, sae-lens' MultiSAETrainingRunner), on the first texts of
 `embedded.sae_training_texts()` (build splits only).
 
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--architecture", default="topk", help="the candidates' SAE architecture (dsg train-sae's)")
     ap.add_argument("--tokens", type=int, default=150_000)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--n-texts", type=int, default=1500, help="first texts of sae_training_texts() to train on")
@@ -94,6 +95,7 @@ def main() -> None:
             args.layers,
             args.width,
             k=args.k,
+            architecture=args.architecture,
             tokens=args.tokens,
             batch_tokens=args.batch_tokens,
             model_name="SmolLM2-135M-Instruct.Q4_1.gguf",
