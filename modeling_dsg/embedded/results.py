@@ -280,6 +280,9 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     sae_path = default_sae()
     base, tokenizer = load_base_model(str(embedded.gguf_path()), device=options.device)
     sae_obj = load_sae(str(sae_path))
+    arch = sae_obj.cfg.architecture()
+    trained_as = getattr(getattr(sae_obj.cfg, "metadata", None), "training_architecture", None) or arch
+    record["sae"] = arch if trained_as == arch else f"{arch}, trained as {trained_as}"
     forget_build, retain_build = embedded.forget_texts("build", tokenizer), embedded.retain_texts("build", tokenizer)
 
     # -- one statistics pass; three guardrails from it -------------------------------------------------
@@ -800,7 +803,8 @@ def results_markdown(record: dict, sweep: bool = True) -> str:
     lines = [
         "# Results on the embedded default",
         "",
-        "SmolLM2-135M-Instruct, the shipped TopK SAE at layer 6, forget = biology. Every number below was "
+        f"SmolLM2-135M-Instruct, the shipped SAE at layer 6 ({record.get('sae', 'topk')}), forget = biology. "
+        "Every number below was "
         f"measured by `{record['command']}` (written by it into this page); all questions and texts are "
         "held out from the build, the SAE's training and calibration.",
         "",
