@@ -114,3 +114,42 @@ def test_topk_needs_the_full_pre_activation():
     for arch in ("standard", "jumprelu", "gated"):
         sliced = our_guard(arch, {}, sae_lens_sae(arch, {})).sae.sliced_state(torch.tensor(FEATURES))
         assert sliced["W_enc"].shape == (D_IN, len(FEATURES))
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])
+def test_cached_slices_follow_every_change_of_the_weights(arch):
+    """A full SAE keeps its selected features' slices between calls (so a decoding step skips the gather
+    through the whole encoder); every way the weights or the selection change must be seen at once."""
+    guard = our_guard(arch, {}, sae_lens_sae(arch, {}))
+    x = torch.randn(2, 3, D_IN, generator=torch.Generator().manual_seed(4)) * 2
+
+    def fresh_acts():  # the same weights, never cached
+        other = our_guard(arch, {}, sae_lens_sae(arch, {}), features=guard.features).to(guard.sae.W_enc.dtype)
+        other.sae.load_state_dict(guard.sae.state_dict())
+        other.feature_index.copy_(guard.feature_index)
+        return other.sae(x, other.feature_index)
+
+    def check():
+        with torch.no_grad():
+            got, want = guard.sae(x, guard.feature_index), fresh_acts()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        return got[0]
+
+    first = check()
+    assert torch.equal(check(), first)  # a cache hit gives the same tensors
+    assert "encoder" in guard.sae.__dict__["_slices"] and "decoder" in guard.sae.__dict__["_slices"]
+    with torch.no_grad():
+        guard.sae.W_enc.mul_(1.5)  # an in-place edit
+    assert not torch.equal(check(), first)
+    guard.sae.load_state_dict({k: v * 0.5 for k, v in guard.sae.state_dict().items()})  # a reload
+    check()
+    guard.sae.W_dec = torch.nn.Parameter(guard.sae.W_dec.detach() * 2)  # a replaced tensor
+    check()
+    guard.feature_index.copy_(torch.tensor([1, 2, 3, 4, 5]))  # another selection
+    check()
+    guard.sae.double()  # a moved or cast module
+    x = x.double()
+    check()
+    with torch.enable_grad():  # under autograd the slices are recomputed, so gradients reach the weights
+        guard.sae(x, guard.feature_index)[0].sum().backward()
+    assert guard.sae.W_enc.grad is not None and guard.sae.W_enc.grad.abs().sum() > 0

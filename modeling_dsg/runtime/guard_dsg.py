@@ -142,6 +142,8 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     right-aligned. Returns the new (best, tail). Vectorised: no Python loop over rows or tokens.
     """
     batch, length = flags.shape
+    if length == 1:  # one decoding step: the same result in a third of the operations
+        return window_step(flags[:, 0], counted[:, 0], window, seen, best, tail)
     order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)  # counted tokens first, in order
     compact = (flags & counted).gather(1, order)
     n_new = counted.sum(-1)
@@ -154,6 +156,21 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     best = torch.maximum(best, fractions.amax(-1)) if length else best
     index = n_new.unsqueeze(1) + torch.arange(window - 1, device=flags.device)
     return best, seq.gather(1, index).bool()
+
+
+def window_step(flag, counted, window: int, seen, best, tail):
+    """`window_scores` for one token per row (flag, counted [B] bool): the window ending at this token is
+    the last window - 1 flags (`tail`) plus this one, full once the row has seen `window` counted tokens."""
+    new = flag & counted
+    if window > 1:
+        total = tail.sum(-1) + new
+        shifted = torch.cat([tail[:, 1:], new.unsqueeze(1)], dim=1)
+        tail = torch.where(counted.unsqueeze(1), shifted, tail)
+    else:
+        total = new.long()
+    full = counted & (seen + 1 >= window)
+    best = torch.where(full, torch.maximum(best, total.double() / window), best)
+    return best, tail
 
 
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and

@@ -72,11 +72,35 @@ class SparseAutoencoder(nn.Module):
         W, b = self._columns(cols, self.W_enc, self.b_enc)
         return torch.relu(x @ W + b)
 
-    @staticmethod
-    def _columns(cols, W, *vectors):
+    def _columns(self, cols, W, *vectors):
+        """W's columns and the vectors' entries at `cols` (everything stored when None)."""
         if cols is None:
             return (W, *vectors)
-        return (W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors))
+        return self._cached(
+            "encoder",
+            (cols, W, *vectors),
+            lambda: (W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors)),
+        )
+
+    def _cached(self, name: str, sources: tuple, make):
+        """`make()`, the selected features' slices of `sources`, computed once and reused while none of the
+        sources changes: the same storage and the same version counter (an in-place edit or a reload bumps
+        it). Each decoding step then skips the gather through the whole SAE. The entry holds the sources, so
+        their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
+        accelerate hook (whose offloaded weights are loaded afresh for each call)."""
+        if (
+            torch.compiler.is_compiling()
+            or getattr(self, "_hf_hook", None) is not None
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+            or any(t.device.type == "meta" for t in sources)
+        ):
+            return make()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cache = self.__dict__.setdefault("_slices", {})
+        entry = cache.get(name)
+        if entry is None or entry[0] != key:
+            entry = cache[name] = (key, tuple(t.detach() for t in sources), make())
+        return entry[2]
 
     def encode_selected(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Activations [..., N] of the selected features `index` for an already preprocessed input x'."""
@@ -91,7 +115,9 @@ class SparseAutoencoder(nn.Module):
     # -- decoding ------------------------------------------------------------------------------------
     def decoder_rows(self, index: torch.Tensor) -> torch.Tensor:
         """The selected features' decoder rows [N, d_in] (divided by their norm when TopK rescales)."""
-        return self.W_dec if self.slim else self.W_dec.index_select(0, index)
+        if self.slim:
+            return self.W_dec
+        return self._cached("decoder", (index, self.W_dec), lambda: self.W_dec.index_select(0, index))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """sae-lens decode of full activations (not available for a slim SAE)."""
