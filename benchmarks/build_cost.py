@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -21,12 +22,13 @@ import torch
 
 def main(argv=None):
     from modeling_dsg.analysis.selection import auroc
-    from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
+    from modeling_dsg.data.sources import load_base_model, load_sae
     from modeling_dsg.embedded import data as embedded
     from modeling_dsg.embedded import results
     from modeling_dsg.embedded.demo import DEMO_OPTIONS, HELDOUT_SAMPLE, default_sae
+    from modeling_dsg.errors import DSGError
     from modeling_dsg.pipelines.attack import activation_store
-    from modeling_dsg.pipelines.build import BuildOptions, build_guardrail
+    from modeling_dsg.pipelines.build import PAPER_PERCENTILE, BuildOptions
     from modeling_dsg.pipelines.rmu import RMUOptions, rmu_unlearn
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,12 +50,12 @@ def main(argv=None):
     builds = []
     for max_docs in args.max_docs:
         opts = BuildOptions(**{**DEMO_OPTIONS, "max_docs": max_docs})
-        start = time.perf_counter()
-        with torch.no_grad():
-            built = build_guardrail(
-                base, tok, sae, forget, retain, opts, sae_source=str(sae_path), sae_layer=sae_layer(sae)
-            )
-        wall = time.perf_counter() - start
+        try:
+            wall, built = timed_build(base, tok, sae, forget, retain, opts, sae_path)
+        except DSGError as err:  # too few retain rows for the demo's bound: the paper's percentile, recorded
+            print(f"max docs {max_docs}: {err}; calibrating at the {PAPER_PERCENTILE:g}th percentile instead")
+            opts = dataclasses.replace(opts, target_fpr=None, threshold_percentile=PAPER_PERCENTILE)
+            wall, built = timed_build(base, tok, sae, forget, retain, opts, sae_path)
         builds.append((max_docs, wall, built))
 
     statistics = None
@@ -86,6 +88,7 @@ def main(argv=None):
                 "calibration_s": t["calibration_s"],
                 "build_over_rmu": wall / rmu_s,
                 "tau": g["threshold"],
+                "calibration": built.info.get("calibration"),
                 "trigger_rates": {name: float((r > g["threshold"]).double().mean()) for name, r in rho.items()},
                 "auroc_bio_vs_nonbio": auroc(rho["bio"], rho["mmlu_nonbio"]),
             }
@@ -112,6 +115,19 @@ def main(argv=None):
             f"| {r['auroc_bio_vs_nonbio']:.3f} |"
         )
     print(f"wrote {args.out}")
+
+
+def timed_build(base, tok, sae, forget, retain, opts, sae_path):
+    """(wall seconds, the build) of one `build_guardrail` run."""
+    from modeling_dsg.data.sources import sae_layer
+    from modeling_dsg.pipelines.build import build_guardrail
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        built = build_guardrail(
+            base, tok, sae, forget, retain, opts, sae_source=str(sae_path), sae_layer=sae_layer(sae)
+        )
+    return time.perf_counter() - start, built
 
 
 if __name__ == "__main__":
