@@ -153,3 +153,21 @@ def test_cached_slices_follow_every_change_of_the_weights(arch):
     with torch.enable_grad():  # under autograd the slices are recomputed, so gradients reach the weights
         guard.sae(x, guard.feature_index)[0].sum().backward()
     assert guard.sae.W_enc.grad is not None and guard.sae.W_enc.grad.abs().sum() > 0
+
+
+def test_an_sae_made_under_inference_mode_is_not_cached():
+    """Tensors made under torch.inference_mode keep no version counter, so their slices are recomputed each call
+    (and the call works, in and out of inference mode)."""
+    sae = sae_lens_sae("jumprelu", {})
+    with torch.inference_mode():
+        guard = our_guard("jumprelu", {}, sae)
+    assert guard.sae.W_enc.is_inference()
+    x = torch.randn(2, 3, D_IN, generator=torch.Generator().manual_seed(5)) * 2
+    plain = our_guard("jumprelu", {}, sae)
+    with torch.no_grad():
+        want = plain.sae(x, plain.feature_index)[0]
+    with torch.inference_mode():
+        assert torch.equal(guard.sae(x, guard.feature_index)[0], want)
+    with torch.no_grad():
+        assert torch.equal(guard.sae(x, guard.feature_index)[0], want)
+    assert "_slices" not in guard.sae.__dict__

@@ -87,12 +87,13 @@ class SparseAutoencoder(nn.Module):
         sources changes: the same storage and the same version counter (an in-place edit or a reload bumps
         it). Each decoding step then skips the gather through the whole SAE. The entry holds the sources, so
         their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
-        accelerate hook (whose offloaded weights are loaded afresh for each call)."""
+        accelerate hook (whose offloaded weights are loaded afresh for each call), and for inference tensors
+        (made under `torch.inference_mode`, they keep no version counter)."""
         if (
             torch.compiler.is_compiling()
             or getattr(self, "_hf_hook", None) is not None
             or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-            or any(t.device.type == "meta" for t in sources)
+            or any(t.device.type == "meta" or t.is_inference() for t in sources)
         ):
             return make()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
