@@ -195,3 +195,27 @@ def test_actions_through_remote_code_in_a_fresh_process(tmp_path):
     assert not refused["imported"] and not monitored["imported"]
     assert refused["texts"] == [REFUSAL, base_texts[1]] and refused["fired"] == [True, False]
     assert monitored["texts"] == base_texts and monitored["fired"] == [True, False]
+
+
+@pytest.mark.parametrize("action", ["clamp", "refuse", "monitor"])
+def test_a_guarded_cache_continued_with_guardrails_disabled_is_the_base(action):
+    """A KV cache filled by a guarded call on a row that fired, continued inside `guardrails_disabled`: no
+    decision reported, no refusal forced, and (where the prefix was not edited) the base model's logits;
+    guarded again, the decision is back."""
+    model, reference = model_with(action)
+    enc = encode(PROMPTS[:1])
+    step = torch.tensor([[5]])
+    mask = torch.ones(1, enc["input_ids"].shape[1] + 1, dtype=torch.long)
+    with torch.no_grad():
+        first = model(**enc, use_cache=True)
+        assert bool(first.guardrail_decisions["topic"]["fired"][0])
+        with model.guardrails_disabled():
+            off = model(input_ids=step, attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+        base = reference(**enc, use_cache=True)
+        want = reference(input_ids=step, attention_mask=mask, past_key_values=base.past_key_values, use_cache=True)
+        mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.long)
+        on = model(input_ids=step, attention_mask=mask, past_key_values=off.past_key_values, use_cache=True)
+    assert off.guardrail_decisions == {}
+    if action != "clamp":  # a clamp edited the cached prefix itself
+        assert torch.equal(off.logits, want.logits)
+    assert bool(on.guardrail_decisions["topic"]["fired"][0])

@@ -31,6 +31,7 @@ What the guardrails report is typed too: `GuardRecord` (one per guardrail and fo
 from __future__ import annotations
 
 import contextvars
+import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -143,7 +144,7 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     """
     batch, length = flags.shape
     if length == 1:  # one decoding step: the same result in a third of the operations
-        return window_step(flags[:, 0], counted[:, 0], window, seen, best, tail)
+        return window_step(flags, counted, window, seen, best, tail)
     order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)  # counted tokens first, in order
     compact = (flags & counted).gather(1, order)
     n_new = counted.sum(-1)
@@ -158,19 +159,19 @@ def window_scores(flags, counted, window: int, seen, best, tail):
     return best, seq.gather(1, index).bool()
 
 
-def window_step(flag, counted, window: int, seen, best, tail):
-    """`window_scores` for one token per row (flag, counted [B] bool): the window ending at this token is
-    the last window - 1 flags (`tail`) plus this one, full once the row has seen `window` counted tokens."""
-    new = flag & counted
+def window_step(flags, counted, window: int, seen, best, tail):
+    """`window_scores` for one token per row (flags, counted [B, 1] bool): the window ending at this token is
+    the last window - 1 flags (`tail`) plus this one, full once the row has seen `window` counted tokens.
+    A decoding step runs it once per guardrail, so it is written in few tensor operations."""
+    new = flags & counted
     if window > 1:
-        total = tail.sum(-1) + new
-        shifted = torch.cat([tail[:, 1:], new.unsqueeze(1)], dim=1)
-        tail = torch.where(counted.unsqueeze(1), shifted, tail)
+        total = tail.sum(-1, keepdim=True).add_(new)
+        tail = torch.where(counted, torch.cat([tail[:, 1:], new], dim=1), tail)
     else:
         total = new.long()
-    full = counted & (seen + 1 >= window)
-    best = torch.where(full, torch.maximum(best, total.double() / window), best)
-    return best, tail
+    # -1 (below any fraction) where the window is not full, so the maximum keeps the best so far
+    total = torch.where(counted & (seen >= window - 1).unsqueeze(1), total, -window)
+    return torch.maximum(best, total.view(-1).double().div_(window)), tail
 
 
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
@@ -178,6 +179,11 @@ def window_step(flag, counted, window: int, seen, best, tail):
 CURRENT_CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
 GUARDS_DISABLED: contextvars.ContextVar = contextvars.ContextVar("dsg_disabled", default=False)
 RECORDS: contextvars.ContextVar = contextvars.ContextVar("dsg_record", default=None)
+
+
+def _on(tensor, device):
+    """`tensor` on `device` (itself when it is there already: no call into torch)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 class DSGGuard(nn.Module):
@@ -200,7 +206,7 @@ class DSGGuard(nn.Module):
         self.features = list(guardrail["features"])
         self.token_weights = guardrail.get("token_weights")
         self.token_threshold = guardrail.get("token_threshold", 1)
-        self._weights_on = {}  # device -> token_weights as a LongTensor (made once per device)
+        self._weights_on = {}  # device -> (token_weights as a LongTensor, a long zero), made once per device
         self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
         self.register_buffer("feature_index", torch.zeros(len(self.features), dtype=torch.long))
@@ -282,30 +288,32 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
-    def weighted_flags(self, active):
+    def weighted_flags(self, positive):
         """[B, T] bool: the tokens whose active features' `token_weights` add up to `token_threshold` or more
-        (integer sums: the same in any batch or chunk). `active` [B, T, N] bool."""
-        weights = self._weights_on.get(active.device)
+        (integer sums: the same in any batch or chunk). `positive` [B, T, N] bool: the active features."""
+        weights = self._weights_on.get(positive.device)
         if weights is None:
-            weights = torch.tensor(self.token_weights, dtype=torch.long, device=active.device)
-            self._weights_on[active.device] = weights
-        return (active.long() * weights).sum(-1) >= self.token_threshold
+            weights = torch.tensor(self.token_weights, dtype=torch.long, device=positive.device)
+            weights = self._weights_on[positive.device] = (
+                weights,
+                torch.zeros((), dtype=torch.long, device=positive.device),
+            )
+        return torch.where(positive, *weights).sum(-1) >= self.token_threshold
 
     def forward(self, hidden, counted, state: GuardState):
         """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
-        (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags)."""
-        state = GuardState._make(state)
-        flagged, seen, fired, best, tail = state.flagged, state.seen, state.fired, state.best, state.tail
-        x = hidden.to(self.sae.b_dec.dtype)  # the guard computes in its own dtype (fp32 by default)
-        acts, rows, out_scale = self.sae(x, self.feature_index)  # acts [B, T, N], rows [N, d]
-        if not bool(torch.isfinite(acts).all()):  # [B, T, N]: a small check, and NaN would read as "not fired"
+        (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags).
+        A decoding step runs this once per token, so it is written in few tensor operations."""
+        flagged, seen, fired, best, tail = state
+        dtype = self.sae.b_dec.dtype  # the guard computes in its own dtype (fp32 by default)
+        acts, rows, out_scale = self.sae(hidden if hidden.dtype == dtype else hidden.to(dtype), self.feature_index)
+        if not math.isfinite(acts.sum(dtype=torch.float64)):  # [B, T, N]: NaN would read as "not fired"
             raise ValueError(
                 f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
                 f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
             )
-        active = (acts > 0) & counted.unsqueeze(-1)
-        touched = active.any(-1)  # [B, T]: the tokens an edit changes
-        flags = touched if self.token_weights is None else self.weighted_flags(active)
+        positive = acts > 0
+        flags = (positive.any(-1) if self.token_weights is None else self.weighted_flags(positive)) & counted
         if self.score == "window":
             best, tail = window_scores(flags, counted, self.window, seen, best, tail)
         flagged = flagged + flags.sum(-1)
@@ -313,18 +321,18 @@ class DSGGuard(nn.Module):
         rho = flagged.double() / seen.clamp(min=1).double()
         if self.score == "window":
             rho = torch.where(seen >= self.window, best, rho)
-        if self.mode == "dynamic":
-            fired = fired | (rho > self.threshold)
-            edit = (touched & fired.unsqueeze(-1)).unsqueeze(-1)
-        else:
-            fired = fired | flags.any(-1)
-            edit = active
+        fired = fired | ((rho > self.threshold) if self.mode == "dynamic" else flags.any(-1))
         state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
         if self.action != "clamp":  # refuse acts on the logits (DSGForCausalLM.forward), monitor never acts
             return None, state, rho, acts, flags
-        if hidden.device.type == "cpu" and not bool(edit.any()):
-            # nothing to edit: skip the decoder product (on CPU this check costs no device sync)
-            return None, state, rho, acts, flags
+        on_cpu = hidden.device.type == "cpu"  # on CPU the checks below cost no device sync
+        if on_cpu and self.mode == "dynamic" and not bool(fired.any()):
+            return None, state, rho, acts, flags  # no row has fired: nothing to edit
+        active = positive & counted.unsqueeze(-1)
+        # dynamic: every active feature of the fired rows' tokens that have one; static: every active feature
+        edit = (active.any(-1) & fired.unsqueeze(-1)).unsqueeze(-1) if self.mode == "dynamic" else active
+        if on_cpu and not bool(edit.any()):
+            return None, state, rho, acts, flags  # nothing to edit: skip the decoder product
         coef = (-self.clamp - acts) * edit
         delta = coef @ rows
         if out_scale is not None:
@@ -351,8 +359,11 @@ class DSGGuard(nn.Module):
         if device.type == "meta":
             device = hidden.device
         state = call.state.get(self.index) if call is not None else None
-        state = self.initial_state(batch, device) if state is None else GuardState._make(t.to(device) for t in state)
-        delta, state, rho, acts, flags = self(hidden.to(device), counted.to(device), state)
+        if state is None:
+            state = self.initial_state(batch, device)
+        elif any(t.device != device for t in state):
+            state = GuardState._make(t.to(device) for t in state)
+        delta, state, rho, acts, flags = self(_on(hidden, device), _on(counted, device), state)
         if call is not None:
             call.state[self.index] = state
             call.rho[self.index] = rho

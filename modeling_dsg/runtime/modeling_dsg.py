@@ -435,7 +435,9 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             )
         finally:
             CURRENT_CALL.reset(token)
-        refusing = [g for g in self.guards if g.action == "refuse" and g.index in state]
+        # only the guardrails that ran in this call act and report (none inside `guardrails_disabled`, even
+        # on a cache whose earlier calls were guarded)
+        refusing = [g for g in self.guards if g.action == "refuse" and g.index in call.rho]
         if refusing and getattr(out, "logits", None) is not None:
             out.logits = self._refuse(out.logits, state, refusing)
         if cache is not None:
@@ -446,7 +448,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         out.guardrail_decisions = {
             g.name: GuardDecision(fired=state[g.index].fired, rho=call.rho[g.index], action=g.action)
             for g in self.guards
-            if g.index in state
+            if g.index in call.rho
         }
         trace = _GENERATE.get()
         if trace is not None:
@@ -464,7 +466,7 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
     def _log_decisions(self, call, previous, position):
         """Log each row's decision when first taken, and the token at which a row fires after that."""
         for guard in self.guards:
-            if guard.index not in call.state:
+            if guard.index not in call.rho:
                 continue
             fired = call.state[guard.index].fired.tolist()
             before = previous[guard.index].fired.tolist() if guard.index in previous else None

@@ -88,15 +88,16 @@ class SparseAutoencoder(nn.Module):
         it). Each decoding step then skips the gather through the whole SAE. The entry holds the sources, so
         their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
         accelerate hook (whose offloaded weights are loaded afresh for each call), and for inference tensors
-        (made under `torch.inference_mode`, they keep no version counter)."""
-        if (
-            torch.compiler.is_compiling()
-            or getattr(self, "_hf_hook", None) is not None
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-            or any(t.device.type == "meta" or t.is_inference() for t in sources)
-        ):
+        (made under `torch.inference_mode`, they keep no version counter). Runs once per decoding step, so
+        the checks are plain attribute reads."""
+        if torch.compiler.is_compiling() or self.__dict__.get("_hf_hook") is not None:
             return make()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return make()
+        try:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        except RuntimeError:  # an inference tensor: no version counter
+            return make()
         cache = self.__dict__.setdefault("_slices", {})
         entry = cache.get(name)
         if entry is None or entry[0] != key:
@@ -172,7 +173,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def _activate(self, x, cols):
         W, b, threshold = self._columns(cols, self.W_enc, self.b_enc, self.threshold)
         pre = x @ W + b
-        return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+        return pre.masked_fill_(pre <= threshold.clamp(min=0), 0)  # relu(pre) * (pre > threshold), bit for bit
 
 
 class GatedSAE(SparseAutoencoder):
