@@ -354,13 +354,14 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             RECORDS.reset(token)
 
     def _counted_tokens(self, input_ids, attention_mask, batch, length, device, first_chunk):
-        counted = torch.ones(batch, length, dtype=torch.bool, device=device)
         if attention_mask is not None and attention_mask.dim() == 2:
             counted = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
             if first_chunk:
                 empty = ~counted.any(-1)
                 if empty.any():
                     raise ValueError(f"DSG: input row {int(empty.nonzero()[0])} is all padding (no real token)")
+        else:
+            counted = torch.ones(batch, length, dtype=torch.bool, device=device)
         bos = self.config.get_text_config().bos_token_id
         if input_ids is not None and bos is not None:
             for token in bos if isinstance(bos, (list, tuple)) else [bos]:
