@@ -72,9 +72,10 @@ from ..options import add_corpora, add_options, from_args, option
 from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES
 
 # c, in the SAE's activation units: the sweep's rule with a fluency floor on the embedded default (`dsg results`,
-# "When the guardrail fires"): the lowest forget score whose fired answers stay within 1 nat per token of the base's
-# own. The paper's 500 forgets somewhat more on held-out questions but turns fired answers into gibberish.
-DEFAULT_CLAMP = 3.0
+# "The clamp axis"): the lowest forget score whose fired answers stay within 1 nat per token of the base's own
+# (5 on the shipped JumpReLU SAE; 3 on the TopK SAE it replaced). The paper's 500 forgets somewhat more on held-out
+# questions but turns fired answers into gibberish.
+DEFAULT_CLAMP = 5.0
 TOKEN_GATES = ("any", "learned")
 DEFAULT_TARGET_FPR = 0.02  # the default calibration: a 95% bound on the retain firing rate
 PAPER_PERCENTILE = 95.0  # the paper's calibration, and the default's fallback when the bound cannot be met

@@ -307,7 +307,7 @@ class DSGGuard(nn.Module):
         flagged, seen, fired, best, tail = state
         dtype = self.sae.b_dec.dtype  # the guard computes in its own dtype (fp32 by default)
         acts, rows, out_scale = self.sae(hidden if hidden.dtype == dtype else hidden.to(dtype), self.feature_index)
-        if not math.isfinite(acts.sum(dtype=torch.float64)):  # [B, T, N]: NaN would read as "not fired"
+        if not math.isfinite(acts.detach().sum(dtype=torch.float64)):  # [B, T, N]: NaN would read as "not fired"
             raise ValueError(
                 f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
                 f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
