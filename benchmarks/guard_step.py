@@ -3,12 +3,20 @@ and for the same guardrail with the paper's gate (fraction score, any feature) a
 weights, so what the score and the weights cost is measured apart from the SAE encoder.
 
     python benchmarks/guard_step.py --model dsg-demo
+
+With --in-generation it times the guard's hook inside real greedy generations instead (the caches are cold there,
+after the other blocks' matmuls): per decoding step, for the folder's gate, for the same hook with the guard's
+tensor work taken out, and for that hook doing 40 trivial tensor operations, so the cost of an operation in a
+generation can be read next to the guard's.
+
+    python benchmarks/guard_step.py --model dsg-demo --in-generation
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -29,7 +37,10 @@ def main(argv=None):
     ap.add_argument("--model", default="dsg-demo", help="a DSG folder (its first guardrail is timed)")
     ap.add_argument("--batch", type=int, default=1, help="rows per step")
     ap.add_argument("--steps", type=int, default=2000, help="timed steps per gate")
+    ap.add_argument("--in-generation", action="store_true", help="time the hook inside greedy generations")
     args = ap.parse_args(argv)
+    if args.in_generation:
+        return in_generation(Path(args.model), args.batch)
 
     from safetensors.torch import load_file
 
@@ -54,6 +65,64 @@ def main(argv=None):
             for _ in range(args.steps):
                 state = guard(hidden, counted, state)[1]
             seconds = (time.perf_counter() - start) / args.steps
+        print(f"  {name:<24} {seconds * 1e6:8.0f} us")
+
+
+def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 3, trivial_ops: int = 40):
+    """Median time per decoding step spent in the guarded block's forward hooks, in greedy generations of
+    `new_tokens` tokens from a 128-token prompt; the best of `rounds` generations per variant, variants alternated."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_dsg.runtime.modeling_dsg import decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    guard = model.guards[0]
+    cls, real_forward = type(guard), type(guard).forward
+    block = decoder_layers(model.model)[guard.layer]
+    steps, start = [], [0.0]
+    handles = [
+        block.register_forward_hook(lambda *_: start.__setitem__(0, time.perf_counter()), prepend=True),
+        block.register_forward_hook(lambda *_: steps.append(time.perf_counter() - start[0])),
+    ]
+    one = torch.zeros(1)
+
+    def no_tensor_work(self, hidden, counted, state):
+        return None, state, state.best, None, None
+
+    def trivial(self, hidden, counted, state):
+        x = one
+        for _ in range(trivial_ops):
+            x = x + 1
+        return None, state, state.best, None, None
+
+    variants = {
+        "the folder's gate": real_forward,
+        "hook, no tensor work": no_tensor_work,
+        f"hook, {trivial_ops} trivial ops": trivial,
+    }
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (batch, 128), generator=torch.Generator().manual_seed(0))
+    best = {name: float("inf") for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, forward in variants.items():
+                cls.forward = forward
+                steps.clear()
+                with torch.no_grad():
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                    )
+                best[name] = min(best[name], statistics.median(steps[1:]))  # steps[0]: the prompt
+    finally:
+        cls.forward = real_forward
+        for handle in handles:
+            handle.remove()
+    print(f"guard hook per decoding step inside generate, B={batch}, {torch.get_num_threads()} threads:")
+    for name, seconds in best.items():
         print(f"  {name:<24} {seconds * 1e6:8.0f} us")
 
 

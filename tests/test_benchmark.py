@@ -64,3 +64,26 @@ def test_benchmark_smoke(tmp_path):
     assert cost["layer"] == 1 and cost["n_layers"] == tiny.LAYERS and cost["truncated_speedup"] > 0
     table = (tmp_path / "b.md").read_text()
     assert "| B2xT16 |" in table and "| load time DSG / base |" in table and "speed-up over a full forward" in table
+
+
+def test_guard_step_in_generation_smoke(tmp_path):
+    """`guard_step.py --in-generation` times three variants of the hook inside real generations."""
+    folder = tiny.save_tiny_dsg(tmp_path / "tiny-dsg", guardrails=[tiny.guardrail("jumprelu", layer=1)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    script = SCRIPT.parent / "guard_step.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", str(folder), "--in-generation"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.endswith(" us")]
+    assert [" ".join(row[:-2]) for row in rows] == [
+        "the folder's gate",
+        "hook, no tensor work",
+        "hook, 40 trivial ops",
+    ]
+    assert all(float(row[-2]) > 0 for row in rows)
