@@ -173,7 +173,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def _activate(self, x, cols):
         W, b, threshold = self._columns(cols, self.W_enc, self.b_enc, self.threshold)
         pre = x @ W + b
-        return pre.masked_fill_(pre <= threshold.clamp(min=0), 0)  # relu(pre) * (pre > threshold), bit for bit
+        return pre.masked_fill_(pre <= threshold.clamp(min=0), 0)  # relu(pre) * (pre > threshold): the same values
 
 
 class GatedSAE(SparseAutoencoder):
