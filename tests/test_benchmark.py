@@ -8,16 +8,29 @@ from pathlib import Path
 
 import tiny
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "benchmark.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_script(name, args, tmp_path):
+    """Run benchmarks/NAME with ARGS offline in tmp_path (remote code cached there); fail with its stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
 
 
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    proc = subprocess.run(
+    run_script(
+        "benchmark.py",
         [
-            sys.executable,
-            str(SCRIPT),
             "--tiny",
             "--lengths",
             "16",
@@ -33,13 +46,8 @@ def test_benchmark_smoke(tmp_path):
             "--markdown",
             str(tmp_path / "b.md"),
         ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert set(report["forward"]) == {"B1xT16", "B2xT16"}
     rounds = [(e, 2) for e in report["forward"].values()] + [
@@ -69,17 +77,7 @@ def test_benchmark_smoke(tmp_path):
 def test_guard_step_in_generation_smoke(tmp_path):
     """`guard_step.py --in-generation` times three variants of the hook inside real generations."""
     folder = tiny.save_tiny_dsg(tmp_path / "tiny-dsg", guardrails=[tiny.guardrail("jumprelu", layer=1)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    script = SCRIPT.parent / "guard_step.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--model", str(folder), "--in-generation"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("guard_step.py", ["--model", str(folder), "--in-generation"], tmp_path)
     rows = [line.split() for line in proc.stdout.splitlines() if line.endswith(" us")]
     assert [" ".join(row[:-2]) for row in rows] == [
         "the folder's gate",
