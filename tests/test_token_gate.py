@@ -18,11 +18,13 @@ from modeling_dsg.data.rows import Rows
 WEIGHTS, POINTS = [3, -2, 1, 2, 0], 2
 
 
-def weighted(score="window", threshold=0.2, weights=WEIGHTS, points=POINTS, **extra):
+def weighted(score="window", threshold=0.2, weights=WEIGHTS, points=POINTS, value="flag", **extra):
     g = tiny.guardrail("jumprelu", layer=1, threshold=threshold, **extra)
     g.update(score=score, token_weights=list(weights), token_threshold=points)
     if score == "window":
         g["window"] = 6
+    if value != "flag":
+        g["token_value"] = value
     return g
 
 
@@ -54,6 +56,18 @@ def test_config_checks_the_token_weights():
             DSGConfig(text_config=base, guardrails=[{**good, **change}])
     with pytest.raises(ValueError, match="only meaningful with 'token_weights'"):
         DSGConfig(text_config=base, guardrails=[{**tiny.guardrail(), "token_threshold": 2}])
+    points = DSGConfig(text_config=base, guardrails=[weighted(value="points")]).guardrails[0]
+    assert points["token_value"] == "points"
+    explicit_flag = DSGConfig(text_config=base, guardrails=[{**good, "token_value": "flag"}]).guardrails[0]
+    assert explicit_flag == DSGConfig(text_config=base, guardrails=[good]).guardrails[0]  # the default is not stored
+    for change, message in (
+        (dict(token_value="tokens"), "unknown token_value"),
+        (dict(token_value="points", token_weights=[0, -1, 0, -3, 0]), "needs a positive token weight"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DSGConfig(text_config=base, guardrails=[{**good, **change}])
+    with pytest.raises(ValueError, match="'token_value' is only meaningful with 'token_weights'"):
+        DSGConfig(text_config=base, guardrails=[{**tiny.guardrail(), "token_value": "points"}])
 
 
 @pytest.mark.parametrize("score", ["fraction", "window"])
@@ -76,6 +90,31 @@ def test_flags_and_edits_match_a_direct_computation(score):
     assert torch.equal(edited, active.any(-1) & state.fired.unsqueeze(-1))  # fired rows: every active token
 
 
+@pytest.mark.parametrize("score", ["fraction", "window"])
+def test_points_add_each_tokens_points_floored_at_zero(score):
+    """token_value "points": rho is the share of the most points (3 + 1 + 2 = 6 per token) that the counted tokens
+    score, each token's points floored at 0; flags (and so `dsg explain`'s flagged tokens) are unchanged, and a
+    fired row is edited wherever a selected feature is active, as with flags."""
+    model, _ = tiny.tiny_dsg("llama", [weighted(score, value="points")], active_rate=0.3)
+    guard = model.guards[0]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 14, tiny.HIDDEN, generator=gen)
+    counted = torch.rand(6, 14, generator=gen) < 0.85
+    with torch.no_grad():
+        guard.threshold = float(guard(hidden, counted, guard.initial_state(6, "cpu"))[2].median())
+        delta, state, rho, acts, flags = guard(hidden, counted, guard.initial_state(6, "cpu"))
+    active = (acts > 0) & counted.unsqueeze(-1)
+    points = (active.long() * torch.tensor(WEIGHTS)).sum(-1)
+    assert (points < 0).any() and (points > 0).any()  # both signs occur, so the floor matters
+    assert torch.equal(flags, points >= POINTS)
+    want = brute_rho(points.clamp(min=0), counted, score) / 6
+    assert torch.allclose(rho, want, rtol=0, atol=1e-15)
+    assert not torch.allclose(rho, brute_rho(flags, counted, score))
+    assert state.tail.dtype == torch.long  # the last window - 1 points (empty for "fraction")
+    assert state.fired.any() and not state.fired.all()
+    assert torch.equal(delta.abs().sum(-1) > 0, active.any(-1) & state.fired.unsqueeze(-1))
+
+
 def test_unit_weights_are_the_paper_gate_bit_for_bit():
     """Weights of 1 with a threshold of 1 flag exactly the tokens where a feature is active."""
     plain, _ = tiny.tiny_dsg("llama", [dict(tiny.guardrail("jumprelu", layer=1, threshold=0.1))])
@@ -91,8 +130,9 @@ def test_unit_weights_are_the_paper_gate_bit_for_bit():
     assert torch.equal(a[0]["flags"], b[0]["flags"]) and torch.equal(a[0]["rho"], b[0]["rho"])
 
 
-def test_generation_and_batching_give_the_one_pass_decision():
-    model, _ = tiny.tiny_dsg("llama", [weighted("window", threshold=1.0)], active_rate=0.3)
+@pytest.mark.parametrize("value", ["flag", "points"])
+def test_generation_and_batching_give_the_one_pass_decision(value):
+    model, _ = tiny.tiny_dsg("llama", [weighted("window", threshold=1.0, value=value)], active_rate=0.3)
     tok = tiny.tiny_tokenizer()
     tok.padding_side = "left"
     prompts = ["a fairly long prompt about cells and genes", "short", "membranes"]
@@ -109,9 +149,10 @@ def test_generation_and_batching_give_the_one_pass_decision():
         assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
 
 
+@pytest.mark.parametrize("value", ["flag", "points"])
 @pytest.mark.parametrize("score", ["fraction", "window"])
-def test_stored_activations_give_the_guards_rho(score):
-    g = weighted(score)
+def test_stored_activations_give_the_guards_rho(score, value):
+    g = weighted(score, value=value)
     model, _ = tiny.tiny_dsg("llama", [g], active_rate=0.3)
     guard = model.guards[0]
     tok = tiny.tiny_tokenizer()
@@ -201,8 +242,11 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
         8,
         "--target-fpr",
         0.3,
+        "--token-value",
+        "flag",
     )
     guardrail = world.record("config.json", out)["guardrails"][0]
+    assert "token_value" not in guardrail  # flags, as asked
     weights, points = guardrail["token_weights"], guardrail["token_threshold"]
     assert len(weights) == len(guardrail["features"]) and points >= 1
     assert sum(w for w in weights if w > 0) >= points  # some token can be flagged
@@ -276,3 +320,61 @@ def test_the_demo_builds_the_learned_window_gate_with_a_false_positive_bound():
     options = BuildOptions(**DEMO_OPTIONS)
     options.validate()
     assert (options.token_gate, options.score, options.window, options.target_fpr) == ("learned", "window", 32, 0.03)
+
+
+def test_build_scores_points_by_default(world, tmp_path):  # noqa: F811
+    """`dsg build` with the learned gate scores points by default: the config says so, the guard decides by points,
+    the card and `dsg explain` describe it; without the learned gate `--token-value points` is refused before
+    anything is written."""
+    corpora = ("--forget", *world.forget_sources, "--retain", *world.retain_sources)
+    out = tmp_path / "points"
+    world.cli_ok(
+        *("build", "--base", world.base, "--sae", world.sae_z, "--out", out, *corpora),
+        *("--seq-len", 40, "--batch-size", 64, "--window", 8, "--target-fpr", 0.3),
+    )
+    guardrail = world.record("config.json", out)["guardrails"][0]
+    assert guardrail["token_value"] == "points" and guardrail["token_weights"]
+    assert world.record("dsg_build.json", out)["guardrails"][0]["options"]["token_value"] is None  # the default
+    model = world.load(out)
+    assert model.guards[0].points and model.guards[0].point_scale == sum(
+        w for w in guardrail["token_weights"] if w > 0
+    )
+    z_heavy = " ".join(["zeta zone zinc"] * 6)
+    plain = "the cat sat on the mat and looked at the garden for a while"
+    assert [d["fired"][0] for d in decisions(model, world.tok, [z_heavy, plain])] == [True, False]
+    from modeling_dsg.analysis.explain import explain, format_report
+    from modeling_dsg.publishing.cards import render_card
+
+    card = render_card(out, eval_dir=tmp_path / "no-eval").text
+    assert "the share of the most points" in card and "token value `points`" in card
+    (result,) = explain(model, world.tok, z_heavy)
+    assert result["token_gate"]["value"] == "points" and result["tokens"]
+    assert all(row["points"] > 0 for row in result["tokens"])  # every token that adds to rho, and only those
+    assert "over the most a token can have" in format_report([result])
+    for gate in ("any",):
+        bad = cli(
+            *("build", "--base", world.base, "--sae", world.sae_z, "--out", tmp_path / "bad", *corpora),
+            *("--token-gate", gate, "--token-value", "points"),
+        )
+        assert bad == 2 and not (tmp_path / "bad").exists()
+    static = cli(
+        *("build", "--base", world.base, "--sae", world.sae_z, "--out", tmp_path / "bad", *corpora),
+        *("--mode", "static", "--token-value", "points"),
+    )
+    assert static == 2 and not (tmp_path / "bad").exists()
+
+
+def test_the_card_and_attack_read_points():
+    from modeling_dsg.pipelines.attack import fired
+    from modeling_dsg.publishing.cards import score_text
+
+    text = score_text(weighted("window", value="points"))
+    assert "over any 6 consecutive real tokens" in text and "at most 6" in text and "add up to at least" not in text
+    dense = torch.zeros(20, 2)
+    dense[:10, 0] = 1.0  # row 0: feature 0 (3 points) everywhere; row 1: feature 1 (1 point) everywhere
+    dense[10:, 1] = 1.0
+    store = store_from(dense)
+    g = {"features": [0, 1], "threshold": 0.5, "score": "fraction", "token_weights": [3, 1], "token_threshold": 4}
+    assert fired(store, g).tolist() == [False, False]  # no token reaches 4 points: nothing is flagged
+    assert store.guardrail_scores({**g, "token_value": "points"}).tolist() == [0.75, 0.25]
+    assert fired(store, {**g, "token_value": "points"}).tolist() == [True, False]

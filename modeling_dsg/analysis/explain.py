@@ -58,8 +58,11 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
         acts = record["acts"][0].float().cpu()
         counted = record["counted"][0].cpu()
         weights = guard.token_weights  # None: a token is flagged when any selected feature is active
+        scoring = record["flags"][0].cpu()  # the tokens that add to rho: flagged, or with points any that score
+        if getattr(guard, "points", False):
+            scoring = counted & (((acts > 0).long() * torch.tensor(weights)).sum(-1) > 0)
         rows = []
-        for pos in torch.nonzero(record["flags"][0].cpu()).flatten().tolist():
+        for pos in torch.nonzero(scoring).flatten().tolist():
             active = [(j, float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]
             features = [
                 {"index": guard.features[j], "activation": round(a, 4), **({"weight": weights[j]} if weights else {})}
@@ -85,12 +88,16 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
                 "tau": guard.threshold,
                 "fired": bool(record["fired"][0]),
                 "token_gate": (
-                    {"threshold": guard.token_threshold, "weights": dict(zip(guard.features, weights))}
+                    {
+                        "threshold": guard.token_threshold,
+                        "weights": dict(zip(guard.features, weights)),
+                        **({"value": "points", "most_points": guard.point_scale} if guard.points else {}),
+                    }
                     if weights
                     else None
                 ),
                 "counted_tokens": int(counted.sum()),
-                "flagged_tokens": len(rows),
+                "flagged_tokens": int(record["flags"][0].sum()),
                 "tokens": rows,
                 "features": {i: _distinct_tokens(known[i]) for i in sorted(fired) if i in known},
             }
@@ -121,6 +128,11 @@ def format_report(results: list[dict]) -> str:
             lines.append(
                 f"  a token is flagged when its active features' weights add up to {gate['threshold']}: {weights}"
             )
+            if gate.get("value") == "points":
+                lines.append(
+                    f"  rho adds each token's points (floored at 0) over the most a token can have "
+                    f"({gate['most_points']}); the tokens that score:"
+                )
         for row in r["tokens"]:
             feats = ", ".join(f"#{f['index']} ({f['activation']:.2f})" for f in row["features"])
             points = f"  [{row['points']} points]" if "points" in row else ""

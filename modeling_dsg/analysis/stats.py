@@ -133,6 +133,7 @@ class ActivationStore:
             guardrail.get("window", 32),
             guardrail.get("token_weights"),
             guardrail.get("token_threshold", 1),
+            guardrail.get("token_value", "flag"),
         )
 
     def row_scores(
@@ -142,6 +143,7 @@ class ActivationStore:
         window: int = 32,
         token_weights: Iterable[int] | None = None,
         token_threshold: int = 1,
+        token_value: str = "flag",
     ) -> Tensor:
         """rho per row, as the guard computes it at run time. Returns [n_rows] float64.
 
@@ -149,17 +151,33 @@ class ActivationStore:
         "window": the largest flagged fraction over `window` consecutive counted tokens (the fraction
         while the row has fewer than `window`), through the guard's own `window_scores`.
         A token is flagged as `token_flags(features, token_weights, token_threshold)` says.
+        token_value "points" (with `token_weights`): a token adds its points floored at 0 instead of its flag,
+        and rho is a share of the most points (the positive weights' sum per token), as the guard does.
         Only counted tokens enter, so a row's score does not depend on its padding or its batch.
         """
-        flags = self.token_flags(features, token_weights, token_threshold)
-        flagged = torch.bincount(self.token_row[flags].long(), minlength=self.n_rows).double()
+        if token_value == "points":
+            if token_weights is None:
+                raise DSGError("token_value 'points' needs token_weights")
+            values = self.token_points(features, token_weights).clamp(min=0)
+            scale = sum(w for w in token_weights if w > 0)
+            flagged = torch.zeros(self.n_rows, dtype=torch.long).index_add_(0, self.token_row.long(), values)
+            flagged = flagged.double()
+        elif token_value == "flag":
+            values = self.token_flags(features, token_weights, token_threshold)
+            scale = 1
+            flagged = torch.bincount(self.token_row[values].long(), minlength=self.n_rows).double()
+        else:
+            raise DSGError(f"unknown token_value {token_value!r} (flag or points)")
         counts = self.row_token_counts.double()
-        fraction = torch.where(counts > 0, flagged / counts.clamp(min=1), torch.zeros_like(counts))
+        # the guard's own arithmetic: flagged / (seen * scale), the product exact
+        fraction = torch.where(
+            counts > 0, flagged / (counts.clamp(min=1) * scale) if scale != 1 else flagged / counts.clamp(min=1), 0.0
+        )
         if score == "fraction":
             return fraction
         if score != "window":
             raise DSGError(f"unknown score {score!r} (fraction or window)")
-        dense, counted = self.dense_rows(flags)
+        dense, counted = self.dense_rows(values)
         zeros = torch.zeros(self.n_rows, dtype=torch.long)
         best, _ = window_scores(
             dense,
@@ -167,7 +185,8 @@ class ActivationStore:
             window,
             zeros,
             torch.full((self.n_rows,), -1.0, dtype=torch.float64),
-            torch.zeros(self.n_rows, window - 1, dtype=torch.bool),
+            torch.zeros(self.n_rows, window - 1, dtype=values.dtype),
+            scale,
         )
         return torch.where(self.row_token_counts >= window, best, fraction)
 

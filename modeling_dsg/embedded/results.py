@@ -46,7 +46,7 @@ from ..evaluation.actions import example_lines, pick_clamp, plot_frontier, table
 from ..evaluation.markdown import fmt_fixed, md_cell
 from ..evaluation.metrics import mcq_numbers as _mcq_numbers
 from ..pipelines.attack import activation_store, dilution_attack, fired, worst_attack
-from ..runtime.configuration_dsg import MODES
+from ..runtime.configuration_dsg import MODES, TOKEN_VALUES
 from .data import seeded_sample
 
 COMMAND = "dsg results --out results"
@@ -306,14 +306,24 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     variants = {name: (b.guardrail, b.sae_state) for name, b in builds.items()}
     ablation, refused = {"paper's gate (fraction, any feature, P95)": variants["DSG (paper's gate)"][0]}, {}
     fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
+    words = {"flag": "flags", "points": "points"}  # what a token adds to a learned gate's score, in gate names
+    value = words[build_opts.value("learned")]
     gates = {
         f"window {options.window}, any feature, P95": dataclasses.replace(
             build_opts, window=options.window, token_gate="any", **p95
         ),
-        **{f"learned, window {w}, {fpr}": dataclasses.replace(build_opts, window=w) for w in options.window_ablation},
-        f"learned, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
-        f"learned, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
+        **{
+            f"learned {value}, window {w}, {fpr}": dataclasses.replace(build_opts, window=w)
+            for w in options.window_ablation
+        },
+        f"learned {value}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
+        f"learned {value}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
     }
+    for other in TOKEN_VALUES:  # the same gate scoring the other token value (flags: the previous default)
+        if words[other] != value:
+            gates[f"learned {words[other]}, window {build_opts.window}, {fpr}"] = dataclasses.replace(
+                build_opts, token_value=other
+            )
     for name, gate_options in gates.items():
         try:
             ablation[name] = guardrail_build(statistics, gate_options, tokenizer, str(sae_path)).guardrail

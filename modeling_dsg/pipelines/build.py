@@ -69,7 +69,7 @@ from ..data.records import (
 from ..data.rows import ROW_HELP, Rows, row_option_checks
 from ..errors import DSGError, raise_first
 from ..options import add_corpora, add_options, from_args, option
-from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES
+from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES, TOKEN_VALUES
 
 # c, in the SAE's activation units: the sweep's rule with a fluency floor on the embedded default (`dsg results`,
 # "The clamp axis"): the lowest forget score whose fired answers stay within 1 nat per token of the base's own
@@ -125,6 +125,13 @@ class BuildOptions:
         "and retain tokens, see `dsg explain`; the default in dynamic mode) or any (a selected feature is active: "
         "the paper's, and static mode's)",
     )
+    token_value: str | None = option(
+        None,
+        choices=TOKEN_VALUES,
+        help="what a token adds to the score: points (its learned points floored at 0, so rho is a share of the "
+        "most points: the default with the learned token gate) or flag (1 if flagged, so rho is a share of "
+        "flagged tokens: the only one with --token-gate any)",
+    )
     action: str = option(
         "clamp",
         choices=ACTIONS,
@@ -153,6 +160,13 @@ class BuildOptions:
         if self.token_gate is not None:
             return self.token_gate, False
         return ("learned", True) if self.mode == "dynamic" else ("any", False)
+
+    def value(self, gate: str) -> str:
+        """What a token adds to the score under the token gate `gate`: --token-value, else points with the learned
+        gate and flag with any (which has no points)."""
+        if self.token_value is not None:
+            return self.token_value
+        return "points" if gate == "learned" else "flag"
 
     def calibration(self) -> tuple[str, float, bool]:
         """How tau is chosen: (rule "target_fpr" or "percentile", its value, whether a bound that cannot be met
@@ -197,6 +211,15 @@ class BuildOptions:
             (
                 self.token_gate != "learned" or self.mode == "dynamic",
                 "--token-gate learned weighs the dynamic classifier's flags; a static guardrail has none",
+            ),
+            (
+                self.token_value in (None, *TOKEN_VALUES),
+                f"unknown --token-value {self.token_value!r} (one of {', '.join(TOKEN_VALUES)})",
+            ),
+            (
+                self.token_value != "points" or self.gate()[0] == "learned",
+                "--token-value points scores the learned token gate's points; it needs --token-gate learned "
+                "(the default in dynamic mode)",
             ),
             (2 <= self.window <= MAX_WINDOW, f"--window must be between 2 and {MAX_WINDOW}, got {self.window}"),
             (self.action in ACTIONS, f"unknown --action {self.action!r} (one of {', '.join(ACTIONS)})"),
@@ -519,10 +542,13 @@ def fit_gate(statistics: Statistics, features: list[int], options: BuildOptions)
     try:
         weights, threshold = selection.fit_token_gate(stores["forget"], stores["retain"], features)
     except DSGError as err:
-        if not may_fall_back:
+        if not may_fall_back or options.token_value == "points":
             raise
         return {}, {"gate": "any", "fallback": str(err)}
-    return {"token_weights": weights, "token_threshold": threshold}, {"gate": "learned", "fallback": None}
+    token_gate = {"token_weights": weights, "token_threshold": threshold}
+    if options.value("learned") == "points":
+        token_gate["token_value"] = "points"
+    return token_gate, {"gate": "learned", "fallback": None}
 
 
 def calibrate(retain_rho, options: BuildOptions) -> tuple[float, dict]:

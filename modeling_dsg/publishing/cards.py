@@ -94,6 +94,18 @@ def score_text(g: dict) -> str:
             f"the integer weights of the active selected features add up to at least {g.get('token_threshold', 1)} "
             "(a learned token gate; the weights are in `config.json` and `dsg explain` shows each token's points)"
         )
+    if g.get("token_weights") and g.get("token_value") == "points":
+        most = sum(w for w in g["token_weights"] if w > 0)
+        share = (
+            "the share of the most points its real tokens (not padding, not BOS) could have, where a token scores "
+            "the integer weights of its active selected features, summed and floored at 0 (at most "
+            f"{most}; a learned token gate; the weights are in `config.json` and `dsg explain` shows each token's "
+            "points)"
+        )
+        if score == "window":
+            window = g.get("window", 32)
+            return f"{share}, over any {window} consecutive real tokens at best (score `window`, token value `points`)"
+        return f"{share} (score `fraction`, token value `points`)"
     if score == "fraction":
         paper = ", the paper's" if not g.get("token_weights") else ""
         return f"the fraction of its real tokens (not padding, not BOS) at which {flagged} (score `fraction`{paper})"

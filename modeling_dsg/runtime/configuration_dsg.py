@@ -22,6 +22,11 @@ A guardrail (one forget topic) is a dict with these fields:
                       paper's). Integers, so a flag is exact however the tokens are batched or chunked.
                       `dsg build --token-gate learned` fits them (a logistic regression over the tokens).
     token_threshold int  with token_weights: the points a token needs to be flagged (>= 1; default 1).
+    token_value str   with token_weights: what a counted token adds to the score (default "flag"):
+                      "flag": 1 if flagged, else 0;
+                      "points": its points floored at 0 (the weights of its active features, summed), over
+                      the most a token can have (the positive weights' sum). rho is then the share of the
+                      possible points, a finer score than the share of flagged tokens.
     score      str    how rho is computed over the real tokens (not padding, not BOS) seen so far:
                       "fraction": the fraction of tokens where any selected feature is > 0 (the paper's);
                       "window": the largest such fraction over any `window` consecutive real tokens
@@ -60,6 +65,7 @@ from transformers import AutoConfig, PretrainedConfig
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 MODES = ("dynamic", "static")
 SCORES = ("fraction", "window")
+TOKEN_VALUES = ("flag", "points")
 ACTIONS = ("clamp", "refuse", "monitor")
 DEFAULT_REFUSAL = "I can't help with that."
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
@@ -150,6 +156,7 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
         "refusal_ids",
         "token_weights",
         "token_threshold",
+        "token_value",
     }
     if unknown:
         _fail(where, f"unknown field(s) {', '.join(sorted(unknown))}")
@@ -222,10 +229,10 @@ def _validate_token_gate(g: dict, where: str) -> None:
     """Check (in place) the optional per-feature token weights of a guardrail."""
     weights = g.get("token_weights")
     if weights is None:
-        if g.get("token_threshold") is not None:
-            _fail(where, "'token_threshold' is only meaningful with 'token_weights'")
-        g.pop("token_weights", None)
-        g.pop("token_threshold", None)
+        for key in ("token_threshold", "token_value"):
+            if g.get(key) is not None:
+                _fail(where, f"'{key}' is only meaningful with 'token_weights'")
+            g.pop(key, None)
         return
     if g["mode"] != "dynamic":
         _fail(where, "'token_weights' weigh the dynamic classifier's flags; a static guardrail has none")
@@ -237,6 +244,13 @@ def _validate_token_gate(g: dict, where: str) -> None:
     if not _is_int(threshold) or not 1 <= threshold <= MAX_TOKEN_WEIGHT:
         _fail(where, f"'token_threshold' must be an integer in [1, {MAX_TOKEN_WEIGHT}], got {threshold!r}")
     g["token_weights"], g["token_threshold"] = list(weights), threshold
+    value = g.pop("token_value", "flag")
+    if value not in TOKEN_VALUES:
+        _fail(where, f"unknown token_value {value!r} (expected one of {', '.join(TOKEN_VALUES)})")
+    if value == "points":  # stored only when not the default, like 'window'
+        if not any(w > 0 for w in weights):
+            _fail(where, "token_value 'points' needs a positive token weight (no token could score)")
+        g["token_value"] = value
 
 
 class DSGConfig(PretrainedConfig):

@@ -7,8 +7,10 @@ state h [B, T, d] it computes, in fp32 and only for the N selected features:
     active_t = any_i f_t,i > 0, at counted tokens only               [B, T]
     flag_t   = active_t, or with integer `token_weights` w and `token_threshold` m:
                sum_i w_i 1[f_t,i > 0] >= m (exact integer points)   [B, T]
-    rho      = (flags so far) / (counted tokens so far)              [B]   per row, score "fraction"
-             or the largest flagged fraction over `window` consecutive counted tokens so far
+    value_t  = flag_t, or with token_value "points": max(sum_i w_i 1[f_t,i > 0], 0) / P, where P is
+               the sum of the positive weights (the most a token can score)   [B, T]
+    rho      = (values so far) / (counted tokens so far)             [B]   per row, score "fraction"
+             or the largest such share over `window` consecutive counted tokens so far
                (the fraction while fewer than `window` were seen)           score "window"
     fired    = fired_before or rho > tau                             [B]   (dynamic mode)
     edit_t   = fired and active_t                                    [B, T]
@@ -48,11 +50,11 @@ class GuardState(NamedTuple):
     (`GuardedCache` rebuilds it with `type(state)._make`).
     """
 
-    flagged: torch.Tensor  # [B] long: counted tokens flagged so far
+    flagged: torch.Tensor  # [B] long: counted tokens flagged so far (token_value "points": their points)
     seen: torch.Tensor  # [B] long: counted tokens so far
     fired: torch.Tensor  # [B] bool: the guardrail has fired on the row (sticky)
     best: torch.Tensor  # [B] float64: best flagged fraction over a full window so far, -1 before one
-    tail: torch.Tensor  # [B, window - 1] bool: the last window - 1 counted flags, right-aligned
+    tail: torch.Tensor  # [B, window - 1]: the last window - 1 counted flags (bool) or points (long), right-aligned
 
 
 class RefusalState(NamedTuple):
@@ -135,43 +137,51 @@ class GuardCall:
     rho: dict = field(default_factory=dict)  # guard index -> rho [B] after this call
 
 
-def window_scores(flags, counted, window: int, seen, best, tail):
+def _counted_only(values, counted):
+    """`values` [B, T] (bool flags or long points) where `counted`, 0 (False) elsewhere."""
+    return values & counted if values.dtype == torch.bool else values * counted
+
+
+def window_scores(flags, counted, window: int, seen, best, tail, scale: int = 1):
     """Running maximum, per row, of the flagged fraction over `window` consecutive counted tokens.
 
     flags, counted [B, T] bool (only counted tokens matter); seen [B] counted tokens before this chunk;
     best [B] float64 (-1: no full window yet); tail [B, window-1] the last flags before this chunk,
     right-aligned. Returns the new (best, tail). Vectorised: no Python loop over rows or tokens.
+    `flags` may also be long points (token_value "points", `tail` long too): a window's score is then its
+    points over `window * scale` (`scale`: the most points a token can have).
     """
     batch, length = flags.shape
     if length == 1:  # one decoding step: the same result in a third of the operations
-        return window_step(flags, counted, window, seen, best, tail)
+        return window_step(flags, counted, window, seen, best, tail, scale)
     order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)  # counted tokens first, in order
-    compact = (flags & counted).gather(1, order)
+    compact = _counted_only(flags, counted).gather(1, order)
     n_new = counted.sum(-1)
-    seq = torch.cat([tail.to(torch.int32), compact.to(torch.int32)], dim=1)  # [B, window - 1 + T]
+    exact = torch.int32 if flags.dtype == torch.bool else torch.int64  # window sums of points can pass 2**31
+    seq = torch.cat([tail.to(exact), compact.to(exact)], dim=1)  # [B, window - 1 + T]
     csum = torch.nn.functional.pad(seq.cumsum(1), (1, 0))
     sums = csum[:, window : window + length] - csum[:, :length]  # the window ending at compact position i
     pos = torch.arange(length, device=flags.device)
     full = (pos < n_new.unsqueeze(1)) & (seen.unsqueeze(1) + pos + 1 >= window)
-    fractions = torch.where(full, sums.double() / window, torch.full_like(sums, -1, dtype=torch.float64))
+    fractions = torch.where(full, sums.double() / (window * scale), torch.full_like(sums, -1, dtype=torch.float64))
     best = torch.maximum(best, fractions.amax(-1)) if length else best
     index = n_new.unsqueeze(1) + torch.arange(window - 1, device=flags.device)
-    return best, seq.gather(1, index).bool()
+    return best, seq.gather(1, index).to(tail.dtype)
 
 
-def window_step(flags, counted, window: int, seen, best, tail):
-    """`window_scores` for one token per row (flags, counted [B, 1] bool): the window ending at this token is
+def window_step(flags, counted, window: int, seen, best, tail, scale: int = 1):
+    """`window_scores` for one token per row (flags, counted [B, 1]): the window ending at this token is
     the last window - 1 flags (`tail`) plus this one, full once the row has seen `window` counted tokens.
     A decoding step runs it once per guardrail, so it is written in few tensor operations."""
-    new = flags & counted
+    new = _counted_only(flags, counted)
     if window > 1:
         total = tail.sum(-1, keepdim=True).add_(new)
         tail = torch.where(counted, torch.cat([tail[:, 1:], new], dim=1), tail)
     else:
         total = new.long()
     # -1 (below any fraction) where the window is not full, so the maximum keeps the best so far
-    total = torch.where(counted & (seen >= window - 1).unsqueeze(1), total, -window)
-    return torch.maximum(best, total.view(-1).double().div_(window)), tail
+    total = torch.where(counted & (seen >= window - 1).unsqueeze(1), total, -window * scale)
+    return torch.maximum(best, total.view(-1).double().div_(window * scale)), tail
 
 
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
@@ -206,6 +216,10 @@ class DSGGuard(nn.Module):
         self.features = list(guardrail["features"])
         self.token_weights = guardrail.get("token_weights")
         self.token_threshold = guardrail.get("token_threshold", 1)
+        self.token_value = guardrail.get("token_value", "flag")
+        self.points = self.token_value == "points"
+        # the most points a token can have: what a token's value and rho are shares of ("points"), else 1
+        self.point_scale = sum(w for w in self.token_weights if w > 0) if self.points else 1
         self._weights_on = {}  # device -> (token_weights as a LongTensor, a long zero), made once per device
         self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
@@ -246,6 +260,8 @@ class DSGGuard(nn.Module):
             config["window"] = self.window
         if self.token_weights is not None:
             config.update(token_weights=list(self.token_weights), token_threshold=self.token_threshold)
+            if self.token_value != "flag":
+                config["token_value"] = self.token_value
         config["action"] = self.action
         if self.action == "refuse":
             config.update(refusal=self.refusal, refusal_ids=list(self.refusal_ids))
@@ -259,7 +275,7 @@ class DSGGuard(nn.Module):
             seen=zeros,
             fired=torch.zeros(batch, dtype=torch.bool, device=device),
             best=torch.full((batch,), -1.0, dtype=torch.float64, device=device),
-            tail=torch.zeros(batch, self.window - 1, dtype=torch.bool, device=device),
+            tail=torch.zeros(batch, self.window - 1, dtype=torch.long if self.points else torch.bool, device=device),
         )
 
     def check_loaded(self):
@@ -288,9 +304,9 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
-    def weighted_flags(self, positive):
-        """[B, T] bool: the tokens whose active features' `token_weights` add up to `token_threshold` or more
-        (integer sums: the same in any batch or chunk). `positive` [B, T, N] bool: the active features."""
+    def token_points(self, positive):
+        """[B, T] long: the `token_weights` of each token's active features, summed (integer sums: the same in
+        any batch or chunk). `positive` [B, T, N] bool: the active features."""
         weights = self._weights_on.get(positive.device)
         if weights is None:
             weights = torch.tensor(self.token_weights, dtype=torch.long, device=positive.device)
@@ -298,7 +314,7 @@ class DSGGuard(nn.Module):
                 weights,
                 torch.zeros((), dtype=torch.long, device=positive.device),
             )
-        return torch.where(positive, *weights).sum(-1) >= self.token_threshold
+        return torch.where(positive, *weights).sum(-1)
 
     def forward(self, hidden, counted, state: GuardState):
         """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
@@ -313,12 +329,20 @@ class DSGGuard(nn.Module):
                 f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
             )
         positive = acts > 0
-        flags = (positive.any(-1) if self.token_weights is None else self.weighted_flags(positive)) & counted
+        if self.token_weights is None:
+            flags = values = positive.any(-1) & counted
+        else:
+            points = self.token_points(positive)
+            flags = (points >= self.token_threshold) & counted
+            values = points.clamp_(min=0) * counted if self.points else flags
         if self.score == "window":
-            best, tail = window_scores(flags, counted, self.window, seen, best, tail)
-        flagged = flagged + flags.sum(-1)
+            best, tail = window_scores(values, counted, self.window, seen, best, tail, self.point_scale)
+        flagged = flagged + values.sum(-1)
         seen = seen + counted.sum(-1)
-        rho = flagged.double() / seen.clamp(min=1).double()
+        if not self.points:
+            rho = flagged.double() / seen.clamp(min=1).double()
+        else:
+            rho = flagged.double() / (seen.clamp(min=1).double() * self.point_scale)
         if self.score == "window":
             rho = torch.where(seen >= self.window, best, rho)
         fired = fired | ((rho > self.threshold) if self.mode == "dynamic" else flags.any(-1))
