@@ -26,17 +26,20 @@ def brute_force(flags, counted, window):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def run_chunks(flags, counted, window, cuts):
+def run_chunks(flags, counted, window, cuts, scale=1):
+    """rho chunk by chunk as the guard computes it, for bool flags or (with `scale`, the most a token can have)
+    long points (token_value "points")."""
     batch = flags.shape[0]
     seen = torch.zeros(batch, dtype=torch.long)
     best = torch.full((batch,), -1.0, dtype=torch.float64)
-    tail = torch.zeros(batch, window - 1, dtype=torch.bool)
+    tail = torch.zeros(batch, window - 1, dtype=flags.dtype)
     flagged = torch.zeros(batch, dtype=torch.long)
     for a, b in zip([0, *cuts], [*cuts, flags.shape[1]]):
-        best, tail = window_scores(flags[:, a:b], counted[:, a:b], window, seen, best, tail)
+        best, tail = window_scores(flags[:, a:b], counted[:, a:b], window, seen, best, tail, scale)
+        assert tail.dtype == flags.dtype
         seen = seen + counted[:, a:b].sum(-1)
-        flagged = flagged + (flags[:, a:b] & counted[:, a:b]).sum(-1)
-    fraction = flagged.double() / seen.clamp(min=1).double()
+        flagged = flagged + (flags[:, a:b] * counted[:, a:b]).sum(-1)
+    fraction = flagged.double() / (seen.clamp(min=1).double() * scale)
     return torch.where(seen >= window, best, fraction)
 
 
@@ -155,22 +158,6 @@ def test_window_gate_resists_dilution(marker_model):
     assert max(success["window"].values()) == 0.0, success
 
 
-def run_point_chunks(points, counted, window, scale, cuts):
-    """`run_chunks` for long points (token_value "points"): rho as the guard computes it, chunk by chunk."""
-    batch = points.shape[0]
-    seen = torch.zeros(batch, dtype=torch.long)
-    best = torch.full((batch,), -1.0, dtype=torch.float64)
-    tail = torch.zeros(batch, window - 1, dtype=torch.long)
-    total = torch.zeros(batch, dtype=torch.long)
-    for a, b in zip([0, *cuts], [*cuts, points.shape[1]]):
-        best, tail = window_scores(points[:, a:b], counted[:, a:b], window, seen, best, tail, scale)
-        assert tail.dtype == torch.long
-        seen = seen + counted[:, a:b].sum(-1)
-        total = total + (points[:, a:b] * counted[:, a:b]).sum(-1)
-    fraction = total.double() / (seen.clamp(min=1).double() * scale)
-    return torch.where(seen >= window, best, fraction)
-
-
 @pytest.mark.parametrize("window", [2, 5, 16])
 def test_window_scores_of_points_match_brute_force_in_any_chunking(window):
     """With token_value "points" a window's score is its points over window x the most a token can have; the
@@ -182,10 +169,10 @@ def test_window_scores_of_points_match_brute_force_in_any_chunking(window):
     counted[1, :35] = False
     scale = 8
     want = brute_force(points, counted, window) / scale
-    one_pass = run_point_chunks(points, counted, window, scale, [])
+    one_pass = run_chunks(points, counted, window, [], scale)
     assert torch.allclose(one_pass, want, rtol=0, atol=1e-15)
     for cuts in ([7, 8, 9, 30], list(range(1, 40))):
-        assert torch.equal(run_point_chunks(points, counted, window, scale, cuts), one_pass)
+        assert torch.equal(run_chunks(points, counted, window, cuts, scale), one_pass)
     big = torch.full((2, 40), 2**20 * 20, dtype=torch.long)  # window sums past 2**31 stay exact (int64)
     ones = torch.ones(2, 40, dtype=torch.bool)
-    assert torch.equal(run_point_chunks(big, ones, window, 2**20 * 20, []), torch.ones(2, dtype=torch.float64))
+    assert torch.equal(run_chunks(big, ones, window, [], 2**20 * 20), torch.ones(2, dtype=torch.float64))
