@@ -341,3 +341,21 @@ def test_gate_frontier_takes_each_gates_worst_cell_and_checks_every_goal(tmp_pat
     assert "| window 16 | 0.500 | 0.960 | 0.800 | 0.015 | 0.020 | 0.022 | no |" in results.gate_frontier_lines(record)
     results.plot_gate_frontier(record, tmp_path / "gates.png")
     assert (tmp_path / "gates.png").stat().st_size > 10_000
+
+
+def test_every_gate_the_page_compares_is_a_valid_build():
+    """The results page derives its variants from the demo's options (explicitly token points): the paper's gate and
+    static mode drop the points, the gate rows keep them, and the same gate with flags is compared."""
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
+    from modeling_dsg.embedded.results import ResultsOptions, gate_options
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    build = BuildOptions(**DEMO_OPTIONS)
+    paper, gates = gate_options(build, ResultsOptions())
+    for options in (paper, dataclasses.replace(paper, mode="static"), *gates.values()):
+        options.validate()
+    assert paper.value(paper.gate()[0]) == "flag" and paper.score == "fraction"
+    values = {name: o.value(o.gate()[0]) for name, o in gates.items()}
+    assert values["learned flags, window 32, FPR 0.03"] == "flag"
+    assert values["window 32, any feature, P95"] == "flag"
+    assert {values[f"learned points, window {w}, FPR 0.03"] for w in (8, 16, 32, 64)} == {"points"}

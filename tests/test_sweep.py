@@ -715,3 +715,19 @@ def test_save_best_keeps_the_chosen_gate(world, questions, tmp_path):
         assert g["window"] == chosen["window"] == 4
     record = json.loads((best / "dsg_build.json").read_text())["guardrails"][0]
     assert record["calibration"]["threshold_percentile"] == chosen["rule_value"]
+
+
+def test_static_points_of_a_points_sweep_take_flags(world, questions, tmp_path):
+    """--token-value points weighs the dynamic classifier's tokens; the sweep's static points (which have no
+    classifier) drop it instead of being refused, and its dynamic points keep it."""
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    grid = dict(modes=("dynamic", "static"), n_features=(2,), clamps=(CLAMP,), ratio_percentiles=(90.0,))
+    options = dataclasses.replace(
+        options_for(**grid),
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, token_gate="learned", token_value="points"),
+    )
+    points = run_on(world, questions, tmp_path / "points", options)["points"]
+    assert sorted(p["mode"] for p in points) == ["dynamic", "static"] and all("error" not in p for p in points)
+    (dynamic,) = [p for p in points if p["mode"] == "dynamic"]
+    assert dynamic["token_value"] == "points" and dynamic["forget"]["decision_mismatches"] == 0

@@ -6,8 +6,9 @@ the WMDP-bio questions and MMLU biology-subject questions. Retain: non-biology M
 question comes in the three formats users send (bare, with the lm-eval preamble, through the chat template) on
 both sides, so format features do not pass the selection and the gate is fit and calibrated on those formats.
 
-The guardrail (`DEMO_OPTIONS`): the paper's selection (N = 20), the learned token gate, the window score (32
-tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its "gates" section).
+The guardrail (`DEMO_OPTIONS`): the paper's selection (N = 20), the learned token gate scoring each token's points,
+the window score (32 tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its
+"gates" section).
 
 It builds a biology guardrail, prints tau, the selected features with their top tokens, the trigger
 rates on held-out prompts (never used to build), and a biology and a non-biology greedy generation,
@@ -34,6 +35,7 @@ DEMO_OPTIONS = dict(
     score="window",  # the largest flagged share of any 32 tokens: filler around a question cannot dilute it
     window=32,
     token_gate="learned",  # integer per-feature weights decide which tokens count as flagged
+    token_value="points",  # a token adds its points (floored at 0), not 1 per flag: a finer score
     target_fpr=0.03,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 3%
     seq_len=256,
     packing=False,

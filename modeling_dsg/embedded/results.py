@@ -100,6 +100,36 @@ def _token_rows(tokenizer, texts):
     return Rows.from_sequences(tokenizer(texts)["input_ids"], padding_id(tokenizer))
 
 
+def gate_options(build_opts, options) -> tuple:
+    """The build options of the paper's gate on the default's statistics (static mode is it with mode "static"),
+    and of each gate the page compares {name: options}: the paper's window, the default at other windows, at the
+    paper's percentile and at a 0.02 bound, and scoring the other token value."""
+    from ..pipelines.build import PAPER_PERCENTILE
+
+    p95 = {"target_fpr": None, "threshold_percentile": PAPER_PERCENTILE}  # the paper's calibration
+    paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", token_value=None, **p95)
+    fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
+    words = {"flag": "flags", "points": "points"}  # what a token adds to a learned gate's score, in gate names
+    value = words[build_opts.value("learned")]
+    gates = {
+        f"window {options.window}, any feature, P95": dataclasses.replace(
+            build_opts, window=options.window, token_gate="any", token_value=None, **p95
+        ),
+        **{
+            f"learned {value}, window {w}, {fpr}": dataclasses.replace(build_opts, window=w)
+            for w in options.window_ablation
+        },
+        f"learned {value}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
+        f"learned {value}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
+    }
+    for other in TOKEN_VALUES:  # the same gate scoring the other token value (flags: the previous default)
+        if words[other] != value:
+            gates[f"learned {words[other]}, window {build_opts.window}, {fpr}"] = dataclasses.replace(
+                build_opts, token_value=other
+            )
+    return paper, gates
+
+
 # ----------------------------------------------------------------------------------- relearning
 def finetune_steps(model, rows, steps: int, *, lr: float, batch_size: int, seed: int, optimizer=None, done: int = 0):
     """Plain causal-LM fine-tuning (AdamW, all weights) on `rows` for `steps` more steps; returns the optimizer."""
@@ -258,7 +288,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     from ..evaluation.scoring import score_set
     from ..outputs import prepare_output
     from ..paths import atomic_output_dir, shared_dir
-    from ..pipelines.build import PAPER_PERCENTILE, BuildOptions, assemble, gather_statistics, guardrail_build
+    from ..pipelines.build import BuildOptions, assemble, gather_statistics, guardrail_build
     from ..pipelines.rmu import RMUOptions, rmu_unlearn
     from ..pipelines.sweep import SweepOptions, sweep_model, write_outputs
     from . import data as embedded
@@ -294,8 +324,7 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
         statistics = gather_statistics(
             base, tokenizer, sae_obj, forget_build, retain_build, build_opts, str(sae_path), sae_layer(sae_obj)
         )
-    p95 = {"target_fpr": None, "threshold_percentile": PAPER_PERCENTILE}  # the paper's calibration
-    paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", **p95)
+    paper, gates = gate_options(build_opts, options)
     builds = {
         "DSG": guardrail_build(statistics, build_opts, tokenizer, str(sae_path)),
         "DSG (paper's gate)": guardrail_build(statistics, paper, tokenizer, str(sae_path)),
@@ -305,28 +334,9 @@ def run_results(out, options: ResultsOptions | None = None, *, overwrite: bool =
     timings["dsg_build_breakdown"] = builds["DSG"].info["timings"]
     variants = {name: (b.guardrail, b.sae_state) for name, b in builds.items()}
     ablation, refused = {"paper's gate (fraction, any feature, P95)": variants["DSG (paper's gate)"][0]}, {}
-    fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
-    words = {"flag": "flags", "points": "points"}  # what a token adds to a learned gate's score, in gate names
-    value = words[build_opts.value("learned")]
-    gates = {
-        f"window {options.window}, any feature, P95": dataclasses.replace(
-            build_opts, window=options.window, token_gate="any", **p95
-        ),
-        **{
-            f"learned {value}, window {w}, {fpr}": dataclasses.replace(build_opts, window=w)
-            for w in options.window_ablation
-        },
-        f"learned {value}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
-        f"learned {value}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
-    }
-    for other in TOKEN_VALUES:  # the same gate scoring the other token value (flags: the previous default)
-        if words[other] != value:
-            gates[f"learned {words[other]}, window {build_opts.window}, {fpr}"] = dataclasses.replace(
-                build_opts, token_value=other
-            )
-    for name, gate_options in gates.items():
+    for name, gate_build in gates.items():
         try:
-            ablation[name] = guardrail_build(statistics, gate_options, tokenizer, str(sae_path)).guardrail
+            ablation[name] = guardrail_build(statistics, gate_build, tokenizer, str(sae_path)).guardrail
         except DSGError as err:  # a calibration that cannot be met (tau would be 1) is reported, not fatal
             refused[name] = str(err)
     record["gates_refused"] = refused

@@ -230,6 +230,7 @@ class SweepOptions:
             score=point["score"],
             window=point["window"],
             token_gate=b.token_gate if point["mode"] == "dynamic" else "any",  # static has no gate
+            token_value=b.token_value if point["mode"] == "dynamic" else None,  # nor points
             **(
                 {}  # no calibration axis, or static: the build's own rule, with its default's fallback
                 if own_rule or point["mode"] != "dynamic"
