@@ -60,7 +60,7 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
         weights = guard.token_weights  # None: a token is flagged when any selected feature is active
         scoring = record["flags"][0].cpu()  # the tokens that add to rho: flagged, or with points any that score
         if getattr(guard, "points", False):
-            scoring = counted & (((acts > 0).long() * torch.tensor(weights)).sum(-1) > 0)
+            scoring = counted & (guard.token_points(acts > 0) > 0)
         rows = []
         for pos in torch.nonzero(scoring).flatten().tolist():
             active = [(j, float(acts[pos, j])) for j in torch.nonzero(acts[pos] > 0).flatten().tolist()]

@@ -169,10 +169,8 @@ class ActivationStore:
         else:
             raise DSGError(f"unknown token_value {token_value!r} (flag or points)")
         counts = self.row_token_counts.double()
-        # the guard's own arithmetic: flagged / (seen * scale), the product exact
-        fraction = torch.where(
-            counts > 0, flagged / (counts.clamp(min=1) * scale) if scale != 1 else flagged / counts.clamp(min=1), 0.0
-        )
+        # the guard's own arithmetic: flagged / (seen * scale), the product exact (and x1 for flags)
+        fraction = torch.where(counts > 0, flagged / (counts.clamp(min=1) * scale), 0.0)
         if score == "fraction":
             return fraction
         if score != "window":
