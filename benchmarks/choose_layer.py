@@ -16,7 +16,8 @@ Step 2 (measure), per candidate:
 Measurement sets (deterministic subsets by sha256): forget = 600 build-split forget texts; retain =
 200 build WikiText paragraphs + 300 build non-bio MMLU prompts + 100 non-bio gloss documents; bio =
 all held-out WMDP-bio prompts; nonbio = 500 held-out non-bio MMLU prompts. One row per
-prompt/document (`rows.build_rows(packing=False)`, BOS + up to 255 tokens); BOS/EOS/pad are not
+prompt/document (`rows.build_rows(packing=False)`: up to 256 tokens as the guard sees the prompt; the recorded
+measurement predates that and put BOS first); BOS/EOS/pad are not
 counted. One truncated forward pass serves all candidate layers (bf16 autocast with --bf16;
 EV/L0/CE always in float32).
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from modeling_dsg.data.rows import Rows, balance, build_rows, split
@@ -51,7 +51,7 @@ def test_packing_layout_bos_eos_and_row_count():
 def test_short_documents_are_dropped_and_min_chars_is_strict():
     rows = build_rows([doc("a", 50), doc("b", 51), "   " + doc("c", 49) + "   "], TOK, seq_len=8, packing=False)
     assert len(rows) == 1
-    assert decode_ids(rows.input_ids[0, 1:].tolist()) == "b" * 7
+    assert decode_ids(rows.input_ids[0].tolist()) == "b" * 8
     with pytest.raises(DSGError, match="no document longer than 50 characters"):
         build_rows(["short", doc("a", 50)], TOK)
 
@@ -65,11 +65,35 @@ def test_only_partial_row_is_padded():
 
 def test_unpacked_rows_truncate_and_pad():
     rows = build_rows([doc("a", 60), doc("b", 120)], TOK, seq_len=100, packing=False, max_docs=None)
-    by_letter = {decode_ids(r[1:2].tolist()): (r, m) for r, m in zip(rows.input_ids, rows.attention_mask)}
+    by_letter = {decode_ids(r[0:1].tolist()): (r, m) for r, m in zip(rows.input_ids, rows.attention_mask)}
     a_ids, a_mask = by_letter["a"]
     b_ids, b_mask = by_letter["b"]
-    assert a_ids[0] == BOS and a_mask.sum() == 61 and (a_ids[61:] == PAD).all()
-    assert b_mask.sum() == 100 and (b_ids[1:] == CHARS.index("b") + 4).all()
+    assert a_mask.sum() == 60 and (a_ids[60:] == PAD).all() and (a_mask[60:] == 0).all()
+    assert b_mask.sum() == 100 and (b_ids == CHARS.index("b") + 4).all()
+
+
+def bos_adding_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer, but `tokenizer(text)` puts BOS first (as Llama's does)."""
+    tok = char_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
+    return tok
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_unpacked_rows_are_the_prompts_as_the_guard_sees_them(adds_bos):
+    """One row per document is exactly `tokenizer(doc)` cut to seq_len: BOS first only when the tokenizer itself
+    adds it, so calibration scores the token sequences the guard scores at run time (a chat-formatted prompt
+    gets no BOS in front of its template's first token unless the tokenizer adds one)."""
+    tok = bos_adding_tokenizer() if adds_bos else TOK
+    docs = [doc("a", 60), "<s>" + doc("b", 70), doc("c", 120)]
+    rows = build_rows(docs, tok, seq_len=100, packing=False, max_docs=None)
+    expected = sorted(ids[:100] for ids in tok(docs)["input_ids"])
+    got = sorted(r[m.bool()].tolist() for r, m in zip(rows.input_ids, rows.attention_mask))
+    assert got == expected
+    assert sum(row[:2] == [BOS, BOS] for row in got) == (1 if adds_bos else 0)
+    assert sum(row[0] == BOS for row in got) == (3 if adds_bos else 1)
 
 
 def test_max_docs_seeded_and_deterministic():
@@ -81,7 +105,7 @@ def test_max_docs_seeded_and_deterministic():
     assert torch.equal(first.input_ids, again.input_ids)
 
     def letters(rows):
-        return [decode_ids([int(i)]) for i in rows.input_ids[:, 1]]
+        return [decode_ids([int(i)]) for i in rows.input_ids[:, 0]]
 
     assert len(set(letters(first))) == 3
     assert letters(first) != letters(other)

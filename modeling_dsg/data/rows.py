@@ -8,12 +8,16 @@ The defaults are the paper's (Muhamed et al., Dynamic SAE Guardrails):
   with BOS at position 0 (`packing=True`),
 - give the forget and the retain corpus the same number of rows (`balance`).
 
-`packing=False` instead makes one row per document (BOS + the document's first tokens, right-padded),
-which suits short records such as multiple-choice questions, where a row should be one question.
+`packing=False` instead makes one row per document, which suits short records such as multiple-choice
+questions, where a row should be one question. The row is the document's first tokens exactly as the guard sees
+the document as a prompt, `tokenizer(doc)` with the tokenizer's own special tokens, right-padded: a tokenizer that
+adds BOS (Llama) starts the row with it and one that does not (SmolLM2, Qwen) does not. So calibration measures
+the very token sequences the guard will score, and a chat-formatted document keeps its template's own first token.
 
-A tokenizer without a BOS token (GPT-2 style tokenizers have one; some do not) gets rows without BOS:
-every position then holds content. Padding uses `tokenizer.pad_token_id`, else the EOS id, else 0;
-padded positions always have `attention_mask == 0`, so their id never matters.
+A packed row starts with BOS whenever the tokenizer has one (a row cut from the middle of a stream has no prompt
+to match); a tokenizer without a BOS token gets packed rows whose every position holds content.
+Padding uses `tokenizer.pad_token_id`, else the EOS id, else 0; padded positions always have
+`attention_mask == 0`, so their id never matters.
 """
 
 from __future__ import annotations
@@ -104,10 +108,10 @@ def build_rows(
        - `packing=True`: concatenate the documents with one EOS between neighbours, and cut the stream
          into rows of `seq_len` tokens, each starting with BOS: `seq_len - 1` content tokens per row.
          The last, partial row is dropped unless it is the only row; then it is right-padded.
-       - `packing=False`: one row per document, BOS + its first `seq_len - 1` tokens, right-padded to
-         `seq_len`.
+       - `packing=False`: one row per document, the first `seq_len` tokens of `tokenizer(doc)` (the tokenizer's
+         own special tokens, as the guard sees the document as a prompt), right-padded to `seq_len`.
 
-    Without a BOS token the rows carry `seq_len` content tokens and no BOS.
+    Without a BOS token packed rows carry `seq_len` content tokens and no BOS.
     Raises DSGError for an empty result or bad arguments.
     """
     if seq_len < 2:
@@ -122,13 +126,12 @@ def build_rows(
     if max_docs is not None:
         order = order[:max_docs]
     docs = [docs[i] for i in order]
-    token_lists = tokenizer(docs, add_special_tokens=False)["input_ids"]
-
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    content_len = seq_len - len(bos)
-
+    bos: list[int] = []
     if packing:
+        token_lists = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        content_len = seq_len - len(bos)
         eos_id = tokenizer.eos_token_id
         if eos_id is None:
             raise DSGError("packing joins documents with EOS, but the tokenizer has no EOS token; use packing=False")
@@ -139,8 +142,8 @@ def build_rows(
             stream.extend(ids)
         n_full = len(stream) // content_len
         chunks = [stream[i * content_len : (i + 1) * content_len] for i in range(n_full)] or [stream]
-    else:
-        chunks = [ids[:content_len] for ids in token_lists]
+    else:  # each prompt as the guard sees it
+        chunks = [ids[:seq_len] for ids in tokenizer(docs)["input_ids"]]
 
     input_ids = torch.full((len(chunks), seq_len), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(chunks), seq_len), dtype=torch.long)

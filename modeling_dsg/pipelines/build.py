@@ -4,9 +4,9 @@ The path (defaults are the paper's unless said otherwise):
 
 1. Corpora to token rows (`rows.build_rows`): documents longer than 50 characters, up to 1024 per
    corpus, joined with EOS into rows of `seq_len` tokens with BOS at position 0 (`--no-packing`: one
-   document per row, padded). Forget and retain get equal row counts (seeded), and a seeded
-   `heldout_fraction` (default 0.2) of each is set aside, never used for selection or calibration
-   (0: no held-out rows; the held-out trigger rates are then recorded as null).
+   document per row, tokenized as the guard sees it as a prompt, padded). Forget and retain get equal
+   row counts (seeded), and a seeded `heldout_fraction` (default 0.2) of each is set aside, never used
+   for selection or calibration (0: no held-out rows; the held-out trigger rates are then recorded as null).
 2. The statistics pass (`stats.collect`): a forward that stops after block `layer`, the SAE's
    activations per token, per-feature mean activation and firing frequency on forget and on retain.
    Tokens counted are those the guard counts at run time: not padding, not BOS.
