@@ -167,6 +167,38 @@ def test_stored_activations_give_the_guards_rho(score, value):
     assert torch.equal(store.guardrail_scores(guard.guardrail_config()), rec[0]["rho"])
 
 
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_unpacked_rows_calibrate_on_the_prompts_the_guard_scores(adds_bos):
+    """`--no-packing` (the demo's rows) calibrates on the prompts exactly as the deployed guard sees them: each
+    row's stored activations give, bit for bit, the rho the guard computes when its document is sent as a prompt
+    (`tokenizer(text)`), also with a tokenizer that has a BOS token but does not add it (SmolLM2's)."""
+    from tokenizers import processors
+
+    from modeling_dsg.analysis.decisions import guard_decisions
+    from modeling_dsg.data.rows import build_rows
+
+    model, _ = tiny.tiny_dsg("llama", [weighted("window", value="points")], active_rate=0.3)
+    guard = model.guards[0]
+    tok = tiny.tiny_tokenizer()
+    if not adds_bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert (tok("ribosomes")["input_ids"][0] == tiny.BOS) == adds_bos
+    texts = [
+        "ribosomes translate messenger rna into the proteins of every cell",
+        "the roman road ran straight from the coast to the hills beyond",
+        "<s>a chat turn keeps its template's own first token and no other",
+        "genes and cells and more genes here, then a long tail of plain words",
+    ]
+    rows = build_rows(texts, tok, seq_len=128, packing=False, max_docs=None)
+    with torch.no_grad(), model.guardrails_disabled():
+        store = collect(model.model, 1, guard.sae.encode, rows, batch_size=3, ignore_token_ids=[tiny.BOS])
+    prompts = tok(texts)["input_ids"]
+    order = [prompts.index(row[mask.bool()].tolist()) for row, mask in zip(rows.input_ids, rows.attention_mask)]
+    served = guard_decisions(model, tok, texts)[guard.name]["rho"]
+    assert torch.equal(store.guardrail_scores(guard.guardrail_config()), served[order])
+    assert len(set(served.tolist())) > 1  # the rows score differently: the comparison can fail
+
+
 def store_from(dense: torch.Tensor, row_length: int = 10) -> ActivationStore:
     """An ActivationStore of `dense` [n_tokens, d_sae] activations, rows of `row_length` tokens."""
     n, d = dense.shape
