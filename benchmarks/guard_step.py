@@ -24,10 +24,13 @@ import torch
 
 
 def variants(guardrail: dict) -> dict:
-    """The folder's gate and the two simpler gates on the same features and SAE."""
-    plain = {k: v for k, v in guardrail.items() if k not in ("token_weights", "token_threshold")}
+    """The folder's gate and the two simpler gates on the same features and SAE; with token points, also the same
+    learned gate scoring flags."""
+    plain = {k: v for k, v in guardrail.items() if k not in ("token_weights", "token_threshold", "token_value")}
     paper = {k: v for k, v in plain.items() if k != "window"} | {"score": "fraction"}
     out = {"fraction, any feature": paper, "window, any feature": {"window": 32, **plain, "score": "window"}}
+    if guardrail.get("token_value") == "points":
+        out["learned gate, flags"] = {k: v for k, v in guardrail.items() if k != "token_value"}
     out["the folder's gate"] = guardrail
     return out
 

@@ -85,3 +85,20 @@ def test_guard_step_in_generation_smoke(tmp_path):
         "hook, 40 trivial ops",
     ]
     assert all(float(row[-2]) > 0 for row in rows)
+
+
+def test_guard_step_times_a_token_points_gate(tmp_path):
+    """`guard_step.py` on a folder whose gate scores token points: the simpler gates drop the points with the
+    weights, and the same learned gate scoring flags is timed beside it."""
+    g = tiny.guardrail("jumprelu", layer=1)
+    g.update(score="window", window=6, token_weights=[3, -2, 1, 2, 0], token_threshold=2, token_value="points")
+    folder = tiny.save_tiny_dsg(tmp_path / "tiny-dsg", guardrails=[g])
+    proc = run_script("guard_step.py", ["--model", str(folder), "--steps", "20"], tmp_path)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.endswith(" us")]
+    assert [" ".join(row[:-2]) for row in rows] == [
+        "fraction, any feature",
+        "window, any feature",
+        "learned gate, flags",
+        "the folder's gate",
+    ]
+    assert all(float(row[-2]) > 0 for row in rows)
