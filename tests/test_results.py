@@ -356,6 +356,6 @@ def test_every_gate_the_page_compares_is_a_valid_build():
         options.validate()
     assert paper.value(paper.gate()[0]) == "flag" and paper.score == "fraction"
     values = {name: o.value(o.gate()[0]) for name, o in gates.items()}
-    assert values["learned flags, window 32, FPR 0.03"] == "flag"
+    assert values[f"learned flags, window {build.window}, FPR 0.03"] == "flag"
     assert values["window 32, any feature, P95"] == "flag"
     assert {values[f"learned points, window {w}, FPR 0.03"] for w in (8, 16, 32, 64)} == {"points"}

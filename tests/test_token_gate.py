@@ -351,7 +351,7 @@ def test_the_demo_builds_the_learned_window_gate_with_a_false_positive_bound():
 
     options = BuildOptions(**DEMO_OPTIONS)
     options.validate()
-    assert (options.token_gate, options.score, options.window, options.target_fpr) == ("learned", "window", 32, 0.03)
+    assert (options.token_gate, options.score, options.window, options.target_fpr) == ("learned", "window", 8, 0.03)
     assert options.value(options.gate()[0]) == "points"
 
 

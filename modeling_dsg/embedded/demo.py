@@ -7,7 +7,7 @@ question comes in the three formats users send (bare, with the lm-eval preamble,
 both sides, so format features do not pass the selection and the gate is fit and calibrated on those formats.
 
 The guardrail (`DEMO_OPTIONS`): the paper's selection (N = 20), the learned token gate scoring each token's points,
-the window score (32 tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its
+the window score (8 tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its
 "gates" section).
 
 It builds a biology guardrail, prints tau, the selected features with their top tokens, the trigger
@@ -32,8 +32,8 @@ DEMO_OPTIONS = dict(
     n_features=20,
     clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
-    score="window",  # the largest flagged share of any 32 tokens: filler around a question cannot dilute it
-    window=32,
+    score="window",  # the largest flagged share of any 8 tokens: filler around a question cannot dilute it
+    window=8,
     token_gate="learned",  # integer per-feature weights decide which tokens count as flagged
     token_value="points",  # a token adds its points (floored at 0), not 1 per flag: a finer score
     target_fpr=0.03,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 3%
