@@ -55,11 +55,11 @@ def projection_forward(scope: str):
 
     from modeling_dsg.runtime.guard_dsg import DSGGuard
 
-    def forward(self, hidden, counted, state):
+    def forward(self, hidden, counted, state, want_flags=True):
         action = self.action
         self.action = "monitor"  # decide exactly as the guard does, edit nothing
         try:
-            _, state, rho, acts, flags = DSGGuard.forward(self, hidden, counted, state)
+            _, state, rho, acts, flags = DSGGuard.forward(self, hidden, counted, state)  # with flags: they scope it
         finally:
             self.action = action
         fired = state[2].unsqueeze(-1)

@@ -10,6 +10,11 @@ tensor work taken out, and for that hook doing 40 trivial tensor operations, so 
 generation can be read next to the guard's.
 
     python benchmarks/guard_step.py --model dsg-demo --in-generation
+
+With --compare OTHER (a DSG folder, e.g. the same folder with another release's code files) it times both folders'
+hooks inside the same generations, alternating, so two versions of the guard are compared under the same load.
+
+    python benchmarks/guard_step.py --model dsg-demo --compare dsg-demo-previous
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="rows per step")
     ap.add_argument("--steps", type=int, default=2000, help="timed steps per gate")
     ap.add_argument("--in-generation", action="store_true", help="time the hook inside greedy generations")
+    ap.add_argument("--compare", help="another DSG folder: time both folders' hooks inside generations, alternating")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(Path(args.model), Path(args.compare), args.batch)
     if args.in_generation:
         return in_generation(Path(args.model), args.batch)
 
@@ -89,10 +97,10 @@ def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 
     ]
     one = torch.zeros(1)
 
-    def no_tensor_work(self, hidden, counted, state):
+    def no_tensor_work(self, hidden, counted, state, want_flags=True):
         return None, state, state.best, None, None
 
-    def trivial(self, hidden, counted, state):
+    def trivial(self, hidden, counted, state, want_flags=True):
         x = one
         for _ in range(trivial_ops):
             x = x + 1
@@ -127,6 +135,42 @@ def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 
     print(f"guard hook per decoding step inside generate, B={batch}, {torch.get_num_threads()} threads:")
     for name, seconds in best.items():
         print(f"  {name:<24} {seconds * 1e6:8.0f} us")
+
+
+def compare(folder: Path, other: Path, batch: int, new_tokens: int = 32, rounds: int = 5):
+    """Median time per decoding step in each folder's guarded block (hooks included), in greedy generations of
+    `new_tokens` tokens from a 128-token prompt, the two folders alternated; the median and best of `rounds`."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_dsg.runtime.modeling_dsg import decoder_layers
+
+    timed = {}
+    for path in (folder, other):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        block = decoder_layers(model.model)[model.guards[0].layer]
+        steps, start = [], [0.0]
+        block.register_forward_hook(lambda *_, start=start: start.__setitem__(0, time.perf_counter()), prepend=True)
+        block.register_forward_hook(lambda *_, steps=steps, start=start: steps.append(time.perf_counter() - start[0]))
+        timed[str(path)] = (model, steps, [])
+    vocab = next(iter(timed.values()))[0].config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (batch, 128), generator=torch.Generator().manual_seed(0))
+    for _ in range(rounds):
+        for model, steps, medians in timed.values():
+            steps.clear()
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                )
+            medians.append(statistics.median(steps[1:]))  # steps[0]: the prompt
+    print(
+        f"guard hook per decoding step inside generate, B={batch}, {torch.get_num_threads()} threads, {rounds} rounds:"
+    )
+    for name, (_, _, medians) in timed.items():
+        print(f"  {name:<40} median {statistics.median(medians) * 1e6:6.0f} us, best {min(medians) * 1e6:6.0f} us")
 
 
 if __name__ == "__main__":

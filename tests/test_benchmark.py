@@ -87,6 +87,16 @@ def test_guard_step_in_generation_smoke(tmp_path):
     assert all(float(row[-2]) > 0 for row in rows)
 
 
+def test_guard_step_compares_two_folders_inside_the_same_generations(tmp_path):
+    """`guard_step.py --compare` times two folders' hooks, alternating, and names each."""
+    first = tiny.save_tiny_dsg(tmp_path / "one", guardrails=[tiny.guardrail("jumprelu", layer=1)])
+    second = tiny.save_tiny_dsg(tmp_path / "two", guardrails=[tiny.guardrail("jumprelu", layer=0)])
+    proc = run_script("guard_step.py", ["--model", str(first), "--compare", str(second)], tmp_path)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.endswith(" us")]
+    assert [row[0] for row in rows] == [str(first), str(second)]
+    assert all(float(row[2]) >= float(row[5]) > 0 for row in rows)  # median >= best > 0
+
+
 def test_guard_step_times_a_token_points_gate(tmp_path):
     """`guard_step.py` on a folder whose gate scores token points: the simpler gates drop the points with the
     weights, and the same learned gate scoring flags is timed beside it."""

@@ -129,15 +129,22 @@ def test_cached_slices_follow_every_change_of_the_weights(arch):
         other.feature_index.copy_(guard.feature_index)
         return other.sae(x, other.feature_index)
 
-    def check():
+    def fresh_encode():  # every feature, as the statistics pass encodes, from uncached weights
+        other = our_guard(arch, {}, sae_lens_sae(arch, {}), features=guard.features)
+        other.sae.load_state_dict(guard.sae.state_dict())
+        return other.sae.encode(x)
+
+    def check(every_feature=True):
         with torch.no_grad():
             got, want = guard.sae(x, guard.feature_index), fresh_acts()
+            if every_feature:  # the full encoder's prepared tensors are cached too, in their own entry
+                assert torch.equal(guard.sae.encode(x), fresh_encode())
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         return got[0]
 
     first = check()
     assert torch.equal(check(), first)  # a cache hit gives the same tensors
-    assert "encoder" in guard.sae.__dict__["_slices"] and "decoder" in guard.sae.__dict__["_slices"]
+    assert {"selected encoder", "encoder", "decoder"} <= set(guard.sae.__dict__["_slices"])
     with torch.no_grad():
         guard.sae.W_enc.mul_(1.5)  # an in-place edit
     assert not torch.equal(check(), first)
@@ -149,7 +156,7 @@ def test_cached_slices_follow_every_change_of_the_weights(arch):
     check()
     guard.sae.double()  # a moved or cast module
     x = x.double()
-    check()
+    check(every_feature=False)  # encode() takes float32 input
     with torch.enable_grad():  # under autograd the slices are recomputed, so gradients reach the weights
         guard.sae(x, guard.feature_index)[0].sum().backward()
     assert guard.sae.W_enc.grad is not None and guard.sae.W_enc.grad.abs().sum() > 0

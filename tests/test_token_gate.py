@@ -149,6 +149,39 @@ def test_generation_and_batching_give_the_one_pass_decision(value):
         assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
 
 
+@pytest.mark.parametrize("gate, value", [("any", "flag"), ("weights", "flag"), ("weights", "points")])
+@pytest.mark.parametrize("score", ["fraction", "window"])
+def test_token_by_token_equals_one_pass_with_uncounted_tokens(gate, score, value):
+    """The guard's decoding-step path (one token per call) ends in exactly the one-pass state and rho, also when
+    tokens that do not count (padding, a generated BOS) come after the window is full."""
+    g = weighted(score, value=value) if gate == "weights" else tiny.guardrail("jumprelu", layer=1, threshold=0.2)
+    if gate == "any" and score == "window":
+        g.update(score="window", window=6)
+    model, _ = tiny.tiny_dsg("llama", [g], active_rate=0.3)
+    guard = model.guards[0]
+    gen = torch.Generator().manual_seed(7)
+    with model.guardrails_disabled():
+        hidden = tiny.sample_hidden(model.model, 1, n_rows=5, length=30).view(5, 30, -1)
+    counted = torch.rand(5, 30, generator=gen) < 0.8
+    counted[0, :5] = False  # left padding
+    counted[1, 20:] = False  # uncounted tokens after a full window
+    counted[2] = False  # a row with nothing counted
+    counted[3] = torch.arange(30) % 6 == 1  # 5 counted tokens: one short of a window
+    counted[4] = torch.arange(30) % 10 == 3  # 3 counted tokens
+    with torch.no_grad():
+        _, whole, rho_whole, _, _ = guard(hidden, counted, guard.initial_state(5, "cpu"))
+        for want_flags in (True, False):
+            state, crossed = guard.initial_state(5, "cpu"), torch.zeros(5, dtype=torch.bool)
+            for t in range(30):
+                _, state, rho, _, flags = guard(hidden[:, t : t + 1], counted[:, t : t + 1], state, want_flags)
+                assert (flags is None) == (not want_flags and value == "points")
+                crossed |= rho > guard.threshold
+            assert torch.equal(rho, rho_whole)
+            for name in ("flagged", "seen", "best", "tail"):
+                assert torch.equal(getattr(state, name), getattr(whole, name)), name
+            assert torch.equal(state.fired, crossed)  # sticky: fired once rho passed tau at any step
+
+
 @pytest.mark.parametrize("value", ["flag", "points"])
 @pytest.mark.parametrize("score", ["fraction", "window"])
 def test_stored_activations_give_the_guards_rho(score, value):

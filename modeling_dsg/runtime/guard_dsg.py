@@ -153,7 +153,8 @@ def window_scores(flags, counted, window: int, seen, best, tail, scale: int = 1)
     """
     batch, length = flags.shape
     if length == 1:  # one decoding step: the same result in a third of the operations
-        return window_step(flags, counted, window, seen, best, tail, scale)
+        full = (seen + counted.view(-1)) >= window
+        return window_step(_counted_only(flags, counted), counted, window, full, best, tail, scale)
     order = torch.argsort((~counted).to(torch.int8), dim=1, stable=True)  # counted tokens first, in order
     compact = _counted_only(flags, counted).gather(1, order)
     n_new = counted.sum(-1)
@@ -169,19 +170,22 @@ def window_scores(flags, counted, window: int, seen, best, tail, scale: int = 1)
     return best, seq.gather(1, index).to(tail.dtype)
 
 
-def window_step(flags, counted, window: int, seen, best, tail, scale: int = 1):
-    """`window_scores` for one token per row (flags, counted [B, 1]): the window ending at this token is
-    the last window - 1 flags (`tail`) plus this one, full once the row has seen `window` counted tokens.
-    A decoding step runs it once per guardrail, so it is written in few tensor operations."""
-    new = _counted_only(flags, counted)
+def window_step(new, counted, window: int, full, best, tail, scale: int = 1):
+    """`window_scores` for one token per row, in few tensor operations (a decoding step runs it once per
+    guardrail). new [B, 1]: the token's flag or points, already 0 where it is not counted; counted [B, 1];
+    full [B]: the rows that have now seen `window` counted tokens, counting this one.
+
+    The window ending at this token is the last window - 1 values (`tail`) plus this one. A row whose token is
+    not counted keeps its tail, and since values are never negative its last full window, already in `best`,
+    is at least the sum scored here; so `full` needs no `counted` term and `best` comes out the same."""
     if window > 1:
-        total = tail.sum(-1, keepdim=True).add_(new)
-        tail = torch.where(counted, torch.cat([tail[:, 1:], new], dim=1), tail)
+        seq = torch.cat([tail, new], dim=1)  # the window ending at this token
+        total = seq.sum(-1)
+        tail = torch.where(counted, seq[:, 1:], tail)
     else:
-        total = new.long()
+        total = new.view(-1)
     # -1 (below any fraction) where the window is not full, so the maximum keeps the best so far
-    total = torch.where(counted & (seen >= window - 1).unsqueeze(1), total, -window * scale)
-    return torch.maximum(best, total.view(-1).double().div_(window * scale)), tail
+    return torch.maximum(best, torch.where(full, total.double().div_(window * scale), -1.0)), tail
 
 
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
@@ -316,40 +320,59 @@ class DSGGuard(nn.Module):
             )
         return torch.where(positive, *weights).sum(-1)
 
-    def forward(self, hidden, counted, state: GuardState):
-        """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
-        (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags).
-        A decoding step runs this once per token, so it is written in few tensor operations."""
-        flagged, seen, fired, best, tail = state
-        dtype = self.sae.b_dec.dtype  # the guard computes in its own dtype (fp32 by default)
-        acts, rows, out_scale = self.sae(hidden if hidden.dtype == dtype else hidden.to(dtype), self.feature_index)
-        if not math.isfinite(acts.detach().sum(dtype=torch.float64)):  # [B, T, N]: NaN would read as "not fired"
+    def check_activations(self, acts):
+        """Raise on NaN or inf activations: NaN would read as "not fired". One sum on the hot path; the
+        elementwise check runs only when that sum is not finite (it may overflow on finite values)."""
+        if not math.isfinite(acts.detach().sum()) and not bool(torch.isfinite(acts).all()):
             raise ValueError(
                 f"DSG: guardrail {self.index} ({self.name!r}): non-finite activations at layer "
                 f"{self.layer} (NaN or inf in the hidden state); no decision can be taken on them"
             )
+
+    def forward(self, hidden, counted, state: GuardState, want_flags: bool = True):
+        """Decide and edit. `state` is a `GuardState` (or a tuple of its five fields, in order). Returns
+        (delta in hidden's dtype or None when no token is edited, new `GuardState`, rho, acts, flags); with
+        `want_flags=False` the token flags are left out (None) where no decision needs them, as the hook does
+        when nothing records them. A decoding step runs this once per token, so it is written in few tensor
+        operations."""
+        flagged, seen, fired, best, tail = state
+        dtype = self.sae.b_dec.dtype  # the guard computes in its own dtype (fp32 by default)
+        acts, rows, out_scale = self.sae(hidden if hidden.dtype == dtype else hidden.to(dtype), self.feature_index)
+        self.check_activations(acts)  # [B, T, N]
         positive = acts > 0
+        token_flags = None
         if self.token_weights is None:
-            flags = values = positive.any(-1) & counted
+            token_flags = values = positive.any(-1).logical_and_(counted)
         else:
             points = self.token_points(positive)
-            flags = (points >= self.token_threshold) & counted
-            values = points.clamp_(min=0) * counted if self.points else flags
+            if want_flags or not self.points or self.mode != "dynamic":
+                token_flags = (points >= self.token_threshold) & counted
+            # points: floored at 0 (a threshold is >= 1, so the flags above are the same before or after)
+            values = points.clamp_(min=0).mul_(counted) if self.points else token_flags
+        step = values.shape[1] == 1  # one decoding step: a view in place of a sum over T
+        flagged = flagged + (values.reshape(-1) if step else values.sum(-1))
+        seen_before, seen = seen, seen + (counted.reshape(-1) if step else counted.sum(-1))
+        on_cpu = hidden.device.type == "cpu"  # on CPU a check of a tensor's value costs no device sync
         if self.score == "window":
-            best, tail = window_scores(values, counted, self.window, seen, best, tail, self.point_scale)
-        flagged = flagged + values.sum(-1)
-        seen = seen + counted.sum(-1)
-        if not self.points:
-            rho = flagged.double() / seen.clamp(min=1).double()
+            full = seen >= self.window
+            if step:
+                best, tail = window_step(values, counted, self.window, full, best, tail, self.point_scale)
+            else:
+                best, tail = window_scores(values, counted, self.window, seen_before, best, tail, self.point_scale)
+        if self.score == "window" and on_cpu and bool(full.all()):
+            rho = best  # every row has a full window: its share over the whole row is not needed
         else:
-            rho = flagged.double() / (seen.clamp(min=1).double() * self.point_scale)
-        if self.score == "window":
-            rho = torch.where(seen >= self.window, best, rho)
-        fired = fired | ((rho > self.threshold) if self.mode == "dynamic" else flags.any(-1))
+            if self.point_scale == 1:
+                rho = flagged.double().div_(seen.clamp(min=1))
+            else:  # the exact integer product, divided in float64: the statistics' arithmetic
+                rho = flagged.double().div_(seen.clamp(min=1).mul_(self.point_scale))
+            if self.score == "window":
+                rho = torch.where(full, best, rho)
+        fired = fired | ((rho > self.threshold) if self.mode == "dynamic" else token_flags.any(-1))
         state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
+        flags = token_flags  # [B, T] bool, or None
         if self.action != "clamp":  # refuse acts on the logits (DSGForCausalLM.forward), monitor never acts
             return None, state, rho, acts, flags
-        on_cpu = hidden.device.type == "cpu"  # on CPU the checks below cost no device sync
         if on_cpu and self.mode == "dynamic" and not bool(fired.any()):
             return None, state, rho, acts, flags  # no row has fired: nothing to edit
         active = positive & counted.unsqueeze(-1)
@@ -385,13 +408,13 @@ class DSGGuard(nn.Module):
         state = call.state.get(self.index) if call is not None else None
         if state is None:
             state = self.initial_state(batch, device)
-        elif any(t.device != device for t in state):
+        elif state[0].device != device:  # the fields move together (the cache moves them as one)
             state = GuardState._make(t.to(device) for t in state)
-        delta, state, rho, acts, flags = self(_on(hidden, device), _on(counted, device), state)
+        records = RECORDS.get()
+        delta, state, rho, acts, flags = self(_on(hidden, device), _on(counted, device), state, records is not None)
         if call is not None:
             call.state[self.index] = state
             call.rho[self.index] = rho
-        records = RECORDS.get()
         if records is not None:
             records.append(
                 GuardRecord(

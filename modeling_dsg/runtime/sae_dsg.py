@@ -24,6 +24,12 @@ import torch
 from torch import nn
 
 
+def _affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x W + b for x [..., d_in], in one fused matrix product (the bias added by the product, no extra pass)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.addmm(b, flat, W).view(*x.shape[:-1], W.shape[1])
+
+
 class SparseAutoencoder(nn.Module):
     """Base class. Holds only sae-lens tensors; the guard passes the selected feature indices
     `index` [N] (into the full d_sae space) to `encode_selected` and `decoder_rows`.
@@ -70,23 +76,29 @@ class SparseAutoencoder(nn.Module):
     def _activate(self, x: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
         """Activations of the stored encoder columns `cols` (all stored columns when None)."""
         W, b = self._columns(cols, self.W_enc, self.b_enc)
-        return torch.relu(x @ W + b)
+        return torch.relu(_affine(x, W, b))
 
     def _columns(self, cols, W, *vectors):
-        """W's columns and the vectors' entries at `cols` (everything stored when None)."""
-        if cols is None:
-            return (W, *vectors)
-        return self._cached(
-            "encoder",
-            (cols, W, *vectors),
-            lambda: (W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors)),
-        )
+        """W's columns and the vectors' entries at `cols` (everything stored when None), through `_prepare`,
+        made once while the tensors stay the same (`_cached`)."""
+        sources = (W, *vectors) if cols is None else (cols, W, *vectors)
+
+        def make():
+            if cols is None:
+                return self._prepare(W, *vectors)
+            return self._prepare(W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors))
+
+        return self._cached("encoder" if cols is None else "selected encoder", sources, make)
+
+    def _prepare(self, W, *vectors):
+        """The encoder tensors as `_activate` uses them (a subclass may precompute a per-feature term)."""
+        return (W, *vectors)
 
     def _cached(self, name: str, sources: tuple, make):
-        """`make()`, the selected features' slices of `sources`, computed once and reused while none of the
-        sources changes: the same storage and the same version counter (an in-place edit or a reload bumps
-        it). Each decoding step then skips the gather through the whole SAE. The entry holds the sources, so
-        their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
+        """`make()`, tensors derived from `sources` (the selected features' slices), computed once and reused
+        while none of the sources changes: the same storage and the same version counter (an in-place edit or a
+        reload bumps it). Each decoding step then skips the gather through the whole SAE. The entry holds the
+        sources, so their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
         accelerate hook (whose offloaded weights are loaded afresh for each call), and for inference tensors
         (made under `torch.inference_mode`, they keep no version counter). Runs once per decoding step, so
         the checks are plain attribute reads."""
@@ -170,10 +182,13 @@ class JumpReLUSAE(SparseAutoencoder):
         super()._add_encoder_parameters(n_enc)
         self.threshold = nn.Parameter(torch.zeros(n_enc))
 
+    def _prepare(self, W, b, threshold):
+        return W, b, threshold.clamp(min=0)  # relu(pre) * (pre > threshold) is 0 wherever pre <= max(threshold, 0)
+
     def _activate(self, x, cols):
         W, b, threshold = self._columns(cols, self.W_enc, self.b_enc, self.threshold)
-        pre = x @ W + b
-        return pre.masked_fill_(pre <= threshold.clamp(min=0), 0)  # relu(pre) * (pre > threshold): the same values
+        pre = _affine(x, W, b)
+        return pre.masked_fill_(pre <= threshold, 0)  # relu(pre) * (pre > threshold): the same values
 
 
 class GatedSAE(SparseAutoencoder):
@@ -184,10 +199,13 @@ class GatedSAE(SparseAutoencoder):
         self.b_mag = nn.Parameter(torch.zeros(n_enc))
         self.r_mag = nn.Parameter(torch.zeros(n_enc))
 
+    def _prepare(self, W, b_gate, b_mag, r_mag):
+        return W, W * r_mag.exp(), b_gate, b_mag  # the magnitude path's weights, scaled once
+
     def _activate(self, x, cols):
-        W, b_gate, b_mag, r_mag = self._columns(cols, self.W_enc, self.b_gate, self.b_mag, self.r_mag)
-        gate = (x @ W + b_gate > 0).to(x.dtype)
-        return gate * torch.relu(x @ (W * r_mag.exp()) + b_mag)
+        W, W_mag, b_gate, b_mag = self._columns(cols, self.W_enc, self.b_gate, self.b_mag, self.r_mag)
+        gate = (_affine(x, W, b_gate) > 0).to(x.dtype)
+        return gate * torch.relu(_affine(x, W_mag, b_mag))
 
 
 class TopKSAE(SparseAutoencoder):
@@ -214,8 +232,7 @@ class TopKSAE(SparseAutoencoder):
         return self.dec_norm if self.slim else self.W_dec.norm(dim=-1)
 
     def _pre(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        pre = torch.addmm(self.b_enc, flat, self.W_enc).view(*x.shape[:-1], self.d_sae)  # bias fused, no copy
+        pre = _affine(x, self.W_enc, self.b_enc)
         return pre.mul_(self._decoder_norms()) if self.rescale else pre
 
     def _activate(self, x, cols):
