@@ -79,22 +79,44 @@ def main(argv=None):
         print(f"  {name:<24} {seconds * 1e6:8.0f} us")
 
 
-def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 3, trivial_ops: int = 40):
-    """Median time per decoding step spent in the guarded block's forward hooks, in greedy generations of
-    `new_tokens` tokens from a 128-token prompt; the best of `rounds` generations per variant, variants alternated."""
-    from transformers import AutoModelForCausalLM
-
+def step_clock(model):
+    """Time spent in the guarded block of `model` (its first guardrail's), hooks included, per forward:
+    (the list the times are appended to, the hook handles)."""
     from modeling_dsg.runtime.modeling_dsg import decoder_layers
 
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    guard = model.guards[0]
-    cls, real_forward = type(guard), type(guard).forward
-    block = decoder_layers(model.model)[guard.layer]
+    block = decoder_layers(model.model)[model.guards[0].layer]
     steps, start = [], [0.0]
     handles = [
         block.register_forward_hook(lambda *_: start.__setitem__(0, time.perf_counter()), prepend=True),
         block.register_forward_hook(lambda *_: steps.append(time.perf_counter() - start[0])),
     ]
+    return steps, handles
+
+
+def median_step(model, steps: list, ids, new_tokens: int) -> float:
+    """One greedy generation of `new_tokens` tokens from `ids`; the median of the decoding steps' times in `steps`
+    (its first entry, the prompt, left out)."""
+    steps.clear()
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return statistics.median(steps[1:])
+
+
+def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 3, trivial_ops: int = 40):
+    """Median time per decoding step spent in the guarded block's forward hooks, in greedy generations of
+    `new_tokens` tokens from a 128-token prompt; the best of `rounds` generations per variant, variants alternated."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    guard = model.guards[0]
+    cls, real_forward = type(guard), type(guard).forward
+    steps, handles = step_clock(model)
     one = torch.zeros(1)
 
     def no_tensor_work(self, hidden, counted, state, want_flags=True):
@@ -118,16 +140,7 @@ def in_generation(folder: Path, batch: int, new_tokens: int = 32, rounds: int = 
         for _ in range(rounds):
             for name, forward in variants.items():
                 cls.forward = forward
-                steps.clear()
-                with torch.no_grad():
-                    model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                    )
-                best[name] = min(best[name], statistics.median(steps[1:]))  # steps[0]: the prompt
+                best[name] = min(best[name], median_step(model, steps, ids, new_tokens))
     finally:
         cls.forward = real_forward
         for handle in handles:
@@ -142,30 +155,15 @@ def compare(folder: Path, other: Path, batch: int, new_tokens: int = 32, rounds:
     `new_tokens` tokens from a 128-token prompt, the two folders alternated; the median and best of `rounds`."""
     from transformers import AutoModelForCausalLM
 
-    from modeling_dsg.runtime.modeling_dsg import decoder_layers
-
     timed = {}
     for path in (folder, other):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-        block = decoder_layers(model.model)[model.guards[0].layer]
-        steps, start = [], [0.0]
-        block.register_forward_hook(lambda *_, start=start: start.__setitem__(0, time.perf_counter()), prepend=True)
-        block.register_forward_hook(lambda *_, steps=steps, start=start: steps.append(time.perf_counter() - start[0]))
-        timed[str(path)] = (model, steps, [])
+        timed[str(path)] = (model, step_clock(model)[0], [])
     vocab = next(iter(timed.values()))[0].config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (batch, 128), generator=torch.Generator().manual_seed(0))
     for _ in range(rounds):
         for model, steps, medians in timed.values():
-            steps.clear()
-            with torch.no_grad():
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                )
-            medians.append(statistics.median(steps[1:]))  # steps[0]: the prompt
+            medians.append(median_step(model, steps, ids, new_tokens))
     print(
         f"guard hook per decoding step inside generate, B={batch}, {torch.get_num_threads()} threads, {rounds} rounds:"
     )

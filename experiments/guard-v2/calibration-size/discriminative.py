@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import SETS, rows_subset
+from run import SETS, demo_gate, rows_subset
 
 
 def activity(store):
@@ -81,15 +81,7 @@ def main(argv=None):
     }
     rows = []
     for name, features in candidates.items():
-        weights, threshold = selection.fit_token_gate(forget, retain, features)
-        gate = {
-            "features": features,
-            "score": "window",
-            "window": build.window,
-            "token_weights": weights,
-            "token_threshold": threshold,
-            "token_value": "points",
-        }
+        gate = demo_gate(forget, retain, features, build.window)
         retain_rho = retain.guardrail_scores(gate)
         rho = {key: stores[key].guardrail_scores(gate) for key in stores if isinstance(key, tuple)}
         auroc = {f: selection.auroc(rho[("bio", f)], rho[("mmlu_nonbio", f)]) for f in FORMATS}

@@ -59,6 +59,21 @@ def rows_subset(store, keep_rows):
     )
 
 
+def demo_gate(forget, retain, features, window: int) -> dict:
+    """The demo's learned token gate (points, the window score) on `features`, fit on the two stores."""
+    from modeling_dsg.analysis import selection
+
+    weights, threshold = selection.fit_token_gate(forget, retain, features)
+    return {
+        "features": features,
+        "score": "window",
+        "window": window,
+        "token_weights": weights,
+        "token_threshold": threshold,
+        "token_value": "points",
+    }
+
+
 def collect_stores(args):
     """Build stores (forget, retain: the build's 80% rows, in a seeded order) and held-out stores."""
     from gate_formats import texts_in
@@ -145,15 +160,7 @@ def main(argv=None):
             stats = selection.FeatureStats.from_stores(forget, retain)
             for n in args.n_features:
                 features = selection.select_dynamic(stats, n, build.ratio_percentile, build.importance_percentile)
-                weights, threshold = selection.fit_token_gate(forget, retain, features)
-                gate = {
-                    "features": features,
-                    "score": "window",
-                    "window": build.window,
-                    "token_weights": weights,
-                    "token_threshold": threshold,
-                    "token_value": "points",
-                }
+                gate = demo_gate(forget, retain, features, build.window)
                 retain_rho = retain.guardrail_scores(gate)
                 rho = {key: stores[key].guardrail_scores(gate) for key in stores if isinstance(key, tuple)}
                 for target in args.target_fprs:
