@@ -29,6 +29,19 @@ from modeling_dsg.embedded.data import FORMATS, prompts_in
 SCORES = (("fraction", None), ("window", 8), ("window", 16), ("window", 32))
 
 
+def demo_statistics(base, tokenizer, forget, retain, options):
+    """The statistics pass of build `options` over `forget` and `retain` texts with the shipped SAE at its layer,
+    as `dsg demo` runs it (a `Statistics`)."""
+    from modeling_dsg.data.sources import load_sae, sae_layer
+    from modeling_dsg.embedded.demo import default_sae
+    from modeling_dsg.pipelines.build import gather_statistics
+
+    sae_path = default_sae()
+    sae = load_sae(str(sae_path))
+    with torch.no_grad():
+        return gather_statistics(base, tokenizer, sae, forget, retain, options, str(sae_path), sae_layer(sae))
+
+
 def texts_in(texts, fmt, tokenizer):
     from modeling_dsg.data.mcq import chat_wrap
 

@@ -32,34 +32,24 @@ def main(argv=None):
         print("\n".join(table(json.loads((Path(args.out) / "frontier.json").read_text())["rows"])))
         return 0
 
-    from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
+    from gate_formats import demo_statistics
+
+    from modeling_dsg.data.sources import load_base_model
     from modeling_dsg.embedded import data as embedded
     from modeling_dsg.embedded.data import seeded_sample
-    from modeling_dsg.embedded.demo import DEMO_OPTIONS, default_sae
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
     from modeling_dsg.embedded.results import _mcq, _token_rows
     from modeling_dsg.evaluation.report import clean_json
     from modeling_dsg.pipelines.attack import activation_store, fired
-    from modeling_dsg.pipelines.build import BuildOptions, assemble, gather_statistics
+    from modeling_dsg.pipelines.build import BuildOptions, assemble
     from modeling_dsg.pipelines.sweep import SweepOptions, gate_label, sweep_model, write_outputs
 
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sae_path = default_sae()
     base, tok = load_base_model(str(embedded.gguf_path()))
-    sae = load_sae(str(sae_path))
     build = BuildOptions(**DEMO_OPTIONS)
-    with torch.no_grad():
-        statistics = gather_statistics(
-            base,
-            tok,
-            sae,
-            embedded.forget_texts("build"),
-            embedded.retain_texts("build"),
-            build,
-            str(sae_path),
-            sae_layer(sae),
-        )
+    statistics = demo_statistics(base, tok, embedded.forget_texts("build"), embedded.retain_texts("build"), build)
     options = SweepOptions(
         modes=("dynamic",),
         n_features=(build.n_features,),

@@ -76,28 +76,23 @@ def demo_gate(forget, retain, features, window: int) -> dict:
 
 def collect_stores(args):
     """Build stores (forget, retain: the build's 80% rows, in a seeded order) and held-out stores."""
-    from gate_formats import texts_in
+    from gate_formats import demo_statistics, texts_in
 
     from modeling_dsg.data import rows as rows_mod
-    from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
+    from modeling_dsg.data.sources import load_base_model
     from modeling_dsg.embedded import data as embedded
     from modeling_dsg.embedded.data import FORMATS, prompts_in
-    from modeling_dsg.embedded.demo import DEMO_OPTIONS, default_sae
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
     from modeling_dsg.embedded.results import _token_rows
     from modeling_dsg.pipelines.attack import activation_store
-    from modeling_dsg.pipelines.build import BuildOptions, gather_statistics
+    from modeling_dsg.pipelines.build import BuildOptions
 
     base, tok = load_base_model(str(embedded.gguf_path()))
-    sae_path = default_sae()
-    sae = load_sae(str(sae_path))
     build = BuildOptions(**DEMO_OPTIONS)
     forget_texts, retain_texts = embedded.forget_texts("build", tok), embedded.retain_texts("build", tok)
     # a tiny statistics pass for the layer and the SAE's tensors (activation_store needs them)
     tiny = replace(build, max_docs=16)
-    with torch.no_grad():
-        statistics = gather_statistics(
-            base, tok, sae, forget_texts[:64], retain_texts[:64], tiny, str(sae_path), sae_layer(sae)
-        )
+    statistics = demo_statistics(base, tok, forget_texts[:64], retain_texts[:64], tiny)
     kw = dict(seq_len=build.seq_len, min_chars=build.min_chars, packing=build.packing, seed=build.seed)
     stores = {}
     for name, texts, seed in (("forget", forget_texts, build.seed), ("retain", retain_texts, build.seed + 1)):

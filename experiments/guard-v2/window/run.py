@@ -20,24 +20,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 
 SETS = ("bio", "mmlu_bio", "mmlu_nonbio", "wikitext")
 
 
 def main(argv=None):
-    from gate_formats import texts_in
+    from gate_formats import demo_statistics, texts_in
 
     from modeling_dsg.analysis.selection import auroc
-    from modeling_dsg.data.sources import load_base_model, load_sae, sae_layer
+    from modeling_dsg.data.sources import load_base_model
     from modeling_dsg.embedded import data as embedded
     from modeling_dsg.embedded.data import FORMATS, prompts_in
-    from modeling_dsg.embedded.demo import DEMO_OPTIONS, default_sae
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
     from modeling_dsg.embedded.results import _token_rows
     from modeling_dsg.pipelines.attack import activation_store
-    from modeling_dsg.pipelines.build import BuildOptions, gather_statistics, select_and_calibrate
+    from modeling_dsg.pipelines.build import BuildOptions, select_and_calibrate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -47,20 +45,9 @@ def main(argv=None):
 
     start = time.perf_counter()
     base, tok = load_base_model(str(embedded.gguf_path()))
-    sae_path = default_sae()
-    sae = load_sae(str(sae_path))
     build = BuildOptions(**DEMO_OPTIONS)
-    with torch.no_grad():
-        statistics = gather_statistics(
-            base,
-            tok,
-            sae,
-            embedded.forget_texts("build", tok),
-            embedded.retain_texts("build", tok),
-            build,
-            str(sae_path),
-            sae_layer(sae),
-        )
+    forget, retain = embedded.forget_texts("build", tok), embedded.retain_texts("build", tok)
+    statistics = demo_statistics(base, tok, forget, retain, build)
     records = {
         "bio": embedded.wmdp_records("heldout"),
         "mmlu_bio": embedded.mmlu_records("heldout", "bio"),
