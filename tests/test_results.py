@@ -344,10 +344,12 @@ def test_gate_frontier_takes_each_gates_worst_cell_and_checks_every_goal(tmp_pat
 
 
 def test_every_gate_the_page_compares_is_a_valid_build():
-    """The results page derives its variants from the demo's options (explicitly token points): the paper's gate and
-    static mode drop the points, the gate rows keep them, and the same gate with flags is compared."""
+    """The results page derives its variants from the demo's options (score "features"): the paper's gate and static
+    mode drop the feature weights, the gate rows keep the score at every window and rule, and the previous default
+    (a learned token gate scoring points over 8 tokens) is compared. A default with a learned token gate is compared
+    with the same gate scoring flags instead."""
     from modeling_dsg.embedded.demo import DEMO_OPTIONS
-    from modeling_dsg.embedded.results import ResultsOptions, gate_options
+    from modeling_dsg.embedded.results import PREVIOUS_DEFAULT, ResultsOptions, gate_options
     from modeling_dsg.pipelines.build import BuildOptions
 
     build = BuildOptions(**DEMO_OPTIONS)
@@ -355,7 +357,19 @@ def test_every_gate_the_page_compares_is_a_valid_build():
     for options in (paper, dataclasses.replace(paper, mode="static"), *gates.values()):
         options.validate()
     assert paper.value(paper.gate()[0]) == "flag" and paper.score == "fraction"
+    scores = {name: (o.score, o.window, o.target_fpr) for name, o in gates.items()}
+    assert {scores[f"features, window {w}, FPR 0.025"] for w in (8, 16, 32, 64)} == {
+        ("features", w, 0.025) for w in (8, 16, 32, 64)
+    }
+    assert scores["features, window 32, FPR 0.02"] == ("features", 32, 0.02)
+    assert scores["window 32, any feature, P95"] == ("window", 32, None)
+    previous = gates["learned points, window 8, FPR 0.03 (previous default)"]
+    assert (previous.score, previous.token_gate, previous.value("learned")) == ("window", "learned", "points")
+
+    learned = BuildOptions(**{**DEMO_OPTIONS, **PREVIOUS_DEFAULT})
+    _, gates = gate_options(learned, ResultsOptions())
+    for options in gates.values():
+        options.validate()
     values = {name: o.value(o.gate()[0]) for name, o in gates.items()}
-    assert values[f"learned flags, window {build.window}, FPR 0.03"] == "flag"
-    assert values["window 32, any feature, P95"] == "flag"
+    assert values["learned flags, window 8, FPR 0.03"] == "flag"
     assert {values[f"learned points, window {w}, FPR 0.03"] for w in (8, 16, 32, 64)} == {"points"}

@@ -337,7 +337,7 @@ def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path
         n_features=(2,),
         clamps=(CLAMP,),
         ratio_percentiles=(90.0,),
-        scores=("fraction", "window"),
+        scores=("fraction", "window", "features"),
         windows=(4, 8),
         threshold_percentiles=(50.0, 95.0),
         target_fprs=(0.3,),
@@ -349,14 +349,14 @@ def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path
     window = BuildOptions().window
     assert gates == {
         (score, w, rule, value)
-        for score, w in (("fraction", window), ("window", 4), ("window", 8))
+        for score, w in (("fraction", window), ("window", 4), ("window", 8), ("features", 4), ("features", 8))
         for rule, value in (("percentile", 50.0), ("percentile", 95.0), ("target_fpr", 0.3))
     }
-    assert len(points) == 9 + 1 and [p["rule"] for p in points if p["mode"] == "static"] == ["static"]
+    assert len(points) == 15 + 1 and [p["rule"] for p in points if p["mode"] == "static"] == ["static"]
     assert all("error" not in p for p in points)
     assert sum(p[role]["decision_mismatches"] for p in points for role in ("forget", "retain")) == 0
     by_gate = {(p["score"], p["window"], p["rule"], p["rule_value"]): p for p in dynamic}
-    for score, w in (("fraction", window), ("window", 4), ("window", 8)):
+    for score, w in (("fraction", window), ("window", 4), ("window", 8), ("features", 4), ("features", 8)):
         low, high = by_gate[(score, w, "percentile", 50.0)], by_gate[(score, w, "percentile", 95.0)]
         assert low["tau"] <= high["tau"]
         assert low["calibration"]["retain_fpr"] >= high["calibration"]["retain_fpr"]
@@ -364,6 +364,8 @@ def test_gate_axes_sweep_score_window_and_calibration(world, questions, tmp_path
         assert fpr["rule"] == "target_fpr" and fpr["retain_fpr_upper95"] <= 0.3
     summary = (tmp_path / "gates" / sweep.SUMMARY_FILE).read_text()
     assert "| window 4, P50 |" in summary and "| fraction, FPR bound 0.3 |" in summary
+    assert "| features 8, FPR bound 0.3 |" in summary
+    assert all(len(p["token_weights"]) == len(p["features"]) for p in dynamic if p["score"] == "features")
 
 
 def test_gate_axes_are_checked():

@@ -378,16 +378,6 @@ def test_the_card_says_how_tokens_are_flagged():
     assert "the paper's" not in score_text(weighted("fraction"))
 
 
-def test_the_demo_builds_the_learned_window_gate_with_a_false_positive_bound():
-    from modeling_dsg.embedded.demo import DEMO_OPTIONS
-    from modeling_dsg.pipelines.build import BuildOptions
-
-    options = BuildOptions(**DEMO_OPTIONS)
-    options.validate()
-    assert (options.token_gate, options.score, options.window, options.target_fpr) == ("learned", "window", 8, 0.03)
-    assert options.value(options.gate()[0]) == "points"
-
-
 def test_build_scores_points_by_default(world, tmp_path):  # noqa: F811
     """`dsg build` with the learned gate scores points by default: the config says so, the guard decides by points,
     the card and `dsg explain` describe it; without the learned gate `--token-value points` is refused before

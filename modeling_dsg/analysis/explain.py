@@ -96,6 +96,9 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
                     if weights
                     else None
                 ),
+                **(
+                    {"best_window": best_feature_window(guard, acts > 0, counted)} if guard.score == "features" else {}
+                ),
                 "counted_tokens": int(counted.sum()),
                 "flagged_tokens": int(record["flags"][0].sum()),
                 "tokens": rows,
@@ -103,6 +106,22 @@ def explain(model, tokenizer, text: str, *, chat: bool = False, features_info: d
             }
         )
     return out
+
+
+def best_feature_window(guard, active, counted) -> dict:
+    """Score "features": the first window of the text with the most points (the one rho comes from), as the
+    positions of its first and last counted tokens, the selected features active somewhere in it with their
+    weights, and its points (floored at 0) out of the most a window can have."""
+    positions = counted.nonzero().flatten().tolist()
+    best = {"first": None, "last": None, "features": {}, "points": 0, "most_points": guard.point_scale}
+    for end in range(len(positions)):
+        window = positions[max(0, end - guard.window + 1) : end + 1]
+        seen = active[window].any(0)
+        features = {guard.features[j]: guard.token_weights[j] for j in seen.nonzero().flatten().tolist()}
+        points = max(sum(features.values()), 0)
+        if best["first"] is None or points > best["points"]:
+            best.update(first=window[0], last=window[-1], features=features, points=points)
+    return best
 
 
 def _distinct_tokens(feature: dict, k: int = 5) -> list[str]:
@@ -123,6 +142,15 @@ def format_report(results: list[dict]) -> str:
         )
         lines.append(f"  when it fires: {r['when_fired']}")
         gate = r.get("token_gate")
+        window = r.get("best_window")
+        if window is not None:
+            seen = ", ".join(f"#{i} {w:+d}" for i, w in window["features"].items()) or "none"
+            where = f"tokens {window['first']}..{window['last']}" if window["first"] is not None else "no tokens"
+            lines.append(
+                f"  rho is the best window's points (floored at 0) over the most a window can have: "
+                f"{window['points']} of {window['most_points']}, in {where}, whose features are {seen}"
+            )
+            gate = None  # the features' weights are listed above; a token's own points are shown below
         if gate:
             weights = ", ".join(f"#{i} {w:+d}" for i, w in gate["weights"].items())
             lines.append(

@@ -21,6 +21,13 @@ on forget rows and 0 on retain rows, classes weighted to equal mass, an L1 penal
 float64 with L-BFGS from zeros (deterministic): w_i = round(10 beta_i) and the threshold m = ceil(10 (margin -
 beta_0)), margin 1 (a token is flagged when its logit is about 1 or more: odds of 2.7 to 1 for the forget topic).
 
+Feature gate (score "features"): features and weights from whole rows. For row r, x_r = (1[f_i(t) > 0 at some
+counted token t of r])_i over the candidates (features active in at least 2 forget rows and in a larger share of
+forget rows than of retain rows), y_r = 1 on forget rows and 0 on retain rows, classes weighted to equal mass. A
+logistic regression on the standardized x (an L2 penalty of 1e-2 per squared weight; float64, L-BFGS from zeros)
+ranks the candidates by their coefficient; the N with the largest positive ones are kept, a second fit on their
+raw x (same loss) gives beta, and the integer weights are w_i = round(64 beta_i / max_j |beta_j|).
+
 Calibration: tau = P_95 of rho over retain rows (the paper's rule); a row fires iff rho > tau (strictly).
 Or, with a false-positive guarantee: the smallest tau such that the one-sided Clopper-Pearson upper
 confidence bound on the retain firing rate (k of n retain rows with rho > tau) is at most a target FPR.
@@ -41,6 +48,9 @@ RATIO_EPS = 1e-21
 TOKEN_GATE_SCALE = 10  # points per unit of logit
 TOKEN_GATE_MARGIN = 1.0  # the logit a token needs to be flagged
 TOKEN_GATE_L1 = 1e-3
+FEATURE_GATE_L2 = 1e-2
+FEATURE_GATE_SCALE = 64  # the largest integer weight
+FEATURE_GATE_MIN_ROWS = 2  # forget rows a candidate must be active in
 
 
 def _check_percentile(name: str, p: float) -> None:
@@ -299,3 +309,54 @@ def fit_token_gate(forget: ActivationStore, retain: ActivationStore, features: l
             "tokens), so the guardrail could never fire; use --token-gate any, or more forget data"
         )
     return weights, threshold
+
+
+def _balanced_logistic(x: Tensor, y: Tensor, l2: float) -> Tensor:
+    """The weights (no intercept) of an L2-penalised logistic regression of y on x, classes weighted to equal
+    mass, fit in float64 with L-BFGS from zeros (deterministic)."""
+    positives = int(y.sum())
+    sample_weight = torch.where(y > 0, 0.5 / positives, 0.5 / (len(y) - positives))
+    beta = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([beta, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(x @ beta + bias, y, reduction="none")
+        loss = (losses * sample_weight).sum() + l2 * (beta * beta).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return beta.detach()
+
+
+def fit_feature_gate(forget: ActivationStore, retain: ActivationStore, n_features: int) -> tuple[list[int], list[int]]:
+    """The features (sorted) and their integer weights for score "features", fit on whole rows of the forget and
+    retain stores (see the module docstring). Raises if no feature is more frequent in forget rows."""
+    if forget.n_rows == 0 or retain.n_rows == 0:
+        raise DSGError("the feature gate needs rows in both the forget and the retain corpus")
+    in_forget, in_retain = forget.row_activity(), retain.row_activity()  # [rows, d_sae] bool
+    forget_rows = in_forget.sum(0)
+    share_f, share_r = forget_rows / forget.n_rows, in_retain.sum(0) / retain.n_rows
+    candidates = ((forget_rows >= FEATURE_GATE_MIN_ROWS) & (share_f > share_r)).nonzero().flatten()
+    if len(candidates) == 0:
+        raise DSGError(
+            "no SAE feature is active in a larger share of forget rows than of retain rows, so the feature gate "
+            "has nothing to weigh; use --score window, or more forget data"
+        )
+    x = torch.cat([in_forget[:, candidates], in_retain[:, candidates]]).double()
+    y = torch.cat([torch.ones(forget.n_rows, dtype=torch.float64), torch.zeros(retain.n_rows, dtype=torch.float64)])
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    ranked = _balanced_logistic((x - mean) / std, y, FEATURE_GATE_L2)
+    order = torch.argsort(ranked, descending=True, stable=True)[:n_features]
+    order = order[ranked[order] > 0]
+    if len(order) == 0:
+        raise DSGError("no SAE feature raises the odds of the forget topic, so the feature gate could never fire")
+    order = order.sort().values  # candidates are sorted, so the features come out sorted
+    beta = _balanced_logistic(x[:, order], y, FEATURE_GATE_L2)
+    weights = torch.round(beta * FEATURE_GATE_SCALE / beta.abs().max()).long()
+    if not bool((weights > 0).any()):
+        raise DSGError("the feature gate's weights are all at most 0, so it could never fire")
+    return candidates[order].tolist(), weights.tolist()

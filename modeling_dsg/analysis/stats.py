@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data.rows import Rows
 from ..errors import DSGError
-from ..runtime.guard_dsg import window_scores
+from ..runtime.guard_dsg import feature_window_scores, window_scores
 from .forward import block_output, decoder_block, decoder_blocks
 
 
@@ -150,11 +150,17 @@ class ActivationStore:
         "fraction": flagged counted tokens / counted tokens of the row (0 where a row has none).
         "window": the largest flagged fraction over `window` consecutive counted tokens (the fraction
         while the row has fewer than `window`), through the guard's own `window_scores`.
+        "features": the largest share, over windows of `window` counted tokens, of the `token_weights` of the
+        features active somewhere in the window (see configuration_dsg), through the guard's own arithmetic.
         A token is flagged as `token_flags(features, token_weights, token_threshold)` says.
         token_value "points" (with `token_weights`): a token adds its points floored at 0 instead of its flag,
         and rho is a share of the most points (the positive weights' sum per token), as the guard does.
         Only counted tokens enter, so a row's score does not depend on its padding or its batch.
         """
+        if score == "features":
+            if token_weights is None:
+                raise DSGError("score 'features' needs token_weights")
+            return self.feature_window_rho(features, token_weights, window)
         if token_value == "points":
             if token_weights is None:
                 raise DSGError("token_value 'points' needs token_weights")
@@ -174,7 +180,7 @@ class ActivationStore:
         if score == "fraction":
             return fraction
         if score != "window":
-            raise DSGError(f"unknown score {score!r} (fraction or window)")
+            raise DSGError(f"unknown score {score!r} (fraction, window or features)")
         dense, counted = self.dense_rows(values)
         zeros = torch.zeros(self.n_rows, dtype=torch.long)
         best, _ = window_scores(
@@ -187,6 +193,39 @@ class ActivationStore:
             scale,
         )
         return torch.where(self.row_token_counts >= window, best, fraction)
+
+    def row_activity(self) -> Tensor:
+        """[n_rows, d_sae] bool: whether each feature is active (> 0) at some counted token of each row."""
+        nnz = (self.indptr[1:] - self.indptr[:-1]).long()
+        rows = torch.repeat_interleave(self.token_row.long(), nnz)
+        out = torch.zeros(self.n_rows, self.d_sae, dtype=torch.bool)
+        out[rows, self.feature_index.long()] = True
+        return out
+
+    def feature_window_rho(self, features: Iterable[int], token_weights: Iterable[int], window: int) -> Tensor:
+        """rho per row for score "features" (see `row_scores`), through the guard's own `feature_window_scores`
+        over the rows' counted tokens, 256 rows at a time. Returns [n_rows] float64."""
+        weights = torch.as_tensor(list(token_weights), dtype=torch.long)
+        scale = int(weights.clamp(min=0).sum())
+        rho = torch.zeros(self.n_rows, dtype=torch.float64)
+        if self.n_tokens == 0:
+            return rho
+        activity = self.feature_activity(features)  # [n_tokens, N]
+        tokens, counted = self.dense_rows(torch.arange(self.n_tokens))
+        for start in range(0, self.n_rows, 256):
+            index, mask = tokens[start : start + 256], counted[start : start + 256]
+            rows = len(index)
+            rho[start : start + rows], _ = feature_window_scores(
+                activity[index] & mask.unsqueeze(-1),
+                mask,
+                window,
+                torch.zeros(rows, dtype=torch.long),
+                torch.zeros(rows, dtype=torch.float64),
+                torch.full((rows, len(weights)), -window, dtype=torch.long),
+                weights,
+                scale,
+            )
+        return rho
 
     def dense_rows(self, token_values: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token values as [n_rows, longest row] in position order, and the mask of real entries."""

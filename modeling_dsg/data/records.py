@@ -76,7 +76,9 @@ class GuardrailRecord(TypedDict, total=False):
     threshold_percentile: float  # null when a false-positive bound chose tau
     tau: float
     calibration: dict  # `build.calibration_record`
-    token_gate: dict  # `build.Selection.gate`: {"gate": "any" or "learned", "fallback": null or why not learned}
+    token_gate: (
+        dict  # `build.Selection.gate`: {"gate": "any", "learned" or "features", "fallback": null or why not learned}
+    )
     rows: dict  # {forget, retain, seq_len, packing}
     tokens: dict  # counted tokens per row set
     rho: dict  # per row set, the `analysis.selection.rho_summary` of rho

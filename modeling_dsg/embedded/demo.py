@@ -6,9 +6,10 @@ the WMDP-bio questions and MMLU biology-subject questions. Retain: non-biology M
 question comes in the three formats users send (bare, with the lm-eval preamble, through the chat template) on
 both sides, so format features do not pass the selection and the gate is fit and calibrated on those formats.
 
-The guardrail (`DEMO_OPTIONS`): the paper's selection (N = 20), the learned token gate scoring each token's points,
-the window score (8 tokens) and tau from a false-positive bound; `dsg results` measures why each choice (its
-"gates" section).
+The guardrail (`DEMO_OPTIONS`): score "features" (N = 20 features and their integer weights fit on whole build
+prompts; rho is the weights of the features active somewhere in any 32 tokens, at best) and tau from a false-positive
+bound (2.5%); `dsg results` measures it against the other gates (its "gates" section), and
+`experiments/guard-v2/feature-gate` maps its N, window and bound.
 
 It builds a biology guardrail, prints tau, the selected features with their top tokens, the trigger
 rates on held-out prompts (never used to build), and a biology and a non-biology greedy generation,
@@ -32,11 +33,11 @@ DEMO_OPTIONS = dict(
     n_features=20,
     clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
-    score="window",  # the largest flagged share of any 8 tokens: filler around a question cannot dilute it
-    window=8,
-    token_gate="learned",  # integer per-feature weights decide which tokens count as flagged
-    token_value="points",  # a token adds its points (floored at 0), not 1 per flag: a finer score
-    target_fpr=0.03,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 3%
+    # features and integer weights fit on whole build rows; rho: the weights of the features active somewhere in
+    # any 32 tokens, at best (filler around a question cannot dilute it)
+    score="features",
+    window=32,
+    target_fpr=0.025,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 2.5%
     seq_len=256,
     packing=False,
     max_docs=2048,
@@ -168,7 +169,12 @@ def run_demo(
     )
     print(f"      tau = {info['tau']:.4f} ({rule})")
     gate = result.guardrail
-    if "token_weights" in gate:
+    if gate.get("score") == "features":
+        print(
+            f"      feature gate: rho = the weights of the features active in any {gate['window']} tokens, at best, "
+            f"over {sum(w for w in gate['token_weights'] if w > 0)}; weights {gate['token_weights']}"
+        )
+    elif "token_weights" in gate:
         print(
             f"      token gate: a token is flagged at {gate['token_threshold']} points; "
             f"weights {gate['token_weights']}"

@@ -3,8 +3,8 @@
 One command measures, on SmolLM2-135M-Instruct with the shipped layer-6 SAE and held-out questions
 that no build, SAE or calibration ever saw:
 
-1. the main table: base, static clamping (seed baseline), DSG (the default guardrail: learned token gate, window
-   score, tau from a false-positive bound; `embedded.demo.DEMO_OPTIONS`), DSG with the paper's gate (fraction score,
+1. the main table: base, static clamping (seed baseline), DSG (the default guardrail: score "features", tau from a
+   false-positive bound; `embedded.demo.DEMO_OPTIONS`), DSG with the paper's gate (fraction score,
    any feature, 95th percentile: the previous default, kept for comparison) and RMU (gradient unlearning) on
    held-out WMDP-bio (forget), non-biology MMLU (retain) and WikiText (text), with build / training wall times;
 2. held-out trigger rates of every guarded variant on four held-out prompt sets;
@@ -100,33 +100,50 @@ def _token_rows(tokenizer, texts):
     return Rows.from_sequences(tokenizer(texts)["input_ids"], padding_id(tokenizer))
 
 
+# The embedded default's previous gate (score "window"), compared with the current one on the results page.
+PREVIOUS_DEFAULT = dict(score="window", window=8, token_gate="learned", token_value="points", target_fpr=0.03)
+
+
+def gate_name(build_opts) -> str:
+    """A dynamic gate's score in words: "features" or "learned points" / "learned flags" (a learned token gate
+    and what a token adds), or "any feature"."""
+    if build_opts.score == "features":
+        return "features"
+    gate = build_opts.gate()[0]
+    if gate == "any":
+        return "any feature"
+    return f"learned {'points' if build_opts.value(gate) == 'points' else 'flags'}"
+
+
 def gate_options(build_opts, options) -> tuple:
     """The build options of the paper's gate on the default's statistics (static mode is it with mode "static"),
     and of each gate the page compares {name: options}: the paper's window, the default at other windows, at the
-    paper's percentile and at a 0.02 bound, and scoring the other token value."""
+    paper's percentile and at a 0.02 bound, the other token value (a learned token gate) or the previous default
+    (score "features")."""
     from ..pipelines.build import PAPER_PERCENTILE
 
     p95 = {"target_fpr": None, "threshold_percentile": PAPER_PERCENTILE}  # the paper's calibration
     paper = dataclasses.replace(build_opts, score="fraction", token_gate="any", token_value=None, **p95)
     fpr = f"FPR {build_opts.target_fpr:g}" if build_opts.target_fpr is not None else "P95"
-    words = {"flag": "flags", "points": "points"}  # what a token adds to a learned gate's score, in gate names
-    value = words[build_opts.value("learned")]
+    name = gate_name(build_opts)
     gates = {
         f"window {options.window}, any feature, P95": dataclasses.replace(
-            build_opts, window=options.window, token_gate="any", token_value=None, **p95
+            build_opts, score="window", window=options.window, token_gate="any", token_value=None, **p95
         ),
-        **{
-            f"learned {value}, window {w}, {fpr}": dataclasses.replace(build_opts, window=w)
-            for w in options.window_ablation
-        },
-        f"learned {value}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
-        f"learned {value}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
+        **{f"{name}, window {w}, {fpr}": dataclasses.replace(build_opts, window=w) for w in options.window_ablation},
+        f"{name}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
+        f"{name}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
     }
+    if build_opts.score == "features":
+        previous = dataclasses.replace(build_opts, **PREVIOUS_DEFAULT)
+        gates[f"{gate_name(previous)}, window {previous.window}, FPR {previous.target_fpr:g} (previous default)"] = (
+            previous
+        )
+        return paper, gates
     for other in TOKEN_VALUES:  # the same gate scoring the other token value (flags: the previous default)
-        if words[other] != value:
-            gates[f"learned {words[other]}, window {build_opts.window}, {fpr}"] = dataclasses.replace(
-                build_opts, token_value=other
-            )
+        other_opts = dataclasses.replace(build_opts, token_value=other)
+        if gate_name(other_opts) != name:
+            gates[f"{gate_name(other_opts)}, window {build_opts.window}, {fpr}"] = other_opts
     return paper, gates
 
 

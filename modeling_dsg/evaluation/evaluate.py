@@ -203,7 +203,7 @@ def _guardrails(model) -> list[dict]:
                 "score": score,
                 "tau": float(g.threshold),
                 "n_features": len(g.features),
-                **({"window": g.window} if score == "window" else {}),
+                **({"window": g.window} if score in ("window", "features") else {}),
                 "action": action,
                 **({"refusal": g.refusal} if action == "refuse" else {}),
             }

@@ -110,7 +110,7 @@ class ReportGuardrail(TypedDict):
     score: str
     tau: float
     n_features: int
-    window: NotRequired[int]  # score "window" only
+    window: NotRequired[int]  # scores "window" and "features" only
     action: NotRequired[str]  # "clamp", "refuse" or "monitor"; absent in older reports: "clamp"
     refusal: NotRequired[str]  # action "refuse" only
 

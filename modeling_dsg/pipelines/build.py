@@ -114,10 +114,12 @@ class BuildOptions:
     score: str = option(
         "window",
         choices=SCORES,
-        help="rho: the largest flagged share of any --window tokens (default; filler cannot dilute it) or the "
-        "flagged fraction of the whole sequence (the paper's)",
+        help="rho: the largest flagged share of any --window tokens (default; filler cannot dilute it), the "
+        "flagged fraction of the whole sequence (the paper's), or features: the largest share, over any --window "
+        "tokens, of the integer weights of the features active somewhere in them (features and weights fit on whole "
+        "build rows: `selection.fit_feature_gate`; the embedded default's; dynamic mode only)",
     )
-    window: int = option(32, help="window size for --score window")
+    window: int = option(32, help="window size for --score window and --score features")
     token_gate: str | None = option(
         None,
         choices=TOKEN_GATES,
@@ -203,7 +205,16 @@ class BuildOptions:
             *row_option_checks(self, flags=True),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.layer is None or self.layer >= 0, f"--layer must be >= 0, got {self.layer}"),
-            (self.score in SCORES, f"unknown --score {self.score!r} (fraction or window)"),
+            (self.score in SCORES, f"unknown --score {self.score!r} (one of {', '.join(SCORES)})"),
+            (
+                self.score != "features" or self.mode == "dynamic",
+                "--score features is the dynamic classifier's score; a static guardrail has none",
+            ),
+            (
+                self.score != "features" or (self.token_gate is None and self.token_value is None),
+                "--score features fits its own feature weights on whole rows; --token-gate and --token-value "
+                "are for --score window and fraction",
+            ),
             (
                 self.token_gate in (None, *TOKEN_GATES),
                 f"unknown --token-gate {self.token_gate!r} (any or learned)",
@@ -578,13 +589,20 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selec
     check_sae_options(options, statistics.sae_spec["d_sae"])
     stats, stores = statistics.stats, statistics.stores
     start = time.perf_counter()
-    if options.mode == "dynamic":
-        features = selection.select_dynamic(
-            stats, options.n_features, options.ratio_percentile, options.importance_percentile
+    if options.score == "features":
+        features, weights = selection.fit_feature_gate(stores["forget"], stores["retain"], options.n_features)
+        token_gate, gate_record = (
+            {"token_weights": weights, "token_threshold": 1},
+            {"gate": "features", "fallback": None},
         )
     else:
-        features = selection.select_static(stats, options.n_features, options.static_retain_freq)
-    token_gate, gate_record = fit_gate(statistics, features, options)
+        if options.mode == "dynamic":
+            features = selection.select_dynamic(
+                stats, options.n_features, options.ratio_percentile, options.importance_percentile
+            )
+        else:
+            features = selection.select_static(stats, options.n_features, options.static_retain_freq)
+        token_gate, gate_record = fit_gate(statistics, features, options)
     timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
     gate = {"features": features, "score": options.score, "window": options.window, **token_gate}
@@ -655,7 +673,7 @@ def guardrail_from(
         "action": options.action,
         "sae": {**statistics.sae_spec, "slim": False},
     }
-    if options.score == "window":
+    if options.score in ("window", "features"):
         guardrail["window"] = options.window
     guardrail.update(token_gate or {})
     if options.action == "refuse":

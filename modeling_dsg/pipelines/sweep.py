@@ -65,7 +65,7 @@ from ..errors import DSGError, raise_first
 from ..evaluation.metrics import mcq_numbers
 from ..evaluation.scoring import score_set
 from ..options import add_options, from_args, option
-from ..runtime.configuration_dsg import MAX_CLAMP, MAX_WINDOW, MODES, SCORES
+from ..runtime.configuration_dsg import MAX_CLAMP, MAX_WINDOW, MODES, SCORES, WINDOWED
 from .build import DEFAULT_CLAMP, BuildOptions
 
 METRICS = ("accuracy", "choice_prob", "cloze_prob")
@@ -213,7 +213,7 @@ class SweepOptions:
         return [
             {"score": score, "window": window, "rule": rule, "rule_value": value}
             for score in scores
-            for window in (windows if score == "window" else (b.window,))
+            for window in (windows if score in WINDOWED else (b.window,))
             for rule, value in rules
         ]
 
@@ -243,7 +243,9 @@ class SweepOptions:
 
     def grid(self) -> list[dict]:
         b = self.build or BuildOptions()
-        static_gate = {"score": b.score, "window": b.window, "rule": "static", "rule_value": None}
+        # static mode has no classifier: it keeps the build's score only where a static guardrail can have it
+        score = b.score if b.score != "features" else "fraction"
+        static_gate = {"score": score, "window": b.window, "rule": "static", "rule_value": None}
         points = []
         for mode in self.modes:
             for ratio in self.ratio_percentiles if mode == "dynamic" else (None,):
@@ -439,7 +441,7 @@ def gate_label(point: dict) -> str:
     """A grid point's gate in words: its score (with the window) and how tau was calibrated."""
     if point.get("rule", "static") == "static" or point["mode"] == "static":
         return "always on (static)"
-    score = f"window {point['window']}" if point["score"] == "window" else point["score"]
+    score = f"{point['score']} {point['window']}" if point["score"] in WINDOWED else point["score"]
     rule = f"P{point['rule_value']:g}" if point["rule"] == "percentile" else f"FPR bound {point['rule_value']:g}"
     return f"{score}, {rule}"
 

@@ -88,6 +88,15 @@ def score_text(g: dict) -> str:
     """How the guardrail's score (config "score", "window", "token_weights") is described in the card; an unknown
     score is named only."""
     score = g.get("score") or "fraction"
+    if score == "features" and g.get("token_weights"):
+        most = sum(w for w in g["token_weights"] if w > 0)
+        return (
+            f"the largest share, over any {g.get('window', 32)} consecutive real tokens (not padding, not BOS), of "
+            "the integer weights of the selected features active somewhere in those tokens, each feature counted once "
+            f"and the sum floored at 0, over the most a window can have ({most}) (score `features`: the features and "
+            "weights were fit on whole build rows; the weights are in `config.json` and `dsg explain` shows the "
+            "features each token activates)"
+        )
     flagged = "any selected feature is active"
     if g.get("token_weights"):
         flagged = (

@@ -31,7 +31,13 @@ A guardrail (one forget topic) is a dict with these fields:
                       "fraction": the fraction of tokens where any selected feature is > 0 (the paper's);
                       "window": the largest such fraction over any `window` consecutive real tokens
                       (the fraction itself while fewer than `window` tokens were seen). Padding a
-                      prompt with harmless filler dilutes "fraction" but not "window".
+                      prompt with harmless filler dilutes "fraction" but not "window";
+                      "features": the largest share, over any `window` consecutive real tokens (fewer at the
+                      start of a row), of the points of the features active somewhere in those tokens: each
+                      feature counts once per window with its integer `token_weights` entry, and rho is that
+                      sum floored at 0 over the positive weights' sum (needs `token_weights`; exact integer
+                      sums, so the same in any batch or chunk). `dsg build --score features` fits the weights
+                      on whole build rows (a logistic regression over which features a row activates).
     action     str    what a fired guardrail does (default "clamp"):
                       "clamp": the edit above (the paper's);
                       "refuse": no edit; a fired row's continuation is `refusal_ids`, then end of
@@ -41,7 +47,8 @@ A guardrail (one forget topic) is a dict with these fields:
                       nothing: every row's outputs are bit-identical to the base model's.
     refusal    str    "refuse" only: the refusal text (for display; default "I can't help with that.").
     refusal_ids [int] "refuse" only: the refusal's token ids in the model's tokenizer (non-empty).
-    window     int    window size for score "window" (2 ..= 2**20; default 32). Absent for "fraction".
+    window     int    window size for scores "window" and "features" (2 ..= 2**20; default 32). Absent for
+                      "fraction".
     sae        dict   the sparse autoencoder (names and math as in sae-lens):
         architecture            "standard" | "jumprelu" | "topk" | "gated"
         d_in, d_sae             int (at most 2**25); d_in must equal the base model's hidden size
@@ -64,7 +71,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 MODES = ("dynamic", "static")
-SCORES = ("fraction", "window")
+SCORES = ("fraction", "window", "features")
+WINDOWED = ("window", "features")  # the scores that take a window
 TOKEN_VALUES = ("flag", "points")
 ACTIONS = ("clamp", "refuse", "monitor")
 DEFAULT_REFUSAL = "I can't help with that."
@@ -171,12 +179,12 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
     g.setdefault("score", "fraction")
     if g["score"] not in SCORES:
         _fail(where, f"unknown score {g['score']!r} (expected one of {', '.join(SCORES)})")
-    if g["score"] == "window":
+    if g["score"] in WINDOWED:
         g.setdefault("window", 32)
         if not _is_int(g["window"]) or not 2 <= g["window"] <= MAX_WINDOW:
             _fail(where, f"'window' must be an integer in [2, {MAX_WINDOW}], got {g['window']!r}")
     elif g.get("window") is not None:
-        _fail(where, "'window' is only meaningful with score 'window'")
+        _fail(where, "'window' is only meaningful with scores 'window' and 'features'")
     else:
         g.pop("window", None)
     g.setdefault("action", "clamp")
@@ -228,6 +236,8 @@ def validate_guardrail(g: dict, index: int, num_layers: int | None = None, hidde
 def _validate_token_gate(g: dict, where: str) -> None:
     """Check (in place) the optional per-feature token weights of a guardrail."""
     weights = g.get("token_weights")
+    if g["score"] == "features" and weights is None:
+        _fail(where, "score 'features' weighs each feature seen in a window: it needs 'token_weights'")
     if weights is None:
         for key in ("token_threshold", "token_value"):
             if g.get(key) is not None:
@@ -247,6 +257,10 @@ def _validate_token_gate(g: dict, where: str) -> None:
     value = g.pop("token_value", "flag")
     if value not in TOKEN_VALUES:
         _fail(where, f"unknown token_value {value!r} (expected one of {', '.join(TOKEN_VALUES)})")
+    if value == "points" and g["score"] == "features":
+        _fail(where, "token_value 'points' scores tokens; score 'features' scores the features of a window")
+    if g["score"] == "features" and not any(w > 0 for w in weights):
+        _fail(where, "score 'features' needs a positive token weight (no window could score)")
     if value == "points":  # stored only when not the default, like 'window'
         if not any(w > 0 for w in weights):
             _fail(where, "token_value 'points' needs a positive token weight (no token could score)")

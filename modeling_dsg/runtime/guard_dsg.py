@@ -12,6 +12,8 @@ state h [B, T, d] it computes, in fp32 and only for the N selected features:
     rho      = (values so far) / (counted tokens so far)             [B]   per row, score "fraction"
              or the largest such share over `window` consecutive counted tokens so far
                (the fraction while fewer than `window` were seen)           score "window"
+             or the largest, over the windows of `window` counted tokens so far (fewer at the start),
+               of max(sum_i w_i 1[feature i active somewhere in the window], 0) / P   score "features"
     fired    = fired_before or rho > tau                             [B]   (dynamic mode)
     edit_t   = fired and active_t                                    [B, T]
     f'       = -clamp for all selected features where edit_t, f elsewhere
@@ -50,11 +52,14 @@ class GuardState(NamedTuple):
     (`GuardedCache` rebuilds it with `type(state)._make`).
     """
 
-    flagged: torch.Tensor  # [B] long: counted tokens flagged so far (token_value "points": their points)
+    flagged: torch.Tensor  # [B] long: counted tokens flagged so far (token_value "points": their points; 0 for
+    # score "features", whose rho needs no count)
     seen: torch.Tensor  # [B] long: counted tokens so far
     fired: torch.Tensor  # [B] bool: the guardrail has fired on the row (sticky)
-    best: torch.Tensor  # [B] float64: best flagged fraction over a full window so far, -1 before one
-    tail: torch.Tensor  # [B, window - 1]: the last window - 1 counted flags (bool) or points (long), right-aligned
+    best: torch.Tensor  # [B] float64: best flagged fraction over a full window so far, -1 before one (score
+    # "features": the best window's share so far, 0 before any)
+    tail: torch.Tensor  # [B, window - 1]: the last window - 1 counted flags (bool) or points (long), right-aligned;
+    # score "features": [B, N] long, the counted token (1, 2, ...) at which each feature was last active
 
 
 class RefusalState(NamedTuple):
@@ -188,6 +193,29 @@ def window_step(new, counted, window: int, full, best, tail, scale: int = 1):
     return torch.maximum(best, torch.where(full, total.double().div_(window * scale), -1.0)), tail
 
 
+def feature_window_scores(active, counted, window: int, seen, best, last, weights, scale: int):
+    """Running maximum, per row, of a window's feature points (score "features").
+
+    active [B, T, N] bool: the selected features active at each token, only at counted tokens; counted [B, T];
+    seen [B] counted tokens before this chunk; best [B] float64; last [B, N] long: the counted token (1-based) at
+    which each feature was last active, -window if never. A counted token's window is it and the window - 1
+    counted tokens before it; its score is the `weights` (a long vector [N]) of the features active anywhere in
+    the window, summed, floored at 0, over `scale`. Returns the new (best, last). Integer arithmetic up to one
+    division in float64, so the same in one pass, in chunks or token by token. An uncounted token's window is
+    the last counted token's, already scored, so no mask is needed."""
+    zero = weights.new_zeros(())
+    if active.shape[1] == 1:  # one decoding step
+        pos = (seen + counted.view(-1)).unsqueeze(-1)  # [B, 1]: this token's counted index
+        last = torch.where(active.squeeze(1), pos, last)
+        total = torch.where(last > pos - window, weights, zero).sum(-1)
+    else:
+        pos = seen.unsqueeze(1) + counted.long().cumsum(1)  # [B, T]: each token's (last) counted index
+        stamps = torch.where(active, pos.unsqueeze(-1), last.unsqueeze(1)).cummax(1).values  # [B, T, N]
+        total = torch.where(stamps > (pos - window).unsqueeze(-1), weights, zero).sum(-1).amax(-1)
+        last = stamps[:, -1]
+    return torch.maximum(best, total.clamp_(min=0).double().div_(scale)), last
+
+
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
 # the list that `record_guardrails` collects `GuardRecord`s into (None: not recording).
 CURRENT_CALL: contextvars.ContextVar = contextvars.ContextVar("dsg_call", default=None)
@@ -216,14 +244,15 @@ class DSGGuard(nn.Module):
         self.clamp = guardrail["clamp"]
         self.threshold = guardrail["threshold"]
         self.score = guardrail.get("score", "fraction")
-        self.window = guardrail.get("window", 1) if self.score == "window" else 1
+        self.window = guardrail.get("window", 1) if self.score in ("window", "features") else 1
         self.features = list(guardrail["features"])
         self.token_weights = guardrail.get("token_weights")
         self.token_threshold = guardrail.get("token_threshold", 1)
         self.token_value = guardrail.get("token_value", "flag")
         self.points = self.token_value == "points"
-        # the most points a token can have: what a token's value and rho are shares of ("points"), else 1
-        self.point_scale = sum(w for w in self.token_weights if w > 0) if self.points else 1
+        # the most points a token (or, score "features", a window) can have: what rho is a share of; else 1
+        scaled = self.points or self.score == "features"
+        self.point_scale = sum(w for w in self.token_weights if w > 0) if scaled else 1
         self._weights_on = {}  # device -> (token_weights as a LongTensor, a long zero), made once per device
         self.sae_config = dict(guardrail["sae"])
         self.sae = make_sae(guardrail["sae"], len(self.features))
@@ -260,7 +289,7 @@ class DSGGuard(nn.Module):
             "score": self.score,
             "sae": dict(self.sae_config),
         }
-        if self.score == "window":
+        if self.score in ("window", "features"):
             config["window"] = self.window
         if self.token_weights is not None:
             config.update(token_weights=list(self.token_weights), token_threshold=self.token_threshold)
@@ -274,12 +303,16 @@ class DSGGuard(nn.Module):
     def initial_state(self, batch: int, device) -> GuardState:
         """The rows' running state before their first token: nothing flagged, seen or fired, no window."""
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.score == "features":  # no feature seen yet: last active "window tokens before the first"
+            tail = torch.full((batch, len(self.features)), -self.window, dtype=torch.long, device=device)
+        else:
+            tail = torch.zeros(batch, self.window - 1, dtype=torch.long if self.points else torch.bool, device=device)
         return GuardState(
             flagged=zeros,
             seen=zeros,
             fired=torch.zeros(batch, dtype=torch.bool, device=device),
-            best=torch.full((batch,), -1.0, dtype=torch.float64, device=device),
-            tail=torch.zeros(batch, self.window - 1, dtype=torch.long if self.points else torch.bool, device=device),
+            best=torch.full((batch,), 0.0 if self.score == "features" else -1.0, dtype=torch.float64, device=device),
+            tail=tail,
         )
 
     def check_loaded(self):
@@ -308,17 +341,18 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
+    def weights_on(self, device) -> torch.Tensor:
+        """`token_weights` as a LongTensor [N] on `device` (made once per device)."""
+        weights = self._weights_on.get(device)
+        if weights is None:
+            weights = self._weights_on[device] = torch.tensor(self.token_weights, dtype=torch.long, device=device)
+        return weights
+
     def token_points(self, positive):
         """[B, T] long: the `token_weights` of each token's active features, summed (integer sums: the same in
         any batch or chunk). `positive` [B, T, N] bool: the active features."""
-        weights = self._weights_on.get(positive.device)
-        if weights is None:
-            weights = torch.tensor(self.token_weights, dtype=torch.long, device=positive.device)
-            weights = self._weights_on[positive.device] = (
-                weights,
-                torch.zeros((), dtype=torch.long, device=positive.device),
-            )
-        return torch.where(positive, *weights).sum(-1)
+        weights = self.weights_on(positive.device)
+        return torch.where(positive, weights, weights.new_zeros(())).sum(-1)
 
     def check_activations(self, acts):
         """Raise on NaN or inf activations: NaN would read as "not fired". One sum on the hot path; the
@@ -341,6 +375,20 @@ class DSGGuard(nn.Module):
         self.check_activations(acts)  # [B, T, N]
         positive = acts > 0
         token_flags = None
+        if self.score == "features":
+            if want_flags:
+                token_flags = (self.token_points(positive) >= self.token_threshold) & counted
+            active = positive & counted.unsqueeze(-1)
+            step = counted.shape[1] == 1
+            seen_before, seen = seen, seen + (counted.reshape(-1) if step else counted.sum(-1))
+            weights = self.weights_on(active.device)
+            best, tail = feature_window_scores(
+                active, counted, self.window, seen_before, best, tail, weights, self.point_scale
+            )
+            rho = best
+            fired = fired | (rho > self.threshold)
+            state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
+            return self._edit(hidden, acts, rows, out_scale, active, counted, state, rho, token_flags)
         if self.token_weights is None:
             token_flags = values = positive.any(-1).logical_and_(counted)
         else:
@@ -370,9 +418,16 @@ class DSGGuard(nn.Module):
                 rho = torch.where(full, best, rho)
         fired = fired | ((rho > self.threshold) if self.mode == "dynamic" else token_flags.any(-1))
         state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
-        flags = token_flags  # [B, T] bool, or None
+        return self._edit(hidden, acts, rows, out_scale, positive, counted, state, rho, token_flags)
+
+    def _edit(self, hidden, acts, rows, out_scale, positive, counted, state, rho, flags):
+        """`forward`'s result once the rows' decisions are in `state`: the edit of the clamp action (None when no
+        token is edited), then the state, rho, the activations and the token flags. `positive` [B, T, N]: the
+        selected features active (> 0); `counted` [B, T]."""
+        fired = state.fired
         if self.action != "clamp":  # refuse acts on the logits (DSGForCausalLM.forward), monitor never acts
             return None, state, rho, acts, flags
+        on_cpu = hidden.device.type == "cpu"  # on CPU a check of a tensor's value costs no device sync
         if on_cpu and self.mode == "dynamic" and not bool(fired.any()):
             return None, state, rho, acts, flags  # no row has fired: nothing to edit
         active = positive & counted.unsqueeze(-1)

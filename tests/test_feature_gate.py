@@ -1,0 +1,222 @@
+"""Score "features": rho is the largest share, over windows of `window` counted tokens, of the integer weights of
+the selected features active somewhere in the window (each feature once), floored at 0.
+
+Integers up to one division, so the decision is exact in any batch, chunking or decoding step, and stored
+activations give the guard's rho bit for bit. `dsg build --score features` fits the features and weights on whole
+build rows (`selection.fit_feature_gate`)."""
+
+import pytest
+import tiny
+import torch
+from test_build import cli, decisions, world  # noqa: F401  (the tiny world, its CLI runner and helper)
+from test_token_gate import store_from
+
+from modeling_dsg import DSGConfig
+from modeling_dsg.analysis import selection
+from modeling_dsg.analysis.stats import collect
+from modeling_dsg.data.rows import Rows
+
+WEIGHTS = [5, -2, 1, 3, 0]
+WINDOW = 3
+
+
+def feature_gate(threshold=0.5, weights=WEIGHTS, window=WINDOW, **extra):
+    g = tiny.guardrail("jumprelu", layer=1, threshold=threshold, **extra)
+    g.update(score="features", window=window, token_weights=list(weights))
+    return g
+
+
+def brute_rho(active, counted, weights, window):
+    """rho per row by the definition, token by token in Python."""
+    scale = sum(w for w in weights if w > 0)
+    out = []
+    for row_active, row_counted in zip(active.tolist(), counted.tolist()):
+        seq = [a for a, keep in zip(row_active, row_counted) if keep]  # counted tokens' active features
+        best = 0.0
+        for end in range(len(seq)):
+            seen = [any(tok[i] for tok in seq[max(0, end - window + 1) : end + 1]) for i in range(len(weights))]
+            best = max(best, max(sum(w for w, s in zip(weights, seen) if s), 0) / scale)
+        out.append(best)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_config_checks_the_features_score():
+    base = tiny.tiny_base("llama").config.to_dict()
+    stored = DSGConfig(text_config=base, guardrails=[feature_gate()]).guardrails[0]
+    assert stored["score"] == "features" and stored["window"] == WINDOW and stored["token_weights"] == WEIGHTS
+    default_window = {k: v for k, v in feature_gate().items() if k != "window"}
+    assert DSGConfig(text_config=base, guardrails=[default_window]).guardrails[0]["window"] == 32
+    plain = {k: v for k, v in feature_gate().items() if k != "token_weights"}
+    for guardrail, message in (
+        (plain, "score 'features' .* needs 'token_weights'"),
+        ({**feature_gate(), "token_value": "points"}, "scores the features of a window"),
+        (feature_gate(weights=[0, -1, 0, -3, 0]), "needs a positive token weight"),
+        (feature_gate(window=1), "'window' must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DSGConfig(text_config=base, guardrails=[guardrail])
+
+
+def test_rho_and_edits_match_the_definition():
+    model, _ = tiny.tiny_dsg("llama", [feature_gate()], active_rate=0.1)
+    guard = model.guards[0]
+    gen = torch.Generator().manual_seed(3)
+    with model.guardrails_disabled():
+        hidden = tiny.sample_hidden(model.model, 1, n_rows=6, length=20).view(6, 20, -1)
+    counted = torch.rand(6, 20, generator=gen) < 0.8
+    counted[1] = False  # nothing counted: rho 0
+    counted[2, :17] = False  # 3 counted tokens: fewer than a window
+    with torch.no_grad():
+        delta, state, rho, acts, flags = guard(hidden, counted, guard.initial_state(6, "cpu"))
+    active = acts > 0
+    expected = brute_rho(active, counted, WEIGHTS, WINDOW)
+    assert torch.equal(rho, expected)
+    assert len(set(expected.tolist())) > 2 and rho[1] == 0  # rows differ: the comparison can fail
+    assert torch.equal(state.fired, rho > guard.threshold) and state.fired.any() and not state.fired.all()
+    points = (active.long() * torch.tensor(WEIGHTS)).sum(-1)
+    assert torch.equal(flags, (points >= 1) & counted)  # the flags `dsg explain` shows: a token's own points
+    edit = (active & counted.unsqueeze(-1)).any(-1) & state.fired.unsqueeze(-1)  # fired rows, active tokens
+    assert torch.equal(delta.abs().sum(-1) > 0, edit)
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split):
+    """The state after the whole sequence in one pass equals the state after chunks of `split` tokens (1: the
+    decoding-step path), with padding, uncounted tokens inside, a short row and an empty row."""
+    model, _ = tiny.tiny_dsg("llama", [feature_gate()], active_rate=0.1)
+    guard = model.guards[0]
+    gen = torch.Generator().manual_seed(7)
+    with model.guardrails_disabled():
+        hidden = tiny.sample_hidden(model.model, 1, n_rows=5, length=30).view(5, 30, -1)
+    counted = torch.rand(5, 30, generator=gen) < 0.8
+    counted[0, :5] = False  # left padding
+    counted[1, 20:] = False  # uncounted tokens at the end
+    counted[2] = False  # nothing counted
+    counted[3] = torch.arange(30) % 10 == 3  # 3 counted tokens: fewer than a window
+    with torch.no_grad():
+        _, whole, rho_whole, _, _ = guard(hidden, counted, guard.initial_state(5, "cpu"))
+        for want_flags in (True, False):
+            state, crossed = guard.initial_state(5, "cpu"), torch.zeros(5, dtype=torch.bool)
+            for t in range(0, 30, split):
+                chunk = slice(t, t + split)
+                _, state, rho, _, flags = guard(hidden[:, chunk], counted[:, chunk], state, want_flags)
+                assert (flags is None) == (not want_flags)
+                crossed |= rho > guard.threshold
+            assert torch.equal(rho, rho_whole)
+            for name in ("flagged", "seen", "best", "tail"):
+                assert torch.equal(getattr(state, name), getattr(whole, name)), name
+            if split == 1:
+                assert torch.equal(state.fired, crossed)  # sticky: fired once rho passed tau at any step
+    assert rho_whole.unique().numel() > 2
+
+
+def test_generation_batching_and_stored_activations_give_one_rho():
+    model, _ = tiny.tiny_dsg("llama", [feature_gate(threshold=1.0)], active_rate=0.1)
+    guard = model.guards[0]
+    tok = tiny.tiny_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["a fairly long prompt about cells and genes", "short", "membranes and ribosomes"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad(), model.record_guardrails() as rec:
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    mask = torch.cat([enc["attention_mask"], torch.ones(3, 8, dtype=torch.long)], 1)
+    with torch.no_grad(), model.record_guardrails() as full:
+        model(input_ids=out[:, :-1], attention_mask=mask[:, :-1], use_cache=False)
+    assert torch.equal(rec[-1]["rho"], full[0]["rho"])
+    for i, prompt in enumerate(prompts):  # one row at a time: the same decision as in the batch
+        with torch.no_grad(), model.record_guardrails() as alone:
+            model(**tok([prompt], return_tensors="pt"))
+        assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
+    with torch.no_grad(), model.guardrails_disabled():  # the base's activations, as a build stores them
+        store = collect(
+            model.model,
+            1,
+            guard.sae.encode,
+            Rows(enc["input_ids"], enc["attention_mask"]),
+            batch_size=2,
+            ignore_token_ids=[tiny.BOS],
+        )
+    assert torch.equal(store.guardrail_scores(guard.guardrail_config()), rec[0]["rho"])
+    assert len(set(rec[0]["rho"].tolist())) > 1
+
+
+def test_fit_feature_gate_keeps_the_features_that_mark_forget_rows():
+    """Feature 0 appears in every forget row, feature 3 in most, feature 1 in rows of both corpora alike and
+    feature 2 in retain rows only: the gate keeps 0 and 3 (sorted), weighs 0 highest, and drops 1 and 2."""
+    gen = torch.Generator().manual_seed(0)
+
+    def corpus(rates, rows=60):
+        dense = torch.zeros(rows * 10, 6)
+        for feature, rate in rates.items():
+            hit = (torch.rand(rows, generator=gen) < rate).repeat_interleave(10)
+            dense[hit & (torch.rand(rows * 10, generator=gen) < 0.3), feature] = 1.0
+        return store_from(dense)
+
+    forget = corpus({0: 1.0, 3: 0.6, 1: 0.5})
+    retain = corpus({1: 0.5, 2: 0.8, 3: 0.05})
+    features, weights = selection.fit_feature_gate(forget, retain, 4)
+    assert features == [0, 3] and weights[0] == 64 and 0 < weights[1] < 64
+    assert selection.fit_feature_gate(forget, retain, 1) == ([0], [64])
+    with pytest.raises(Exception, match="no SAE feature is active in a larger share"):
+        selection.fit_feature_gate(retain, retain, 4)
+
+
+def test_build_with_the_features_score(world, tmp_path):  # noqa: F811
+    def build(out, *extra):
+        return cli(
+            *("build", "--base", world.base, "--sae", world.sae_z, "--out", out, "--seq-len", 40, "--batch-size", 64),
+            *("--forget", *world.forget_sources, "--retain", *world.retain_sources, "--score", "features"),
+            *extra,
+        )
+
+    out = tmp_path / "features"
+    assert build(out, "--window", 8, "--n-features", 4, "--target-fpr", 0.3) == 0
+    guardrail = world.record("config.json", out)["guardrails"][0]
+    assert guardrail["score"] == "features" and guardrail["window"] == 8 and "token_value" not in guardrail
+    features, weights = guardrail["features"], guardrail["token_weights"]
+    assert 1 <= len(features) <= 4 and features == sorted(features) and max(weights) == 64
+    assert len(weights) == len(features)
+    assert world.record("dsg_build.json", out)["guardrails"][0]["token_gate"]["gate"] == "features"
+    model = world.load(out)
+    z_heavy = " ".join(["zeta zone zinc"] * 6)
+    plain = "the cat sat on the mat and looked at the garden for a while"
+    got = decisions(model, world.tok, [z_heavy, plain])
+    assert [d["fired"][0] for d in got] == [True, False]
+    from modeling_dsg.publishing.cards import render_card
+
+    card = render_card(out, eval_dir=tmp_path / "no-eval").text
+    assert "score `features`" in card and "any 8 consecutive real tokens" in card
+    for extra in (("--mode", "static"), ("--token-gate", "learned"), ("--token-value", "points")):
+        assert build(tmp_path / "bad", *extra) == 2 and not (tmp_path / "bad").exists()
+
+
+def test_explain_shows_the_window_rho_comes_from():
+    from modeling_dsg.analysis.explain import explain, format_report
+
+    model, _ = tiny.tiny_dsg("llama", [feature_gate(threshold=0.1)], active_rate=0.1)
+    guard = model.guards[0]
+    tok = tiny.tiny_tokenizer()
+    text = "ribosomes translate messenger rna into proteins inside every cell"
+    (result,) = explain(model, tok, text)
+    window = result["best_window"]
+    assert window["points"] / window["most_points"] == result["rho"] > 0  # rho is that window's share
+    assert window["points"] == max(sum(window["features"].values()), 0) and window["most_points"] == 9
+    assert 0 < window["last"] - window["first"] + 1 <= WINDOW + 1  # BOS is not counted but may sit inside
+    with torch.no_grad(), model.record_guardrails() as rec:
+        model(**tok(text, return_tensors="pt"))
+    active = rec[0]["acts"][0] > 0
+    inside = active[window["first"] : window["last"] + 1].any(0)
+    assert window["features"] == {guard.features[j]: WEIGHTS[j] for j in inside.nonzero().flatten().tolist()}
+    report = format_report([result])
+    assert f"{window['points']} of 9, in tokens {window['first']}..{window['last']}" in report
+    assert "a token is flagged when" not in report
+
+
+def test_the_demo_builds_the_features_gate_with_a_false_positive_bound():
+    from modeling_dsg.embedded.demo import DEMO_OPTIONS
+    from modeling_dsg.pipelines.build import BuildOptions
+
+    options = BuildOptions(**DEMO_OPTIONS)
+    options.validate()
+    assert (options.score, options.window, options.n_features, options.target_fpr) == ("features", 32, 20, 0.025)
+    assert (options.token_gate, options.token_value, options.packing) == (None, None, False)
