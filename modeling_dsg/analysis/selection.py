@@ -311,7 +311,7 @@ def fit_token_gate(forget: ActivationStore, retain: ActivationStore, features: l
     return weights, threshold
 
 
-def _balanced_logistic(x: Tensor, y: Tensor, l2: float) -> Tensor:
+def balanced_logistic(x: Tensor, y: Tensor, l2: float) -> Tensor:
     """The weights (no intercept) of an L2-penalised logistic regression of y on x, classes weighted to equal
     mass, fit in float64 with L-BFGS from zeros (deterministic)."""
     positives = int(y.sum())
@@ -349,13 +349,13 @@ def fit_feature_gate(forget: ActivationStore, retain: ActivationStore, n_feature
     x = torch.cat([in_forget[:, candidates], in_retain[:, candidates]]).double()
     y = torch.cat([torch.ones(forget.n_rows, dtype=torch.float64), torch.zeros(retain.n_rows, dtype=torch.float64)])
     mean, std = x.mean(0), x.std(0) + 1e-3
-    ranked = _balanced_logistic((x - mean) / std, y, FEATURE_GATE_L2)
+    ranked = balanced_logistic((x - mean) / std, y, FEATURE_GATE_L2)
     order = torch.argsort(ranked, descending=True, stable=True)[:n_features]
     order = order[ranked[order] > 0]
     if len(order) == 0:
         raise DSGError("no SAE feature raises the odds of the forget topic, so the feature gate could never fire")
     order = order.sort().values  # candidates are sorted, so the features come out sorted
-    beta = _balanced_logistic(x[:, order], y, FEATURE_GATE_L2)
+    beta = balanced_logistic(x[:, order], y, FEATURE_GATE_L2)
     weights = torch.round(beta * FEATURE_GATE_SCALE / beta.abs().max()).long()
     if not bool((weights > 0).any()):
         raise DSGError("the feature gate's weights are all at most 0, so it could never fire")

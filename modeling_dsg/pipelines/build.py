@@ -10,7 +10,9 @@ The path (defaults are the paper's unless said otherwise):
 2. The statistics pass (`stats.collect`): a forward that stops after block `layer`, the SAE's
    activations per token, per-feature mean activation and firing frequency on forget and on retain.
    Tokens counted are those the guard counts at run time: not padding, not BOS.
-3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula.
+3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula. With
+   `--score features` (the embedded default's) the features and their integer weights come instead from one
+   fit over whole build rows (`selection.fit_feature_gate`), and step 4's token gate does not apply.
 4. The gate and calibration (the defaults go beyond the paper; `dsg results`, "gates", measures why):
    the learned token gate (`selection.fit_token_gate`), the window score over 32 tokens, and tau = the
    smallest threshold whose one-sided 95% Clopper-Pearson bound on the retain firing rate is <= 0.02
