@@ -79,11 +79,13 @@ def test_rho_and_edits_match_the_definition():
     assert torch.equal(delta.abs().sum(-1) > 0, edit)
 
 
+@pytest.mark.parametrize("weights", [WEIGHTS, [5, 2, 1, 3, 0]], ids=["a negative weight", "no negative weight"])
 @pytest.mark.parametrize("split", [1, 3, 7])
-def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split):
+def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split, weights):
     """The state after the whole sequence in one pass equals the state after chunks of `split` tokens (1: the
-    decoding-step path), with padding, uncounted tokens inside, a short row and an empty row."""
-    model, _ = tiny.tiny_dsg("llama", [feature_gate()], active_rate=0.1)
+    decoding-step path), with and without a negative weight, with padding, uncounted tokens
+    inside, a short row and an empty row."""
+    model, _ = tiny.tiny_dsg("llama", [feature_gate(weights=weights)], active_rate=0.1)
     guard = model.guards[0]
     gen = torch.Generator().manual_seed(7)
     with model.guardrails_disabled():
@@ -108,6 +110,8 @@ def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split):
             if split == 1:
                 assert torch.equal(state.fired, crossed)  # sticky: fired once rho passed tau at any step
     assert rho_whole.unique().numel() > 2
+    active = guard(hidden, counted, guard.initial_state(5, "cpu"))[3] > 0
+    assert torch.equal(rho_whole, brute_rho(active, counted, weights, WINDOW))
 
 
 def test_generation_batching_and_stored_activations_give_one_rho():

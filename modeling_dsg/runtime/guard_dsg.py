@@ -200,20 +200,26 @@ def feature_window_scores(active, counted, window: int, seen, best, last, weight
     seen [B] counted tokens before this chunk; best [B] float64; last [B, N] long: the counted token (1-based) at
     which each feature was last active, -window if never. A counted token's window is it and the window - 1
     counted tokens before it; its score is the `weights` (a long vector [N]) of the features active anywhere in
-    the window, summed, floored at 0, over `scale`. Returns the new (best, last). Integer arithmetic up to one
-    division in float64, so the same in one pass, in chunks or token by token. An uncounted token's window is
-    the last counted token's, already scored, so no mask is needed."""
+    the window, summed, over `scale`; `best` starts at 0, so the maximum floors a negative sum at 0. Returns the new
+    (best, last). Integer arithmetic up to one division in float64, so the same in one pass, in chunks or token by
+    token. An uncounted token's window is the last counted token's, already scored, so no mask is needed."""
     zero = weights.new_zeros(())
-    if active.shape[1] == 1:  # one decoding step
-        pos = (seen + counted.view(-1)).unsqueeze(-1)  # [B, 1]: this token's counted index
-        last = torch.where(active.squeeze(1), pos, last)
-        total = torch.where(last > pos - window, weights, zero).sum(-1)
-    else:
-        pos = seen.unsqueeze(1) + counted.long().cumsum(1)  # [B, T]: each token's (last) counted index
-        stamps = torch.where(active, pos.unsqueeze(-1), last.unsqueeze(1)).cummax(1).values  # [B, T, N]
-        total = torch.where(stamps > (pos - window).unsqueeze(-1), weights, zero).sum(-1).amax(-1)
-        last = stamps[:, -1]
-    return torch.maximum(best, total.clamp_(min=0).double().div_(scale)), last
+    if active.shape[1] == 1:
+        pos = (seen + counted.view(-1)).unsqueeze(-1)
+        return feature_window_step(active.squeeze(1), pos, window, best, last, weights, zero, scale)
+    pos = seen.unsqueeze(1) + counted.long().cumsum(1)  # [B, T]: each token's (last) counted index
+    stamps = torch.where(active, pos.unsqueeze(-1), last.unsqueeze(1)).cummax(1).values  # [B, T, N]
+    total = torch.where(stamps > (pos - window).unsqueeze(-1), weights, zero).sum(-1).amax(-1)
+    return torch.maximum(best, total.double().div_(scale)), stamps[:, -1]
+
+
+def feature_window_step(active, pos, window: int, best, last, weights, zero, scale: int):
+    """`feature_window_scores` for one token per row, in few tensor operations (a decoding step runs it once per
+    guardrail). active [B, N]: the features active at this token, only where it is counted; pos [B, 1]: the rows'
+    counted tokens so far, counting this one; zero: a long 0 on the weights' device."""
+    last = torch.where(active, pos, last)
+    total = torch.where(last > pos - window, weights, zero).sum(-1)
+    return torch.maximum(best, total.double().div_(scale)), last
 
 
 # Per forward call and per thread: the current `GuardCall`, whether the guardrails are switched off, and
@@ -341,18 +347,20 @@ class DSGGuard(nn.Module):
                     f"threshold {self.threshold}"
                 )
 
-    def weights_on(self, device) -> torch.Tensor:
-        """`token_weights` as a LongTensor [N] on `device` (made once per device)."""
+    def weights_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_weights` as a LongTensor [N] on `device`, and a long zero there (made once per device)."""
         weights = self._weights_on.get(device)
         if weights is None:
-            weights = self._weights_on[device] = torch.tensor(self.token_weights, dtype=torch.long, device=device)
+            weights = self._weights_on[device] = (
+                torch.tensor(self.token_weights, dtype=torch.long, device=device),
+                torch.zeros((), dtype=torch.long, device=device),
+            )
         return weights
 
     def token_points(self, positive):
         """[B, T] long: the `token_weights` of each token's active features, summed (integer sums: the same in
         any batch or chunk). `positive` [B, T, N] bool: the active features."""
-        weights = self.weights_on(positive.device)
-        return torch.where(positive, weights, weights.new_zeros(())).sum(-1)
+        return torch.where(positive, *self.weights_on(positive.device)).sum(-1)
 
     def check_activations(self, acts):
         """Raise on NaN or inf activations: NaN would read as "not fired". One sum on the hot path; the
@@ -378,13 +386,20 @@ class DSGGuard(nn.Module):
         if self.score == "features":
             if want_flags:
                 token_flags = (self.token_points(positive) >= self.token_threshold) & counted
-            active = positive & counted.unsqueeze(-1)
-            step = counted.shape[1] == 1
-            seen_before, seen = seen, seen + (counted.reshape(-1) if step else counted.sum(-1))
-            weights = self.weights_on(active.device)
-            best, tail = feature_window_scores(
-                active, counted, self.window, seen_before, best, tail, weights, self.point_scale
-            )
+            weights, zero = self.weights_on(positive.device)
+            if counted.shape[1] == 1:  # one decoding step
+                seen = seen + counted.view(-1)
+                active = positive.squeeze(1) & counted  # [B, N]
+                best, tail = feature_window_step(
+                    active, seen.unsqueeze(-1), self.window, best, tail, weights, zero, self.point_scale
+                )
+                active = active.unsqueeze(1)
+            else:
+                active = positive & counted.unsqueeze(-1)
+                best, tail = feature_window_scores(
+                    active, counted, self.window, seen, best, tail, weights, self.point_scale
+                )
+                seen = seen + counted.sum(-1)
             rho = best
             fired = fired | (rho > self.threshold)
             state = GuardState(flagged=flagged, seen=seen, fired=fired, best=best, tail=tail)
