@@ -8,8 +8,13 @@ build rows (`selection.fit_feature_gate`)."""
 import pytest
 import tiny
 import torch
-from test_build import cli, decisions, world  # noqa: F401  (the tiny world, its CLI runner and helper)
-from test_token_gate import store_from
+from test_build import cli, world  # noqa: F401  (the tiny world and its CLI runner)
+from test_token_gate import (
+    fires_on_the_marker_only,
+    generation_matches_one_pass,
+    hidden_with_uncounted_tokens,
+    store_from,
+)
 
 from modeling_dsg import DSGConfig
 from modeling_dsg.analysis import selection
@@ -87,14 +92,8 @@ def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split, weights):
     inside, a short row and an empty row."""
     model, _ = tiny.tiny_dsg("llama", [feature_gate(weights=weights)], active_rate=0.1)
     guard = model.guards[0]
-    gen = torch.Generator().manual_seed(7)
-    with model.guardrails_disabled():
-        hidden = tiny.sample_hidden(model.model, 1, n_rows=5, length=30).view(5, 30, -1)
-    counted = torch.rand(5, 30, generator=gen) < 0.8
-    counted[0, :5] = False  # left padding
-    counted[1, 20:] = False  # uncounted tokens at the end
-    counted[2] = False  # nothing counted
-    counted[3] = torch.arange(30) % 10 == 3  # 3 counted tokens: fewer than a window
+    hidden, counted = hidden_with_uncounted_tokens(model)
+    counted[4] = torch.arange(30) % 15 == 3  # 2 counted tokens: fewer than a window of 3
     with torch.no_grad():
         _, whole, rho_whole, _, _ = guard(hidden, counted, guard.initial_state(5, "cpu"))
         for want_flags in (True, False):
@@ -117,20 +116,8 @@ def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split, weights):
 def test_generation_batching_and_stored_activations_give_one_rho():
     model, _ = tiny.tiny_dsg("llama", [feature_gate(threshold=1.0)], active_rate=0.1)
     guard = model.guards[0]
-    tok = tiny.tiny_tokenizer()
-    tok.padding_side = "left"
     prompts = ["a fairly long prompt about cells and genes", "short", "membranes and ribosomes"]
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad(), model.record_guardrails() as rec:
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    mask = torch.cat([enc["attention_mask"], torch.ones(3, 8, dtype=torch.long)], 1)
-    with torch.no_grad(), model.record_guardrails() as full:
-        model(input_ids=out[:, :-1], attention_mask=mask[:, :-1], use_cache=False)
-    assert torch.equal(rec[-1]["rho"], full[0]["rho"])
-    for i, prompt in enumerate(prompts):  # one row at a time: the same decision as in the batch
-        with torch.no_grad(), model.record_guardrails() as alone:
-            model(**tok([prompt], return_tensors="pt"))
-        assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
+    enc, rec = generation_matches_one_pass(model, prompts)
     with torch.no_grad(), model.guardrails_disabled():  # the base's activations, as a build stores them
         store = collect(
             model.model,
@@ -181,14 +168,7 @@ def test_build_with_the_features_score(world, tmp_path):  # noqa: F811
     assert 1 <= len(features) <= 4 and features == sorted(features) and max(weights) == 64
     assert len(weights) == len(features)
     assert world.record("dsg_build.json", out)["guardrails"][0]["token_gate"]["gate"] == "features"
-    model = world.load(out)
-    z_heavy = " ".join(["zeta zone zinc"] * 6)
-    plain = "the cat sat on the mat and looked at the garden for a while"
-    got = decisions(model, world.tok, [z_heavy, plain])
-    assert [d["fired"][0] for d in got] == [True, False]
-    from modeling_dsg.publishing.cards import render_card
-
-    card = render_card(out, eval_dir=tmp_path / "no-eval").text
+    card = fires_on_the_marker_only(world, out, tmp_path)
     assert "score `features`" in card and "any 8 consecutive real tokens" in card
     for extra in (("--mode", "static"), ("--token-gate", "learned"), ("--token-value", "points")):
         assert build(tmp_path / "bad", *extra) == 2 and not (tmp_path / "bad").exists()

@@ -130,12 +130,11 @@ def test_unit_weights_are_the_paper_gate_bit_for_bit():
     assert torch.equal(a[0]["flags"], b[0]["flags"]) and torch.equal(a[0]["rho"], b[0]["rho"])
 
 
-@pytest.mark.parametrize("value", ["flag", "points"])
-def test_generation_and_batching_give_the_one_pass_decision(value):
-    model, _ = tiny.tiny_dsg("llama", [weighted("window", threshold=1.0, value=value)], active_rate=0.3)
+def generation_matches_one_pass(model, prompts):
+    """Greedy generation over a left-padded batch of `prompts` ends with the rho of one forward over all its tokens,
+    and each prompt alone gets the batch's rho. Returns the tokenized batch and the generation's records."""
     tok = tiny.tiny_tokenizer()
     tok.padding_side = "left"
-    prompts = ["a fairly long prompt about cells and genes", "short", "membranes"]
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad(), model.record_guardrails() as rec:
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
@@ -147,6 +146,28 @@ def test_generation_and_batching_give_the_one_pass_decision(value):
         with torch.no_grad(), model.record_guardrails() as alone:
             model(**tok([prompt], return_tensors="pt"))
         assert torch.equal(alone[0]["rho"][0], rec[0]["rho"][i])
+    return enc, rec
+
+
+@pytest.mark.parametrize("value", ["flag", "points"])
+def test_generation_and_batching_give_the_one_pass_decision(value):
+    model, _ = tiny.tiny_dsg("llama", [weighted("window", threshold=1.0, value=value)], active_rate=0.3)
+    generation_matches_one_pass(model, ["a fairly long prompt about cells and genes", "short", "membranes"])
+
+
+def hidden_with_uncounted_tokens(model):
+    """Layer-1 hidden states of 5 rows of 30 tokens and which tokens count: left padding, uncounted tokens after
+    20, a row with nothing counted, one with 5 counted tokens and one with 3."""
+    gen = torch.Generator().manual_seed(7)
+    with model.guardrails_disabled():
+        hidden = tiny.sample_hidden(model.model, 1, n_rows=5, length=30).view(5, 30, -1)
+    counted = torch.rand(5, 30, generator=gen) < 0.8
+    counted[0, :5] = False  # left padding
+    counted[1, 20:] = False  # uncounted tokens at the end (after a full window of 6)
+    counted[2] = False  # a row with nothing counted
+    counted[3] = torch.arange(30) % 6 == 1  # 5 counted tokens: one short of a window of 6
+    counted[4] = torch.arange(30) % 10 == 3  # 3 counted tokens
+    return hidden, counted
 
 
 @pytest.mark.parametrize("gate, value", [("any", "flag"), ("weights", "flag"), ("weights", "points")])
@@ -159,15 +180,7 @@ def test_token_by_token_equals_one_pass_with_uncounted_tokens(gate, score, value
         g.update(score="window", window=6)
     model, _ = tiny.tiny_dsg("llama", [g], active_rate=0.3)
     guard = model.guards[0]
-    gen = torch.Generator().manual_seed(7)
-    with model.guardrails_disabled():
-        hidden = tiny.sample_hidden(model.model, 1, n_rows=5, length=30).view(5, 30, -1)
-    counted = torch.rand(5, 30, generator=gen) < 0.8
-    counted[0, :5] = False  # left padding
-    counted[1, 20:] = False  # uncounted tokens after a full window
-    counted[2] = False  # a row with nothing counted
-    counted[3] = torch.arange(30) % 6 == 1  # 5 counted tokens: one short of a window
-    counted[4] = torch.arange(30) % 10 == 3  # 3 counted tokens
+    hidden, counted = hidden_with_uncounted_tokens(model)
     with torch.no_grad():
         _, whole, rho_whole, _, _ = guard(hidden, counted, guard.initial_state(5, "cpu"))
         for want_flags in (True, False):
@@ -281,6 +294,19 @@ def test_fit_token_gate_weighs_features_by_how_they_separate():
         selection.fit_token_gate(same, store_from(side(3000, [0.0, 0.5, 0.0, 0.0])), [1])
 
 
+def fires_on_the_marker_only(world, out, tmp_path) -> str:  # noqa: F811
+    """The tiny world's build in `out` fires on a text full of the forget marker and not on a plain one; returns its
+    model card."""
+    from modeling_dsg.publishing.cards import render_card
+
+    model = world.load(out)
+    z_heavy = " ".join(["zeta zone zinc"] * 6)
+    plain = "the cat sat on the mat and looked at the garden for a while"
+    got = decisions(model, world.tok, [z_heavy, plain])
+    assert [d["fired"][0] for d in got] == [True, False]
+    return render_card(out, eval_dir=tmp_path / "no-eval").text
+
+
 def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
     out = tmp_path / "learned"
     world.cli_ok(
@@ -316,14 +342,7 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
     assert len(weights) == len(guardrail["features"]) and points >= 1
     assert sum(w for w in weights if w > 0) >= points  # some token can be flagged
     assert world.record("dsg_build.json", out)["guardrails"][0]["options"]["token_gate"] == "learned"
-    model = world.load(out)
-    z_heavy = " ".join(["zeta zone zinc"] * 6)
-    plain = "the cat sat on the mat and looked at the garden for a while"
-    got = decisions(model, world.tok, [z_heavy, plain])
-    assert [d["fired"][0] for d in got] == [True, False]
-    from modeling_dsg.publishing.cards import render_card
-
-    card = render_card(out, eval_dir=tmp_path / "no-eval").text
+    card = fires_on_the_marker_only(world, out, tmp_path)
     calibration = world.record("dsg_build.json", out)["guardrails"][0]["calibration"]
     assert "Clopper–Pearson upper bound on the retain firing rate is at most 0.3" in card
     assert f"bound {calibration['retain_fpr_upper95']:.3f}" in card and "th percentile of ρ" not in card
