@@ -204,3 +204,24 @@ def test_the_demo_builds_the_features_gate_with_a_false_positive_bound():
     options.validate()
     assert (options.score, options.window, options.n_features, options.target_fpr) == ("features", 32, 20, 0.025)
     assert (options.token_gate, options.token_value, options.packing) == (None, None, False)
+
+
+@pytest.mark.parametrize("slim", [False, True])
+def test_a_saved_folder_loads_with_its_code_and_decides_the_same(tmp_path, slim):
+    """Saved (whole or slim) and loaded through `AutoModelForCausalLM` with the folder's own code, the guardrail keeps
+    its score, window and weights and gives the same rho and logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny.tiny_dsg("llama", [feature_gate(threshold=0.6)], active_rate=0.1)
+    model.save_pretrained(tmp_path, slim=slim)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    (g,) = loaded.config.guardrails
+    assert (g["score"], g["window"], g["token_weights"], g["sae"]["slim"]) == ("features", WINDOW, WEIGHTS, slim)
+    enc = tiny.tiny_tokenizer()(["genes and cells", "x y"], return_tensors="pt", padding=True)
+    with torch.no_grad(), model.record_guardrails() as a:
+        logits_a = model(**enc).logits
+    with torch.no_grad(), loaded.record_guardrails() as b:
+        logits_b = loaded(**enc).logits
+    assert a[0]["fired"].tolist() == [True, False]  # one row fires and is edited: the comparison can fail
+    assert torch.equal(a[0]["rho"], b[0]["rho"]) and torch.equal(a[0]["fired"], b[0]["fired"])
+    assert torch.equal(logits_a, logits_b)
