@@ -6,7 +6,7 @@ retain corpora select the features, the retain rows calibrate tau, and the model
 atomically. The defaults are the embedded ones (SmolLM2-135M-Instruct from ../shared, the shipped SAE,
 WMDP-bio questions as forget and WikiText as retain), so it runs without arguments; a quicker build:
 
-    python examples/build_guardrail.py --out dsg-bio --seq-len 256 --max-docs 256 --no-packing
+    python examples/build_guardrail.py --out dsg-bio --max-docs 256
 """
 
 import argparse
@@ -15,8 +15,8 @@ import sys
 from modeling_dsg.embedded.demo import default_sae
 from modeling_dsg.errors import DSGError
 from modeling_dsg.paths import shared_dir
-from modeling_dsg.pipelines.build import BuildOptions, build, fallback_notes
-from modeling_dsg.runtime.configuration_dsg import ACTIONS
+from modeling_dsg.pipelines.build import DEFAULT_TARGET_FPR, BuildOptions, build, fallback_notes
+from modeling_dsg.runtime.configuration_dsg import ACTIONS, SCORES
 
 shared = shared_dir(required=False) or "../shared"
 d = BuildOptions()
@@ -37,11 +37,16 @@ parser.add_argument("--clamp", type=float, default=d.clamp)
 parser.add_argument("--action", choices=ACTIONS, default=d.action, help="what the guardrail does when it fires")
 parser.add_argument("--refusal", help="with --action refuse: the refusal text (default: the package's)")
 parser.add_argument("--ratio-percentile", type=float, default=d.ratio_percentile)
-parser.add_argument("--threshold-percentile", type=float, help="tau by the paper's rule (default: a 0.02 FPR bound)")
-parser.add_argument("--target-fpr", type=float, help="tau from a 95%% bound on the retain firing rate (default 0.02)")
+parser.add_argument("--score", choices=SCORES, help="rho (default: features in dynamic mode, window in static mode)")
+parser.add_argument("--threshold-percentile", type=float, help="tau by the paper's rule (default: an FPR bound)")
+parser.add_argument(
+    "--target-fpr", type=float, help=f"tau from a 95%% bound on the retain firing rate (default {DEFAULT_TARGET_FPR})"
+)
 parser.add_argument("--seq-len", type=int, default=d.seq_len)
 parser.add_argument("--max-docs", type=int, default=d.max_docs)
-parser.add_argument("--no-packing", dest="packing", action="store_false", help="one document per row (short records)")
+parser.add_argument(
+    "--packing", action=argparse.BooleanOptionalAction, default=d.packing, help="EOS-joined rows (the paper's)"
+)
 parser.add_argument("--batch-size", type=int, default=d.batch_size)
 parser.add_argument("--slim", action="store_true", help="store only the selected features' SAE slices")
 parser.add_argument("--device", default=d.device)
@@ -56,6 +61,7 @@ options = BuildOptions(
     action=args.action,
     refusal=args.refusal,
     ratio_percentile=args.ratio_percentile,
+    score=args.score,
     threshold_percentile=args.threshold_percentile,
     target_fpr=args.target_fpr,
     seq_len=args.seq_len,

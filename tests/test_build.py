@@ -43,6 +43,7 @@ CLAMP = 2.0
 # percentile over the retain rows. The tests that compute rho by hand (marker tokens / counted tokens) build with it;
 # test_the_default_gate covers `dsg build`'s own default.
 PAPER_GATE = ("--score", "fraction", "--token-gate", "any", "--threshold-percentile", 95)
+PAPER_ROWS = ("--packing",)  # EOS-joined rows of --seq-len tokens (the default is one document per row)
 DETECT_Z = (5, 17, 42, 60)  # scales 1, 2, 3, 4
 DETECT_Q = (3, 30, 50)  # scales 1, 2, 3
 ALPHABET = "abcdefghijklmnoprstuvwy"  # no q, x, z
@@ -211,6 +212,7 @@ class World:
             64,
             "--measure-speedup",
             *PAPER_GATE,
+            *PAPER_ROWS,
         )
         self.added = root / "added"
         self.added_stdout = self.cli_ok(
@@ -236,6 +238,7 @@ class World:
             "--batch-size",
             64,
             *PAPER_GATE,
+            *PAPER_ROWS,
         )
 
     def cli_ok(self, *argv) -> str:
@@ -734,10 +737,10 @@ def test_target_fpr_calibration_and_the_recorded_bound(world, tmp_path):
 
 
 def test_the_default_gate(world, tmp_path, capsys):
-    """`dsg build` with no gate flags: the learned token gate, the window score over 32 tokens, and tau from a 0.02
-    false-positive bound; this world's retain rows are too few for that bound, so tau falls back to the paper's 95th
-    percentile of retain rho (said on stderr, recorded, and stated in the card). The model's own rho on the build's
-    retain rows has exactly that percentile."""
+    """`dsg build` with no gate or row flags: the embedded default's. Score "features" over 32 tokens, one row per
+    document, and tau from a 0.025 false-positive bound; this world's retain rows are too few for that bound, so tau
+    falls back to the paper's 95th percentile of retain rho (said on stderr, recorded, and stated in the card). The
+    model's own rho on the build's retain rows has exactly that percentile."""
     from modeling_dsg.analysis.selection import calibrate_threshold
     from modeling_dsg.publishing.cards import render_card
 
@@ -747,23 +750,27 @@ def test_the_default_gate(world, tmp_path, capsys):
     assert cli("build", *common, "--out", out) == 0
     err = capsys.readouterr().err
     (g,) = json.loads((out / "config.json").read_text())["guardrails"]
-    assert g["score"] == "window" and g["window"] == 32
+    assert g["score"] == "features" and g["window"] == 32
     assert len(g["token_weights"]) == len(g["features"]) and all(type(w) is int for w in g["token_weights"])
-    assert type(g["token_threshold"]) is int and g["token_threshold"] >= 1
-    assert sum(w for w in g["token_weights"] if w > 0) >= g["token_threshold"]  # some token can be flagged
-
+    assert max(g["token_weights"]) == 64 and g["features"] == sorted(g["features"])
+    rows = world.rows(world.forget_texts, world.retain_texts, packing=False)
     info = world.record("dsg_build.json", out)["guardrails"][0]
-    n_retain = len(world.rows(world.forget_texts, world.retain_texts)["retain"].input_ids)
-    assert info["calibration"]["retain_rows"] == n_retain < 149  # 149 rows bound a 0 rate at 0.02
-    assert info["token_gate"] == {"gate": "learned", "fallback": None}
+    assert info["rows"] == {"forget": len(rows["forget"].input_ids), "retain": len(rows["retain"].input_ids)} | {
+        "seq_len": SEQ_LEN,
+        "packing": False,
+    }
+
+    n_retain = len(rows["retain"].input_ids)
+    assert info["calibration"]["retain_rows"] == n_retain < 119  # 119 rows bound a 0 rate at 0.025
+    assert info["token_gate"] == {"gate": "features", "fallback": None}
     calibration = info["calibration"]
     assert calibration["rule"] == "percentile" and calibration["threshold_percentile"] == 95.0
     assert info["threshold_percentile"] == 95.0
-    assert calibration["fallback"]["target_fpr"] == 0.02
-    assert f"{n_retain} retain rows cannot show a firing rate <= 0.02" in calibration["fallback"]["reason"]
+    assert calibration["fallback"]["target_fpr"] == 0.025
+    assert f"{n_retain} retain rows cannot show a firing rate <= 0.025" in calibration["fallback"]["reason"]
     assert "tau is the 95th percentile of retain rho (the paper's rule), not the default false-positive bound" in err
     model = world.load(out)
-    rho, fired = row_decisions(model, world.rows(world.forget_texts, world.retain_texts)["retain"])
+    rho, fired = row_decisions(model, rows["retain"])
     assert g["threshold"] == info["tau"] == calibrate_threshold(torch.from_numpy(rho), 95.0)
     assert calibration["retain_fired"] == int(fired.sum())
     card = str(render_card(out))
@@ -779,12 +786,21 @@ def test_the_default_gate(world, tmp_path, capsys):
     assert "give --target-fpr or --threshold-percentile, not both" in capsys.readouterr().err
     assert not refused.exists()
 
-    # static mode has no classifier to weigh: its default token gate is "any", tau is 0
+    # static mode has no classifier to weigh: its default score is "window", its token gate "any", tau is 0
     static = tmp_path / "static"
     assert cli("build", *common, "--out", static, "--mode", "static") == 0
     (g,) = json.loads((static / "config.json").read_text())["guardrails"]
-    assert "token_weights" not in g and g["threshold"] == 0.0
+    assert "token_weights" not in g and g["threshold"] == 0.0 and g["score"] == "window"
     assert world.record("dsg_build.json", static)["guardrails"][0]["calibration"]["rule"] == "static"
+    assert cli("build", *common, "--out", tmp_path / "bad", "--mode", "static", "--score", "features") == 2
+    assert "--score features is the dynamic classifier's score" in capsys.readouterr().err
+
+    # a token gate is for the window and fraction scores: given alone, it picks the window score
+    learned = tmp_path / "learned"
+    assert cli("build", *common, "--out", learned, "--token-gate", "learned", "--target-fpr", 0.3) == 0
+    (g,) = json.loads((learned / "config.json").read_text())["guardrails"]
+    assert g["score"] == "window" and type(g["token_threshold"]) is int and g["token_threshold"] >= 1
+    assert world.record("dsg_build.json", learned)["guardrails"][0]["token_gate"]["gate"] == "learned"
 
 
 def test_build_files_round_trip_through_their_definitions(world, tmp_path):

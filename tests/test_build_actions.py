@@ -16,7 +16,7 @@ import sys
 import pytest
 import tiny
 import torch
-from test_build import CLAMP, PAPER_GATE, PLAIN_TEXT, Q_TEXT, SEQ_LEN, Z_TEXT, cli, get_world, words
+from test_build import CLAMP, PAPER_GATE, PAPER_ROWS, PLAIN_TEXT, Q_TEXT, SEQ_LEN, Z_TEXT, cli, get_world, words
 from test_cli import assert_one_error, build_args
 
 from modeling_dsg.errors import DSGError
@@ -50,6 +50,7 @@ class Built:
             "--batch-size",
             64,
             *PAPER_GATE,  # as the main build of test_build, which the clamp build is compared with
+            *PAPER_ROWS,
         ]
         self.stdout = {}
         for action, extra in (("clamp", []), ("refuse", ["--refusal", REFUSAL]), ("monitor", [])):

@@ -239,13 +239,17 @@ def test_build_guardrail(runs):
     model = DSGForCausalLM.from_pretrained(tmp / "built").eval()
     guard = model.guard("biology")
     assert guard.layer == 1 and 1 <= len(guard.features) <= 5 and guard.clamp == 8.0
-    # the random SAE's features do not separate the corpora: the default learned token gate would flag nothing, so
-    # the build keeps the paper's (said on stderr and recorded); its few retain rows cannot show a 0.02 bound either
+    # the random SAE's features do not separate the corpora: the default score "features" finds no feature to weigh
+    # and the window score's learned token gate would flag nothing, so the build keeps the window score with the
+    # paper's token gate (said on stderr and recorded); its few retain rows cannot show a 0.025 bound either
     record = json.loads((tmp / "built" / "dsg_build.json").read_text())["guardrails"][0]
-    assert record["token_gate"]["gate"] == "any" and "would flag no token" in record["token_gate"]["fallback"]
-    assert record["calibration"]["rule"] == "percentile" and record["calibration"]["fallback"]["target_fpr"] == 0.02
-    assert "token_weights" not in json.loads((tmp / "built" / "config.json").read_text())["guardrails"][0]
-    assert "warning: the token gate is the paper's (any selected feature), not the learned one" in out
+    fallback = record["token_gate"]["fallback"]
+    assert record["token_gate"]["gate"] == "any" and fallback.startswith("score features: no SAE feature is active")
+    assert "would flag no token" in fallback
+    assert record["calibration"]["rule"] == "percentile" and record["calibration"]["fallback"]["target_fpr"] == 0.025
+    (g,) = json.loads((tmp / "built" / "config.json").read_text())["guardrails"]
+    assert g["score"] == "window" and "token_weights" not in g
+    assert "warning: the token gate is the paper's (any selected feature), not the learned one: score features" in out
     assert "warning: tau is the 95th percentile of retain rho (the paper's rule)" in out
     assert (tmp / "built" / "features.json").is_file() and (tmp / "built" / "dsg_build.json").is_file()
     with torch.no_grad():

@@ -156,6 +156,7 @@ def test_build_with_the_features_score(world, tmp_path):  # noqa: F811
     def build(out, *extra):
         return cli(
             *("build", "--base", world.base, "--sae", world.sae_z, "--out", out, "--seq-len", 40, "--batch-size", 64),
+            "--packing",  # rows of 40 tokens, each one fit sample (this world's documents are longer)
             *("--forget", *world.forget_sources, "--retain", *world.retain_sources, "--score", "features"),
             *extra,
         )
@@ -196,6 +197,35 @@ def test_explain_shows_the_window_rho_comes_from():
     assert "a token is flagged when" not in report
 
 
+def test_the_fit_cuts_long_rows_into_pieces():
+    """A row longer than `FEATURE_GATE_SEGMENT` positions is one fit sample per piece of that many, so a packed row
+    counts as several. Feature 1 is active in every piece of every forget row and in one piece of every retain row:
+    active somewhere in every whole row of both corpora, it is no candidate on whole rows, and the fit on pieces
+    keeps it. Feature 0 (one piece of every forget row, no retain row) is kept either way."""
+    segment = selection.FEATURE_GATE_SEGMENT
+    length, rows = 3 * segment, 12
+    gen = torch.Generator().manual_seed(0)
+
+    def corpus(pieces_of):  # {feature: which pieces (0-2) of every row hold it}
+        dense = torch.zeros(rows * length, 3)
+        for feature, pieces in pieces_of.items():
+            for row in range(rows):
+                for piece in pieces:
+                    start = row * length + piece * segment + int(torch.randint(segment, (1,), generator=gen))
+                    dense[start, feature] = 1.0
+        return store_from(dense, row_length=length)
+
+    forget, retain = corpus({0: [1], 1: [0, 1, 2]}), corpus({1: [2], 2: [0]})
+    pieces = forget.row_activity(segment)
+    assert pieces.shape == (rows * 3, 3) and forget.row_activity().shape == (rows, 3)
+    dense = forget.feature_activity([0, 1, 2]).view(rows, 3, segment, 3)  # [row, piece, position, feature]
+    assert torch.equal(pieces, dense.any(2).view(rows * 3, 3))  # in row order, then piece order
+    whole = retain.row_activity()
+    assert whole[:, 1].all() and forget.row_activity()[:, 1].all()  # whole rows cannot tell feature 1 apart
+    features, weights = selection.fit_feature_gate(forget, retain, 3)
+    assert features == [0, 1] and min(weights) > 0
+
+
 def test_the_demo_builds_the_features_gate_with_a_false_positive_bound():
     from modeling_dsg.embedded.demo import DEMO_OPTIONS
     from modeling_dsg.pipelines.build import BuildOptions
@@ -204,6 +234,14 @@ def test_the_demo_builds_the_features_gate_with_a_false_positive_bound():
     options.validate()
     assert (options.score, options.window, options.n_features, options.target_fpr) == ("features", 32, 20, 0.025)
     assert (options.token_gate, options.token_value, options.packing) == (None, None, False)
+
+    # `dsg build` with no flags builds the same guardrail from the same corpora: every option that decides the
+    # rows, the features, the gate, tau and the clamp is the default (the name and the batch size decide nothing)
+    default = BuildOptions(name=options.name, batch_size=options.batch_size)
+    assert default.scored() == options.scored() and default.calibration() == ("target_fpr", 0.025, True)
+    assert {k: v for k, v in vars(default).items() if k not in ("score", "target_fpr")} == {
+        k: v for k, v in vars(options).items() if k not in ("score", "target_fpr")
+    }
 
 
 @pytest.mark.parametrize("slim", [False, True])

@@ -133,7 +133,9 @@ def test_stored_decisions_equal_the_guards_and_dilution_evades_the_fraction_scor
         return [t for source in sources for t in load_texts(source)]
 
     # the paper's gate (fraction score, any feature) and, below, the window score with the same token gate
-    opts = BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, window=8, score="fraction", token_gate="any")
+    opts = BuildOptions(
+        name="zeta", seq_len=SEQ_LEN, packing=True, batch_size=64, window=8, score="fraction", token_gate="any"
+    )
     with torch.no_grad():
         statistics = gather_statistics(
             base,

@@ -116,8 +116,9 @@ def test_build_with_shipped_sae_reload_and_fire_on_biology(tmp_path):
 
     base, tokenizer = load_base_model(str(embedded.gguf_path()))  # a fresh copy: no other test's guard on it
     sae = load_sae(str(default_sae()))
-    forget = embedded.forget_texts("build")[::4]
-    retain = embedded.retain_texts("build")[::12]
+    # the demo's corpora (every question in the three formats users send), thinned
+    forget = embedded.forget_texts("build", tokenizer)[::4]
+    retain = embedded.retain_texts("build", tokenizer)[::12]
     options = BuildOptions(
         name="biology", seq_len=128, packing=False, max_docs=200, heldout_fraction=0.1, batch_size=16
     )

@@ -70,7 +70,8 @@ def options_for(**grid):
         limit=None,
         batch_size=4,
         progress=False,
-        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64),
+        # the tiny world's packed rows, and the window score (its features and token gate are what these tests read)
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, packing=True, batch_size=64, score="window"),
     )
 
 
@@ -243,6 +244,7 @@ def test_sweep_cli_and_bad_inputs(world, questions, tmp_path, capsys):
         questions["retain"],
         "--seq-len",
         SEQ_LEN,
+        *("--packing", "--score", "window"),  # the tiny world's packed rows, and the window score
         "--batch-size",
         64,
     ]
@@ -586,6 +588,7 @@ def test_fluency_on_the_command_line(world, questions, tmp_path, capsys):
         questions["retain"],
         "--seq-len",
         SEQ_LEN,
+        *("--packing", "--score", "window"),  # the tiny world's packed rows, and the window score
         "--batch-size",
         64,
         "--modes",
@@ -626,7 +629,7 @@ def diluted(world, questions, tmp_path_factory):
     from modeling_dsg.pipelines.build import BuildOptions
 
     # the paper's gate (the fraction of the whole sequence, any feature): filler dilutes it
-    paper = BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, score="fraction", token_gate="any")
+    paper = BuildOptions(name="zeta", seq_len=SEQ_LEN, packing=True, batch_size=64, score="fraction", token_gate="any")
     options = dataclasses.replace(options_for(**grid, dilution=4), build=paper)
     return {"result": run_on(world, questions, out, options), "out": out, "options": options}
 
@@ -692,7 +695,7 @@ def test_learned_token_gate_points(world, questions, tmp_path):
     grid = dict(modes=("dynamic",), n_features=(1, 2), clamps=(CLAMP,), ratio_percentiles=(90.0,))
     options = dataclasses.replace(
         options_for(**grid, scores=("fraction", "window"), windows=(4,), dilution=7),
-        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, token_gate="learned"),
+        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, packing=True, batch_size=64, token_gate="learned"),
     )
     points = run_on(world, questions, tmp_path / "learned", options)["points"]
     assert len(points) == 4 and all("error" not in p for p in points)
@@ -727,7 +730,9 @@ def test_static_points_of_a_points_sweep_take_flags(world, questions, tmp_path):
     grid = dict(modes=("dynamic", "static"), n_features=(2,), clamps=(CLAMP,), ratio_percentiles=(90.0,))
     options = dataclasses.replace(
         options_for(**grid),
-        build=BuildOptions(name="zeta", seq_len=SEQ_LEN, batch_size=64, token_gate="learned", token_value="points"),
+        build=BuildOptions(
+            name="zeta", seq_len=SEQ_LEN, packing=True, batch_size=64, token_gate="learned", token_value="points"
+        ),
     )
     points = run_on(world, questions, tmp_path / "points", options)["points"]
     assert sorted(p["mode"] for p in points) == ["dynamic", "static"] and all("error" not in p for p in points)

@@ -323,6 +323,7 @@ def test_build_with_a_learned_token_gate(world, tmp_path):  # noqa: F811
         out,
         "--seq-len",
         40,
+        "--packing",
         "--batch-size",
         64,
         "--token-gate",
@@ -400,12 +401,12 @@ def test_the_card_says_how_tokens_are_flagged():
 def test_build_scores_points_by_default(world, tmp_path):  # noqa: F811
     """`dsg build` with the learned gate scores points by default: the config says so, the guard decides by points,
     the card and `dsg explain` describe it; without the learned gate `--token-value points` is refused before
-    anything is written."""
+    anything is written. (`--token-gate learned` alone picks the window score.)"""
     corpora = ("--forget", *world.forget_sources, "--retain", *world.retain_sources)
     out = tmp_path / "points"
     world.cli_ok(
-        *("build", "--base", world.base, "--sae", world.sae_z, "--out", out, *corpora),
-        *("--seq-len", 40, "--batch-size", 64, "--window", 8, "--target-fpr", 0.3),
+        *("build", "--base", world.base, "--sae", world.sae_z, "--out", out, *corpora, "--token-gate", "learned"),
+        *("--seq-len", 40, "--packing", "--batch-size", 64, "--window", 8, "--target-fpr", 0.3),
     )
     guardrail = world.record("config.json", out)["guardrails"][0]
     assert guardrail["token_value"] == "points" and guardrail["token_weights"]

@@ -21,9 +21,10 @@ on forget rows and 0 on retain rows, classes weighted to equal mass, an L1 penal
 float64 with L-BFGS from zeros (deterministic): w_i = round(10 beta_i) and the threshold m = ceil(10 (margin -
 beta_0)), margin 1 (a token is flagged when its logit is about 1 or more: odds of 2.7 to 1 for the forget topic).
 
-Feature gate (score "features"): features and weights from whole rows. For row r, x_r = (1[f_i(t) > 0 at some
-counted token t of r])_i over the candidates (features active in at least 2 forget rows and in a larger share of
-forget rows than of retain rows), y_r = 1 on forget rows and 0 on retain rows, classes weighted to equal mass. A
+Feature gate (score "features"): features and weights from rows, a row longer than 256 positions cut into
+pieces of 256 (a packed 1,024-token row is four samples, a prompt one). For sample r, x_r = (1[f_i(t) > 0 at some
+counted token t of r])_i over the candidates (features active in at least 2 forget samples and in a larger share of
+forget samples than of retain samples), y_r = 1 on forget rows and 0 on retain rows, classes weighted to equal mass. A
 logistic regression on the standardized x (an L2 penalty of 1e-2 per squared weight; float64, L-BFGS from zeros)
 ranks the candidates by their coefficient; the N with the largest positive ones are kept, a second fit on their
 raw x (same loss) gives beta, and the integer weights are w_i = round(64 beta_i / max_j |beta_j|).
@@ -50,7 +51,11 @@ TOKEN_GATE_MARGIN = 1.0  # the logit a token needs to be flagged
 TOKEN_GATE_L1 = 1e-3
 FEATURE_GATE_L2 = 1e-2
 FEATURE_GATE_SCALE = 64  # the largest integer weight
-FEATURE_GATE_MIN_ROWS = 2  # forget rows a candidate must be active in
+FEATURE_GATE_MIN_ROWS = 2  # forget samples a candidate must be active in
+# positions per fit sample: a prompt-shaped row is one sample; a packed row of 1,024 tokens is four, since which
+# features a whole 1,024-token row activates says little about any 32-token window of it
+# (experiments/guard-v2/feature-gate/README.md, "Packed rows")
+FEATURE_GATE_SEGMENT = 256
 
 
 def _check_percentile(name: str, p: float) -> None:
@@ -333,21 +338,24 @@ def balanced_logistic(x: Tensor, y: Tensor, l2: float) -> Tensor:
 
 
 def fit_feature_gate(forget: ActivationStore, retain: ActivationStore, n_features: int) -> tuple[list[int], list[int]]:
-    """The features (sorted) and their integer weights for score "features", fit on whole rows of the forget and
-    retain stores (see the module docstring). Raises if no feature is more frequent in forget rows."""
-    if forget.n_rows == 0 or retain.n_rows == 0:
+    """The features (sorted) and their integer weights for score "features", fit on the rows (pieces of at most
+    `FEATURE_GATE_SEGMENT` positions) of the forget and retain stores (see the module docstring). Raises if no
+    feature is more frequent in forget rows."""
+    if forget.n_tokens == 0 or retain.n_tokens == 0:
         raise DSGError("the feature gate needs rows in both the forget and the retain corpus")
-    in_forget, in_retain = forget.row_activity(), retain.row_activity()  # [rows, d_sae] bool
-    forget_rows = in_forget.sum(0)
-    share_f, share_r = forget_rows / forget.n_rows, in_retain.sum(0) / retain.n_rows
-    candidates = ((forget_rows >= FEATURE_GATE_MIN_ROWS) & (share_f > share_r)).nonzero().flatten()
+    in_forget = forget.row_activity(FEATURE_GATE_SEGMENT)  # [samples, d_sae] bool
+    in_retain = retain.row_activity(FEATURE_GATE_SEGMENT)
+    n_forget, n_retain = len(in_forget), len(in_retain)
+    forget_samples = in_forget.sum(0)
+    share_f, share_r = forget_samples / n_forget, in_retain.sum(0) / n_retain
+    candidates = ((forget_samples >= FEATURE_GATE_MIN_ROWS) & (share_f > share_r)).nonzero().flatten()
     if len(candidates) == 0:
         raise DSGError(
             "no SAE feature is active in a larger share of forget rows than of retain rows, so the feature gate "
             "has nothing to weigh; use --score window, or more forget data"
         )
     x = torch.cat([in_forget[:, candidates], in_retain[:, candidates]]).double()
-    y = torch.cat([torch.ones(forget.n_rows, dtype=torch.float64), torch.zeros(retain.n_rows, dtype=torch.float64)])
+    y = torch.cat([torch.ones(n_forget, dtype=torch.float64), torch.zeros(n_retain, dtype=torch.float64)])
     mean, std = x.mean(0), x.std(0) + 1e-3
     ranked = balanced_logistic((x - mean) / std, y, FEATURE_GATE_L2)
     order = torch.argsort(ranked, descending=True, stable=True)[:n_features]

@@ -194,12 +194,19 @@ class ActivationStore:
         )
         return torch.where(self.row_token_counts >= window, best, fraction)
 
-    def row_activity(self) -> Tensor:
-        """[n_rows, d_sae] bool: whether each feature is active (> 0) at some counted token of each row."""
+    def row_activity(self, segment: int | None = None) -> Tensor:
+        """[samples, d_sae] bool: whether each feature is active (> 0) at some counted token of each row (one
+        sample per row), or with `segment` of each piece of a row that holds positions [k segment, (k + 1)
+        segment) (one sample per piece with a counted token, in row order; a row of at most `segment` positions is
+        one piece)."""
         nnz = (self.indptr[1:] - self.indptr[:-1]).long()
-        rows = torch.repeat_interleave(self.token_row.long(), nnz)
-        out = torch.zeros(self.n_rows, self.d_sae, dtype=torch.bool)
-        out[rows, self.feature_index.long()] = True
+        sample, n_samples = self.token_row.long(), self.n_rows
+        if segment is not None and self.n_tokens:
+            pieces = int(self.token_pos.max()) // segment + 1
+            _, sample = torch.unique(sample * pieces + self.token_pos.long() // segment, return_inverse=True)
+            n_samples = int(sample.max()) + 1
+        out = torch.zeros(n_samples, self.d_sae, dtype=torch.bool)
+        out[torch.repeat_interleave(sample, nnz), self.feature_index.long()] = True
         return out
 
     def feature_window_rho(self, features: Iterable[int], token_weights: Iterable[int], window: int) -> Tensor:

@@ -33,8 +33,9 @@ DEMO_OPTIONS = dict(
     n_features=20,
     clamp=DEFAULT_CLAMP,
     ratio_percentile=95.0,
-    # features and integer weights fit on whole build rows; rho: the weights of the features active somewhere in
-    # any 32 tokens, at best (filler around a question cannot dilute it)
+    # features and integer weights fit on the build prompts; rho: the weights of the features active somewhere in
+    # any 32 tokens, at best (filler around a question cannot dilute it). Every option here that decides the
+    # guardrail is also `dsg build`'s default, so `dsg build` with no flags builds this guardrail from these corpora
     score="features",
     window=32,
     target_fpr=0.025,  # the smallest tau whose 95% Clopper-Pearson bound on the retain firing rate is <= 2.5%

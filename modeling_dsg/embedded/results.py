@@ -107,7 +107,7 @@ PREVIOUS_DEFAULT = dict(score="window", window=8, token_gate="learned", token_va
 def gate_name(build_opts) -> str:
     """A dynamic gate's score in words: "features" or "learned points" / "learned flags" (a learned token gate
     and what a token adds), or "any feature"."""
-    if build_opts.score == "features":
+    if build_opts.scored() == "features":
         return "features"
     gate = build_opts.gate()[0]
     if gate == "any":
@@ -134,7 +134,7 @@ def gate_options(build_opts, options) -> tuple:
         f"{name}, window {build_opts.window}, P95": dataclasses.replace(build_opts, **p95),
         f"{name}, window {build_opts.window}, FPR 0.02": dataclasses.replace(build_opts, target_fpr=0.02),
     }
-    if build_opts.score == "features":
+    if build_opts.scored() == "features":
         previous = dataclasses.replace(build_opts, **PREVIOUS_DEFAULT)
         gates[f"{gate_name(previous)}, window {previous.window}, FPR {previous.target_fpr:g} (previous default)"] = (
             previous

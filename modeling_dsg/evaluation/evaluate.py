@@ -107,6 +107,7 @@ from .. import distributed
 from ..data.mcq import LETTERS, PREAMBLE, McqSet, answer_prefix, check_chat, load_mcq, load_text_set
 from ..errors import DSGError, raise_first
 from ..options import add_options, from_args, option
+from ..runtime.configuration_dsg import WINDOWED
 from .report import SCHEMA_VERSION, clean_json, result_row, summary_markdown, write_report
 from .scoring import as_base, known_questions, load_scorer, mcq_metrics, score_mcq, text_nll
 
@@ -203,7 +204,7 @@ def _guardrails(model) -> list[dict]:
                 "score": score,
                 "tau": float(g.threshold),
                 "n_features": len(g.features),
-                **({"window": g.window} if score in ("window", "features") else {}),
+                **({"window": g.window} if score in WINDOWED else {}),
                 "action": action,
                 **({"refusal": g.refusal} if action == "refuse" else {}),
             }

@@ -2,23 +2,27 @@
 
 The path (defaults are the paper's unless said otherwise):
 
-1. Corpora to token rows (`rows.build_rows`): documents longer than 50 characters, up to 1024 per
-   corpus, joined with EOS into rows of `seq_len` tokens with BOS at position 0 (`--no-packing`: one
-   document per row, tokenized as the guard sees it as a prompt, padded). Forget and retain get equal
-   row counts (seeded), and a seeded `heldout_fraction` (default 0.2) of each is set aside, never used
-   for selection or calibration (0: no held-out rows; the held-out trigger rates are then recorded as null).
+1. Corpora to token rows (`rows.build_rows`): documents longer than 50 characters, up to 2048 per corpus, one
+   document per row, its first 256 tokens exactly as the guard sees it as a prompt, padded (the embedded
+   default's rows: the guard judges prompts, and rows shaped like them calibrate it; `dsg build`'s paper rows,
+   `--packing --seq-len 1024 --max-docs 1024`, join documents with EOS into rows of `seq_len` tokens with BOS at
+   position 0, and on the embedded corpora lose recall with every gate: experiments/guard-v2/feature-gate,
+   "Packed rows"). Forget and retain get equal row counts (seeded), and a seeded `heldout_fraction` (default
+   0.2) of each is set aside, never used for selection or calibration (0: no held-out rows; the held-out trigger
+   rates are then recorded as null).
 2. The statistics pass (`stats.collect`): a forward that stops after block `layer`, the SAE's
    activations per token, per-feature mean activation and firing frequency on forget and on retain.
    Tokens counted are those the guard counts at run time: not padding, not BOS.
-3. Selection (`selection.select_dynamic` / `select_static`), see that module for every formula. With
-   `--score features` (the embedded default's) the features and their integer weights come instead from one
-   fit over whole build rows (`selection.fit_feature_gate`), and step 4's token gate does not apply.
+3. Selection. In dynamic mode the default score, "features", takes its features and their integer weights from
+   one fit over the build rows (`selection.fit_feature_gate`). `--score window` or `fraction` (and static mode)
+   select with `selection.select_dynamic` / `select_static`, see that module for every formula, and step 4's
+   token gate applies to them.
 4. The gate and calibration (the defaults go beyond the paper; `dsg results`, "gates", measures why):
-   the learned token gate (`selection.fit_token_gate`), the window score over 32 tokens, and tau = the
-   smallest threshold whose one-sided 95% Clopper-Pearson bound on the retain firing rate is <= 0.02
-   (`--target-fpr`). A bound needs enough retain rows (149 for 0.02): with fewer, or when no tau below 1
-   meets it, the default falls back to the paper's 95th percentile, says so and records it
-   (`calibration.fallback`); an explicit `--target-fpr` refuses instead. The paper's gate is
+   score "features" over 32-token windows (`--score window`: the learned token gate, `selection.fit_token_gate`,
+   over 32-token windows), and tau = the smallest threshold whose one-sided 95% Clopper-Pearson bound on the
+   retain firing rate is <= 0.025 (`--target-fpr`). A bound needs enough retain rows (119 for 0.025): with
+   fewer, or when no tau below 1 meets it, the default falls back to the paper's 95th percentile, says so and
+   records it (`calibration.fallback`); an explicit `--target-fpr` refuses instead. The paper's gate is
    `--score fraction --token-gate any --threshold-percentile 95`. The trigger rates on the held-out forget and
    retain rows are measured with that tau (static mode is always on: tau = 0, and a row "fires" when any
    selected feature is active in it, rho > 0).
@@ -47,7 +51,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,7 +75,16 @@ from ..data.records import (
 from ..data.rows import ROW_HELP, Rows, row_option_checks
 from ..errors import DSGError, raise_first
 from ..options import add_corpora, add_options, from_args, option
-from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX_WINDOW, MODES, SCORES, TOKEN_VALUES
+from ..runtime.configuration_dsg import (
+    ACTIONS,
+    DEFAULT_REFUSAL,
+    MAX_CLAMP,
+    MAX_WINDOW,
+    MODES,
+    SCORES,
+    TOKEN_VALUES,
+    WINDOWED,
+)
 
 # c, in the SAE's activation units: the sweep's rule with a fluency floor on the embedded default (`dsg results`,
 # "The clamp axis"): the lowest forget score whose fired answers stay within 1 nat per token of the base's own
@@ -79,7 +92,13 @@ from ..runtime.configuration_dsg import ACTIONS, DEFAULT_REFUSAL, MAX_CLAMP, MAX
 # questions but turns fired answers into gibberish.
 DEFAULT_CLAMP = 5.0
 TOKEN_GATES = ("any", "learned")
-DEFAULT_TARGET_FPR = 0.02  # the default calibration: a 95% bound on the retain firing rate
+# the default calibration: a 95% bound on the retain firing rate. 0.025, not 0.02: with the default gate on the
+# embedded corpora 0.02 leaves WMDP-bio through the chat template at 0.949, 0.025 meets every goal in every format
+# with non-biology MMLU at 0.011-0.013 (experiments/guard-v2/feature-gate)
+DEFAULT_TARGET_FPR = 0.025
+# the score when --score is not given: "features" in dynamic mode, and "window" in static mode (which has no
+# classifier to weigh features) or with --token-gate / --token-value (which weigh the window and fraction scores)
+DEFAULT_SCORE = "features"
 PAPER_PERCENTILE = 95.0  # the paper's calibration, and the default's fallback when the bound cannot be met
 
 
@@ -113,21 +132,22 @@ class BuildOptions:
         f"bound <= this. Default (neither this nor --threshold-percentile): {DEFAULT_TARGET_FPR:g}, falling back "
         f"to the {PAPER_PERCENTILE:g}th percentile, with a warning, when the retain rows are too few for the bound",
     )
-    score: str = option(
-        "window",
+    score: str | None = option(
+        None,
         choices=SCORES,
-        help="rho: the largest flagged share of any --window tokens (default; filler cannot dilute it), the "
-        "flagged fraction of the whole sequence (the paper's), or features: the largest share, over any --window "
-        "tokens, of the integer weights of the features active somewhere in them (features and weights fit on whole "
-        "build rows: `selection.fit_feature_gate`; the embedded default's; dynamic mode only)",
+        help="rho: features (the default in dynamic mode): the largest share, over any --window tokens, of the "
+        "integer weights of the features active somewhere in them (features and weights fit on the build rows: "
+        "`selection.fit_feature_gate`); window (the default in static mode and with --token-gate/--token-value): "
+        "the largest flagged share of any --window tokens; or fraction: the flagged fraction of the whole "
+        "sequence (the paper's). Filler cannot dilute features or window",
     )
     window: int = option(32, help="window size for --score window and --score features")
     token_gate: str | None = option(
         None,
         choices=TOKEN_GATES,
-        help="which tokens the score counts as flagged: learned (integer per-feature weights fit on the forget "
-        "and retain tokens, see `dsg explain`; the default in dynamic mode) or any (a selected feature is active: "
-        "the paper's, and static mode's)",
+        help="for --score window and fraction (given alone, it picks --score window): which tokens the score counts "
+        "as flagged: learned (integer per-feature weights fit on the forget and retain tokens, see `dsg explain`; "
+        "the default in dynamic mode) or any (a selected feature is active: the paper's, and static mode's)",
     )
     token_value: str | None = option(
         None,
@@ -145,10 +165,16 @@ class BuildOptions:
     refusal: str | None = option(
         None, metavar="TEXT", help=f"with --action refuse: the refusal text (default {DEFAULT_REFUSAL!r})"
     )
-    seq_len: int = option(1024, help=ROW_HELP["seq_len"])
+    # prompt-shaped rows (the embedded default's); the paper's: --packing --seq-len 1024 --max-docs 1024
+    seq_len: int = option(256, help=ROW_HELP["seq_len"])
     min_chars: int = option(50, help=ROW_HELP["min_chars"])
-    max_docs: int | None = option(1024, help=ROW_HELP["max_docs"])
-    packing: bool = option(True, help=ROW_HELP["packing"])
+    max_docs: int | None = option(2048, help=ROW_HELP["max_docs"])
+    packing: bool = option(
+        False,
+        negatable=True,
+        help="--packing: join the documents with EOS and cut the stream into --seq-len rows (the paper's); "
+        "--no-packing (the default): one document per row, as the guard sees it as a prompt",
+    )
     heldout_fraction: float = option(0.2, help="rows of each corpus set aside for the held-out trigger rates")
     batch_size: int = option(8, help="rows per forward in the statistics pass")
     seed: int = option(0, help=ROW_HELP["seed"])
@@ -156,6 +182,14 @@ class BuildOptions:
     slim: bool = option(False, help="store only the selected features' SAE slices")
     device: str = option("cpu")
     measure_speedup: bool = option(False, help="time the truncated forward against a full one")
+
+    def scored(self) -> str:
+        """The score: --score, else `DEFAULT_SCORE` ("features") in dynamic mode without --token-gate and
+        --token-value, and "window" otherwise."""
+        if self.score is not None:
+            return self.score
+        plain = self.mode == "dynamic" and self.token_gate is None and self.token_value is None
+        return DEFAULT_SCORE if plain else "window"
 
     def gate(self) -> tuple[str, bool]:
         """The token gate and whether it may fall back to "any": only the default (no --token-gate), which is
@@ -207,14 +241,14 @@ class BuildOptions:
             *row_option_checks(self, flags=True),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.layer is None or self.layer >= 0, f"--layer must be >= 0, got {self.layer}"),
-            (self.score in SCORES, f"unknown --score {self.score!r} (one of {', '.join(SCORES)})"),
+            (self.score in (None, *SCORES), f"unknown --score {self.score!r} (one of {', '.join(SCORES)})"),
             (
                 self.score != "features" or self.mode == "dynamic",
                 "--score features is the dynamic classifier's score; a static guardrail has none",
             ),
             (
                 self.score != "features" or (self.token_gate is None and self.token_value is None),
-                "--score features fits its own feature weights on whole rows; --token-gate and --token-value "
+                "--score features fits its own feature weights on the build rows; --token-gate and --token-value "
                 "are for --score window and fraction",
             ),
             (
@@ -531,9 +565,9 @@ def counted_exclusions(model, tokenizer) -> list[int]:
 
 class Selection(NamedTuple):
     """What `select_and_calibrate` chose: the features, tau, rho per store, the timings, the token gate ({} or
-    token_weights and token_threshold, as in the guardrail config) and how it was chosen (`gate`: {"gate": "any" or
-    "learned", "fallback": why the default's learned gate was not used, or None}), and the rule that chose tau
-    (`calibrate`'s)."""
+    token_weights and token_threshold, as in the guardrail config) and how it was chosen (`gate`: {"gate": "any",
+    "learned" or "features", "fallback": why the default's gate was not used, or None}), the rule that chose tau
+    (`calibrate`'s) and the score (the default's "features" falls back to "window" when its fit finds nothing)."""
 
     features: list[int]
     tau: float
@@ -542,6 +576,7 @@ class Selection(NamedTuple):
     token_gate: dict
     gate: dict
     rule: dict
+    score: str
 
 
 def fit_gate(statistics: Statistics, features: list[int], options: BuildOptions) -> tuple[dict, dict]:
@@ -591,8 +626,16 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selec
     check_sae_options(options, statistics.sae_spec["d_sae"])
     stats, stores = statistics.stats, statistics.stores
     start = time.perf_counter()
-    if options.score == "features":
-        features, weights = selection.fit_feature_gate(stores["forget"], stores["retain"], options.n_features)
+    features_failed = None
+    if options.scored() == "features":
+        try:
+            features, weights = selection.fit_feature_gate(stores["forget"], stores["retain"], options.n_features)
+        except DSGError as err:
+            if options.score is not None:  # asked for: refuse
+                raise
+            features_failed = f"score features: {err}"  # the default: the window score instead, said and recorded
+            options = replace(options, score="window")
+    if options.scored() == "features":
         token_gate, gate_record = (
             {"token_weights": weights, "token_threshold": 1},
             {"gate": "features", "fallback": None},
@@ -605,16 +648,18 @@ def select_and_calibrate(statistics: Statistics, options: BuildOptions) -> Selec
         else:
             features = selection.select_static(stats, options.n_features, options.static_retain_freq)
         token_gate, gate_record = fit_gate(statistics, features, options)
+        if features_failed:
+            gate_record["fallback"] = "; ".join(filter(None, [features_failed, gate_record["fallback"]]))
     timings = {"selection_s": time.perf_counter() - start}
     start = time.perf_counter()
-    gate = {"features": features, "score": options.score, "window": options.window, **token_gate}
+    gate = {"features": features, "score": options.scored(), "window": options.window, **token_gate}
     rho = {name: store.guardrail_scores(gate) for name, store in stores.items()}
     if options.mode == "dynamic":
         tau, rule = calibrate(rho["retain"], options)
     else:
         tau, rule = 0.0, {"rule": "static"}  # always on: fires wherever a selected feature is active
     timings["calibration_s"] = time.perf_counter() - start
-    return Selection(features, float(tau), rho, timings, token_gate, gate_record, rule)
+    return Selection(features, float(tau), rho, timings, token_gate, gate_record, rule, options.scored())
 
 
 def calibration_record(retain_rho, tau: float, rule: dict) -> dict:
@@ -671,11 +716,11 @@ def guardrail_from(
         "features": list(features),
         "clamp": float(options.clamp),
         "threshold": float(tau),
-        "score": options.score,
+        "score": options.scored(),
         "action": options.action,
         "sae": {**statistics.sae_spec, "slim": False},
     }
-    if options.score in ("window", "features"):
+    if options.scored() in WINDOWED:
         guardrail["window"] = options.window
     guardrail.update(token_gate or {})
     if options.action == "refuse":
@@ -741,7 +786,7 @@ def guardrail_build(statistics: Statistics, options: BuildOptions, tokenizer, sa
         options=asdict(options),
     )
     return GuardrailBuild(
-        guardrail_from(statistics, features, tau, options, refusal, chosen.token_gate),
+        guardrail_from(statistics, features, tau, replace(options, score=chosen.score), refusal, chosen.token_gate),
         statistics.sae_state,
         report,
         info,
@@ -969,12 +1014,15 @@ def _load_existing(folder, options):
 
 
 def fallback_notes(info: dict) -> list[str]:
-    """What a default could not do in this build (a `GuardrailRecord`), one sentence each: the learned token gate
-    that would flag no token, or a false-positive bound that the retain rows cannot show."""
+    """What a default could not do in this build (a `GuardrailRecord`), one sentence each: the feature gate whose
+    fit finds nothing, the learned token gate that would flag no token, or a false-positive bound that the retain
+    rows cannot show."""
     notes = []
     gate = info.get("token_gate") or {}
-    if gate.get("fallback"):
+    if gate.get("fallback") and gate.get("gate") == "any":
         notes.append(f"the token gate is the paper's (any selected feature), not the learned one: {gate['fallback']}")
+    elif gate.get("fallback"):
+        notes.append(f"the score is window (the learned token gate), not the default features: {gate['fallback']}")
     fallback = (info.get("calibration") or {}).get("fallback")
     if fallback:
         notes.append(
@@ -1044,11 +1092,11 @@ def run(args):
     for note in fallback_notes(info):
         print(f"dsg: warning: {note}", file=sys.stderr)
     if info["n_features"] < args.n_features:
-        filters = (
-            "the ratio and importance percentile filters"
-            if info["mode"] == "dynamic"
-            else "the retain-frequency filter"
-        )
+        filters = {
+            "features": "the feature gate's fit (active in more forget rows than retain rows, a positive weight)",
+            "dynamic": "the ratio and importance percentile filters",
+            "static": "the retain-frequency filter",
+        }["features" if (info.get("token_gate") or {}).get("gate") == "features" else info["mode"]]
         print(
             f"dsg: warning: only {info['n_features']} of the {args.n_features} features asked for (--n-features) pass "
             f"{filters}; the guardrail uses {info['n_features']}",

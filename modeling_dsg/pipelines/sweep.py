@@ -204,7 +204,7 @@ class SweepOptions:
         """The gate axes' points for dynamic mode: score, window and how tau is calibrated (each axis not
         given keeps the build's own setting)."""
         b = self.build or BuildOptions()
-        scores = self.scores or (b.score,)
+        scores = self.scores or (dataclasses.replace(b, mode="dynamic").scored(),)
         windows = tuple(int(w) for w in self.windows) if self.windows else (b.window,)
         rules = [("percentile", float(p)) for p in self.threshold_percentiles or ()]
         rules += [("target_fpr", float(f)) for f in self.target_fprs or ()]
@@ -244,7 +244,7 @@ class SweepOptions:
     def grid(self) -> list[dict]:
         b = self.build or BuildOptions()
         # static mode has no classifier: it keeps the build's score only where a static guardrail can have it
-        score = b.score if b.score != "features" else "fraction"
+        score = "fraction" if b.score == "features" else dataclasses.replace(b, mode="static").scored()
         static_gate = {"score": score, "window": b.window, "rule": "static", "rule_value": None}
         points = []
         for mode in self.modes:
@@ -533,7 +533,9 @@ def sweep_model(model, tokenizer, statistics, forget_mcq, retain_mcq, options: S
             continue
         chosen = selections[key]
         features, tau, rho, rule = chosen.features, chosen.tau, chosen.rho, chosen.rule
-        guardrail = guardrail_from(statistics, features, tau, bo, token_gate=chosen.token_gate)
+        guardrail = guardrail_from(
+            statistics, features, tau, dataclasses.replace(bo, score=chosen.score), token_gate=chosen.token_gate
+        )
         model.add_guardrail(guardrail, statistics.sae_state)
         try:
             result = {}

@@ -94,7 +94,7 @@ def score_text(g: dict) -> str:
             f"the largest share, over any {g.get('window', 32)} consecutive real tokens (not padding, not BOS), of "
             "the integer weights of the selected features active somewhere in those tokens, each feature counted once "
             f"and the sum floored at 0, over the most a window can have ({most}) (score `features`: the features and "
-            "weights were fit on whole build rows; the weights are in `config.json` and `dsg explain` shows the "
+            "weights were fit on the build rows; the weights are in `config.json` and `dsg explain` shows the "
             "features each token activates)"
         )
     flagged = "any selected feature is active"

@@ -37,7 +37,8 @@ A guardrail (one forget topic) is a dict with these fields:
                       feature counts once per window with its integer `token_weights` entry, and rho is that
                       sum floored at 0 over the positive weights' sum (needs `token_weights`; exact integer
                       sums, so the same in any batch or chunk). `dsg build --score features` fits the weights
-                      on whole build rows (a logistic regression over which features a row activates).
+                      on the build rows (a logistic regression over which features a row, or a 256-token
+                      piece of a longer row, activates).
     action     str    what a fired guardrail does (default "clamp"):
                       "clamp": the edit above (the paper's);
                       "refuse": no edit; a fired row's continuation is `refusal_ids`, then end of

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .configuration_dsg import WINDOWED
 from .sae_dsg import make_sae
 
 
@@ -250,7 +251,7 @@ class DSGGuard(nn.Module):
         self.clamp = guardrail["clamp"]
         self.threshold = guardrail["threshold"]
         self.score = guardrail.get("score", "fraction")
-        self.window = guardrail.get("window", 1) if self.score in ("window", "features") else 1
+        self.window = guardrail.get("window", 1) if self.score in WINDOWED else 1
         self.features = list(guardrail["features"])
         self.token_weights = guardrail.get("token_weights")
         self.token_threshold = guardrail.get("token_threshold", 1)
@@ -295,7 +296,7 @@ class DSGGuard(nn.Module):
             "score": self.score,
             "sae": dict(self.sae_config),
         }
-        if self.score in ("window", "features"):
+        if self.score in WINDOWED:
             config["window"] = self.window
         if self.token_weights is not None:
             config.update(token_weights=list(self.token_weights), token_threshold=self.token_threshold)
