@@ -5,6 +5,8 @@ Integers up to one division, so the decision is exact in any batch, chunking or 
 activations give the guard's rho bit for bit. `dsg build --score features` fits the features and weights on whole
 build rows (`selection.fit_feature_gate`)."""
 
+from dataclasses import replace
+
 import pytest
 import tiny
 import torch
@@ -224,6 +226,38 @@ def test_the_fit_cuts_long_rows_into_pieces():
     assert whole[:, 1].all() and forget.row_activity()[:, 1].all()  # whole rows cannot tell feature 1 apart
     features, weights = selection.fit_feature_gate(forget, retain, 3)
     assert features == [0, 1] and min(weights) > 0
+
+
+def test_the_default_falls_back_to_the_window_score_when_the_fit_finds_nothing():
+    """Feature 0 is active in every row of both corpora and feature 1 in more retain rows than forget rows: no
+    feature marks forget rows. The default score falls back to the window score (recorded, with the fit's reason) and
+    the guardrail config says "window"; an explicit --score features refuses."""
+    from modeling_dsg.pipelines.build import BuildOptions, Statistics, guardrail_from, select_and_calibrate
+
+    gen = torch.Generator().manual_seed(0)
+
+    def corpus(rate_1):
+        dense = torch.zeros(40 * 10, 2)
+        dense[::10, 0] = 1.0
+        dense[torch.rand(400, generator=gen) < rate_1, 1] = 1.0
+        return store_from(dense)
+
+    forget, retain = corpus(0.05), corpus(0.2)
+    statistics = Statistics(
+        layer=0,
+        sae_spec={"d_sae": 2},
+        sae_state={},
+        forget_rows=None,
+        stores={"forget": forget, "retain": retain},
+        stats=selection.FeatureStats.from_stores(forget, retain),
+    )
+    options = BuildOptions(n_features=2, threshold_percentile=95.0)
+    chosen = select_and_calibrate(statistics, options)
+    assert chosen.score == "window" and chosen.gate["fallback"].startswith("score features: no SAE feature")
+    config = guardrail_from(statistics, chosen.features, chosen.tau, replace(options, score=chosen.score))
+    assert config["score"] == "window" and config["window"] == 32
+    with pytest.raises(Exception, match="no SAE feature is active in a larger share"):
+        select_and_calibrate(statistics, replace(options, score="features"))
 
 
 def test_the_demo_builds_the_features_gate_with_a_false_positive_bound():
