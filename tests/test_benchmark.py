@@ -1,5 +1,6 @@
 """The benchmark script runs (on a tiny model, in seconds) and writes the JSON it promises."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +27,23 @@ def run_script(name, args, tmp_path):
     return proc
 
 
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("dsg_benchmark", BENCHMARKS / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_medians_interval_is_the_order_statistics_that_binomial_tails_allow():
+    """95%: the k-th smallest and k-th largest with the largest k such that P(Binomial(n, 1/2) < k) <= 0.025."""
+    median_ci = benchmark_module().median_ci
+    values = [float(v) for v in range(20, 0, -1)]  # unsorted on purpose
+    assert median_ci(values) == [6.0, 15.0]  # P(B <= 5) = 0.0207, P(B <= 6) = 0.0577 for n = 20
+    assert median_ci(values[:7]) == [14.0, 20.0]  # n = 7: min and max (coverage 1 - 2/128)
+    assert median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # n = 5: even min..max covers only 1 - 2/32
+    assert median_ci(values, confidence=0.5) == [8.0, 13.0]  # P(B <= 7) = 0.1316 <= 0.25 < P(B <= 8) = 0.2517
+
+
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     run_script(
@@ -41,6 +59,8 @@ def test_benchmark_smoke(tmp_path):
             "4",
             "--rounds",
             "2",
+            "--repeats",
+            "2",
             "--out",
             str(out),
             "--markdown",
@@ -48,7 +68,7 @@ def test_benchmark_smoke(tmp_path):
         ],
         tmp_path,
     )
-    report = json.loads(out.read_text())
+    report, bench = json.loads(out.read_text()), benchmark_module()
     assert set(report["forward"]) == {"B1xT16", "B2xT16"}
     rounds = [(e, 2) for e in report["forward"].values()] + [
         (e, 3) for e in report["generate"].values()
@@ -70,7 +90,16 @@ def test_benchmark_smoke(tmp_path):
     assert report["machine"]["device"] == "cpu"
     cost = report["build_cost"]  # the truncated statistics forward stops after the guarded block 1
     assert cost["layer"] == 1 and cost["n_layers"] == tiny.LAYERS and cost["truncated_speedup"] > 0
+    # each round keeps each variant's fastest of --repeats runs; goals apply to 256 and 1,024 tokens and generation
+    assert report["repeats"] == 2 and report["rounds"] == 2
+    assert [(g["call"], g["variant"]) for g in bench.goals(report)] == [
+        ("generate B1", "dsg_unfired"),
+        ("generate B1", "dsg_fired"),
+        ("generate B2", "dsg_unfired"),
+        ("generate B2", "dsg_fired"),
+    ]
     table = (tmp_path / "b.md").read_text()
+    assert "| generate B2 | fired | <= 1.01 |" in table and "too few rounds" in table
     assert "| B2xT16 |" in table and "| load time DSG / base |" in table and "speed-up over a full forward" in table
 
 
@@ -112,3 +141,32 @@ def test_guard_step_times_a_token_points_gate(tmp_path):
         "the folder's gate",
     ]
     assert all(float(row[-2]) > 0 for row in rows)
+
+
+def test_the_cost_goals_are_read_from_the_right_cells():
+    """256 tokens: <= 1.01; 1,024: <= 1.005; other lengths have none; generation <= 1.01. A goal is shown only
+    when the top of the median's 95% interval meets it, and met by the median alone otherwise."""
+    goals = benchmark_module().goals
+
+    def cell(median, ci, in_call=1.001):
+        q = {"median": median, "median_ci95": ci}
+        return {
+            "dsg_unfired": {"ratio_to_base": q},
+            "dsg_fired": {"ratio_to_base": q},
+            "in_call": {v: {"ratio": {"median": in_call}} for v in ("dsg_unfired", "dsg_fired")},
+        }
+
+    report = {
+        "forward": {
+            "B1xT256": cell(1.008, [0.99, 1.02]),
+            "B1xT512": cell(1.5, [1.4, 1.6]),
+            "B1xT1024": cell(1.004, [1.0, 1.005]),
+        },
+        "generate": {"B8": cell(1.011, None, in_call=1.02)},
+    }
+    rows = {(g["call"], g["variant"]): g for g in goals(report)}
+    assert {call for call, _ in rows} == {"forward B1xT256", "forward B1xT1024", "generate B8"}
+    t256, t1024, gen = (rows[c, "dsg_fired"] for c in ("forward B1xT256", "forward B1xT1024", "generate B8"))
+    assert (t256["goal"], t256["median_meets"], t256["shown"]) == (1.01, True, False)
+    assert (t1024["goal"], t1024["median_meets"], t1024["shown"]) == (1.005, True, True)
+    assert (gen["goal"], gen["median_meets"], gen["shown"], gen["in_call_meets"]) == (1.01, False, False, False)
