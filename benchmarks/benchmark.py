@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -191,6 +192,7 @@ def goals(report: dict) -> list[dict]:
     its 95% confidence interval, and whether each meets the goal ("shown" when the interval's top does)."""
     calls = [(f"forward {k}", GOALS.get(int(k.split("xT")[1])), r) for k, r in report["forward"].items()]
     calls += [(f"generate {k}", GENERATION_GOAL, r) for k, r in report["generate"].items()]
+    calls += [(f"decoding step {k}", GENERATION_GOAL, r) for k, r in report.get("decode_step", {}).items()]
     rows = []
     for call, goal, r in calls:
         for variant in ("dsg_unfired", "dsg_fired"):
@@ -221,8 +223,8 @@ def goal_table(report: dict) -> list[str]:
         return []
     lines = [
         "",
-        f"Against the cost goals ({report.get('rounds')} rounds, fastest of {report.get('repeats', 1)} runs per "
-        "variant per round; generation half the rounds). The 95% interval of the alternating median is "
+        f"Against the cost goals ({report.get('rounds', '?')} rounds, fastest of {report.get('repeats', 1)} runs "
+        "per variant per round; whole generations half the rounds). The 95% interval of the alternating median is "
         "distribution-free (order statistics); a goal is shown when the interval's top meets it.",
         "",
         "| call | variant | goal | in-call | alternating median | 95% interval | median meets | shown |",
@@ -246,16 +248,19 @@ def markdown(report: dict) -> str:
         q = r["ratio_to_base"]
         return f"x{q['median']:.3f} [{q['p25']:.3f}, {q['p75']:.3f}]"
 
+    def against(q):  # DSG / reference: the median and its 95% interval when there are rounds enough for one
+        ci = q.get("median_ci95")
+        return f"x{q['median']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
     m = report["machine"]
     lines = [
-        f"Machine: {m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, {m['dtype']}.",
+        f"Machine: {m['name']} ({m['device']}, {m['threads']} threads"
+        + (f" on {m['cpus_allowed']} of {m['cpus']} cores" if m.get("cpus_allowed") else "")
+        + f"), torch {m['torch']}, {m['dtype']}.",
         "",
         "Ratios: median of per-round DSG/base time ratios [p25, p75] over alternating runs, the ratio of the "
         "fastest runs (min), and the in-call ratio: one DSG call's time over the same call minus the time spent "
         "in the guard's hook (immune to run-to-run noise; it leaves out the DSG wrapper's own few Python lines).",
-        "",
-        "| forward | base (ms) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cells(r):
@@ -265,19 +270,37 @@ def markdown(report: dict) -> str:
             out += [ratio(r[v]), f"x{r[v]['ratio_of_minima']:.3f}", f"x{ic['ratio']['median']:.4f}" if ic else "n/a"]
         return " | ".join(out)
 
+    if report["forward"]:
+        lines += [
+            "",
+            "| forward | base (ms) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for key, r in report["forward"].items():
         lines.append(f"| {key} | {r['base']['median'] * 1000:.1f} | {cells(r)} |")
-    lines += [
-        "",
-        "| greedy generation | base (tokens/s) | unfired / base | (min) | in-call | fired / base | (min) | in-call |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    if report["generate"]:
+        lines += [
+            "",
+            "| greedy generation | base (tokens/s) | unfired / base | (min) | in-call | fired / base | (min) "
+            "| in-call |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for key, r in report["generate"].items():
         lines.append(f"| {key}, {report['new_tokens']} new tokens | {r['base']['tokens_per_s']:.1f} | {cells(r)} |")
+    if report.get("decode_step"):
+        lines += [
+            "",
+            f"| decoding step ({report.get('steps', '?')} per run, 32-token cache) | base (ms per step) | unfired / "
+            "base | (min) | in-call | fired / base | (min) | in-call |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, r in report["decode_step"].items():
+            lines.append(f"| {key} | {r['base']['step_ms']:.2f} | {cells(r)} |")
     if report.get("reference"):
         lines += [
             "",
-            f"Reference implementation ({report['reference']}), same model, SAE and runs:",
+            f"Reference implementation ({report['reference']}), same model, SAE and runs; DSG / reference is the "
+            "median of per-round ratios (with its 95% interval when there are rounds enough):",
             "",
             "| call | reference unfired / base | DSG unfired / reference unfired | reference fired / base "
             "| DSG fired / reference fired |",
@@ -285,11 +308,12 @@ def markdown(report: dict) -> str:
         ]
         calls = [(f"forward {k}", r) for k, r in report["forward"].items()]
         calls += [(f"generate {k}", r) for k, r in report["generate"].items()]
+        calls += [(f"decoding step {k}", r) for k, r in report.get("decode_step", {}).items()]
         for key, r in calls:
             if "reference_unfired" not in r:
                 continue
-            row = [ratio(r["reference_unfired"]), f"x{r['dsg_vs_reference']['unfired']['median']:.3f}"]
-            row += [ratio(r["reference_fired"]), f"x{r['dsg_vs_reference']['fired']['median']:.3f}"]
+            row = [ratio(r["reference_unfired"]), against(r["dsg_vs_reference"]["unfired"])]
+            row += [ratio(r["reference_fired"]), against(r["dsg_vs_reference"]["fired"])]
             lines.append(f"| {key} | " + " | ".join(row) + " |")
     lines += goal_table(report)
     st, ld = report["storage"], report["load"]
@@ -318,6 +342,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_pair(model_dir, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,6 +379,14 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["forward", "generate", "decode"],
+        choices=["forward", "generate", "decode"],
+        help="what to time: forwards, whole greedy generations, decoding steps (default: all three)",
+    )
+    ap.add_argument("--steps", type=int, default=10, help="decoding steps per timed run (default 10)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument(
         "--repeats",
@@ -377,10 +420,10 @@ def main(argv=None):
         report = {
             "machine": {
                 "device": str(device),
-                "name": torch.cuda.get_device_name(device)
-                if device.type == "cuda"
-                else platform.processor() or platform.machine(),
+                "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                 "threads": torch.get_num_threads(),
+                "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                "cpus": os.cpu_count(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "dtype": args.dtype,
@@ -388,10 +431,12 @@ def main(argv=None):
             "model": str(model_dir),
             "new_tokens": args.new_tokens,
             "rounds": args.rounds,
+            "steps": args.steps,
             "repeats": args.repeats,
             "guardrails": [g["name"] for g in dsg.config.guardrails],
             "forward": {},
             "generate": {},
+            "decode_step": {},
         }
         gen = torch.Generator().manual_seed(0)
 
@@ -430,8 +475,8 @@ def main(argv=None):
             reference implementation the same two ways when there is one."""
             variants = {
                 "base": make(base),
-                "dsg_unfired": with_tau(1.0, make(dsg)),
-                "dsg_fired": with_tau(0.0, make(dsg)),
+                "dsg_unfired": dsg_at(1.0, make),
+                "dsg_fired": dsg_at(0.0, make),
             }
             if reference is not None:
                 variants.update(
@@ -440,8 +485,15 @@ def main(argv=None):
                 )
             return variants
 
+        def dsg_at(tau, make):
+            """`make(dsg)` with tau set first (a prefill that `make` runs decides as the variant does), then run
+            at tau."""
+            for g in dsg.guards:
+                g.threshold = tau
+            return with_tau(tau, make(dsg))
+
         # -- forward latency ----------------------------------------------------------------------
-        for batch in args.batches:
+        for batch in args.batches if "forward" in args.parts else ():
             for length in args.lengths:
                 ids = torch.randint(3, vocab, (batch, length), generator=gen).to(device)
                 mask = torch.ones_like(ids)
@@ -485,7 +537,7 @@ def main(argv=None):
                 )
 
         # -- generation throughput ----------------------------------------------------------------
-        for batch in args.batches:
+        for batch in args.batches if "generate" in args.parts else ():
             prompt = torch.randint(3, vocab, (batch, 32), generator=gen).to(device)
 
             def gen_fn(model, prompt=prompt):
@@ -505,6 +557,46 @@ def main(argv=None):
             report["generate"][f"B{batch}"] = res
             print(
                 f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
+                f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, "
+                f"fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
+            )
+        # -- decoding steps -----------------------------------------------------------------------
+        # generation's steady state without its prefill or generate's own loop: --steps one-token calls on the
+        # KV cache of a 32-token prompt, each cut back after it (crop), so that every step sees the same cache
+        for batch in args.batches if "decode" in args.parts else ():
+            prompt = torch.randint(3, vocab, (batch, 32), generator=gen).to(device)
+            step_ids = torch.randint(3, vocab, (batch, 1), generator=gen).to(device)
+            mask = torch.ones(batch, 33, dtype=torch.long, device=device)
+
+            def steps_fn(model, prompt=prompt, step_ids=step_ids, mask=mask):
+                from transformers import DynamicCache
+
+                from modeling_dsg.runtime.modeling_dsg import cache_argument
+
+                cache = DynamicCache(config=dsg.config.text_config)
+                kw = {cache_argument(model): cache, "use_cache": True}
+                with torch.no_grad():
+                    model(input_ids=prompt, attention_mask=mask[:, :-1], **kw)
+
+                @torch.no_grad()
+                def run():
+                    for _ in range(args.steps):
+                        model(input_ids=step_ids, attention_mask=mask, logits_to_keep=1, **kw)
+                        cache.crop(-1)
+
+                return run
+
+            variants = timed_variants(steps_fn)
+            res = alternate(variants, args.rounds, device, repeats=args.repeats)
+            for name in variants:
+                res[name]["step_ms"] = res[name]["median"] / args.steps * 1000
+            res["in_call"] = {
+                "dsg_unfired": in_call_ratio(dsg, dsg_at(1.0, steps_fn), device, 3),
+                "dsg_fired": in_call_ratio(dsg, dsg_at(0.0, steps_fn), device, 3),
+            }
+            report["decode_step"][f"B{batch}"] = res
+            print(
+                f"decoding step B={batch}: base {res['base']['step_ms']:.2f} ms, "
                 f"unfired x{res['dsg_unfired']['ratio_to_base']['median']:.4f}, "
                 f"fired x{res['dsg_fired']['ratio_to_base']['median']:.4f}"
             )

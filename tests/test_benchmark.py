@@ -78,6 +78,11 @@ def test_benchmark_smoke(tmp_path):
             ratio = entry[variant]["ratio_to_base"]
             assert ratio["n"] == n and ratio["p25"] <= ratio["median"] <= ratio["p75"]
     assert report["generate"]["B1"]["base"]["tokens_per_s"] > 0
+    # decoding steps on a cut-back KV cache: the same rounds, each variant's time per step, and the in-call ratio
+    assert set(report["decode_step"]) == {"B1", "B2"} and report["steps"] == 10
+    for entry in report["decode_step"].values():
+        assert entry["dsg_fired"]["ratio_to_base"]["n"] == 2 and entry["base"]["step_ms"] > 0
+        assert entry["in_call"]["dsg_fired"]["ratio"]["median"] > 1.0  # the hook runs in each step
     # the reference implementation (full SAE encode/decode, error term added back) is timed beside the guard
     # and applies the same edit: same logits as the DSG model, fired or not
     assert report["reference"] and report["forward"]["B1xT16"]["dsg_vs_reference"]["fired"]["n"] == 2
@@ -93,13 +98,13 @@ def test_benchmark_smoke(tmp_path):
     # each round keeps each variant's fastest of --repeats runs; goals apply to 256 and 1,024 tokens and generation
     assert report["repeats"] == 2 and report["rounds"] == 2
     assert [(g["call"], g["variant"]) for g in bench.goals(report)] == [
-        ("generate B1", "dsg_unfired"),
-        ("generate B1", "dsg_fired"),
-        ("generate B2", "dsg_unfired"),
-        ("generate B2", "dsg_fired"),
+        (call, variant)
+        for call in ("generate B1", "generate B2", "decoding step B1", "decoding step B2")
+        for variant in ("dsg_unfired", "dsg_fired")
     ]
     table = (tmp_path / "b.md").read_text()
     assert "| generate B2 | fired | <= 1.01 |" in table and "too few rounds" in table
+    assert "| decoding step B2 | fired | <= 1.01 |" in table and "| decoding step B1 | x" in table
     assert "| B2xT16 |" in table and "| load time DSG / base |" in table and "speed-up over a full forward" in table
 
 
