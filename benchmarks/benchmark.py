@@ -7,16 +7,20 @@ of every token at the guarded layer, the selected features clamped in fired rows
 added back), unfired and fired, on a copy of the same base with the same SAE:
 - forward latency at --lengths tokens and --batches rows;
 - greedy generation throughput for --new-tokens tokens;
+- decoding steps: --steps one-token calls on the KV cache of a 32-token prompt, cut back after each (--parts
+  picks which of forward, generate and decode run);
 - load time of the saved folders (base folder vs DSG folder) and their sizes (full and slim);
 - peak memory (CUDA: max allocated per variant; CPU: the guard's extra bytes);
 - build cost: the statistics pass's truncated forward (blocks 0..L) against a full forward, alternated
   like the rest, plus the statistics, selection and calibration times recorded in dsg_build.json.
-Every variant runs once per round, in a rotating order, so drift and background load hit all of them
-alike; each DSG/base ratio is taken within a round, and the median and spread (p25-p75) of those
-ratios are reported. Writes JSON with the machine description.
+Every variant runs once per round (or --repeats times, keeping its fastest), in a rotating order, so drift
+and background load hit all of them alike; each DSG/base ratio is taken within a round, and the median,
+its distribution-free 95% interval and the spread (p25-p75) of those ratios are reported, with a table
+against the cost goals. Writes JSON with the machine description.
 
     python benchmarks/benchmark.py --model dsg-demo --out benchmark.json          # the embedded default
     python benchmarks/benchmark.py --tiny --out /tmp/bench.json                   # seconds, for the smoke test
+    taskset -c 1 python benchmarks/benchmark.py --threads 1 --repeats 2 --rounds 40 ...   # a noisy machine, quieted
 """
 
 from __future__ import annotations
@@ -195,9 +199,9 @@ def goals(report: dict) -> list[dict]:
     calls += [(f"decoding step {k}", GENERATION_GOAL, r) for k, r in report.get("decode_step", {}).items()]
     rows = []
     for call, goal, r in calls:
+        if goal is None:
+            continue
         for variant in ("dsg_unfired", "dsg_fired"):
-            if goal is None:
-                continue
             q, in_call = r[variant]["ratio_to_base"], r["in_call"][variant]["ratio"]["median"]
             ci = q.get("median_ci95")
             rows.append(
