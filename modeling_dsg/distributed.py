@@ -77,6 +77,12 @@ def init(device="cpu") -> None:
         torch.cuda.set_device(local_rank())
     if dist.is_initialized():
         return
+    # torch.distributed.fsdp evaluates `dist.group.WORLD` in a default argument when it is imported: imported
+    # after the group exists (transformers' model loading and `evaluate` import it), it keeps the group alive
+    # past `close()`. The group's gloo threads then outlive the script and may free their last collective's
+    # tensors while Python shuts down, which aborts the process at exit. Imported first, it captures nothing.
+    import torch.distributed.fsdp  # noqa: F401
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend=backend, rank=rank(), world_size=world_size(), timeout=TIMEOUT)
@@ -156,7 +162,8 @@ def on_main(fn, what: str):
 
 
 def close() -> None:
-    """Destroy the default process group if this module (or anyone) created it."""
+    """Destroy the default process group if this module (or anyone) created it. Its threads end here, while
+    Python is still running (see `init`), not at the interpreter's exit."""
     if world_size() == 1:
         return
     import torch.distributed as dist

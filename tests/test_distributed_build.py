@@ -207,6 +207,38 @@ def test_a_failure_in_one_process_fails_the_pass_in_all(world, tmp_path):
     assert lines == ["rank 0: pass failed in process 1 of 2: broken encoder", "rank 1: broken encoder"]
 
 
+CLOSE_FREES_THE_GROUP = """
+import gc
+import weakref
+
+import torch.distributed as dist
+from modeling_dsg import distributed
+
+distributed.init("cpu")
+group = weakref.ref(dist.group.WORLD)
+from transformers import AutoModelForCausalLM  # loading a model after the group exists, as `dsg eval` does
+import evaluate  # noqa: F401  (imports the same torch modules)
+
+model = AutoModelForCausalLM.from_pretrained({base!r})
+gathered = distributed.all_gather_object(distributed.rank())
+distributed.close()
+gc.collect()
+with open(f"rank{{distributed.rank()}}.txt", "w") as f:
+    f.write(f"{{gathered}} {{'alive' if group() is not None else 'freed'}}")
+"""
+
+
+def test_close_frees_the_group_when_models_load_after_init(world, tmp_path):
+    """`close()` frees the process group even when modules imported after `init` (transformers' model loading,
+    `evaluate`) look at it: its gloo threads must end before Python shuts down, or a thread freeing the last
+    collective's tensors during shutdown aborts the process (rarely: a race at exit)."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_FREES_THE_GROUP.format(base=str(world.base)))
+    run = torchrun(script, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["[0, 1] freed"] * 2
+
+
 def test_commands_that_run_in_one_process_refuse_several(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
