@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -46,12 +47,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+def timed(fn, device, collect: bool = True):
+    """Seconds for one `fn()`. Unless `collect` is False, Python's garbage collector runs before the call and is
+    off during it, as in `timeit`: otherwise a full collection (tens of ms with a model loaded) lands in whichever
+    variant happens to cross its threshold, and a generation's 64 calls cross it often."""
+    if collect:
+        gc.collect()
+    enabled = collect and gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def median_ci(values, confidence: float = 0.95):
@@ -80,7 +93,7 @@ def quantiles(values):
     }
 
 
-def alternate(variants: dict, rounds: int, device, warmup: int = 1, repeats: int = 1):
+def alternate(variants: dict, rounds: int, device, warmup: int = 1, repeats: int = 1, collect: bool = True):
     """Time each variant once per round in a rotating order; per-round ratios to 'base'. With `repeats` > 1 the
     round's order runs that many times over and each variant's round time is its fastest, so that a run which the
     machine interrupted does not become a round's ratio."""
@@ -94,7 +107,7 @@ def alternate(variants: dict, rounds: int, device, warmup: int = 1, repeats: int
         best = {name: math.inf for name in names}
         for _ in range(repeats):
             for name in order:
-                best[name] = min(best[name], timed(variants[name], device))
+                best[name] = min(best[name], timed(variants[name], device, collect))
         for name in names:
             times[name].append(best[name])
     result = {name: {**quantiles(t), "seconds": t} for name, t in times.items()}
@@ -173,13 +186,13 @@ class ReferenceGuard:
         return hook
 
 
-def in_call_ratio(dsg, fn, device, rounds: int) -> dict:
+def in_call_ratio(dsg, fn, device, rounds: int, collect: bool = True) -> dict:
     """DSG call time / (the same call minus the guards' hook time), per round; median and spread."""
     ratios, shares = [], []
     for _ in range(rounds + 1):
         clock = GuardClock(dsg, device)
         try:
-            total = timed(fn, device)
+            total = timed(fn, device, collect)
         finally:
             clock.close()
         ratios.append(total / (total - clock.total))
@@ -401,6 +414,11 @@ def main(argv=None):
     ap.add_argument(
         "--no-reference", action="store_true", help="do not time the reference implementation (halves the run)"
     )
+    ap.add_argument(
+        "--keep-gc",
+        action="store_true",
+        help="leave Python's garbage collector on during timed runs (default: off, as in timeit)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
@@ -437,6 +455,7 @@ def main(argv=None):
             "rounds": args.rounds,
             "steps": args.steps,
             "repeats": args.repeats,
+            "gc_during_runs": args.keep_gc,
             "guardrails": [g["name"] for g in dsg.config.guardrails],
             "forward": {},
             "generate": {},
@@ -512,7 +531,7 @@ def main(argv=None):
                     dsg(input_ids=ids, attention_mask=mask, use_cache=False)
                 fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
                 variants = timed_variants(fwd)
-                res = alternate(variants, args.rounds, device, repeats=args.repeats)
+                res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=not args.keep_gc)
                 res["fired_fraction_at_tau0"] = fired
                 if reference is not None:  # the reference applies the same guardrail: same logits, fired or not
                     res["reference_max_abs_logit_diff"] = {}
@@ -525,8 +544,8 @@ def main(argv=None):
                             b = reference_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                         res["reference_max_abs_logit_diff"][kind] = float((a - b).abs().max())
                 res["in_call"] = {
-                    "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3),
-                    "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3),
+                    "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3, not args.keep_gc),
+                    "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3, not args.keep_gc),
                 }
                 report["forward"][f"B{batch}xT{length}"] = res
                 print(
@@ -551,12 +570,12 @@ def main(argv=None):
                 return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
             variants = timed_variants(gen_fn)
-            res = alternate(variants, max(3, args.rounds // 2), device, repeats=args.repeats)
+            res = alternate(variants, max(3, args.rounds // 2), device, repeats=args.repeats, collect=not args.keep_gc)
             for name in variants:
                 res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]
             res["in_call"] = {
-                "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2),
-                "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2),
+                "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2, not args.keep_gc),
+                "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2, not args.keep_gc),
             }
             report["generate"][f"B{batch}"] = res
             print(
@@ -591,12 +610,12 @@ def main(argv=None):
                 return run
 
             variants = timed_variants(steps_fn)
-            res = alternate(variants, args.rounds, device, repeats=args.repeats)
+            res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=not args.keep_gc)
             for name in variants:
                 res[name]["step_ms"] = res[name]["median"] / args.steps * 1000
             res["in_call"] = {
-                "dsg_unfired": in_call_ratio(dsg, dsg_at(1.0, steps_fn), device, 3),
-                "dsg_fired": in_call_ratio(dsg, dsg_at(0.0, steps_fn), device, 3),
+                "dsg_unfired": in_call_ratio(dsg, dsg_at(1.0, steps_fn), device, 3, not args.keep_gc),
+                "dsg_fired": in_call_ratio(dsg, dsg_at(0.0, steps_fn), device, 3, not args.keep_gc),
             }
             report["decode_step"][f"B{batch}"] = res
             print(
@@ -628,6 +647,7 @@ def main(argv=None):
             },
             max(3, args.rounds // 2),
             torch.device("cpu"),
+            collect=not args.keep_gc,
         )
         report["load"] = loads
         guard_bytes = sum(t.numel() * t.element_size() for g in dsg.guards for t in [*g.parameters(), *g.buffers()])
@@ -678,6 +698,7 @@ def main(argv=None):
                 },
                 max(3, args.rounds // 2),
                 device,
+                collect=not args.keep_gc,
             )
         record_file = model_dir / "dsg_build.json"
         recorded = json.loads(record_file.read_text())["guardrails"][0]["timings"] if record_file.is_file() else {}

@@ -44,6 +44,35 @@ def test_the_medians_interval_is_the_order_statistics_that_binomial_tails_allow(
     assert median_ci(values, confidence=0.5) == [8.0, 13.0]  # P(B <= 7) = 0.1316 <= 0.25 < P(B <= 8) = 0.2517
 
 
+def test_timed_runs_collect_first_and_keep_the_collector_off_inside():
+    """A timed run starts from a collected heap with the garbage collector off (as timeit), and turns it back on;
+    `collect=False` (--keep-gc) leaves the collector as it was."""
+    import gc
+
+    import torch
+
+    timed, cpu = benchmark_module().timed, torch.device("cpu")
+    seen = []
+
+    def run():
+        seen.append((gc.isenabled(), gc.get_count()[0]))
+
+    assert gc.isenabled()
+    gc.collect()
+    garbage = [[i] for i in range(500)]  # tracked objects: generation 0 counts them until the next collection
+    assert gc.get_count()[0] >= 500  # (below the automatic threshold of 700: none has run yet)
+    assert timed(run, cpu) >= 0 and gc.isenabled()
+    assert seen[-1][0] is False and seen[-1][1] < 500
+    assert timed(run, cpu, collect=False) >= 0 and seen[-1][0] is True and gc.isenabled()
+    gc.disable()  # a caller that turned it off itself finds it off afterwards
+    try:
+        timed(run, cpu)
+        assert not gc.isenabled() and seen[-1][0] is False
+    finally:
+        gc.enable()
+    del garbage
+
+
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     run_script(
