@@ -14,7 +14,8 @@ added back), unfired and fired, on a copy of the same base with the same SAE:
 - build cost: the statistics pass's truncated forward (blocks 0..L) against a full forward, alternated
   like the rest, plus the statistics, selection and calibration times recorded in dsg_build.json.
 Every variant runs once per round (or --repeats times, keeping its fastest), in a rotating order, so drift
-and background load hit all of them alike; each DSG/base ratio is taken within a round, and the median,
+and background load hit all of them alike; each run starts from a collected heap with Python's garbage collector
+off (as in timeit; --keep-gc leaves it on); each DSG/base ratio is taken within a round, and the median,
 its distribution-free 95% interval and the spread (p25-p75) of those ratios are reported, with a table
 against the cost goals. Writes JSON with the machine description.
 
