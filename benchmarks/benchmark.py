@@ -50,8 +50,8 @@ def sync(device):
 
 def timed(fn, device, collect: bool = True):
     """Seconds for one `fn()`. Unless `collect` is False, Python's garbage collector runs before the call and is
-    off during it, as in `timeit`: otherwise a full collection (tens of ms with a model loaded) lands in whichever
-    variant happens to cross its threshold, and a generation's 64 calls cross it often."""
+    off during it, as in `timeit`, so that a collection which the allocations happen to trigger does not land in
+    whichever variant crosses the threshold."""
     if collect:
         gc.collect()
     enabled = collect and gc.isenabled()
