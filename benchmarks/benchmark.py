@@ -463,6 +463,10 @@ def main(argv=None):
             "decode_step": {},
         }
         gen = torch.Generator().manual_seed(0)
+        collect = not args.keep_gc  # every timed run from a collected heap, the collector off (see `timed`)
+
+        def in_call(fn, rounds: int) -> dict:
+            return in_call_ratio(dsg, fn, device, rounds, collect)
 
         def with_tau(tau, fn):
             def run():
@@ -532,7 +536,7 @@ def main(argv=None):
                     dsg(input_ids=ids, attention_mask=mask, use_cache=False)
                 fired = float(torch.stack([r["fired"].float().mean() for r in rec]).mean())
                 variants = timed_variants(fwd)
-                res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=not args.keep_gc)
+                res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=collect)
                 res["fired_fraction_at_tau0"] = fired
                 if reference is not None:  # the reference applies the same guardrail: same logits, fired or not
                     res["reference_max_abs_logit_diff"] = {}
@@ -545,8 +549,8 @@ def main(argv=None):
                             b = reference_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                         res["reference_max_abs_logit_diff"][kind] = float((a - b).abs().max())
                 res["in_call"] = {
-                    "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, fwd(dsg)), device, 3, not args.keep_gc),
-                    "dsg_fired": in_call_ratio(dsg, with_tau(0.0, fwd(dsg)), device, 3, not args.keep_gc),
+                    "dsg_unfired": in_call(with_tau(1.0, fwd(dsg)), 3),
+                    "dsg_fired": in_call(with_tau(0.0, fwd(dsg)), 3),
                 }
                 report["forward"][f"B{batch}xT{length}"] = res
                 print(
@@ -571,12 +575,12 @@ def main(argv=None):
                 return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
 
             variants = timed_variants(gen_fn)
-            res = alternate(variants, max(3, args.rounds // 2), device, repeats=args.repeats, collect=not args.keep_gc)
+            res = alternate(variants, max(3, args.rounds // 2), device, repeats=args.repeats, collect=collect)
             for name in variants:
                 res[name]["tokens_per_s"] = batch * args.new_tokens / res[name]["median"]
             res["in_call"] = {
-                "dsg_unfired": in_call_ratio(dsg, with_tau(1.0, gen_fn(dsg)), device, 2, not args.keep_gc),
-                "dsg_fired": in_call_ratio(dsg, with_tau(0.0, gen_fn(dsg)), device, 2, not args.keep_gc),
+                "dsg_unfired": in_call(with_tau(1.0, gen_fn(dsg)), 2),
+                "dsg_fired": in_call(with_tau(0.0, gen_fn(dsg)), 2),
             }
             report["generate"][f"B{batch}"] = res
             print(
@@ -611,12 +615,12 @@ def main(argv=None):
                 return run
 
             variants = timed_variants(steps_fn)
-            res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=not args.keep_gc)
+            res = alternate(variants, args.rounds, device, repeats=args.repeats, collect=collect)
             for name in variants:
                 res[name]["step_ms"] = res[name]["median"] / args.steps * 1000
             res["in_call"] = {
-                "dsg_unfired": in_call_ratio(dsg, dsg_at(1.0, steps_fn), device, 3, not args.keep_gc),
-                "dsg_fired": in_call_ratio(dsg, dsg_at(0.0, steps_fn), device, 3, not args.keep_gc),
+                "dsg_unfired": in_call(dsg_at(1.0, steps_fn), 3),
+                "dsg_fired": in_call(dsg_at(0.0, steps_fn), 3),
             }
             report["decode_step"][f"B{batch}"] = res
             print(
@@ -648,7 +652,7 @@ def main(argv=None):
             },
             max(3, args.rounds // 2),
             torch.device("cpu"),
-            collect=not args.keep_gc,
+            collect=collect,
         )
         report["load"] = loads
         guard_bytes = sum(t.numel() * t.element_size() for g in dsg.guards for t in [*g.parameters(), *g.buffers()])
@@ -699,7 +703,7 @@ def main(argv=None):
                 },
                 max(3, args.rounds // 2),
                 device,
-                collect=not args.keep_gc,
+                collect=collect,
             )
         record_file = model_dir / "dsg_build.json"
         recorded = json.loads(record_file.read_text())["guardrails"][0]["timings"] if record_file.is_file() else {}
