@@ -22,6 +22,9 @@ from modeling_dsg import DSGConfig
 from modeling_dsg.analysis import selection
 from modeling_dsg.analysis.stats import collect
 from modeling_dsg.data.rows import Rows
+from modeling_dsg.runtime.guard_dsg import GuardState
+
+GuardStateFields = GuardState._fields
 
 WEIGHTS = [5, -2, 1, 3, 0]
 WINDOW = 3
@@ -113,6 +116,41 @@ def test_chunks_and_decoding_steps_end_in_the_one_pass_state(split, weights):
     assert rho_whole.unique().numel() > 2
     active = guard(hidden, counted, guard.initial_state(5, "cpu"))[3] > 0
     assert torch.equal(rho_whole, brute_rho(active, counted, weights, WINDOW))
+
+
+def test_a_call_with_no_active_feature_changes_only_the_count():
+    """With no negative weight, a call in which no selected feature is active takes a short path: only `seen` moves.
+    Step by step it ends every call in the state, rho and edit of the full path (which recording forces), also
+    after tau is lowered between calls, and on a row that has fired; with a negative weight it is never taken."""
+    model, _ = tiny.tiny_dsg("llama", [feature_gate(weights=[5, 2, 1, 3, 0], threshold=0.3)], active_rate=0.1)
+    guard = model.guards[0]
+    assert guard.quiet_is_a_count
+    with model.guardrails_disabled():
+        hidden = tiny.sample_hidden(model.model, 1, n_rows=1, length=60, seed=5).view(1, 60, -1)
+    counted = torch.ones(1, 60, dtype=torch.bool)
+    counted[0, 40:43] = False  # uncounted tokens: the count does not move either
+    steps = {"quiet": 0, "active": 0}
+    with torch.no_grad():
+        active = (guard(hidden, counted, guard.initial_state(1, "cpu"))[3] > 0).any(-1)[0]
+        short, full = guard.initial_state(1, "cpu"), guard.initial_state(1, "cpu")
+        for t in range(60):
+            if t == 30:
+                guard.threshold = 0.0  # lowered between calls: the next call fires on the best window so far
+            chunk = slice(t, t + 1)
+            got = guard(hidden[:, chunk], counted[:, chunk], short, False)
+            want = guard(hidden[:, chunk], counted[:, chunk], full, True)
+            short, full = got[1], want[1]
+            steps["active" if active[t] else "quiet"] += 1
+            assert (got[0] is None) == (want[0] is None) and (got[0] is None or torch.equal(got[0], want[0]))
+            assert torch.equal(got[2], want[2]), t
+            for name in GuardStateFields:
+                assert torch.equal(getattr(short, name), getattr(full, name)), (t, name)
+            if not active[t]:
+                assert got[4] is None and got[0] is None  # the short path: no flags, no edit
+    assert steps["quiet"] >= 10 and steps["active"] >= 5  # both paths ran, often
+    assert short.fired.all() and short.seen.item() == 57
+    negative = tiny.tiny_dsg("llama", [feature_gate(weights=WEIGHTS)], active_rate=0.1)[0].guards[0]
+    assert not negative.quiet_is_a_count  # a feature leaving the window may raise the score: the full path
 
 
 def test_generation_batching_and_stored_activations_give_one_rho():

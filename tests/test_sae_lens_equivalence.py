@@ -144,7 +144,7 @@ def test_cached_slices_follow_every_change_of_the_weights(arch):
 
     first = check()
     assert torch.equal(check(), first)  # a cache hit gives the same tensors
-    assert {"selected encoder", "encoder", "decoder"} <= set(guard.sae.__dict__["_slices"])
+    assert {"selected", "encoder"} <= set(guard.sae.__dict__["_slices"])
     with torch.no_grad():
         guard.sae.W_enc.mul_(1.5)  # an in-place edit
     assert not torch.equal(check(), first)
@@ -178,3 +178,24 @@ def test_an_sae_made_under_inference_mode_is_not_cached():
     with torch.no_grad():
         assert torch.equal(guard.sae(x, guard.feature_index)[0], want)
     assert "_slices" not in guard.sae.__dict__
+
+
+@pytest.mark.parametrize("arch,options", CASES)
+def test_activations_are_never_negative_so_one_sum_tells_whether_any_is_active(arch, options):
+    """The guard reads one sum of the selected activations both for finiteness and for whether any feature is
+    active (a call with none takes a short path): that holds because no architecture gives a negative activation."""
+    guard = our_guard(arch, options, sae_lens_sae(arch, options))
+    x = torch.randn(40, 9, D_IN, generator=torch.Generator().manual_seed(6)) * 3
+    with torch.no_grad():
+        acts = guard.sae(x, guard.feature_index)[0]
+    assert acts.min() == 0 and (acts > 0).any()  # zeros and positives, nothing below
+    quiet = ~(acts > 0).any(-1)  # tokens where no selected feature is active
+    assert quiet.any() and not quiet.all()  # both kinds occur, so each answer below is checked
+    for row, token in [(r, t) for r in range(40) for t in range(9)]:
+        assert guard.check_activations(acts[row, token]) == (not quiet[row, token])
+    assert guard.check_activations(acts) is True
+    assert guard.check_activations(torch.zeros(2, 3, len(FEATURES))) is False
+    overflowing = torch.full((2, 3, len(FEATURES)), 3e38)  # finite values whose sum overflows: still active
+    assert guard.check_activations(overflowing) is True
+    with pytest.raises(ValueError, match="non-finite activations"):
+        guard.check_activations(torch.tensor([0.0, float("nan")]))

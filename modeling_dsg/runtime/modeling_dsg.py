@@ -133,7 +133,7 @@ class GuardedCache:
 
     def _dsg_advance(self, state: dict, tokens: int):
         """Record the state after a forward call over `tokens` more positions."""
-        self._dsg_previous = (dict(self._dsg_state), self._dsg_tokens)
+        self._dsg_previous = (self._dsg_state, self._dsg_tokens)  # never changed in place: each call makes its own
         self._dsg_state, self._dsg_tokens = state, self._dsg_tokens + tokens
 
     def _dsg_rows(self, pick):
@@ -354,18 +354,25 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
             RECORDS.reset(token)
 
     def _counted_tokens(self, input_ids, attention_mask, batch, length, device, first_chunk):
+        """[B, T] bool: the tokens of this call that count (not padding, not BOS), in few tensor operations (a
+        decoding step runs this once)."""
         if attention_mask is not None and attention_mask.dim() == 2:
-            counted = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            counted = attention_mask[:, -length:]
+            if counted.device != device:
+                counted = counted.to(device)
             if first_chunk:
-                empty = ~counted.any(-1)
+                empty = ~counted.bool().any(-1)
                 if empty.any():
                     raise ValueError(f"DSG: input row {int(empty.nonzero()[0])} is all padding (no real token)")
         else:
             counted = torch.ones(batch, length, dtype=torch.bool, device=device)
-        bos = self.config.get_text_config().bos_token_id
-        if input_ids is not None and bos is not None:
-            for token in bos if isinstance(bos, (list, tuple)) else [bos]:
-                counted = counted & (input_ids != token).to(device)
+        bos = self.config.text_config.bos_token_id
+        if input_ids is None or bos is None:
+            return counted if counted.dtype == torch.bool else counted != 0
+        if input_ids.device != device:
+            input_ids = input_ids.to(device)
+        for token in bos if isinstance(bos, (list, tuple)) else [bos]:
+            counted = torch.logical_and(counted, input_ids != token)  # a bool result, whatever the mask's dtype
         return counted
 
     # -- forward ---------------------------------------------------------------------------------------
@@ -455,6 +462,9 @@ class DSGForCausalLM(DSGPreTrainedModel, GenerationMixin):
         if trace is not None:
             trace["decisions"] = out.guardrail_decisions
         return out
+
+    # `generate` reads this signature on every decoding step of a model with its own code; made once, it is a lookup
+    forward.__signature__ = inspect.signature(forward)
 
     def generate_batch(self, *args, **kwargs):
         """Continuous batching packs requests into one row: refused (see `_PACKED`)."""

@@ -73,26 +73,33 @@ class SparseAutoencoder(nn.Module):
         return x, scale
 
     # -- encoding ------------------------------------------------------------------------------------
-    def _activate(self, x: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        """Activations of the stored encoder columns `cols` (all stored columns when None)."""
-        W, b = self._columns(cols, self.W_enc, self.b_enc)
+    encoder_vectors = ("b_enc",)  # the per-feature encoder vectors, in the order `_prepare` takes them
+
+    def _activate(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Activations for a preprocessed input x' from prepared encoder tensors (`_prepare`'s result)."""
         return torch.relu(_affine(x, W, b))
-
-    def _columns(self, cols, W, *vectors):
-        """W's columns and the vectors' entries at `cols` (everything stored when None), through `_prepare`,
-        made once while the tensors stay the same (`_cached`)."""
-        sources = (W, *vectors) if cols is None else (cols, W, *vectors)
-
-        def make():
-            if cols is None:
-                return self._prepare(W, *vectors)
-            return self._prepare(W.index_select(1, cols), *(v.index_select(0, cols) for v in vectors))
-
-        return self._cached("encoder" if cols is None else "selected encoder", sources, make)
 
     def _prepare(self, W, *vectors):
         """The encoder tensors as `_activate` uses them (a subclass may precompute a per-feature term)."""
         return (W, *vectors)
+
+    def _encoder(self) -> tuple:
+        """Every stored feature's prepared encoder tensors, made once while the weights stay the same."""
+        vectors = tuple(getattr(self, name) for name in self.encoder_vectors)
+        return self._cached("encoder", (self.W_enc, *vectors), lambda: self._prepare(self.W_enc, *vectors))
+
+    def _selected(self, index: torch.Tensor) -> tuple:
+        """The selected features' prepared encoder tensors, then their decoder rows [N, d_in]: everything a guard
+        call takes from the weights, made once while they stay the same (a slim SAE stores just these)."""
+        W_enc, *vectors, W_dec = map(self._parameters.__getitem__, ("W_enc", *self.encoder_vectors, "W_dec"))
+        if self.slim:
+            return self._cached("selected", (W_enc, *vectors, W_dec), lambda: (*self._prepare(W_enc, *vectors), W_dec))
+
+        def make():
+            encoder = self._prepare(W_enc.index_select(1, index), *(v.index_select(0, index) for v in vectors))
+            return (*encoder, W_dec.index_select(0, index))
+
+        return self._cached("selected", (index, W_enc, *vectors, W_dec), make)
 
     def _cached(self, name: str, sources: tuple, make):
         """`make()`, tensors derived from `sources` (the selected features' slices), computed once and reused
@@ -100,14 +107,14 @@ class SparseAutoencoder(nn.Module):
         reload bumps it). Each decoding step then skips the gather through the whole SAE. The entry holds the
         sources, so their memory cannot be reused under it. Recomputed every call under autograd, torch.compile, or an
         accelerate hook (whose offloaded weights are loaded afresh for each call), and for inference tensors
-        (made under `torch.inference_mode`, they keep no version counter). Runs once per decoding step, so
-        the checks are plain attribute reads."""
-        if torch.compiler.is_compiling() or self.__dict__.get("_hf_hook") is not None:
-            return make()
+        (made under `torch.inference_mode`, they keep no version counter). Runs once per decoding step, between
+        blocks whose weights have pushed everything else out of the CPU's caches, so it reads as little as it can."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return make()
-        try:
-            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self.__dict__.get("_hf_hook") is not None or torch.compiler.is_compiling():
+            return make()
+        try:  # (a cast or a move makes new storage: a new address, while the entry keeps the old one alive)
+            key = [(t.data_ptr(), t._version, t.get_device()) for t in sources]
         except RuntimeError:  # an inference tensor: no version counter
             return make()
         cache = self.__dict__.setdefault("_slices", {})
@@ -118,20 +125,18 @@ class SparseAutoencoder(nn.Module):
 
     def encode_selected(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Activations [..., N] of the selected features `index` for an already preprocessed input x'."""
-        return self._activate(x, None if self.slim else index)
+        return self._activate(x, *self._selected(index)[:-1])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """All d_sae activations for a raw input x (not available for a slim SAE)."""
         if self.slim:
             raise ValueError("a slim SAE stores only its selected features; full encoding is not available")
-        return self._activate(self.preprocess(x.float())[0], None)
+        return self._activate(self.preprocess(x.float())[0], *self._encoder())
 
     # -- decoding ------------------------------------------------------------------------------------
     def decoder_rows(self, index: torch.Tensor) -> torch.Tensor:
         """The selected features' decoder rows [N, d_in] (divided by their norm when TopK rescales)."""
-        if self.slim:
-            return self.W_dec
-        return self._cached("decoder", (index, self.W_dec), lambda: self.W_dec.index_select(0, index))
+        return self._selected(index)[-1]
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """sae-lens decode of full activations (not available for a slim SAE)."""
@@ -163,7 +168,8 @@ class SparseAutoencoder(nn.Module):
         offloaded weights for it): the selected features' activations [..., N], their decoder rows
         [N, d_in] and the per-token output scale (None without input normalisation)."""
         x, out_scale = self.preprocess(x)
-        return self.encode_selected(x, index), self.decoder_rows(index), out_scale
+        *encoder, rows = self._selected(index)
+        return self._activate(x, *encoder), rows, out_scale
 
     def check_finite(self, where: str):
         for name, tensor in self.named_parameters():
@@ -178,6 +184,8 @@ class StandardSAE(SparseAutoencoder):
 class JumpReLUSAE(SparseAutoencoder):
     """JumpReLU SAE: a feature is active only above its learned threshold."""
 
+    encoder_vectors = ("b_enc", "threshold")
+
     def _add_encoder_parameters(self, n_enc: int):
         super()._add_encoder_parameters(n_enc)
         self.threshold = nn.Parameter(torch.zeros(n_enc))
@@ -185,14 +193,15 @@ class JumpReLUSAE(SparseAutoencoder):
     def _prepare(self, W, b, threshold):
         return W, b, threshold.clamp(min=0)  # relu(pre) * (pre > threshold) is 0 wherever pre <= max(threshold, 0)
 
-    def _activate(self, x, cols):
-        W, b, threshold = self._columns(cols, self.W_enc, self.b_enc, self.threshold)
+    def _activate(self, x, W, b, threshold):
         pre = _affine(x, W, b)
         return pre.masked_fill_(pre <= threshold, 0)  # relu(pre) * (pre > threshold): the same values
 
 
 class GatedSAE(SparseAutoencoder):
     """Gated SAE: a gate decides which features are on, a rescaled path gives their magnitude."""
+
+    encoder_vectors = ("b_gate", "b_mag", "r_mag")
 
     def _add_encoder_parameters(self, n_enc: int):
         self.b_gate = nn.Parameter(torch.zeros(n_enc))
@@ -202,8 +211,7 @@ class GatedSAE(SparseAutoencoder):
     def _prepare(self, W, b_gate, b_mag, r_mag):
         return W, W * r_mag.exp(), b_gate, b_mag  # the magnitude path's weights, scaled once
 
-    def _activate(self, x, cols):
-        W, W_mag, b_gate, b_mag = self._columns(cols, self.W_enc, self.b_gate, self.b_mag, self.r_mag)
+    def _activate(self, x, W, W_mag, b_gate, b_mag):
         gate = (_affine(x, W, b_gate) > 0).to(x.dtype)
         return gate * torch.relu(_affine(x, W_mag, b_mag))
 
@@ -231,21 +239,20 @@ class TopKSAE(SparseAutoencoder):
     def _decoder_norms(self) -> torch.Tensor:
         return self.dec_norm if self.slim else self.W_dec.norm(dim=-1)
 
-    def _pre(self, x):
-        pre = _affine(x, self.W_enc, self.b_enc)
+    def _pre(self, x, W, b):
+        pre = _affine(x, W, b)
         return pre.mul_(self._decoder_norms()) if self.rescale else pre
 
-    def _activate(self, x, cols):
-        pre = self._pre(x)
+    def _activate(self, x, W, b):
+        pre = self._pre(x, W, b)
         top = pre.topk(self.k, dim=-1, sorted=False)
-        acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
-        return acts if cols is None else acts.index_select(-1, cols)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
 
     def encode_selected(self, x, index):
         # The selected features only: a feature survives when its pre-activation reaches the k-th largest
         # of its token (the same set as topk's, barring exact ties at the k-th value), so no dense
         # [B, T, d_sae] activation tensor is built on the hot path.
-        pre = self._pre(x)
+        pre = self._pre(x, self.W_enc, self.b_enc)
         kth = pre.topk(self.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         selected = pre.index_select(-1, index)
         return torch.where(
@@ -253,10 +260,16 @@ class TopKSAE(SparseAutoencoder):
         )
 
     def decoder_rows(self, index):
-        rows = super().decoder_rows(index)
+        rows = self.W_dec
+        if not self.slim:
+            rows = self._cached("decoder", (index, rows), lambda: rows.index_select(0, index))
         if self.rescale:
             rows = rows / self._decoder_norms().index_select(0, index)[:, None]
         return rows
+
+    def forward(self, x, index):
+        x, out_scale = self.preprocess(x)
+        return self.encode_selected(x, index), self.decoder_rows(index), out_scale
 
     def decode(self, f):
         if self.rescale and not self.slim:
