@@ -201,6 +201,16 @@ def in_call_ratio(dsg, fn, device, rounds: int, collect: bool = True) -> dict:
     return {"ratio": quantiles(ratios[1:]), "guard_share": quantiles(shares[1:])}
 
 
+def quiet_share(dsg, fn) -> float | None:
+    """The share of the decoding steps (calls of one token per row) in `fn()` in which no selected feature is active
+    in any row: the calls a guard with score "features" and no negative weight settles with a count (see
+    `DSGGuard.forward`). None when `fn` makes no decoding step."""
+    with torch.no_grad(), dsg.record_guardrails() as records:
+        fn()
+    steps = [r.acts for r in records if r.acts.shape[1] == 1]
+    return sum(not bool((acts > 0).any()) for acts in steps) / len(steps) if steps else None
+
+
 GOALS = {256: 1.01, 1024: 1.005}  # the guard's cost goals, DSG / base: forward at these lengths
 GENERATION_GOAL = 1.01  # and greedy generation
 
@@ -333,6 +343,19 @@ def markdown(report: dict) -> str:
             row = [ratio(r["reference_unfired"]), against(r["dsg_vs_reference"]["unfired"])]
             row += [ratio(r["reference_fired"]), against(r["dsg_vs_reference"]["fired"])]
             lines.append(f"| {key} | " + " | ".join(row) + " |")
+    quiet = [
+        f"{part} {key} {r['quiet_steps']:.0%}"
+        for part, table in (("generate", report["generate"]), ("decoding step", report.get("decode_step", {})))
+        for key, r in table.items()
+        if r.get("quiet_steps") is not None
+    ]
+    if quiet:
+        lines += [
+            "",
+            "Decoding steps in which no selected feature is active in any row (a count settles them): "
+            + ", ".join(quiet)
+            + ".",
+        ]
     lines += goal_table(report)
     st, ld = report["storage"], report["load"]
     lines += [
@@ -582,6 +605,7 @@ def main(argv=None):
                 "dsg_unfired": in_call(with_tau(1.0, gen_fn(dsg)), 2),
                 "dsg_fired": in_call(with_tau(0.0, gen_fn(dsg)), 2),
             }
+            res["quiet_steps"] = quiet_share(dsg, gen_fn(dsg))
             report["generate"][f"B{batch}"] = res
             print(
                 f"generate B={batch} {args.new_tokens} tokens: base {res['base']['tokens_per_s']:.1f} tok/s, "
@@ -622,6 +646,7 @@ def main(argv=None):
                 "dsg_unfired": in_call(dsg_at(1.0, steps_fn), 3),
                 "dsg_fired": in_call(dsg_at(0.0, steps_fn), 3),
             }
+            res["quiet_steps"] = quiet_share(dsg, steps_fn(dsg))
             report["decode_step"][f"B{batch}"] = res
             print(
                 f"decoding step B={batch}: base {res['base']['step_ms']:.2f} ms, "

@@ -131,10 +131,34 @@ def test_benchmark_smoke(tmp_path):
         for call in ("generate B1", "generate B2", "decoding step B1", "decoding step B2")
         for variant in ("dsg_unfired", "dsg_fired")
     ]
+    for entry in [*report["generate"].values(), *report["decode_step"].values()]:
+        assert 0.0 <= entry["quiet_steps"] <= 1.0
     table = (tmp_path / "b.md").read_text()
+    assert "Decoding steps in which no selected feature is active in any row" in table and "generate B2 " in table
     assert "| generate B2 | fired | <= 1.01 |" in table and "too few rounds" in table
     assert "| decoding step B2 | fired | <= 1.01 |" in table and "| decoding step B1 | x" in table
     assert "| B2xT16 |" in table and "| load time DSG / base |" in table and "speed-up over a full forward" in table
+
+
+def test_the_quiet_share_counts_the_decoding_steps_with_no_active_feature():
+    """A guard whose features never fire settles every decoding step with a count (share 1); one whose features
+    always fire, none (share 0); the prompt's own call is not a decoding step."""
+    import torch
+
+    quiet_share = benchmark_module().quiet_share
+    model, _ = tiny.tiny_dsg("llama", [tiny.guardrail("jumprelu", layer=1)])
+    prompt = torch.tensor([[tiny.BOS, 5, 6, 7, 8]])
+
+    def generate():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6)
+
+    shares = []
+    for bias in (-1e4, 1e4):  # every pre-activation far below, then far above, the threshold
+        with torch.no_grad():
+            model.guards[0].sae.b_enc.fill_(bias)
+        shares.append(quiet_share(model, generate))
+    assert shares == [1.0, 0.0]
+    assert quiet_share(model, lambda: model(prompt)) is None
 
 
 def test_guard_step_in_generation_smoke(tmp_path):
