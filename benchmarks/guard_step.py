@@ -15,6 +15,14 @@ With --compare OTHER (a DSG folder, e.g. the same folder with another release's 
 hooks inside the same generations, alternating, so two versions of the guard are compared under the same load.
 
     python benchmarks/guard_step.py --model dsg-demo --compare dsg-demo-previous
+
+With --segments it splits one decoding step's wall time (a one-token call on the KV cache of a 32-token prompt, cut
+back after it) into its parts, for the base and the DSG model alternated step by step: the DSG wrapper before and
+after the base model's call, the embeddings, the blocks before and after the guarded one, the guard's hook and the
+head; per part the medians and the median of the per-step differences, so what the guard costs and where shows apart
+from the noise of whole calls.
+
+    taskset -c 1 python benchmarks/guard_step.py --model dsg-demo --segments --threads 1 --rounds 1000
 """
 
 from __future__ import annotations
@@ -47,7 +55,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2000, help="timed steps per gate")
     ap.add_argument("--in-generation", action="store_true", help="time the hook inside greedy generations")
     ap.add_argument("--compare", help="another DSG folder: time both folders' hooks inside generations, alternating")
+    ap.add_argument("--segments", action="store_true", help="split a decoding step's time into its parts")
+    ap.add_argument("--rounds", type=int, default=1000, help="--segments: alternating steps per model")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--out", help="--segments: also write the figures as JSON to this file")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.segments:
+        return segments(Path(args.model), args.batch, args.rounds, args.out)
     if args.compare:
         return compare(Path(args.model), Path(args.compare), args.batch)
     if args.in_generation:
@@ -169,6 +185,127 @@ def compare(folder: Path, other: Path, batch: int, new_tokens: int = 32, rounds:
     )
     for name, (_, _, medians) in timed.items():
         print(f"  {name:<40} median {statistics.median(medians) * 1e6:6.0f} us, best {min(medians) * 1e6:6.0f} us")
+
+
+def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> dict:
+    """Where a decoding step's time goes, base and DSG model side by side (see the module docstring). The base shares
+    the DSG model's weight tensors, so the two differ by the guard and its wrapper alone."""
+    import gc
+    import random
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from modeling_dsg.runtime.modeling_dsg import cache_argument, decoder_layers
+
+    dsg = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModelForCausalLM.from_config(dsg.config.text_config)
+    base.load_state_dict(dsg.model.state_dict(), assign=True)
+    base.tie_weights()
+    base.eval()
+    layer = dsg.guards[0].layer
+    stamps: list[float] = []
+
+    def stamp(*_):
+        stamps.append(time.perf_counter())
+
+    for inner in (base, dsg.model):  # the same points in both: the base model's call, its blocks, the guarded block
+        inner.register_forward_pre_hook(stamp, prepend=True)
+        blocks = decoder_layers(inner)
+        for block in blocks:
+            block.register_forward_pre_hook(stamp)
+        blocks[layer].register_forward_hook(stamp, prepend=True)  # before the guard's hook
+        blocks[-1].register_forward_hook(stamp)
+        inner.register_forward_hook(stamp)
+    # a step's intervals between the stamps, in order: the wrapper before, the embeddings, blocks 0..L, the guard's
+    # hook, blocks L+1..n-1, the norm and head, the wrapper after
+    n = len(decoder_layers(base))
+    parts_of_a_step = {
+        "DSG wrapper, before the base": [0],
+        "embeddings and masks": [1],
+        f"blocks 0-{layer}": list(range(2, layer + 3)),
+        "the guard's hook": [layer + 3],
+        f"blocks {layer + 1}-{n - 1}": list(range(layer + 4, n + 3)),
+        "norm and head": [n + 3],
+        "DSG wrapper, after the base": [n + 4],
+    }
+    gen = torch.Generator().manual_seed(0)
+    vocab = dsg.config.text_config.vocab_size
+    prompt, step = (
+        torch.randint(3, vocab, (batch, 32), generator=gen),
+        torch.randint(3, vocab, (batch, 1), generator=gen),
+    )
+    mask = torch.ones(batch, 33, dtype=torch.long)
+
+    def stepper(model):
+        cache = DynamicCache(config=dsg.config.text_config)
+        kw = {cache_argument(model): cache, "use_cache": True}
+        model(input_ids=prompt, attention_mask=mask[:, :-1], **kw)
+
+        def run():
+            stamps.clear()
+            start = time.perf_counter()
+            model(input_ids=step, attention_mask=mask, logits_to_keep=1, **kw)
+            end = time.perf_counter()
+            cache.crop(-1)
+            times = [start, *stamps, end]
+            if len(times) != n + 6:  # every stamp must have fired once, or the parts would be misnamed
+                raise RuntimeError(f"a step made {len(stamps)} stamps, expected {n + 4}")
+            return [b - a for a, b in zip(times, times[1:])]
+
+        return run
+
+    runs = {"base": stepper(base), "dsg": stepper(dsg)}
+    parts = {name: [] for name in runs}
+    order = random.Random(0)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for _ in range(5):  # warm-up
+                for run in runs.values():
+                    run()
+            for _ in range(rounds):
+                for name in order.sample(list(runs), len(runs)):
+                    parts[name].append(runs[name]())
+    finally:
+        gc.enable()
+
+    def median(values):
+        return statistics.median(values) * 1e6
+
+    rows, totals = [], {name: [sum(p) for p in parts[name]] for name in runs}
+    for part, index in parts_of_a_step.items():
+        base_t = [sum(p[i] for i in index) for p in parts["base"]]
+        dsg_t = [sum(p[i] for i in index) for p in parts["dsg"]]
+        rows.append(
+            {
+                "part": part,
+                "base_us": median(base_t),
+                "dsg_us": median(dsg_t),
+                "difference_us": median([d - b for d, b in zip(dsg_t, base_t)]),
+            }
+        )
+    difference = [d - b for d, b in zip(totals["dsg"], totals["base"])]
+    report = {
+        "batch": batch,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "step_us": {"base": median(totals["base"]), "dsg": median(totals["dsg"])},
+        "difference_us": median(difference),
+        "ratio": statistics.median(d / b for d, b in zip(totals["dsg"], totals["base"])),
+        "parts": rows,
+    }
+    print(f"one decoding step, B={batch}, {report['threads']} threads, {rounds} alternating steps each (medians, us):")
+    print(f"  {'part':<30} {'base':>9} {'DSG':>9} {'DSG - base':>11}")
+    for row in rows:
+        print(f"  {row['part']:<30} {row['base_us']:9.1f} {row['dsg_us']:9.1f} {row['difference_us']:11.1f}")
+    print(
+        f"  {'whole step':<30} {report['step_us']['base']:9.1f} {report['step_us']['dsg']:9.1f} "
+        f"{report['difference_us']:11.1f}   (DSG / base x{report['ratio']:.4f})"
+    )
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

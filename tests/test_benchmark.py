@@ -184,6 +184,28 @@ def test_guard_step_compares_two_folders_inside_the_same_generations(tmp_path):
     assert all(float(row[2]) >= float(row[5]) > 0 for row in rows)  # median >= best > 0
 
 
+def test_guard_step_splits_a_decoding_step_into_its_parts(tmp_path):
+    folder = tiny.make_tiny_dsg(tmp_path / "tiny-dsg")
+    out = tmp_path / "segments.json"
+    proc = run_script(
+        "guard_step.py", ["--model", str(folder), "--segments", "--rounds", "20", "--out", str(out)], tmp_path
+    )
+    report = json.loads(out.read_text())
+    parts = {row["part"]: row for row in report["parts"]}
+    assert list(parts) == [
+        "DSG wrapper, before the base",
+        "embeddings and masks",
+        "blocks 0-1",
+        "the guard's hook",
+        f"blocks 2-{tiny.LAYERS - 1}",
+        "norm and head",
+        "DSG wrapper, after the base",
+    ]
+    hook = parts["the guard's hook"]  # the base has no guard: its part is two timestamps apart
+    assert hook["dsg_us"] > 5 * hook["base_us"] and hook["difference_us"] > 0
+    assert report["rounds"] == 20 and report["step_us"]["dsg"] > 0 and "whole step" in proc.stdout
+
+
 def test_guard_step_times_a_token_points_gate(tmp_path):
     """`guard_step.py` on a folder whose gate scores token points: the simpler gates drop the points with the
     weights, and the same learned gate scoring flags is timed beside it."""
