@@ -387,7 +387,8 @@ class DSGGuard(nn.Module):
         if not any_active and self.quiet_is_a_count and not want_flags:
             # no selected feature active at any token: a window's weights can only fall as it slides (none is
             # negative), so the best window, the features' last positions and the edit (none) stay; only the
-            # count of tokens moves: a third of the operations (most decoding steps: 94% in the benchmark's generations)
+            # count of tokens moves. A third of the operations, for most decoding steps (94% of those in the
+            # benchmark's generations).
             seen = seen + (counted.view(-1) if counted.shape[1] == 1 else counted.sum(-1))
             fired = fired | (best > self.threshold)  # (the threshold may have changed since the last call)
             return None, GuardState(flagged, seen, fired, best, tail), best, acts, None
