@@ -232,3 +232,24 @@ def test_several_guardrails_act_independently():
     model_b.guards[0].load_state_dict(model.guards[1].state_dict())
     logits_b, _ = run(model_b, enc)
     assert torch.equal(logits, logits_b)  # guardrail "a" never fires, so only "b" acts
+
+
+@pytest.mark.parametrize("bos", [tiny.BOS, [tiny.BOS, 7], None], ids=["one BOS", "two BOS ids", "no BOS"])
+def test_a_decoding_steps_counted_tokens_follow_the_rule(bos):
+    """In a decoding step (one token per row, after the prompt) the tokens that count are exactly those with a nonzero
+    mask that are not BOS, for every mask dtype and without a mask."""
+    model, _ = tiny.tiny_dsg("llama")
+    model.config.text_config.__dict__["bos_token_id"] = bos  # (Llama's config takes no list: some models' do)
+    ids = torch.tensor([[5], [tiny.BOS], [7], [9], [tiny.BOS], [7]])
+    last = torch.tensor([1, 1, 1, 0, 0, 1])
+    ignored = torch.tensor([] if bos is None else bos if isinstance(bos, list) else [bos], dtype=torch.long)
+    not_bos = ~torch.isin(ids, ignored)
+    for mask, want in (
+        (torch.stack([torch.ones(6, dtype=torch.long), last], 1), not_bos & (last != 0)[:, None]),
+        (None, not_bos),
+    ):
+        assert want.any() and (bos is None or not want.all())  # both kinds of token, so the check can fail
+        for dtype in (torch.long, torch.bool, torch.float32):
+            m = None if mask is None else mask.to(dtype)
+            got = model._counted_tokens(ids, m, 6, 1, ids.device, first_chunk=False)
+            assert got.dtype == torch.bool and got.shape == (6, 1) and torch.equal(got, want), (dtype, mask is None)
