@@ -193,15 +193,12 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> d
     import gc
     import random
 
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from benchmark import load_pair  # (this folder's: the base that shares the DSG model's weights)
+    from transformers import DynamicCache
 
     from modeling_dsg.runtime.modeling_dsg import cache_argument, decoder_layers
 
-    dsg = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    base = AutoModelForCausalLM.from_config(dsg.config.text_config)
-    base.load_state_dict(dsg.model.state_dict(), assign=True)
-    base.tie_weights()
-    base.eval()
+    base, dsg, _ = load_pair(folder, torch.device("cpu"), torch.float32)
     layer = dsg.guards[0].layer
     stamps: list[float] = []
 
@@ -230,10 +227,8 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> d
     }
     gen = torch.Generator().manual_seed(0)
     vocab = dsg.config.text_config.vocab_size
-    prompt, step = (
-        torch.randint(3, vocab, (batch, 32), generator=gen),
-        torch.randint(3, vocab, (batch, 1), generator=gen),
-    )
+    prompt = torch.randint(3, vocab, (batch, 32), generator=gen)
+    step = torch.randint(3, vocab, (batch, 1), generator=gen)
     mask = torch.ones(batch, 33, dtype=torch.long)
 
     def stepper(model):

@@ -83,15 +83,19 @@ class SparseAutoencoder(nn.Module):
         """The encoder tensors as `_activate` uses them (a subclass may precompute a per-feature term)."""
         return (W, *vectors)
 
+    def _weights(self) -> list:
+        """[W_enc, the encoder vectors..., W_dec], read straight from the parameters (a hot path: no `__getattr__`)."""
+        return list(map(self._parameters.__getitem__, ("W_enc", *self.encoder_vectors, "W_dec")))
+
     def _encoder(self) -> tuple:
         """Every stored feature's prepared encoder tensors, made once while the weights stay the same."""
-        vectors = tuple(getattr(self, name) for name in self.encoder_vectors)
-        return self._cached("encoder", (self.W_enc, *vectors), lambda: self._prepare(self.W_enc, *vectors))
+        W_enc, *vectors, _ = self._weights()
+        return self._cached("encoder", (W_enc, *vectors), lambda: self._prepare(W_enc, *vectors))
 
     def _selected(self, index: torch.Tensor) -> tuple:
         """The selected features' prepared encoder tensors, then their decoder rows [N, d_in]: everything a guard
         call takes from the weights, made once while they stay the same (a slim SAE stores just these)."""
-        W_enc, *vectors, W_dec = map(self._parameters.__getitem__, ("W_enc", *self.encoder_vectors, "W_dec"))
+        W_enc, *vectors, W_dec = self._weights()
         if self.slim:
             return self._cached("selected", (W_enc, *vectors, W_dec), lambda: (*self._prepare(W_enc, *vectors), W_dec))
 
