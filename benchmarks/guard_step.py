@@ -23,6 +23,13 @@ head; per part the medians and the median of the per-step differences, so what t
 from the noise of whole calls.
 
     taskset -c 1 python benchmarks/guard_step.py --model dsg-demo --segments --threads 1 --rounds 1000
+
+With --segments --compare OTHER the other folder (e.g. the same folder with another version's code files) takes part
+too, on the same weights, so the three are alternated step by step; it adds each part for OTHER and, per part and for
+the whole step, the median of the per-step differences between the two folders with its 95% interval (whether one
+version's step is faster than the other's, with nothing else changed).
+
+    taskset -c 1 python benchmarks/guard_step.py --model dsg-demo-new --segments --compare dsg-demo --threads 1
 """
 
 from __future__ import annotations
@@ -54,7 +61,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="rows per step")
     ap.add_argument("--steps", type=int, default=2000, help="timed steps per gate")
     ap.add_argument("--in-generation", action="store_true", help="time the hook inside greedy generations")
-    ap.add_argument("--compare", help="another DSG folder: time both folders' hooks inside generations, alternating")
+    ap.add_argument(
+        "--compare",
+        help="another DSG folder: time both folders' hooks inside generations, alternating (with --segments: whole "
+        "decoding steps, split into their parts)",
+    )
     ap.add_argument("--segments", action="store_true", help="split a decoding step's time into its parts")
     ap.add_argument("--rounds", type=int, default=1000, help="--segments: alternating steps per model")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -63,7 +74,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.segments:
-        return segments(Path(args.model), args.batch, args.rounds, args.out)
+        other = Path(args.compare) if args.compare else None
+        return segments(Path(args.model), args.batch, args.rounds, args.out, other)
     if args.compare:
         return compare(Path(args.model), Path(args.compare), args.batch)
     if args.in_generation:
@@ -187,25 +199,38 @@ def compare(folder: Path, other: Path, batch: int, new_tokens: int = 32, rounds:
         print(f"  {name:<40} median {statistics.median(medians) * 1e6:6.0f} us, best {min(medians) * 1e6:6.0f} us")
 
 
-def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> dict:
-    """Where a decoding step's time goes, base and DSG model side by side (see the module docstring). The base shares
-    the DSG model's weight tensors, so the two differ by the guard and its wrapper alone."""
+def segments(folder: Path, batch: int, rounds: int, out: str | None = None, other: Path | None = None) -> dict:
+    """Where a decoding step's time goes, base and DSG model side by side (see the module docstring); with `other`, a
+    second DSG folder as well. The base (and the other folder's model) share the DSG model's weight tensors, so they
+    differ by the guard and its wrapper alone (and by the two folders' code)."""
     import gc
     import random
 
-    from benchmark import load_pair  # (this folder's: the base that shares the DSG model's weights)
-    from transformers import DynamicCache
+    from benchmark import load_pair, median_ci  # (this folder's: the base that shares the DSG model's weights)
+    from transformers import AutoModelForCausalLM, DynamicCache
 
     from modeling_dsg.runtime.modeling_dsg import cache_argument, decoder_layers
 
     base, dsg, _ = load_pair(folder, torch.device("cpu"), torch.float32)
+    models = {"base": base, "dsg": dsg}
+    if other is not None:
+        second = AutoModelForCausalLM.from_pretrained(other, trust_remote_code=True, dtype=torch.float32).eval()
+        try:
+            second.model.load_state_dict(dsg.model.state_dict(), assign=True)
+        except RuntimeError as error:
+            raise SystemExit(f"--compare {other}: its base model is not the same as {folder}'s ({error})") from None
+        second.model.tie_weights()
+        if [g.guardrail_config() for g in second.guards] != [g.guardrail_config() for g in dsg.guards]:
+            raise SystemExit(f"--compare {other}: its guardrails differ from {folder}'s; compare two code versions")
+        models["other"] = second
     layer = dsg.guards[0].layer
     stamps: list[float] = []
 
     def stamp(*_):
         stamps.append(time.perf_counter())
 
-    for inner in (base, dsg.model):  # the same points in both: the base model's call, its blocks, the guarded block
+    # the same points in every model: the base model's call, its blocks, the guarded block
+    for inner in (base, *(m.model for m in models.values() if m is not base)):
         inner.register_forward_pre_hook(stamp, prepend=True)
         blocks = decoder_layers(inner)
         for block in blocks:
@@ -249,7 +274,7 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> d
 
         return run
 
-    runs = {"base": stepper(base), "dsg": stepper(dsg)}
+    runs = {name: stepper(model) for name, model in models.items()}
     parts = {name: [] for name in runs}
     order = random.Random(0)
     gc.collect()
@@ -268,36 +293,48 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None) -> d
     def median(values):
         return statistics.median(values) * 1e6
 
+    def versus(a, b):  # the median of the per-step differences a - b, and its 95% interval (us)
+        differences = [(x - y) * 1e6 for x, y in zip(a, b)]
+        return statistics.median(differences), median_ci(differences)
+
     rows, totals = [], {name: [sum(p) for p in parts[name]] for name in runs}
     for part, index in parts_of_a_step.items():
-        base_t = [sum(p[i] for i in index) for p in parts["base"]]
-        dsg_t = [sum(p[i] for i in index) for p in parts["dsg"]]
-        rows.append(
-            {
-                "part": part,
-                "base_us": median(base_t),
-                "dsg_us": median(dsg_t),
-                "difference_us": median([d - b for d, b in zip(dsg_t, base_t)]),
-            }
-        )
-    difference = [d - b for d, b in zip(totals["dsg"], totals["base"])]
+        t = {name: [sum(p[i] for i in index) for p in parts[name]] for name in runs}
+        row = {"part": part, "base_us": median(t["base"]), "dsg_us": median(t["dsg"])}
+        row["difference_us"] = versus(t["dsg"], t["base"])[0]
+        if other is not None:
+            row["other_us"] = median(t["other"])
+            row["dsg_minus_other_us"], row["dsg_minus_other_ci95"] = versus(t["dsg"], t["other"])
+        rows.append(row)
     report = {
         "batch": batch,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "step_us": {"base": median(totals["base"]), "dsg": median(totals["dsg"])},
-        "difference_us": median(difference),
+        "step_us": {name: median(totals[name]) for name in runs},
+        "difference_us": versus(totals["dsg"], totals["base"])[0],
         "ratio": statistics.median(d / b for d, b in zip(totals["dsg"], totals["base"])),
         "parts": rows,
     }
+    if other is not None:
+        report["other"] = str(other)
+        report["dsg_minus_other_us"], report["dsg_minus_other_ci95"] = versus(totals["dsg"], totals["other"])
     print(f"one decoding step, B={batch}, {report['threads']} threads, {rounds} alternating steps each (medians, us):")
-    print(f"  {'part':<30} {'base':>9} {'DSG':>9} {'DSG - base':>11}")
+    extra = f" {'OTHER':>9} {'DSG - OTHER':>12}" if other is not None else ""
+    print(f"  {'part':<30} {'base':>9} {'DSG':>9} {'DSG - base':>11}" + extra)
     for row in rows:
-        print(f"  {row['part']:<30} {row['base_us']:9.1f} {row['dsg_us']:9.1f} {row['difference_us']:11.1f}")
-    print(
-        f"  {'whole step':<30} {report['step_us']['base']:9.1f} {report['step_us']['dsg']:9.1f} "
-        f"{report['difference_us']:11.1f}   (DSG / base x{report['ratio']:.4f})"
-    )
+        line = f"  {row['part']:<30} {row['base_us']:9.1f} {row['dsg_us']:9.1f} {row['difference_us']:11.1f}"
+        if other is not None:
+            line += f" {row['other_us']:9.1f} {row['dsg_minus_other_us']:12.1f}"
+        print(line)
+    line = f"  {'whole step':<30} {report['step_us']['base']:9.1f} {report['step_us']['dsg']:9.1f} "
+    line += f"{report['difference_us']:11.1f}"
+    if other is not None:
+        line += f" {report['step_us']['other']:9.1f} {report['dsg_minus_other_us']:12.1f}"
+    print(line + f"   (DSG / base x{report['ratio']:.4f})")
+    if other is not None:
+        ci = report["dsg_minus_other_ci95"]
+        interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "(too few rounds for an interval)"
+        print(f"  DSG - OTHER per whole step: {report['dsg_minus_other_us']:.1f} us, 95% interval {interval}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -12,8 +12,9 @@ import tiny
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def run_script(name, args, tmp_path):
-    """Run benchmarks/NAME with ARGS offline in tmp_path (remote code cached there); fail with its stderr."""
+def run_script(name, args, tmp_path, succeed: bool = True):
+    """Run benchmarks/NAME with ARGS offline in tmp_path (remote code cached there); unless told it may fail, fail
+    with its stderr when it does."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args],
@@ -23,7 +24,7 @@ def run_script(name, args, tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0 or not succeed, proc.stderr[-2000:]
     return proc
 
 
@@ -204,6 +205,36 @@ def test_guard_step_splits_a_decoding_step_into_its_parts(tmp_path):
     hook = parts["the guard's hook"]  # the base has no guard: its part is two timestamps apart
     assert hook["dsg_us"] > 5 * hook["base_us"] and hook["difference_us"] > 0
     assert report["rounds"] == 20 and report["step_us"]["dsg"] > 0 and "whole step" in proc.stdout
+
+
+def test_guard_step_segments_compare_two_versions_of_the_code_on_the_same_weights(tmp_path):
+    """`--segments --compare OTHER` alternates the base and two folders step by step: a version whose hook sleeps
+    2 ms shows as 2 ms slower in the hook and in the whole step, with an interval that excludes no difference; a
+    folder with other guardrails is refused with one message."""
+    import shutil
+
+    folder = tiny.make_tiny_dsg(tmp_path / "tiny-dsg")
+    slower = Path(shutil.copytree(folder, tmp_path / "slower"))
+    code = (slower / "guard_dsg.py").read_text()
+    hook = "    def hook(self, module, args, output):\n"
+    assert code.count(hook) == 1
+    code = code.replace(hook, hook + "        __import__('time').sleep(0.002)\n")
+    (slower / "guard_dsg.py").write_text(code)
+    out = tmp_path / "segments.json"
+    args = ["--model", str(folder), "--segments", "--compare", str(slower), "--rounds", "20", "--out", str(out)]
+    proc = run_script("guard_step.py", args, tmp_path)
+    report = json.loads(out.read_text())
+    parts = {row["part"]: row for row in report["parts"]}
+    assert parts["the guard's hook"]["dsg_minus_other_us"] < -1500  # the slower version's hook: 2 ms more
+    assert abs(parts["DSG wrapper, before the base"]["dsg_minus_other_us"]) < 1500  # the same code elsewhere
+    assert report["dsg_minus_other_us"] < -1500 and report["dsg_minus_other_ci95"][1] < 0
+    assert report["other"] == str(slower) and report["step_us"]["other"] > report["step_us"]["dsg"]
+    assert "DSG - OTHER per whole step" in proc.stdout
+    other_gate = tiny.save_tiny_dsg(tmp_path / "two", guardrails=[tiny.guardrail("jumprelu", layer=0)])
+    args = ["--model", str(folder), "--segments", "--compare", str(other_gate), "--rounds", "2"]
+    refused = run_script("guard_step.py", args, tmp_path, succeed=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"--compare {other_gate}:" in refused.stderr
 
 
 def test_guard_step_times_a_token_points_gate(tmp_path):
