@@ -209,7 +209,7 @@ def test_guard_step_splits_a_decoding_step_into_its_parts(tmp_path):
 
 def test_guard_step_segments_compare_two_versions_of_the_code_on_the_same_weights(tmp_path):
     """`--segments --compare OTHER` alternates the base and two folders step by step: a version whose hook sleeps
-    2 ms shows as 2 ms slower in the hook and in the whole step, with an interval that excludes no difference; a
+    2 ms shows as 2 ms slower in the hook and in the whole step, with a 95% interval wholly below 0; a
     folder with other guardrails is refused with one message."""
     import shutil
 
