@@ -399,11 +399,16 @@ def load_pair(model_dir, device, dtype):
 
     dsg = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    base = AutoModelForCausalLM.from_config(dsg.config.text_config, dtype=dtype)
     # the base shares the DSG model's weight tensors: the two differ only by the guard, not by where the weights lie
-    base.load_state_dict(dsg.model.state_dict(), assign=True)
-    base.tie_weights()
+    base = share_weights(AutoModelForCausalLM.from_config(dsg.config.text_config, dtype=dtype), dsg.model)
     return base.eval(), dsg, tok
+
+
+def share_weights(model, source):
+    """Point `model`'s weights at `source`'s tensors (same architecture), tied ones tied again; returns `model`."""
+    model.load_state_dict(source.state_dict(), assign=True)
+    model.tie_weights()
+    return model
 
 
 def tiny_folder(root: Path) -> Path:

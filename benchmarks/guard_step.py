@@ -206,7 +206,7 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
     import gc
     import random
 
-    from benchmark import load_pair, median_ci  # (this folder's: the base that shares the DSG model's weights)
+    from benchmark import load_pair, median_ci, share_weights  # (this folder's benchmark module)
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from modeling_dsg.runtime.modeling_dsg import cache_argument, decoder_layers
@@ -216,10 +216,9 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
     if other is not None:
         second = AutoModelForCausalLM.from_pretrained(other, trust_remote_code=True, dtype=torch.float32).eval()
         try:
-            second.model.load_state_dict(dsg.model.state_dict(), assign=True)
+            share_weights(second.model, dsg.model)
         except RuntimeError as error:
             raise SystemExit(f"--compare {other}: its base model is not the same as {folder}'s ({error})") from None
-        second.model.tie_weights()
         if [g.guardrail_config() for g in second.guards] != [g.guardrail_config() for g in dsg.guards]:
             raise SystemExit(f"--compare {other}: its guardrails differ from {folder}'s; compare two code versions")
         models["other"] = second
