@@ -20,9 +20,11 @@ With --segments it splits one decoding step's wall time (a one-token call on the
 back after it) into its parts, for the base and the DSG model alternated step by step: the DSG wrapper before and
 after the base model's call, the embeddings, the blocks before and after the guarded one, the guard's hook and the
 head; per part the medians and the median of the per-step differences, so what the guard costs and where shows apart
-from the noise of whole calls.
+from the noise of whole calls. The whole step's DSG/base ratio comes with a 95% interval over the paired steps, so a
+per-step cost goal can be shown with adjacent steps only (no drift between a round's two runs); --fired sets every
+DSG threshold to 0 first, so that rows fire and the clamp edits (the benchmark's fired variant).
 
-    taskset -c 1 python benchmarks/guard_step.py --model dsg-demo --segments --threads 1 --rounds 1000
+    taskset -c 1 python benchmarks/guard_step.py --model dsg-demo --segments --threads 1 --rounds 1000 [--fired]
 
 With --segments --compare OTHER the other folder (e.g. the same folder with another version's code files) takes part
 too, on the same weights, so the three are alternated step by step; it adds each part for OTHER and, per part and for
@@ -68,6 +70,12 @@ def main(argv=None):
     )
     ap.add_argument("--segments", action="store_true", help="split a decoding step's time into its parts")
     ap.add_argument("--rounds", type=int, default=1000, help="--segments: alternating steps per model")
+    ap.add_argument(
+        "--fired",
+        action="store_true",
+        help="--segments: the DSG model(s) with every threshold at 0, so that a row fires on its first flagged token "
+        "and the clamp edits (the benchmark's fired variant)",
+    )
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--out", help="--segments: also write the figures as JSON to this file")
     args = ap.parse_args(argv)
@@ -75,7 +83,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.segments:
         other = Path(args.compare) if args.compare else None
-        return segments(Path(args.model), args.batch, args.rounds, args.out, other)
+        return segments(Path(args.model), args.batch, args.rounds, args.out, other, args.fired)
     if args.compare:
         return compare(Path(args.model), Path(args.compare), args.batch)
     if args.in_generation:
@@ -199,10 +207,14 @@ def compare(folder: Path, other: Path, batch: int, new_tokens: int = 32, rounds:
         print(f"  {name:<40} median {statistics.median(medians) * 1e6:6.0f} us, best {min(medians) * 1e6:6.0f} us")
 
 
-def segments(folder: Path, batch: int, rounds: int, out: str | None = None, other: Path | None = None) -> dict:
+def segments(
+    folder: Path, batch: int, rounds: int, out: str | None = None, other: Path | None = None, fired: bool = False
+) -> dict:
     """Where a decoding step's time goes, base and DSG model side by side (see the module docstring); with `other`, a
-    second DSG folder as well. The base (and the other folder's model) share the DSG model's weight tensors, so they
-    differ by the guard and its wrapper alone (and by the two folders' code)."""
+    second DSG folder as well; with `fired`, every DSG threshold at 0. The base (and the other folder's model) share
+    the DSG model's weight tensors, so they differ by the guard and its wrapper alone (and by the two folders' code).
+    The whole step's DSG/base ratio comes with its 95% interval: the steps are paired, each DSG step with the base
+    step of the same round."""
     import gc
     import random
 
@@ -222,6 +234,10 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
         if [g.guardrail_config() for g in second.guards] != [g.guardrail_config() for g in dsg.guards]:
             raise SystemExit(f"--compare {other}: its guardrails differ from {folder}'s; compare two code versions")
         models["other"] = second
+    if fired:  # before the prompt's call, so that it decides as the variant does
+        for model in models.values():
+            for guard in getattr(model, "guards", ()):
+                guard.threshold = 0.0
     layer = dsg.guards[0].layer
     stamps: list[float] = []
 
@@ -255,8 +271,10 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
     step = torch.randint(3, vocab, (batch, 1), generator=gen)
     mask = torch.ones(batch, 33, dtype=torch.long)
 
+    caches = {}
+
     def stepper(model):
-        cache = DynamicCache(config=dsg.config.text_config)
+        cache = caches[model] = DynamicCache(config=dsg.config.text_config)
         kw = {cache_argument(model): cache, "use_cache": True}
         model(input_ids=prompt, attention_mask=mask[:, :-1], **kw)
 
@@ -297,6 +315,8 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
         return statistics.median(differences), median_ci(differences)
 
     rows, totals = [], {name: [sum(p) for p in parts[name]] for name in runs}
+    ratios = [d / b for d, b in zip(totals["dsg"], totals["base"])]
+    dsg_fired = caches[dsg]._dsg_state[0].fired  # what every step starts from (each is cut back after it)
     for part, index in parts_of_a_step.items():
         t = {name: [sum(p[i] for i in index) for p in parts[name]] for name in runs}
         row = {"part": part, "base_us": median(t["base"]), "dsg_us": median(t["dsg"])}
@@ -311,7 +331,10 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
         "threads": torch.get_num_threads(),
         "step_us": {name: median(totals[name]) for name in runs},
         "difference_us": versus(totals["dsg"], totals["base"])[0],
-        "ratio": statistics.median(d / b for d, b in zip(totals["dsg"], totals["base"])),
+        "ratio": statistics.median(ratios),
+        "ratio_ci95": median_ci(ratios),
+        "fired": fired,
+        "fired_rows": int(dsg_fired.sum()),
         "parts": rows,
     }
     if other is not None:
@@ -330,6 +353,10 @@ def segments(folder: Path, batch: int, rounds: int, out: str | None = None, othe
     if other is not None:
         line += f" {report['step_us']['other']:9.1f} {report['dsg_minus_other_us']:12.1f}"
     print(line + f"   (DSG / base x{report['ratio']:.4f})")
+    ci = report["ratio_ci95"]
+    interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "(too few rounds for an interval)"
+    variant = f"fired (tau 0, {report['fired_rows']} of {batch} rows fired)" if fired else "at the folder's tau"
+    print(f"  DSG / base per whole step, {variant}: x{report['ratio']:.4f}, 95% interval {interval}")
     if other is not None:
         ci = report["dsg_minus_other_ci95"]
         interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "(too few rounds for an interval)"

@@ -207,6 +207,25 @@ def test_guard_step_splits_a_decoding_step_into_its_parts(tmp_path):
     assert report["rounds"] == 20 and report["step_us"]["dsg"] > 0 and "whole step" in proc.stdout
 
 
+def test_guard_step_segments_pairs_the_steps_unfired_and_fired(tmp_path):
+    """`--segments` gives the whole step's DSG/base ratio with a 95% interval over the paired steps; `--fired` sets
+    every threshold to 0 first, so that the rows fire (a threshold of 1 never fires the fraction score)."""
+    folder = tiny.save_tiny_dsg(tmp_path / "tiny-dsg", guardrails=[tiny.guardrail("jumprelu", threshold=1.0)])
+    reports = []
+    for extra in ([], ["--fired"]):
+        out = tmp_path / f"segments{len(extra)}.json"
+        args = ["--model", str(folder), "--segments", "--batch", "3", "--rounds", "20", "--out", str(out), *extra]
+        proc = run_script("guard_step.py", args, tmp_path)
+        reports.append(json.loads(out.read_text()))
+        assert "DSG / base per whole step" in proc.stdout
+    unfired, fired = reports
+    assert (unfired["fired"], unfired["fired_rows"]) == (False, 0)
+    assert (fired["fired"], fired["fired_rows"]) == (True, 3)
+    for report in reports:
+        low, high = report["ratio_ci95"]
+        assert 0 < low <= report["ratio"] <= high
+
+
 def test_guard_step_segments_compare_two_versions_of_the_code_on_the_same_weights(tmp_path):
     """`--segments --compare OTHER` alternates the base and two folders step by step: a version whose hook sleeps
     2 ms shows as 2 ms slower in the hook and in the whole step, with a 95% interval wholly below 0; a
