@@ -271,12 +271,14 @@ def segments(
     step = torch.randint(3, vocab, (batch, 1), generator=gen)
     mask = torch.ones(batch, 33, dtype=torch.long)
 
-    caches = {}
+    decisions = {}  # the DSG models' guardrail decisions after the prompt, which every step starts from
 
     def stepper(model):
-        cache = caches[model] = DynamicCache(config=dsg.config.text_config)
+        cache = DynamicCache(config=dsg.config.text_config)
         kw = {cache_argument(model): cache, "use_cache": True}
-        model(input_ids=prompt, attention_mask=mask[:, :-1], **kw)
+        decisions[model] = getattr(
+            model(input_ids=prompt, attention_mask=mask[:, :-1], **kw), "guardrail_decisions", None
+        )
 
         def run():
             stamps.clear()
@@ -316,7 +318,7 @@ def segments(
 
     rows, totals = [], {name: [sum(p) for p in parts[name]] for name in runs}
     ratios = [d / b for d, b in zip(totals["dsg"], totals["base"])]
-    dsg_fired = caches[dsg]._dsg_state[0].fired  # what every step starts from (each is cut back after it)
+    dsg_fired = torch.stack([d.fired for d in decisions[dsg].values()]).any(0)  # rows fired by any guardrail
     for part, index in parts_of_a_step.items():
         t = {name: [sum(p[i] for i in index) for p in parts[name]] for name in runs}
         row = {"part": part, "base_us": median(t["base"]), "dsg_us": median(t["dsg"])}
