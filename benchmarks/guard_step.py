@@ -312,6 +312,9 @@ def segments(
     def median(values):
         return statistics.median(values) * 1e6
 
+    def shown(ci, digits: int) -> str:  # a 95% interval as printed
+        return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "(too few rounds for an interval)"
+
     def versus(a, b):  # the median of the per-step differences a - b, and its 95% interval (us)
         differences = [(x - y) * 1e6 for x, y in zip(a, b)]
         return statistics.median(differences), median_ci(differences)
@@ -355,13 +358,11 @@ def segments(
     if other is not None:
         line += f" {report['step_us']['other']:9.1f} {report['dsg_minus_other_us']:12.1f}"
     print(line + f"   (DSG / base x{report['ratio']:.4f})")
-    ci = report["ratio_ci95"]
-    interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "(too few rounds for an interval)"
     variant = f"fired (tau 0, {report['fired_rows']} of {batch} rows fired)" if fired else "at the folder's tau"
+    interval = shown(report["ratio_ci95"], 4)
     print(f"  DSG / base per whole step, {variant}: x{report['ratio']:.4f}, 95% interval {interval}")
     if other is not None:
-        ci = report["dsg_minus_other_ci95"]
-        interval = f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "(too few rounds for an interval)"
+        interval = shown(report["dsg_minus_other_ci95"], 1)
         print(f"  DSG - OTHER per whole step: {report['dsg_minus_other_us']:.1f} us, 95% interval {interval}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
